@@ -1,0 +1,1 @@
+"""Benchmarks (`optimist bench ...`): print a table and write JSON; not tests."""

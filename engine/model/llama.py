@@ -1,0 +1,219 @@
+"""Llama-family forward pass over a packed batch of prefill chunks and decode tokens, with a paged KV cache.
+
+All tokens of a step are packed into one [T, hidden] tensor so the linear layers (nearly all the FLOPs) run as
+one matmul; attention is the only part that looks at sequence boundaries (see `AttentionMeta`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill chunk inside the packed batch."""
+
+    start: int  # first row in the packed batch
+    end: int  # one past the last row
+    # Cache slots of the whole context seen by this chunk (cached prefix + the chunk), or None when the chunk
+    # is the entire context so far (then attention runs on the chunk's own K/V without touching the cache).
+    context_slots: torch.Tensor | None
+    context_len: int
+
+
+@dataclass
+class AttentionMeta:
+    positions: torch.Tensor  # [T] position of each packed token
+    slot_mapping: torch.Tensor  # [T] cache slot where each token's K/V is written
+    prefills: list[PrefillSpan]
+    decode_start: int  # rows [decode_start, T) are single decode tokens, one per sequence
+    decode_slots: torch.Tensor | None  # [B, Lmax] context slots of each decoding sequence (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where the slot is part of the context
+    logits_rows: torch.Tensor  # rows whose next-token logits are wanted
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    pos = torch.arange(config.context_length, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos/sin: [T, D] (rotate-half convention, as in Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_heads
+        self.n_kv = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
+        self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMeta,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.wqkv(x)
+        q = qkv[:, : self.q_size].view(t, self.n_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.n_kv, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv, self.head_dim)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        k_cache[meta.slot_mapping] = k
+        v_cache[meta.slot_mapping] = v
+
+        out = torch.empty_like(q)
+        for span in meta.prefills:
+            qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if span.context_slots is None:
+                ks = k[span.start : span.end]
+                vs = v[span.start : span.end]
+                mask = None
+                causal = True
+            else:
+                ks = k_cache[span.context_slots]
+                vs = v_cache[span.context_slots]
+                n = span.end - span.start
+                # Query i of the chunk sits at context position context_len - n + i and sees keys up to it.
+                qpos = torch.arange(span.context_len - n, span.context_len, device=x.device)
+                kpos = torch.arange(span.context_len, device=x.device)
+                mask = (kpos[None, :] <= qpos[:, None])[None, None]
+                causal = False
+            o = F.scaled_dot_product_attention(
+                qs,
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=True,
+            )
+            out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+        if meta.decode_slots is not None:
+            qd = q[meta.decode_start :].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
+            out[meta.decode_start :] = o.squeeze(2)
+        return self.wo(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.inter = config.intermediate_size
+        self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.w_gate_up(x)
+        return self.w_down(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Takes the loader's parameter names (wq/wk/wv and w_gate/w_up separate) and fuses them."""
+        expected = {"embed", "norm"} | ({"lm_head"} if self.lm_head is not None else set())
+        for i in range(self.config.num_layers):
+            names = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+            expected |= {f"layers.{i}.{n}" for n in names}
+        missing = sorted(expected - weights.keys())
+        if missing:
+            raise ValueError(f"model weights lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        with torch.no_grad():
+            self._copy(self.embed.weight, weights["embed"], "embed")
+            self._copy(self.norm.weight, weights["norm"], "norm")
+            if self.lm_head is not None:
+                self._copy(self.lm_head.weight, weights["lm_head"], "lm_head")
+            for i, block in enumerate(self.layers):
+                assert isinstance(block, Block)
+                w = {n: weights[f"layers.{i}.{n}"] for n in ("wq", "wk", "wv", "w_gate", "w_up")}
+                self._copy(block.attn_norm.weight, weights[f"layers.{i}.attn_norm"], f"layers.{i}.attn_norm")
+                self._copy(block.attn.wqkv.weight, torch.cat([w["wq"], w["wk"], w["wv"]]), f"layers.{i}.wqkv")
+                self._copy(block.attn.wo.weight, weights[f"layers.{i}.wo"], f"layers.{i}.wo")
+                self._copy(block.ffn_norm.weight, weights[f"layers.{i}.ffn_norm"], f"layers.{i}.ffn_norm")
+                self._copy(block.mlp.w_gate_up.weight, torch.cat([w["w_gate"], w["w_up"]]), f"layers.{i}.w_gate_up")
+                self._copy(block.mlp.w_down.weight, weights[f"layers.{i}.w_down"], f"layers.{i}.w_down")
+
+    @staticmethod
+    def _copy(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+        if tuple(param.shape) != tuple(value.shape):
+            raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+        param.copy_(value)
+
+    def init_rope(self) -> None:
+        """Computes the rotary tables on the model's device and dtype (call after .to())."""
+        cos, sin = rope_tables(self.config, self.embed.weight.device, self.embed.weight.dtype)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(
+        self, tokens: torch.Tensor, meta: AttentionMeta, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """tokens: [T]; returns logits [len(meta.logits_rows), vocab] in float32."""
+        x = self.embed(tokens)
+        cos = self.rope_cos[meta.positions]
+        sin = self.rope_sin[meta.positions]
+        for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+            assert isinstance(block, Block)
+            x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
+            x = x + block.mlp(block.ffn_norm(x))
+        x = self.norm(x[meta.logits_rows])
+        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        return F.linear(x, head).float()

@@ -1,0 +1,1 @@
+"""Scheduling policies shared by the engine and the simulator."""

@@ -1,0 +1,1 @@
+"""Optimist Kubernetes operator (kopf handlers and pure manifest builders)."""
