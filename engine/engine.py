@@ -1,0 +1,327 @@
+"""The engine: owns the model, KV cache, scheduler and sampler, and runs steps on its own thread.
+
+Callers (the gRPC server, tests, benchmarks) submit requests with a sink; the engine thread calls the sink with
+`Chunk` and `Finished` events. `submit`, `abort`, `load` and `drain` are thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, EngineConfig
+from .kv_cache import BlockAllocator, allocate_cache
+from .metrics import EngineStats
+from .model.llama import Llama
+from .model.loader import ProgressFn, load_model
+from .outputs import Chunk, Event, Finished, OutputState
+from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler.policies import make_policy
+from .scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Event], None]
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not accepting requests (still loading, draining or stopped)."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound."""
+
+
+@dataclass
+class LoadSnapshot:
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    evictions_total: int
+    lower_bound_demand_blocks: int
+    ready: bool
+    stats: EngineStats
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        loaded = load_model(config.model_path(), progress=progress)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        model = Llama(loaded.config)
+        model.load_weights(loaded.weights)
+        del loaded
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.init_rope()
+        self.allocator = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
+        kv = allocate_cache(self.model_config, config.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, kv, config.kv_block_size)
+        self.scheduler = Scheduler(
+            make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.stats = EngineStats()
+        self._lock = threading.Condition()
+        self._inbox: list[tuple[Request, Sink]] = []
+        self._aborts: list[str] = []
+        self._requests: dict[str, tuple[Request, Sink, OutputState]] = {}
+        self._known_ids: set[str] = set()  # ids accepted and not finished (inbox included)
+        self._accepting = True
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="optimist-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- public API
+
+    @property
+    def model_name(self) -> str:
+        return self.model_config.name
+
+    def new_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str = "",
+        lower_hint: int | None = None,
+        upper_hint: int | None = None,
+        prompt_field: str = "prompt",
+    ) -> Request:
+        """Validates a request against the model and the cache; raises InvalidRequest naming the field."""
+        cfg, ctx = self.config, self.model_config.context_length
+        params.validate(self.model_config.vocab_size, cfg.max_stop_strings, cfg.max_stop_string_chars)
+        if not prompt_ids:
+            raise InvalidRequest(prompt_field, "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(prompt_field, f"token id {bad} is outside the vocabulary (size {vocab})")
+        if len(prompt_ids) >= ctx:
+            raise InvalidRequest(prompt_field, f"the prompt has {len(prompt_ids)} tokens; the context is {ctx}")
+        if len(prompt_ids) + params.max_tokens > ctx:
+            raise InvalidRequest(
+                "sampling.max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context ({ctx})",
+            )
+        capacity = cfg.num_kv_blocks * cfg.kv_block_size
+        if len(prompt_ids) + params.max_tokens > capacity:
+            raise InvalidRequest(
+                "sampling.max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) cannot fit in the KV cache "
+                f"({capacity} tokens)",
+            )
+        if lower_hint is not None and upper_hint is not None and lower_hint > upper_hint:
+            raise InvalidRequest("output_length_hint", f"lower ({lower_hint}) is above upper ({upper_hint})")
+        req = Request(
+            id=request_id or f"req-{uuid.uuid4().hex[:16]}",
+            prompt_ids=list(prompt_ids),
+            params=params,
+            lower_hint=lower_hint,
+            upper_hint=upper_hint,
+        )
+        if params.seed is not None and not params.greedy:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(params.seed)
+        return req
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        with self._lock:
+            if not self._accepting:
+                raise EngineUnavailable("the engine is draining and accepts no new requests")
+            if request.id in self._known_ids:
+                raise InvalidRequest("request_id", f"a request with id {request.id!r} is already running")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
+            request.arrival = time.monotonic()
+            self._known_ids.add(request.id)
+            self._inbox.append((request, sink))
+            self._lock.notify()
+
+    def abort(self, request_ids: Sequence[str]) -> list[str]:
+        """Aborts the given requests (their blocks are freed before the next step); returns the known ones."""
+        with self._lock:
+            known = [rid for rid in request_ids if rid in self._known_ids]
+            self._aborts.extend(known)
+            self._lock.notify()
+            return known
+
+    def load(self) -> LoadSnapshot:
+        with self._lock:
+            bs = self.config.kv_block_size
+            demand = 0
+            for req in itertools.chain(self.scheduler.running, self.scheduler.waiting, (r for r, _ in self._inbox)):
+                planned = max(req.lower_hint or 1, len(req.output_ids) + 1)
+                demand += -(-(len(req.prompt_ids) + planned) // bs)
+            return LoadSnapshot(
+                waiting=len(self.scheduler.waiting) + len(self._inbox),
+                running=len(self.scheduler.running),
+                kv_blocks_used=self.allocator.num_used,
+                kv_blocks_total=self.allocator.num_blocks,
+                evictions_total=self.scheduler.evictions_total,
+                lower_bound_demand_blocks=demand,
+                ready=self._accepting and not self._stopping,
+                stats=_copy_stats(self.stats),
+            )
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._known_ids
+
+    def drain(self, grace_s: float) -> None:
+        """Stops admitting, lets in-flight requests finish for up to `grace_s`, aborts the rest, stops the thread."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            self._aborts.extend(self._known_ids)
+            self._lock.notify()
+        while not self.idle and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._accepting = False
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------------- engine thread
+
+    def _has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self._aborts or self._has_work() or self._stopping):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                for req, sink in inbox:
+                    self._requests[req.id] = (req, sink, OutputState(req, self.tokenizer))
+                    self.scheduler.add(req)
+                for rid in aborts:
+                    if rid in self._requests:
+                        self._finish(self._requests[rid][0], FinishReason.ABORTED, "")
+            if self._has_work():
+                try:
+                    self._step()
+                except Exception as exc:  # a bug: fail what was in flight, keep serving
+                    log.exception("engine step failed")
+                    with self._lock:
+                        for req in list(self.scheduler.running):
+                            self._finish(req, FinishReason.ABORTED, "", error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self) -> None:
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            if not self.scheduler.running and self.scheduler.waiting:
+                time.sleep(0.001)  # nothing fits now; cannot happen for validated requests, avoid a hot spin
+            return
+        now = time.monotonic()
+        for s in plan.scheduled:
+            if s.request.admitted_at is None:
+                s.request.admitted_at = now
+                self.stats.queue.observe(now - s.request.arrival)
+                self.stats.prompt_tokens += len(s.request.prompt_ids)
+        logits, owners = self.runner.execute(plan.scheduled)
+        reqs = [s.request for s in owners]
+        result = sample(logits, reqs, self.tokenizer.eos_ids)
+        now = time.monotonic()
+        with self._lock:
+            self.stats.steps += 1
+            for i, req in enumerate(reqs):
+                self._on_token(req, result.token_ids[i], result.logprobs[i], now)
+
+    def _on_token(
+        self, req: Request, token: int, logprobs: tuple[float, list[tuple[int, float]]] | None, now: float
+    ) -> None:
+        if req.status is not Status.RUNNING:
+            return
+        _, sink, state = self._requests[req.id]
+        req.output_ids.append(token)
+        self.stats.generation_tokens += 1
+        if req.first_token_at is None:
+            req.first_token_at = now
+            self.stats.ttft.observe(now - req.arrival)
+        elif req.last_token_at is not None:
+            self.stats.itl.observe(now - req.last_token_at)
+        req.last_token_at = now
+        text, reason, stop = state.append(req, token)
+        lp = [] if logprobs is None else [(token, logprobs[0], logprobs[1])]
+        sink(Chunk([token], text, lp))
+        if reason is None and req.num_tokens >= self.model_config.context_length:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(req, reason, stop)
+
+    def _finish(self, req: Request, reason: FinishReason, stop: str, error: str | None = None) -> None:
+        """Frees the request's blocks and sends its final event (call with the lock held)."""
+        entry = self._requests.pop(req.id, None)
+        self._known_ids.discard(req.id)
+        if entry is None:
+            return
+        _, sink, state = entry
+        self.scheduler.remove(req)
+        now = time.monotonic()
+        self.stats.finished[reason.value] += 1
+        self.stats.e2e.observe(now - req.arrival)
+        tail = state.flush() if reason is FinishReason.ABORTED else ""
+        if tail:
+            sink(Chunk([], tail))
+        sink(
+            Finished(
+                reason=reason,
+                stop=stop,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=len(req.output_ids),
+                queue_s=(req.admitted_at or now) - req.arrival,
+                ttft_s=(req.first_token_at - req.arrival) if req.first_token_at else 0.0,
+                total_s=now - req.arrival,
+                evictions=req.evictions,
+                error=error,
+            )
+        )
+
+
+def _copy_stats(stats: EngineStats) -> EngineStats:
+    import copy
+
+    return copy.deepcopy(stats)

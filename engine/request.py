@@ -1,0 +1,129 @@
+"""A request's parameters (validated once on arrival) and its mutable state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GREEDY_TEMPERATURE = 1e-5
+
+
+class InvalidRequest(ValueError):
+    """A request field is invalid; `field` names it (the server returns INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self, vocab_size: int, max_stop_strings: int, max_stop_chars: int) -> None:
+        def finite(name: str, value: float) -> None:
+            if not math.isfinite(value):
+                raise InvalidRequest(f"sampling.{name}", f"must be a finite number, got {value}")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            finite(name, getattr(self, name))
+        if self.temperature < 0:
+            raise InvalidRequest("sampling.temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest("sampling.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.max_tokens <= 0:
+            raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest("sampling.min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest("sampling.repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequest(f"sampling.{name}", f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequest("sampling.logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if len(self.stop) > max_stop_strings:
+            raise InvalidRequest("sampling.stop", f"at most {max_stop_strings} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+            if len(s) > max_stop_chars:
+                raise InvalidRequest("sampling.stop", f"stop strings are limited to {max_stop_chars} characters")
+            if "\ufffd" in s or any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+                raise InvalidRequest("sampling.stop", "stop strings must be valid UTF-8")
+        if len(self.stop_token_ids) > max_stop_strings * 8:
+            raise InvalidRequest("sampling.stop_token_ids", f"at most {max_stop_strings * 8} stop token ids")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest("sampling.stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    STOP = "stop"
+    LENGTH = "length"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lower_hint: int | None = None
+    upper_hint: int | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    status: Status = Status.WAITING
+    admitted_at: float | None = None  # first admission (queue time ends)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    evictions: int = 0
+    seq: int = 0  # arrival order, set by the engine
+    admitted_seq: int = 0  # admission order (the FCFS victim is the latest admitted)
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < n else self.output_ids[index - n]

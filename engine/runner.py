@@ -1,0 +1,85 @@
+"""Runs one engine step on the model: packs the scheduled requests into one batch and returns logits for the
+requests that complete this step (those whose next token gets sampled)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .kv_cache import slots_of
+from .model.llama import AttentionMeta, Llama, PrefillSpan
+from .scheduler.scheduler import ScheduledRequest
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = model.embed.weight.device
+
+    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, list[ScheduledRequest]]:
+        """Returns (logits [k, vocab] float32, the k scheduled requests they belong to, in order)."""
+        bs = self.block_size
+        # Multi-token chunks first, single-token steps (decodes) last and contiguous.
+        prefills = [s for s in scheduled if s.num_new > 1]
+        decodes = [s for s in scheduled if s.num_new == 1]
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        logits_rows: list[int] = []
+        owners: list[ScheduledRequest] = []
+        for s in prefills:
+            req, start, end = s.request, s.request.num_computed, s.request.num_computed + s.num_new
+            row = len(tokens)
+            tokens.extend(req.token_at(t) for t in range(start, end))
+            positions.extend(range(start, end))
+            slots.extend(slots_of(req.block_table, start, end, bs))
+            context = None if start == 0 else self._tensor(slots_of(req.block_table, 0, end, bs))
+            spans.append(PrefillSpan(row, row + s.num_new, context, end))
+            if s.completes:
+                logits_rows.append(row + s.num_new - 1)
+                owners.append(s)
+        decode_start = len(tokens)
+        decode_slots = decode_mask = None
+        if decodes:
+            # Context slots of every decoding sequence, from a padded block-table tensor (padding hits block 0
+            # and is masked out).
+            max_len = max(s.request.num_computed + 1 for s in decodes)
+            max_blocks = -(-max_len // bs)
+            blocks = torch.zeros((len(decodes), max_blocks), dtype=torch.long)
+            lengths = []
+            for i, s in enumerate(decodes):
+                req, pos = s.request, s.request.num_computed
+                tokens.append(req.token_at(pos))
+                positions.append(pos)
+                slots.append(req.block_table[pos // bs] * bs + pos % bs)
+                n_blocks = -(-(pos + 1) // bs)
+                blocks[i, :n_blocks] = torch.tensor(req.block_table[:n_blocks])
+                lengths.append(pos + 1)
+                if s.completes:
+                    logits_rows.append(decode_start + i)
+                    owners.append(s)
+            table = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(decodes), -1)[:, :max_len]
+            decode_slots = table.to(self.device)
+            lens = self._tensor(lengths)
+            decode_mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+        meta = AttentionMeta(
+            positions=self._tensor(positions),
+            slot_mapping=self._tensor(slots),
+            prefills=spans,
+            decode_start=decode_start,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            logits_rows=self._tensor(logits_rows),
+        )
+        logits = self.model(self._tensor(tokens), meta, self.kv_cache)
+        for s in scheduled:
+            s.request.num_computed += s.num_new
+        return logits, owners

@@ -1,0 +1,106 @@
+"""Turns one step's logits into next tokens, one row per request, honouring each request's sampling params.
+
+Greedy rows take the argmax. Sampled rows apply temperature, top-k, top-p and min-p, then draw with the
+exponential race (argmax of p / E, E ~ Exp(1)): a request with a seed draws E from its own generator, so its
+samples do not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen, top-n) per row, when asked for
+
+
+def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Repetition (over prompt and output, Hugging Face style), presence and frequency (over output) in place."""
+    for row, req in enumerate(requests):
+        p = req.params
+        if not p.needs_penalties:
+            continue
+        vocab = logits.shape[-1]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.long)
+            seen = seen.to(logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
+            out = torch.tensor(req.output_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def mask_early_stops(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Sequence[int]) -> None:
+    """Before min_tokens, EOS and stop tokens cannot be chosen."""
+    for row, req in enumerate(requests):
+        p = req.params
+        if len(req.output_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p over the sampled rows; returns probabilities."""
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in requests], device=device, dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    top_k = [r.params.top_k for r in requests]
+    top_p = [r.params.top_p for r in requests]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        vocab = logits.shape[-1]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        remove = ranks >= ks[:, None]
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
+        ps = torch.tensor(top_p, device=device, dtype=probs.dtype)
+        remove |= before >= ps[:, None]
+        remove[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    min_p = [r.params.min_p for r in requests]
+    if any(m > 0 for m in min_p):
+        mp = torch.tensor(min_p, device=device, dtype=probs.dtype)
+        probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Sequence[int]) -> SampleResult:
+    """logits: [len(requests), vocab] float32 (modified in place)."""
+    apply_penalties(logits, requests)
+    mask_early_stops(logits, requests, eos_ids)
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        probs = _filter(logits[rows], [requests[i] for i in sampled_rows])
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(sampled_rows):
+            noise[j].exponential_(generator=requests[i].generator)
+        chosen[rows] = (probs / noise).argmax(dim=-1)
+    token_ids: list[int] = chosen.tolist()
+
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
+    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        lp = logits[rows].log_softmax(dim=-1)
+        n = max(requests[i].params.logprobs or 0 for i in wanted)
+        top_v, top_i = lp.topk(max(n, 1), dim=-1)
+        for j, i in enumerate(wanted):
+            k = requests[i].params.logprobs or 0
+            top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist(), strict=True))
+            logprobs[i] = (float(lp[j, token_ids[i]]), top)
+    return SampleResult(token_ids, logprobs)

@@ -1,0 +1,123 @@
+"""The engine's per-step scheduler: decides which requests run this step and how many tokens each computes.
+
+Every running request has `num_computed` tokens in the cache and `num_tokens` in total; a step computes
+`num_tokens - num_computed` of them (capped by the step's token budget), so a decode is simply a request one token
+behind, and a long prompt is prefilled in chunks over several steps. The policy decides admission order,
+admission and preemption victims; this module only enforces memory and budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..kv_cache import BlockAllocator
+from ..request import Request, Status
+from .policies import Policy
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new: int  # tokens computed this step, starting at request.num_computed
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of the request is cached: its next token gets sampled."""
+        return self.request.num_computed + self.num_new == self.request.num_tokens
+
+
+@dataclass
+class StepPlan:
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request]
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, allocator: BlockAllocator, max_num_seqs: int, max_batched_tokens: int) -> None:
+        self.policy = policy
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.evictions_total = 0
+        self._seq = itertools.count()
+        self._admitted_seq = itertools.count()
+
+    def add(self, request: Request) -> None:
+        request.seq = next(self._seq)
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Takes a request out (finished or aborted) and frees its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.block_table)
+        request.block_table = []
+        request.num_computed = 0
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Makes the block table cover `num_tokens` tokens; False if the free list is short."""
+        need = self.allocator.blocks_for(num_tokens) - len(request.block_table)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        request.block_table.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = Status.WAITING
+        request.evictions += 1
+        self.evictions_total += 1
+        self.waiting.append(request)
+
+    def schedule(self) -> StepPlan:
+        budget = self.max_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        # Running requests first, oldest admission first, so preemption hits the ones the policy picks.
+        for req in sorted(self.running, key=lambda r: r.admitted_seq):
+            if req not in self.running or budget == 0:
+                continue
+            num_new = min(req.num_tokens - req.num_computed, budget)
+            while not self._grow(req, req.num_computed + num_new):
+                victim = self.policy.victim(self.running)
+                preempted.append(victim)
+                scheduled = [s for s in scheduled if s.request is not victim]
+                budget = self.max_batched_tokens - sum(s.num_new for s in scheduled)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req in self.running:
+                scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+
+        # Admissions, in the policy's order, only when nothing had to be preempted this step.
+        if not preempted:
+            for req in self.policy.order_waiting(self.waiting):
+                if budget == 0 or len(self.running) >= self.max_num_seqs:
+                    break
+                if not self.policy.admissible(req, self.running, self.allocator.num_free, self.allocator.block_size):
+                    break
+                num_new = min(req.num_tokens - req.num_computed, budget)
+                if not self._grow(req, req.num_computed + num_new):
+                    break
+                self.waiting.remove(req)
+                self.running.append(req)
+                req.status = Status.RUNNING
+                req.admitted_seq = next(self._admitted_seq)
+                scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+        return StepPlan(scheduled, preempted)
