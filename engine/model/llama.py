@@ -14,6 +14,8 @@ from torch import nn
 
 from ..config import ModelConfig
 
+_HEAD_CHUNK = 1024
+
 
 @dataclass
 class PrefillSpan:
@@ -106,8 +108,8 @@ class Attention(nn.Module):
                 mask = None
                 causal = True
             else:
-                ks = k_cache[span.context_slots]
-                vs = v_cache[span.context_slots]
+                ks = k_cache.index_select(0, span.context_slots)
+                vs = v_cache.index_select(0, span.context_slots)
                 n = span.end - span.start
                 # Query i of the chunk sits at context position context_len - n + i and sees keys up to it.
                 qpos = torch.arange(span.context_len - n, span.context_len, device=x.device)
@@ -125,23 +127,27 @@ class Attention(nn.Module):
             out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
         if meta.decode_slots is not None:
             qd = q[meta.decode_start :].unsqueeze(2)  # [B, H, 1, D]
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            # index_select over flat slots is several times faster on CPU than advanced indexing with [B, L].
+            b, length = meta.decode_slots.shape
+            flat = meta.decode_slots.reshape(-1)
+            kd = k_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+            vd = v_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
             out[meta.decode_start :] = o.squeeze(2)
         return self.wo(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
+    # Gate and up stay two matmuls: on CPU the fused [2 * inter, hidden] weight falls out of cache and runs
+    # about half as fast as the two halves (measured with SmolLM2 shapes on AVX2).
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.inter = config.intermediate_size
-        self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.w_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w_up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.w_gate_up(x)
-        return self.w_down(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):
@@ -169,7 +175,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Takes the loader's parameter names (wq/wk/wv and w_gate/w_up separate) and fuses them."""
+        """Takes the loader's parameter names and fuses wq/wk/wv into one matmul."""
         expected = {"embed", "norm"} | ({"lm_head"} if self.lm_head is not None else set())
         for i in range(self.config.num_layers):
             names = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
@@ -184,12 +190,13 @@ class Llama(nn.Module):
                 self._copy(self.lm_head.weight, weights["lm_head"], "lm_head")
             for i, block in enumerate(self.layers):
                 assert isinstance(block, Block)
-                w = {n: weights[f"layers.{i}.{n}"] for n in ("wq", "wk", "wv", "w_gate", "w_up")}
+                w = {n: weights[f"layers.{i}.{n}"] for n in ("wq", "wk", "wv")}
                 self._copy(block.attn_norm.weight, weights[f"layers.{i}.attn_norm"], f"layers.{i}.attn_norm")
                 self._copy(block.attn.wqkv.weight, torch.cat([w["wq"], w["wk"], w["wv"]]), f"layers.{i}.wqkv")
                 self._copy(block.attn.wo.weight, weights[f"layers.{i}.wo"], f"layers.{i}.wo")
                 self._copy(block.ffn_norm.weight, weights[f"layers.{i}.ffn_norm"], f"layers.{i}.ffn_norm")
-                self._copy(block.mlp.w_gate_up.weight, torch.cat([w["w_gate"], w["w_up"]]), f"layers.{i}.w_gate_up")
+                self._copy(block.mlp.w_gate.weight, weights[f"layers.{i}.w_gate"], f"layers.{i}.w_gate")
+                self._copy(block.mlp.w_up.weight, weights[f"layers.{i}.w_up"], f"layers.{i}.w_up")
                 self._copy(block.mlp.w_down.weight, weights[f"layers.{i}.w_down"], f"layers.{i}.w_down")
 
     @staticmethod
@@ -216,4 +223,10 @@ class Llama(nn.Module):
             x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return F.linear(x, head).float()
+        if x.device.type != "cpu":
+            return F.linear(x, head).float()
+        # On CPU the vocabulary projection runs ~1.5x faster in row chunks that stay in cache.
+        out = torch.empty((x.shape[0], head.shape[0]), dtype=torch.float32)
+        for start in range(0, head.shape[0], _HEAD_CHUNK):
+            out[:, start : start + _HEAD_CHUNK] = F.linear(x, head[start : start + _HEAD_CHUNK])
+        return out

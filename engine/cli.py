@@ -1,0 +1,172 @@
+"""`optimist` command line. Environment variables and flags are read here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, EngineConfig
+
+
+class _Progress:
+    """Prints loading progress to stderr, at most every half second."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self.last > 0.5:
+            self.last = now
+            end = "\n" if done == total else "\r"
+            print(f"{self.label}: {done}/{total} ({now - self.start:.1f} s)", end=end, file=sys.stderr, flush=True)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens, help="KV capacity in tokens")
+    p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size)
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="largest running batch")
+    p.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    p.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting)
+    p.add_argument("--scheduler", default=EngineConfig.scheduler, choices=["fcfs"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_block_size=args.kv_block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_waiting=args.max_waiting,
+        scheduler=args.scheduler,
+        threads=args.threads,
+    )
+    config.validate()
+    return config
+
+
+async def _serve(config: EngineConfig, host: str, port: int, grace_s: float) -> None:
+    from .server import Server
+
+    server = Server(config, host, port, grace_s)
+    await server.start()
+    print(f"optimist: listening on {host}:{server.port}; loading the model", file=sys.stderr, flush=True)
+    await server.load(_Progress("loading model tensors"))
+    print(f"optimist: ready on {host}:{server.port}", file=sys.stderr, flush=True)
+    await server.serve_forever()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(engine_config(args), args.host, args.port, args.grace_period))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .api import engine_pb2 as pb
+    from .client import build_request, stream
+
+    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.seed)
+    try:
+        for msg in stream(args.server, request, args.timeout):
+            if msg.HasField("chunk"):
+                print(msg.chunk.text, end="", flush=True)
+            else:
+                f = msg.final
+                reason = pb.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower()
+                print()
+                print(
+                    f"[{reason}; {f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} completion tokens; "
+                    f"first token {f.timings.time_to_first_token_s:.2f} s; total {f.timings.total_s:.2f} s]",
+                    file=sys.stderr,
+                )
+    except grpc.RpcError as exc:
+        print(f"optimist generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts the engine on the default model, asks it one question over gRPC, prints the answer, stops."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port)])
+    try:
+        from .client import wait_ready
+
+        wait_ready(address, timeout_s=300)
+        print(f"> {args.prompt}", flush=True)
+        args.server, args.chat, args.seed, args.timeout = address, True, None, 300
+        return cmd_generate(args)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimist", description="Optimist LLM serving")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the engine (gRPC)")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="send one request to a running engine and stream the answer")
+    gen.add_argument("prompt")
+    gen.add_argument("--server", default="127.0.0.1:50051")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="start the engine on the default model and ask it one question")
+    demo.add_argument("prompt", nargs="?", default="What is the capital of France? Answer in one sentence.")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--temperature", type=float, default=0.0)
+    demo.set_defaults(func=cmd_demo)
+
+    from .bench.serving import add_parser as add_bench
+
+    add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
+        print(f"optimist {args.command}: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

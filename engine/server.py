@@ -1,0 +1,375 @@
+"""The gRPC server: optimist.v1.Engine, grpc.health.v1.Health and server reflection on one port.
+
+The server listens (and answers health checks) before the model has loaded; Generate answers UNAVAILABLE until
+the engine is ready. Requests are validated on the event loop, so a bad request never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor as pb_descriptor
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api import engine_pb2 as pb
+from .config import EngineConfig
+from .engine import Engine, EngineUnavailable, LoadSnapshot, QueueFull
+from .metrics import Histogram
+from .model.tokenizer import TokenizerError
+from .outputs import Chunk, Event, Finished
+from .request import FinishReason, InvalidRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+SERVICE = "optimist.v1.Engine"
+
+_FINISH = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
+}
+
+
+# ------------------------------------------------------------------------------------ proto conversion
+
+
+def params_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    def opt(name: str, default: Any) -> Any:
+        return getattr(s, name) if s.HasField(name) else default
+
+    return SamplingParams(
+        temperature=opt("temperature", 1.0),
+        top_p=opt("top_p", 1.0),
+        top_k=opt("top_k", 0),
+        min_p=opt("min_p", 0.0),
+        max_tokens=opt("max_tokens", 16),
+        min_tokens=opt("min_tokens", 0),
+        seed=opt("seed", None),
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=opt("ignore_eos", False),
+        repetition_penalty=opt("repetition_penalty", 1.0),
+        presence_penalty=opt("presence_penalty", 0.0),
+        frequency_penalty=opt("frequency_penalty", 0.0),
+        logprobs=opt("logprobs", None),
+    )
+
+
+def histogram_to_proto(h: Histogram) -> pb.Histogram:
+    return pb.Histogram(upper_bounds=list(h.bounds), cumulative_counts=h.cumulative(), sum=h.sum, count=h.count)
+
+
+def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
+    st = snap.stats
+    return pb.Load(
+        waiting=snap.waiting,
+        running=snap.running,
+        kv_blocks_used=snap.kv_blocks_used,
+        kv_blocks_total=snap.kv_blocks_total,
+        evictions_total=snap.evictions_total,
+        prompt_tokens_total=st.prompt_tokens,
+        generation_tokens_total=st.generation_tokens,
+        lower_bound_demand_blocks=snap.lower_bound_demand_blocks,
+        finished_total=st.finished,
+        time_to_first_token_s=histogram_to_proto(st.ttft),
+        inter_token_latency_s=histogram_to_proto(st.itl),
+        e2e_latency_s=histogram_to_proto(st.e2e),
+        queue_time_s=histogram_to_proto(st.queue),
+        ready=snap.ready,
+        steps_total=st.steps,
+        model_name=model_name,
+    )
+
+
+def _invalid_utf8_field(data: bytes, desc: pb_descriptor.Descriptor, prefix: str = "") -> str | None:
+    """Walks the wire format to name the first string field holding invalid UTF-8 (protobuf only says 'error')."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            payload, pos = data[pos : pos + size], pos + size
+            field = desc.fields_by_number.get(number)
+            if field is None:
+                continue
+            name = prefix + field.name
+            if field.type == pb_descriptor.FieldDescriptor.TYPE_STRING:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return name
+            elif field.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
+                found = _invalid_utf8_field(payload, field.message_type, name + ".")
+                if found:
+                    return found
+        else:
+            return None
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise DecodeError("truncated varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+class _Malformed:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that turns undecodable input into INVALID_ARGUMENT instead of INTERNAL."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            try:
+                field = _invalid_utf8_field(data, message_type.DESCRIPTOR)
+            except (DecodeError, IndexError):
+                field = None
+            if field:
+                return _Malformed(f"{field}: not valid UTF-8")
+            return _Malformed(f"the request is not a valid {message_type.DESCRIPTOR.name}: {exc}")
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+
+class EngineService:
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+
+    async def _ready_engine(self, context: grpc.aio.ServicerContext, request: Any) -> Engine:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        assert self.engine is not None
+        return self.engine
+
+    def _prompt(self, engine: Engine, request: pb.GenerateRequest) -> tuple[list[int], str]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            return engine.tokenizer.encode(request.text), "prompt.text"
+        if kind == "token_ids":
+            return list(request.token_ids.ids), "prompt.token_ids"
+        if kind == "chat":
+            chat = request.chat
+            if not chat.messages:
+                raise InvalidRequest("prompt.chat.messages", "no messages")
+            add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+            messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+            try:
+                text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add)
+            except TokenizerError as exc:
+                raise InvalidRequest("prompt.chat", str(exc)) from exc
+            return engine.tokenizer.encode(text), "prompt.chat"
+        raise InvalidRequest("prompt", "one of text, token_ids or chat is required")
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        engine = await self._ready_engine(context, request)
+        try:
+            prompt_ids, prompt_field = self._prompt(engine, request)
+            hint = request.output_length_hint
+            req = engine.new_request(
+                prompt_ids,
+                params_from_proto(request.sampling),
+                request_id=request.request_id,
+                lower_hint=hint.lower if hint.HasField("lower") else None,
+                upper_hint=hint.upper if hint.HasField("upper") else None,
+                prompt_field=prompt_field,
+            )
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        want_text = request.return_text if request.HasField("return_text") else True
+        want_ids = request.return_token_ids if request.HasField("return_token_ids") else True
+
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        try:
+            engine.submit(req, sink)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+        finished = False
+        try:
+            while True:
+                events = [await queue.get()]
+                while not queue.empty():  # a slow reader gets the backlog in one message
+                    events.append(queue.get_nowait())
+                chunk = pb.Chunk()
+                final: Finished | None = None
+                for ev in events:
+                    if isinstance(ev, Chunk):
+                        if want_ids:
+                            chunk.token_ids.extend(ev.token_ids)
+                        if want_text:
+                            chunk.text += ev.text
+                        for tok, lp, top in ev.logprobs:
+                            chunk.logprobs.append(
+                                pb.TokenLogprobs(
+                                    token_id=tok, logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top]
+                                )
+                            )
+                    else:
+                        final = ev
+                if chunk.token_ids or chunk.text or chunk.logprobs:
+                    yield pb.GenerateResponse(request_id=req.id, chunk=chunk)
+                if final is not None:
+                    finished = True
+                    if final.error is not None:
+                        await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {final.error}")
+                    yield pb.GenerateResponse(request_id=req.id, final=_final_to_proto(final))
+                    return
+        finally:
+            if not finished:  # client cancel, deadline or a failed write: free the request's blocks now
+                engine.abort([req.id])
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:  # noqa: N802
+        engine = await self._ready_engine(context, request)
+        return pb.AbortResponse(aborted=engine.abort(list(request.request_ids)))
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        engine = await self._ready_engine(context, request)
+        mc, cfg = engine.model_config, engine.config
+        return pb.ModelInfo(
+            model_name=mc.name,
+            context_length=mc.context_length,
+            vocab_size=mc.vocab_size,
+            eos_token_ids=list(engine.tokenizer.eos_ids),
+            has_chat_template=engine.tokenizer.chat_template is not None,
+            kv_block_size=cfg.kv_block_size,
+            kv_blocks_total=cfg.num_kv_blocks,
+            device=str(engine.device),
+            dtype=str(engine.dtype).removeprefix("torch."),
+            scheduler=cfg.scheduler,
+        )
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:  # noqa: N802
+        engine = await self._ready_engine(context, request)
+        return load_to_proto(engine.load(), engine.model_name)
+
+    async def WatchLoad(  # noqa: N802
+        self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Load]:
+        engine = await self._ready_engine(context, request)
+        interval = max(request.interval_ms or 1000, 50) / 1000
+        while True:
+            yield load_to_proto(engine.load(), engine.model_name)
+            await asyncio.sleep(interval)
+
+
+def _final_to_proto(f: Finished) -> pb.Final:
+    return pb.Final(
+        finish_reason=_FINISH[f.reason],
+        stop=f.stop,
+        usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
+        timings=pb.Timings(queue_s=f.queue_s, time_to_first_token_s=f.ttft_s, total_s=f.total_s),
+        evictions=f.evictions,
+    )
+
+
+def _handlers(service: EngineService) -> grpc.GenericRpcHandler:
+    def serialize(message: Any) -> bytes:
+        return bytes(message.SerializeToString())
+
+    def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(fn, _lenient(req), serialize)
+
+    def stream(fn: Any, req: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_stream_rpc_method_handler(fn, _lenient(req), serialize)
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Generate": stream(service.Generate, pb.GenerateRequest),
+            "Abort": unary(service.Abort, pb.AbortRequest),
+            "GetModelInfo": unary(service.GetModelInfo, pb.GetModelInfoRequest),
+            "GetLoad": unary(service.GetLoad, pb.GetLoadRequest),
+            "WatchLoad": stream(service.WatchLoad, pb.WatchLoadRequest),
+        },
+    )
+
+
+class Server:
+    """Owns the grpc.aio server, the health status and the engine's life cycle."""
+
+    def __init__(self, config: EngineConfig, host: str, port: int, grace_s: float = 30.0) -> None:
+        self.config = config
+        self.address = f"{host}:{port}"
+        self.grace_s = grace_s
+        self.service = EngineService()
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.server.add_generic_rpc_handlers((_handlers(self.service),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.address}")
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def load(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Loads the model off the event loop, then reports the Engine service SERVING."""
+        self.service.engine = await asyncio.to_thread(Engine, self.config, progress)
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain_and_stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, no new requests, in-flight ones finish within the grace period."""
+        await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.service.engine is not None:
+            await asyncio.to_thread(self.service.engine.drain, self.grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=1.0)
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain_and_stop()))
+        await self._stopped.wait()
