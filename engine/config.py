@@ -98,4 +98,3 @@ class EngineConfig:
 
     def model_path(self) -> Path:
         return self.model if self.model is not None else default_model_path()
-

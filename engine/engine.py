@@ -193,6 +193,25 @@ class Engine:
                 stats=_copy_stats(self.stats),
             )
 
+    def generate(self, request: Request, timeout_s: float = 600.0) -> tuple[list[int], str, Finished]:
+        """Submits and waits: (output token ids, text, final event). For scripts, tests and benchmarks."""
+        done = threading.Event()
+        events: list[Event] = []
+
+        def sink(event: Event) -> None:
+            events.append(event)
+            if isinstance(event, Finished):
+                done.set()
+
+        self.submit(request, sink)
+        if not done.wait(timeout_s):
+            self.abort([request.id])
+            raise TimeoutError(f"request {request.id} did not finish within {timeout_s} s")
+        chunks = [e for e in events if isinstance(e, Chunk)]
+        final = events[-1]
+        assert isinstance(final, Finished)
+        return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), final
+
     @property
     def idle(self) -> bool:
         with self._lock:

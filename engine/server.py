@@ -192,7 +192,7 @@ class EngineService:
             return engine.tokenizer.encode(text), "prompt.chat"
         raise InvalidRequest("prompt", "one of text, token_ids or chat is required")
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = await self._ready_engine(context, request)
@@ -261,13 +261,11 @@ class EngineService:
             if not finished:  # client cancel, deadline or a failed write: free the request's blocks now
                 engine.abort([req.id])
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:  # noqa: N802
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         engine = await self._ready_engine(context, request)
         return pb.AbortResponse(aborted=engine.abort(list(request.request_ids)))
 
-    async def GetModelInfo(  # noqa: N802
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         engine = await self._ready_engine(context, request)
         mc, cfg = engine.model_config, engine.config
         return pb.ModelInfo(
@@ -283,11 +281,11 @@ class EngineService:
             scheduler=cfg.scheduler,
         )
 
-    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:  # noqa: N802
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
         engine = await self._ready_engine(context, request)
         return load_to_proto(engine.load(), engine.model_name)
 
-    async def WatchLoad(  # noqa: N802
+    async def WatchLoad(
         self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Load]:
         engine = await self._ready_engine(context, request)
@@ -332,8 +330,16 @@ def _handlers(service: EngineService) -> grpc.GenericRpcHandler:
 class Server:
     """Owns the grpc.aio server, the health status and the engine's life cycle."""
 
-    def __init__(self, config: EngineConfig, host: str, port: int, grace_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        host: str,
+        port: int,
+        grace_s: float = 30.0,
+        engine_factory: Callable[[], Engine] | None = None,
+    ) -> None:
         self.config = config
+        self.engine_factory = engine_factory
         self.address = f"{host}:{port}"
         self.grace_s = grace_s
         self.service = EngineService()
@@ -356,7 +362,8 @@ class Server:
 
     async def load(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Loads the model off the event loop, then reports the Engine service SERVING."""
-        self.service.engine = await asyncio.to_thread(Engine, self.config, progress)
+        factory = self.engine_factory or (lambda: Engine(self.config, progress))
+        self.service.engine = await asyncio.to_thread(factory)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def drain_and_stop(self) -> None:

@@ -230,3 +230,17 @@ class Llama(nn.Module):
         for start in range(0, head.shape[0], _HEAD_CHUNK):
             out[:, start : start + _HEAD_CHUNK] = F.linear(x, head[start : start + _HEAD_CHUNK])
         return out
+
+
+@torch.inference_mode()
+def prompt_logits(model: Llama, tokens: list[int]) -> torch.Tensor:
+    """Next-token logits after `tokens` [vocab], from one dense prefill into a scratch cache (for checks)."""
+    config = model.config
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    n = len(tokens)
+    shape = (n, config.num_kv_heads, config.head_dim)
+    cache = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))]
+    idx = torch.arange(n, device=device)
+    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n)], n, None, None, idx[-1:])
+    # One scratch pair serves every layer: a whole-context prefill attends to its fresh K/V, not the cache.
+    return model(torch.tensor(tokens, device=device), meta, cache * config.num_layers)[0]

@@ -1,0 +1,98 @@
+"""Shared fixtures: the real default model (loaded once per session), the transformers reference, tiny models,
+and a real gRPC server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from optimist.engine.config import EngineConfig, default_model_path
+from optimist.engine.engine import Engine
+
+from . import tiny_llama
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path: Path) -> Iterator[Engine]:
+    """The default model with room for the whole suite's concurrency."""
+    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=32768, max_num_seqs=64))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path) -> Any:
+    """transformers loading the same GGUF file (the correctness reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama.write_hf_dir(tmp_path_factory.mktemp("tiny-hf"), tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama.write_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", tie=True)
+
+
+class ServerThread:
+    """A real optimist gRPC server in its own thread and event loop, on 127.0.0.1 with a free port."""
+
+    def __init__(self, config: EngineConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
+        from optimist.engine.server import Server
+
+        self.loop = asyncio.new_event_loop()
+        self.server = Server(config, "127.0.0.1", 0, grace_s=5.0, engine_factory=engine_factory)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coro: Any, timeout: float = 120.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.server.server.stop(grace=None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(engine: Engine) -> Iterator[ServerThread]:
+    """A server in front of the shared session engine."""
+    srv = ServerThread(engine.config, engine_factory=lambda: engine)
+    srv.call(srv.server.load())
+    yield srv
+    srv.stop()

@@ -1,0 +1,104 @@
+"""Greedy generations and logits match Hugging Face transformers on the same model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from optimist.engine.config import EngineConfig
+from optimist.engine.engine import Engine
+from optimist.engine.model.llama import prompt_logits
+from optimist.engine.request import FinishReason, SamplingParams
+
+# Greedy choices may differ only where the reference's top two logits are this close (float summation order).
+TIE_GAP = 2e-3
+
+PLAIN = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "1, 1, 2, 3, 5,"]
+CHAT = ["What is 2 + 2?", "Write a haiku about autumn.", "Name three programming languages."]
+
+
+def hf_greedy(model: Any, prompt_ids: list[int], n: int, eos: tuple[int, ...]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=list(eos), pad_token_id=eos[0]
+        )
+    ids: list[int] = out[0, len(prompt_ids) :].tolist()
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def hf_top2_gap(model: Any, ids: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def assert_same_or_tie(model: Any, prompt: list[int], ours: list[int], ref: list[int]) -> None:
+    for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+        if a != b:
+            gap = hf_top2_gap(model, prompt + ref[:i])
+            assert gap < TIE_GAP, f"diverged at token {i} ({a} vs {b}) where the reference's top-2 gap is {gap:.4f}"
+            return
+    assert len(ours) == len(ref), f"lengths differ: {len(ours)} vs {len(ref)}"
+
+
+def greedy(engine: Engine, prompt_ids: list[int], n: int) -> list[int]:
+    ids, _, final = engine.generate(engine.new_request(prompt_ids, SamplingParams(temperature=0, max_tokens=n)))
+    assert final.reason in (FinishReason.EOS, FinishReason.LENGTH)
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt,chat", [(p, False) for p in PLAIN] + [(p, True) for p in CHAT])
+def test_default_model_greedy_matches_transformers(engine: Engine, hf_model: Any, prompt: str, chat: bool) -> None:
+    tok = engine.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    prompt_ids = tok.encode(text)
+    ref = hf_greedy(hf_model, prompt_ids, 24, tok.eos_ids)
+    ours = greedy(engine, prompt_ids, 24)
+    assert_same_or_tie(hf_model, prompt_ids, ours, ref)
+
+
+@pytest.mark.slow
+def test_default_model_last_logits_close(engine: Engine, hf_model: Any) -> None:
+    for prompt in PLAIN:
+        ids = engine.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([ids])).logits[0, -1].float()
+        ours = prompt_logits(engine.model, ids).float()
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() < 1e-3 * ref.abs().max().item(), prompt
+        assert ours.argmax() == ref.argmax()
+
+
+def _tiny_engine(path: Path) -> Engine:
+    return Engine(EngineConfig(model=path, kv_cache_tokens=4096))
+
+
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_tiny_random_llama_matches_transformers(kind: str, tiny_gguf: Path, tiny_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if kind == "gguf":
+        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name).eval()
+        engine = _tiny_engine(tiny_gguf)
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+        engine = _tiny_engine(tiny_dir)
+    try:
+        for prompt in ["the cat sat on the mat", "in a hole in the ground", "x"]:
+            ids = engine.tokenizer.encode(prompt)
+            with torch.no_grad():
+                ref_logits = ref_model(torch.tensor([ids])).logits[0, -1].float()
+            ours_logits = prompt_logits(engine.model, ids)
+            assert (ours_logits - ref_logits).abs().max().item() < 1e-4 * max(1.0, ref_logits.abs().max().item())
+            ref = hf_greedy(ref_model, ids, 20, engine.tokenizer.eos_ids)
+            assert_same_or_tie(ref_model, ids, greedy(engine, ids, 20), ref)
+    finally:
+        engine.shutdown()
