@@ -343,12 +343,13 @@ class Server:
         self.address = f"{host}:{port}"
         self.grace_s = grace_s
         self.service = EngineService()
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = 0
-        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        # grpc.aio objects bind to the running event loop, so they are made here, not in __init__.
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._stopped = asyncio.Event()
         self.server.add_generic_rpc_handlers((_handlers(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

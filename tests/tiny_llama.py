@@ -68,7 +68,10 @@ def random_weights(tie: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     def mat(rows: int, cols: int) -> torch.Tensor:
         return torch.randn(rows, cols, generator=g) / cols**0.5
 
-    w = {"model.embed_tokens.weight": torch.randn(v, h, generator=g), "model.norm.weight": 1 + 0.1 * torch.randn(h, generator=g)}
+    w = {
+        "model.embed_tokens.weight": torch.randn(v, h, generator=g),
+        "model.norm.weight": 1 + 0.1 * torch.randn(h, generator=g),
+    }
     for i in range(int(cfg["num_hidden_layers"])):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(h, generator=g)
