@@ -64,7 +64,11 @@ async def _serve(config: EngineConfig, host: str, port: int, grace_s: float) -> 
     server = Server(config, host, port, grace_s)
     await server.start()
     print(f"optimist: listening on {host}:{server.port}; loading the model", file=sys.stderr, flush=True)
-    await server.load(_Progress("loading model tensors"))
+    try:
+        await server.load(_Progress("loading model tensors"))
+    except BaseException:
+        await server.server.stop(grace=None)
+        raise
     print(f"optimist: ready on {host}:{server.port}", file=sys.stderr, flush=True)
     await server.serve_forever()
 

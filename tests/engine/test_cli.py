@@ -1,0 +1,68 @@
+"""The `optimist` command: serve, generate, SIGTERM, and start-up errors, as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from optimist.engine.client import wait_ready
+
+OPTIMIST = [sys.executable, "-m", "optimist.engine.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_with_a_missing_model_exits_with_a_one_line_reason(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*OPTIMIST, "serve", "--model", str(tmp_path / "missing.gguf"), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("optimist serve: error:") and "missing.gguf" in last and "does not exist" in last
+
+
+def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [*OPTIMIST, "serve", "--model", str(tiny_gguf), "--port", str(port), "--grace-period", "5"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(f"127.0.0.1:{port}", timeout_s=120)
+        gen = subprocess.run(
+            [*OPTIMIST, "generate", "the", "--server", f"127.0.0.1:{port}", "--max-tokens", "5", "--temperature", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout.strip() != ""  # "the" is two tokens of the tiny vocabulary: t + he
+        assert "[length; 2 prompt + 5 completion tokens" in gen.stderr
+        bad = subprocess.run(
+            [*OPTIMIST, "generate", "the", "--server", f"127.0.0.1:{port}", "--max-tokens", "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens" in bad.stderr
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.stderr is not None
+    log = server.stderr.read()
+    assert "loading model tensors" in log and f"ready on 127.0.0.1:{port}" in log

@@ -1,0 +1,62 @@
+"""A missing or malformed model fails at start-up with a one-line reason."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from optimist.engine.model.loader import ModelLoadError, load_model
+
+
+def assert_one_line_error(path: Path, fragment: str) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert "\n" not in message and fragment in message, message
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    assert_one_line_error(tmp_path / "nope.gguf", "does not exist")
+
+
+def test_garbage_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 100)
+    assert_one_line_error(bad, "bad.gguf")
+
+
+def test_truncated_gguf(tmp_path: Path, tiny_gguf: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert_one_line_error(cut, "cut.gguf")
+
+
+def test_wrong_extension(tmp_path: Path) -> None:
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\0" * 64)
+    assert_one_line_error(other, "expected a .gguf file")
+
+
+def test_hf_folder_without_config(tmp_path: Path, tiny_dir: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "config.json").unlink()
+    assert_one_line_error(folder, "no config.json")
+
+
+def test_hf_folder_without_weights(tmp_path: Path, tiny_dir: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    assert_one_line_error(folder, "no *.safetensors")
+
+
+def test_loads_both_formats_with_tokenizer_and_template(tiny_gguf: Path, tiny_dir: Path) -> None:
+    for path, tied in ((tiny_gguf, True), (tiny_dir, False)):
+        model = load_model(path)
+        assert model.config.num_layers == 2 and model.config.num_kv_heads == 2 and model.config.tie_embeddings == tied
+        assert model.tokenizer.eos_ids == (2,)
+        assert model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("assistant\n")
+        assert model.tokenizer.decode(model.tokenizer.encode("the cat")) == "the cat"
