@@ -1,9 +1,325 @@
-"""`optimist bench serve`: drives a running engine over gRPC with N concurrent clients (filled in below)."""
+"""`optimist bench serve`: generation throughput and latency of the engine over gRPC, with baselines.
+
+Drives a running engine (or one it starts) with N concurrent streaming clients on a fixed mixed prompt set, every
+request generating exactly `--max-tokens` tokens (EOS ignored) so all systems do the same work. Baselines in the
+same run on the same token ids: Hugging Face transformers one request at a time and as a static batch, and
+llama.cpp (llama-cpp-python) one request at a time when it is installed. Prints a table and writes JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLAIN = [
+    "The history of the Roman Empire can be summarised as follows:",
+    'def merge_sort(items):\n    """Sort a list with merge sort."""\n',
+    "Here is a recipe for a simple tomato soup. Ingredients:",
+    "The three laws of thermodynamics are",
+    "Once upon a time, in a kingdom by the sea, there lived a",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name ORDER BY",
+    "Photosynthesis is the process by which plants",
+    "A haiku about the first snow of winter:\n",
+]
+CHAT = [
+    "Explain what a hash table is to a ten-year-old.",
+    "Write a short email asking my landlord to fix the heating.",
+    "What are the pros and cons of electric cars? Use bullet points.",
+    "Give me three ideas for a birthday party for a seven-year-old.",
+    "Summarise the plot of Romeo and Juliet in a few sentences.",
+    "How do I reverse a linked list in Python? Show code.",
+    "What causes the seasons on Earth?",
+    "Translate 'Where is the train station?' into French, Spanish and German.",
+]
+LONG_CONTEXT = (
+    "Read the following notes and answer the question at the end.\n"
+    + " ".join(f"Note {i}: the meeting about project {i % 7} moved to room {100 + i}." for i in range(40))
+    + "\nQuestion: where is the meeting about project 3?"
+)
+
+
+def prompt_set(tokenizer: Any) -> list[list[int]]:
+    """The fixed mixed set as token ids: plain text, chat-templated questions, and one long-context prompt."""
+    ids = [tokenizer.encode(p) for p in PLAIN]
+    ids += [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": c}])) for c in CHAT]
+    ids.append(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": LONG_CONTEXT}])))
+    return ids
+
+
+@dataclass
+class Result:
+    system: str
+    concurrency: int
+    requests: int
+    generated_tokens: int
+    wall_s: float
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["ttft_s"], d["itl_s"]
+        d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        for name, values in (("ttft", self.ttft_s), ("itl", self.itl_s)):
+            d[f"{name}_p50_ms"] = round(1000 * percentile(values, 50), 1) if values else None
+            d[f"{name}_p99_ms"] = round(1000 * percentile(values, 99), 1) if values else None
+        return d
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    k = (len(ordered) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# ------------------------------------------------------------------------------------------- our engine
+
+
+def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Result:
+    import grpc
+
+    from ..api import engine_pb2 as pb
+    from ..api import engine_pb2_grpc as pb_grpc
+
+    ttfts: list[float] = []
+    itls: list[float] = []
+    total = 0
+    lock = threading.Lock()
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.EngineStub(channel)
+
+    def one(ids: list[int]) -> None:
+        nonlocal total
+        req = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=ids),
+            sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            return_text=False,
+        )
+        start = time.perf_counter()
+        stamps: list[float] = []
+        n = 0
+        for msg in stub.Generate(req):
+            if msg.HasField("chunk") and msg.chunk.token_ids:
+                now = time.perf_counter()
+                k = len(msg.chunk.token_ids)
+                stamps.extend([now] * k)  # a coalesced chunk: its tokens arrived together
+                n += k
+        with lock:
+            total += n
+            ttfts.append(stamps[0] - start)
+            itls.extend(b - a for a, b in itertools.pairwise(stamps))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    channel.close()
+    return Result("optimist", concurrency, len(prompts), total, wall, ttfts, itls)
+
+
+# -------------------------------------------------------------------------------------------- baselines
+
+
+def load_transformers(model_path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name).eval()
+
+
+def run_transformers_single(model: Any, prompts: list[list[int]], max_tokens: int) -> Result:
+    import torch
+
+    ttfts, total, wall = [], 0, 0.0
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            ttfts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = model.generate(
+                x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+            )
+            wall += time.perf_counter() - t0
+            total += out.shape[1] - len(ids)
+    itl = (wall - sum(ttfts)) / max(1, total - len(prompts))
+    return Result("transformers (one at a time)", 1, len(prompts), total, wall, ttfts, [itl], "ITL is the mean")
+
+
+def run_transformers_batch(model: Any, prompts: list[list[int]], max_tokens: int) -> Result:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fixed = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens}
+        out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **fixed)
+        wall = time.perf_counter() - t0
+    total = (out.shape[1] - width) * len(prompts)
+    itl = (wall - ttft) / max(1, max_tokens - 1)
+    return Result(
+        "transformers (static batch)", len(prompts), len(prompts), total, wall, [ttft] * len(prompts), [itl],
+        "one padded batch; every request waits for the whole batch",
+    )  # fmt: skip
+
+
+def run_llama_cpp(model_path: Path, prompts: list[list[int]], max_tokens: int, threads: int, eos: int) -> Result:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model_path), n_ctx=4096, n_threads=threads, verbose=False, logits_all=False)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    total, wall = 0, 0.0
+    for ids in prompts:
+        llm.reset()
+        t0 = time.perf_counter()
+        stamps = []
+        stream = llm.create_completion(
+            ids, max_tokens=max_tokens, temperature=0.0, stream=True, logit_bias={eos: -1e9}
+        )  # fmt: skip
+        for _ in stream:
+            stamps.append(time.perf_counter())
+        wall += time.perf_counter() - t0
+        total += len(stamps)
+        ttfts.append(stamps[0] - t0)
+        itls.extend(b - a for a, b in itertools.pairwise(stamps))
+    return Result("llama.cpp (one at a time)", 1, len(prompts), total, wall, ttfts, itls)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = "| system | concurrency | requests | tokens | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['generated_tokens']} | "
+            f"{r['tokens_per_s']:.1f} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
+            f"{r['itl_p50_ms']} | {r['itl_p99_ms']} |"
+        )
+    return "\n".join(lines)
+
+
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    from ..client import wait_ready
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port)]
+    if args.model:
+        cmd += ["--model", str(args.model)]
+    cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens), "--max-num-seqs", str(max(args.concurrency))]
+    proc = subprocess.Popen(cmd)
+    address = f"127.0.0.1:{port}"
+    wait_ready(address, timeout_s=600)
+    return proc, address
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import default_model_path
+    from ..model.loader import load_model
+
+    model_path = args.model or default_model_path()
+    print(f"bench: model {model_path}", file=sys.stderr)
+    tokenizer = load_model(model_path).tokenizer
+    prompts = prompt_set(tokenizer)
+    rows: list[Result] = []
+
+    proc, address = (None, args.server) if args.server else _start_server(args)
+    try:
+        run_engine(address, prompts[:2], 2, 4)  # warm-up
+        for c in args.concurrency:
+            n = max(c, args.requests) if c > 1 else args.single_requests
+            work = [prompts[i % len(prompts)] for i in range(n)]
+            print(f"bench: optimist, concurrency {c}, {n} requests", file=sys.stderr)
+            rows.append(run_engine(address, work, c, args.max_tokens))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+    baselines = set(args.baselines.split(",")) if args.baselines else set()
+    if "transformers" in baselines:
+        print("bench: transformers (loading)", file=sys.stderr)
+        model = load_transformers(model_path)
+        rows.append(run_transformers_single(model, prompts[: args.single_requests], args.max_tokens))
+        big = max(args.concurrency)
+        rows.append(run_transformers_batch(model, [prompts[i % len(prompts)] for i in range(big)], args.max_tokens))
+        del model
+    if "llamacpp" in baselines:
+        try:
+            rows.append(
+                run_llama_cpp(
+                    model_path, prompts[: args.single_requests], args.max_tokens, torch.get_num_threads(),
+                    tokenizer.eos_ids[0],
+                )
+            )  # fmt: skip
+        except ImportError:
+            print("bench: llama-cpp-python is not installed; llama.cpp baseline skipped", file=sys.stderr)
+
+    summaries = [r.summary() for r in rows]
+    table = format_table(summaries)
+    print(table)
+    report = {
+        "benchmark": "serve",
+        "model": str(model_path.name),
+        "max_tokens": args.max_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "results": summaries,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"bench: wrote {args.out}", file=sys.stderr)
+    ours = {r.concurrency: r.tokens_per_s for r in rows if r.system == "optimist"}
+    for r in rows:
+        if r.system != "optimist" and ours:
+            best = max(ours.values())
+            print(f"bench: optimist best {best:.1f} tok/s = {best / r.tokens_per_s:.2f}x {r.system}", file=sys.stderr)
+    return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    del sub
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    serve = kinds.add_parser("serve", help="generation throughput and latency over gRPC, with baselines")
+    serve.add_argument("--server", default=None, help="a running engine; default: start one")
+    serve.add_argument("--model", type=Path, default=None)
+    serve.add_argument("--kv-cache-tokens", type=int, default=65536)
+    serve.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    serve.add_argument("--requests", type=int, default=64, help="requests per concurrency level above 1")
+    serve.add_argument("--single-requests", type=int, default=4, help="requests at concurrency 1 and for baselines")
+    serve.add_argument("--max-tokens", type=int, default=64)
+    serve.add_argument("--baselines", default="transformers,llamacpp", help="comma list; empty for none")
+    serve.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))
+    serve.set_defaults(func=cmd_bench_serve)
