@@ -305,7 +305,7 @@ class Engine:
         req.last_token_at = now
         text, reason, stop = state.append(req, token)
         lp = [] if logprobs is None else [(token, logprobs[0], logprobs[1])]
-        sink(Chunk([token], text, lp))
+        _emit(sink, Chunk([token], text, lp))
         if reason is None and req.num_tokens >= self.model_config.context_length:
             reason = FinishReason.LENGTH
         if reason is not None:
@@ -324,8 +324,9 @@ class Engine:
         self.stats.e2e.observe(now - req.arrival)
         tail = state.flush() if reason is FinishReason.ABORTED else ""
         if tail:
-            sink(Chunk([], tail))
-        sink(
+            _emit(sink, Chunk([], tail))
+        _emit(
+            sink,
             Finished(
                 reason=reason,
                 stop=stop,
@@ -336,8 +337,16 @@ class Engine:
                 total_s=now - req.arrival,
                 evictions=req.evictions,
                 error=error,
-            )
+            ),
         )
+
+
+def _emit(sink: Sink, event: Event) -> None:
+    """A failing sink (a caller's bug) must not take down the step, and with it every other request."""
+    try:
+        sink(event)
+    except Exception:
+        log.exception("request sink failed")
 
 
 def _copy_stats(stats: EngineStats) -> EngineStats:

@@ -7,6 +7,7 @@ the engine is ready. Requests are validated on the event loop, so a bad request 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -216,7 +217,9 @@ class EngineService:
         loop = asyncio.get_running_loop()
 
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            # RuntimeError: the server's loop has closed (shutdown) and nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         try:
             engine.submit(req, sink)
