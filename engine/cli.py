@@ -32,6 +32,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--weights",
+        default="float",
+        choices=["float", "int4"],
+        help="float: exact; int4: GGUF Q4/Q8 blocks run by torch's int4 CPU kernel (faster, bf16 activations)",
+    )
     p.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens, help="KV capacity in tokens")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size)
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="largest running batch")
@@ -46,6 +52,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        weights=args.weights,
         kv_cache_tokens=args.kv_cache_tokens,
         kv_block_size=args.kv_block_size,
         max_num_seqs=args.max_num_seqs,

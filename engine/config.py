@@ -70,6 +70,7 @@ class EngineConfig:
     model: Path | None = None  # None = the built-in default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | float16 | bfloat16
+    weights: str = "float"  # float (exact) | int4 (CPU: GGUF Q4/Q8 blocks kept as int4, bf16 activations)
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)
     max_num_seqs: int = 64  # most requests in the running batch
@@ -89,6 +90,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one block")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.weights not in ("float", "int4"):
+            raise ConfigError(f"weights must be float or int4, got {self.weights!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

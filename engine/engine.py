@@ -21,6 +21,7 @@ from .kv_cache import BlockAllocator, allocate_cache
 from .metrics import EngineStats
 from .model.llama import Llama
 from .model.loader import ProgressFn, load_model
+from .model.quant import int4_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
 from .runner import ModelRunner
@@ -76,13 +77,17 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        loaded = load_model(config.model_path(), progress=progress)
+        if config.weights == "int4" and (self.device.type != "cpu" or not int4_available()):
+            raise ConfigError("weights=int4 needs the CPU device and torch's int4 CPU kernel (torch >= 2.6)")
+        loaded = load_model(config.model_path(), progress=progress, keep_int4=config.weights == "int4")
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         model = Llama(loaded.config)
         model.load_weights(loaded.weights)
-        del loaded
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if config.weights == "int4" and self.model.use_int4(loaded.int4) == 0:
+            raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
+        del loaded
         self.model.init_rope()
         self.allocator = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
         kv = allocate_cache(self.model_config, config.num_kv_blocks, config.kv_block_size, self.device, self.dtype)

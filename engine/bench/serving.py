@@ -224,7 +224,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Popen[bytes], str]:
     import socket
 
     from ..client import wait_ready
@@ -236,6 +236,7 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
     if args.model:
         cmd += ["--model", str(args.model)]
     cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens), "--max-num-seqs", str(max(args.concurrency))]
+    cmd += ["--weights", weights]
     proc = subprocess.Popen(cmd)
     address = f"127.0.0.1:{port}"
     wait_ready(address, timeout_s=600)
@@ -254,18 +255,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     prompts = prompt_set(tokenizer)
     rows: list[Result] = []
 
-    proc, address = (None, args.server) if args.server else _start_server(args)
-    try:
-        run_engine(address, prompts[:2], 2, 4)  # warm-up
-        for c in args.concurrency:
-            n = max(c, args.requests) if c > 1 else args.single_requests
-            work = [prompts[i % len(prompts)] for i in range(n)]
-            print(f"bench: optimist, concurrency {c}, {n} requests", file=sys.stderr)
-            rows.append(run_engine(address, work, c, args.max_tokens))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+    for weights in args.weights:
+        proc, address = (None, args.server) if args.server else _start_server(args, weights)
+        try:
+            run_engine(address, prompts[:2], 2, 4)  # warm-up
+            for c in args.concurrency:
+                n = max(c, args.requests) if c > 1 else args.single_requests
+                work = [prompts[i % len(prompts)] for i in range(n)]
+                print(f"bench: optimist ({weights} weights), concurrency {c}, {n} requests", file=sys.stderr)
+                result = run_engine(address, work, c, args.max_tokens)
+                result.system = f"optimist ({weights} weights)"
+                rows.append(result)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
 
     baselines = set(args.baselines.split(",")) if args.baselines else set()
     if "transformers" in baselines:
@@ -301,11 +305,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"bench: wrote {args.out}", file=sys.stderr)
-    ours = {r.concurrency: r.tokens_per_s for r in rows if r.system == "optimist"}
+    ours = [r for r in rows if r.system.startswith("optimist")]
     for r in rows:
-        if r.system != "optimist" and ours:
-            best = max(ours.values())
-            print(f"bench: optimist best {best:.1f} tok/s = {best / r.tokens_per_s:.2f}x {r.system}", file=sys.stderr)
+        if not r.system.startswith("optimist") and ours:
+            for o in ours:
+                ratio = o.tokens_per_s / r.tokens_per_s
+                print(f"bench: {o.system} x{o.concurrency} = {ratio:.2f}x {r.system} (tok/s)", file=sys.stderr)
     return 0
 
 
@@ -320,6 +325,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--requests", type=int, default=64, help="requests per concurrency level above 1")
     serve.add_argument("--single-requests", type=int, default=4, help="requests at concurrency 1 and for baselines")
     serve.add_argument("--max-tokens", type=int, default=64)
+    serve.add_argument(
+        "--weights", type=lambda s: s.split(","), default=["float", "int4"], help="engine weight modes to run"
+    )
     serve.add_argument("--baselines", default="transformers,llamacpp", help="comma list; empty for none")
     serve.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))
     serve.set_defaults(func=cmd_bench_serve)

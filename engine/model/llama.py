@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .quant import Int4Linear, Int4Part, concat_rows
 
 _HEAD_CHUNK = 1024
 
@@ -169,6 +170,7 @@ class Llama(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head_int4: Int4Linear | None = None  # set by use_int4
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -205,6 +207,26 @@ class Llama(nn.Module):
             raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         param.copy_(value)
 
+    def use_int4(self, int4: dict[str, list[Int4Part]], head: bool = True) -> int:
+        """Swaps linear layers for int4 ones where the file held exact int4 forms; returns how many."""
+        swapped = 0
+        for i, block in enumerate(self.layers):
+            assert isinstance(block, Block)
+            key = f"layers.{i}."
+            if all(key + n in int4 for n in ("wq", "wk", "wv")):
+                fused = concat_rows([int4[key + n] for n in ("wq", "wk", "wv")])
+                block.attn.wqkv = Int4Linear(fused)  # type: ignore[assignment]  # same call signature
+                swapped += 1
+            for owner, attr in ((block.attn, "wo"), (block.mlp, "w_gate"), (block.mlp, "w_up"), (block.mlp, "w_down")):
+                if key + attr in int4:
+                    setattr(owner, attr, Int4Linear(int4[key + attr]))
+                    swapped += 1
+        name = "lm_head" if self.lm_head is not None else "embed"
+        if head and name in int4:
+            self.head_int4 = Int4Linear(int4[name])
+            swapped += 1
+        return swapped
+
     def init_rope(self) -> None:
         """Computes the rotary tables on the model's device and dtype (call after .to())."""
         cos, sin = rope_tables(self.config, self.embed.weight.device, self.embed.weight.dtype)
@@ -222,6 +244,8 @@ class Llama(nn.Module):
             x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
             x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
+        if self.head_int4 is not None:
+            return self.head_int4(x).float()
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if x.device.type != "cpu":
             return F.linear(x, head).float()

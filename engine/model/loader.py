@@ -6,9 +6,10 @@ model casts and moves them. Every failure surfaces as `ModelLoadError` with a on
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .quant import Int4Part, parts_from_gguf, supported_type
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 
@@ -28,13 +30,18 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
+    # Exact int4 forms of the GGUF tensors stored as Q4_0/Q4_1/Q8_0 (only when asked for), by our names.
+    int4: dict[str, list[Int4Part]] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[int, int], None]
 
 
-def load_model(path: Path, progress: ProgressFn | None = None) -> LoadedModel:
-    """Loads a `.gguf` file or a folder with `config.json` and `*.safetensors`."""
+def load_model(path: Path, progress: ProgressFn | None = None, keep_int4: bool = False) -> LoadedModel:
+    """Loads a `.gguf` file or a folder with `config.json` and `*.safetensors`.
+
+    With `keep_int4`, GGUF tensors stored as Q4_0/Q4_1/Q8_0 are also returned in exact int4 form (`quant.py`).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
@@ -43,7 +50,7 @@ def load_model(path: Path, progress: ProgressFn | None = None) -> LoadedModel:
             return _load_hf_dir(path, progress)
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-        return _load_gguf(path, progress)
+        return _load_gguf(path, progress, keep_int4)
     except ModelLoadError:
         raise
     except Exception as exc:  # a malformed file can fail anywhere inside the readers
@@ -81,7 +88,7 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def _load_gguf(path: Path, progress: ProgressFn | None) -> LoadedModel:
+def _load_gguf(path: Path, progress: ProgressFn | None, keep_int4: bool) -> LoadedModel:
     import gguf
 
     try:
@@ -114,18 +121,24 @@ def _load_gguf(path: Path, progress: ProgressFn | None) -> LoadedModel:
     config.validate()
 
     weights: dict[str, torch.Tensor] = {}
+    int4: dict[str, list[Int4Part]] = {}
     for i, (name, tensor) in enumerate(tensors.items()):
+        shape = [int(d) for d in reversed(tensor.shape)]
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        array = np.asarray(array, dtype=np.float32).reshape([int(d) for d in reversed(tensor.shape)])
+        array = np.asarray(array, dtype=np.float32).reshape(shape)
+        packed = None
+        if keep_int4 and len(shape) == 2 and supported_type(int(tensor.tensor_type)):
+            packed = parts_from_gguf(tensor.data, int(tensor.tensor_type), shape[0], shape[1])
         parts = name.split(".")
         if parts[0] == "blk":
             layer, kind = int(parts[1]), parts[2]
             if kind not in _GGUF_NAMES:
                 raise ModelLoadError(f"{path}: unexpected tensor {name}")
-            if kind == "attn_q":
-                array = _unpermute_rope(array, config.num_heads)
-            elif kind == "attn_k":
-                array = _unpermute_rope(array, config.num_kv_heads)
+            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(kind)
+            if heads is not None:
+                array = _unpermute_rope(array, heads)
+                if packed is not None:
+                    packed = [p.map_rows(functools.partial(_unpermute_rope, n_head=heads)) for p in packed]
             key = f"layers.{layer}.{_GGUF_NAMES[kind]}"
         elif name == "token_embd.weight":
             key = "embed"
@@ -138,10 +151,12 @@ def _load_gguf(path: Path, progress: ProgressFn | None) -> LoadedModel:
         else:
             raise ModelLoadError(f"{path}: unexpected tensor {name}")
         weights[key] = torch.from_numpy(array.copy())
+        if packed is not None:
+            int4[key] = packed
         if progress is not None:
             progress(i + 1, len(tensors))
     tokenizer = tokenizer_from_gguf(reader, path)
-    return LoadedModel(config, weights, tokenizer)
+    return LoadedModel(config, weights, tokenizer, int4)
 
 
 # ------------------------------------------------------------------------------------------ safetensors
