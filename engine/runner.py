@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .kv_cache import slots_of
-from .model.llama import AttentionMeta, Llama, PrefillSpan
+from .model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
 from .scheduler.scheduler import ScheduledRequest
 
 
@@ -46,40 +46,64 @@ class ModelRunner:
             if s.completes:
                 logits_rows.append(row + s.num_new - 1)
                 owners.append(s)
-        decode_start = len(tokens)
-        decode_slots = decode_mask = None
-        if decodes:
-            # Context slots of every decoding sequence, from a padded block-table tensor (padding hits block 0
-            # and is masked out).
-            max_len = max(s.request.num_computed + 1 for s in decodes)
+        groups: list[DecodeGroup] = []
+        for group in group_by_length(decodes):
+            # Context slots of each sequence from a padded block-table tensor (padding hits block 0, masked).
+            first = len(tokens)
+            lengths = [s.request.num_computed + 1 for s in group]
+            max_len = max(lengths)
             max_blocks = -(-max_len // bs)
-            blocks = torch.zeros((len(decodes), max_blocks), dtype=torch.long)
-            lengths = []
-            for i, s in enumerate(decodes):
+            blocks = torch.zeros((len(group), max_blocks), dtype=torch.long)
+            for i, s in enumerate(group):
                 req, pos = s.request, s.request.num_computed
                 tokens.append(req.token_at(pos))
                 positions.append(pos)
                 slots.append(req.block_table[pos // bs] * bs + pos % bs)
                 n_blocks = -(-(pos + 1) // bs)
                 blocks[i, :n_blocks] = torch.tensor(req.block_table[:n_blocks])
-                lengths.append(pos + 1)
                 if s.completes:
-                    logits_rows.append(decode_start + i)
+                    logits_rows.append(first + i)
                     owners.append(s)
-            table = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(decodes), -1)[:, :max_len]
-            decode_slots = table.to(self.device)
-            lens = self._tensor(lengths)
-            decode_mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+            table = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(group), -1)[:, :max_len]
+            mask = None
+            if min(lengths) != max_len:
+                lens = self._tensor(lengths)
+                mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+            groups.append(DecodeGroup(first, len(tokens), table.to(self.device), mask))
         meta = AttentionMeta(
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),
             prefills=spans,
-            decode_start=decode_start,
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
+            decodes=groups,
             logits_rows=self._tensor(logits_rows),
         )
         logits = self.model(self._tensor(tokens), meta, self.kv_cache)
         for s in scheduled:
             s.request.num_computed += s.num_new
         return logits, owners
+
+
+def group_by_length(
+    decodes: Sequence[ScheduledRequest], waste: float = 1.3, slack: int = 64
+) -> list[list[ScheduledRequest]]:
+    """Splits decodes into groups of similar context length, longest first.
+
+    A padded batch attends over B x max_len slots; one long sequence among short ones would make every row pay
+    for its length. A sequence joins the current group while the padded area stays within `waste` times the real
+    one, or its length is within `slack` of the group's longest.
+    """
+    ordered = sorted(decodes, key=lambda s: s.request.num_computed, reverse=True)
+    groups: list[list[ScheduledRequest]] = []
+    total = 0
+    for s in ordered:
+        length = s.request.num_computed + 1
+        if groups:
+            longest = groups[-1][0].request.num_computed + 1
+            padded = (len(groups[-1]) + 1) * longest
+            if padded <= waste * (total + length) or longest - length <= slack:
+                groups[-1].append(s)
+                total += length
+                continue
+        groups.append([s])
+        total = length
+    return groups

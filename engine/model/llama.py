@@ -31,13 +31,21 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token rows [start, end) of sequences with similar context lengths, attended to as one padded batch."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [B, Lmax] context slots of each sequence (padding points anywhere; it is masked)
+    mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where the slot is part of the context; None = no padding
+
+
+@dataclass
 class AttentionMeta:
     positions: torch.Tensor  # [T] position of each packed token
     slot_mapping: torch.Tensor  # [T] cache slot where each token's K/V is written
     prefills: list[PrefillSpan]
-    decode_start: int  # rows [decode_start, T) are single decode tokens, one per sequence
-    decode_slots: torch.Tensor | None  # [B, Lmax] context slots of each decoding sequence (padded)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where the slot is part of the context
+    decodes: list[DecodeGroup]
     logits_rows: torch.Tensor  # rows whose next-token logits are wanted
 
 
@@ -126,15 +134,15 @@ class Attention(nn.Module):
                 enable_gqa=True,
             )
             out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
-        if meta.decode_slots is not None:
-            qd = q[meta.decode_start :].unsqueeze(2)  # [B, H, 1, D]
+        for group in meta.decodes:
+            qd = q[group.start : group.end].unsqueeze(2)  # [B, H, 1, D]
             # index_select over flat slots is several times faster on CPU than advanced indexing with [B, L].
-            b, length = meta.decode_slots.shape
-            flat = meta.decode_slots.reshape(-1)
+            b, length = group.slots.shape
+            flat = group.slots.reshape(-1)
             kd = k_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
             vd = v_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
-            out[meta.decode_start :] = o.squeeze(2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, enable_gqa=True)
+            out[group.start : group.end] = o.squeeze(2)
         return self.wo(out.reshape(t, self.q_size))
 
 
@@ -207,23 +215,26 @@ class Llama(nn.Module):
             raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         param.copy_(value)
 
-    def use_int4(self, int4: dict[str, list[Int4Part]], head: bool = True) -> int:
-        """Swaps linear layers for int4 ones where the file held exact int4 forms; returns how many."""
+    def use_int4(self, int4: dict[str, list[Int4Part]], head: bool = True, max_rows: int = 16) -> int:
+        """Swaps linear layers for int4 ones where the file held exact int4 forms; returns how many.
+
+        The float weights stay as the fallback for calls with more than `max_rows` rows (see Int4Linear).
+        """
         swapped = 0
         for i, block in enumerate(self.layers):
             assert isinstance(block, Block)
             key = f"layers.{i}."
             if all(key + n in int4 for n in ("wq", "wk", "wv")):
                 fused = concat_rows([int4[key + n] for n in ("wq", "wk", "wv")])
-                block.attn.wqkv = Int4Linear(fused)  # type: ignore[assignment]  # same call signature
+                block.attn.wqkv = Int4Linear(fused, block.attn.wqkv.weight, max_rows)  # type: ignore[assignment]
                 swapped += 1
             for owner, attr in ((block.attn, "wo"), (block.mlp, "w_gate"), (block.mlp, "w_up"), (block.mlp, "w_down")):
                 if key + attr in int4:
-                    setattr(owner, attr, Int4Linear(int4[key + attr]))
+                    setattr(owner, attr, Int4Linear(int4[key + attr], getattr(owner, attr).weight, max_rows))
                     swapped += 1
         name = "lm_head" if self.lm_head is not None else "embed"
         if head and name in int4:
-            self.head_int4 = Int4Linear(int4[name])
+            self.head_int4 = Int4Linear(int4[name], None)
             swapped += 1
         return swapped
 
@@ -244,7 +255,7 @@ class Llama(nn.Module):
             x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
             x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
-        if self.head_int4 is not None:
+        if self.head_int4 is not None and x.shape[0] <= self.head_int4.max_rows:
             return self.head_int4(x).float()
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if x.device.type != "cpu":
@@ -265,6 +276,6 @@ def prompt_logits(model: Llama, tokens: list[int]) -> torch.Tensor:
     shape = (n, config.num_kv_heads, config.head_dim)
     cache = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))]
     idx = torch.arange(n, device=device)
-    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n)], n, None, None, idx[-1:])
+    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n)], [], idx[-1:])
     # One scratch pair serves every layer: a whole-context prefill attends to its fresh K/V, not the cache.
     return model(torch.tensor(tokens, device=device), meta, cache * config.num_layers)[0]
