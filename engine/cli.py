@@ -43,7 +43,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="largest running batch")
     p.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     p.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting)
-    p.add_argument("--scheduler", default=EngineConfig.scheduler, choices=["fcfs"])
+    p.add_argument(
+        "--scheduler", default=EngineConfig.scheduler, choices=["amin", "amax", "fcfs"], help="scheduling policy"
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 
 
@@ -133,6 +135,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         server.wait(timeout=60)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from .scheduler.policies import make_policy
+    from .scheduler.simulator import simulate
+    from .scheduler.workload import read_workload
+
+    params = {"growth": args.growth} if args.policy == "amin" else {}
+    result = simulate(
+        read_workload(args.workload),
+        make_policy(args.policy, **params),
+        args.memory,
+        evict_cost=args.evict_cost,
+        prefill_tokens_per_step=args.prefill_tokens_per_step or math.inf,
+    )
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>14}: {value:.2f}" if isinstance(value, float) else f"{key:>14}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimist", description="Optimist LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -160,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("simulate", help="run the scheduling simulator on a JSON Lines workload")
+    sim.add_argument("--workload", type=Path, required=True, help="JSON Lines, one request per line")
+    sim.add_argument("--policy", required=True, choices=["hsf", "amax", "amin", "fcfs"])
+    sim.add_argument("--memory", type=int, required=True, help="KV capacity in tokens")
+    sim.add_argument("--evict-cost", default="lost", choices=["lost", "recompute"])
+    sim.add_argument("--prefill-tokens-per-step", type=float, default=0, help="prefill speed; 0 = free (default)")
+    sim.add_argument("--growth", default="increment", choices=["increment", "double"], help="A_min bound growth")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.set_defaults(func=cmd_simulate)
 
     from .bench.serving import add_parser as add_bench
 

@@ -154,6 +154,7 @@ class Engine:
             lower_hint=lower_hint,
             upper_hint=upper_hint,
         )
+        req.bound = min(req.lower, params.max_tokens)
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
@@ -315,6 +316,8 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(req, reason, stop)
+        else:
+            self.scheduler.on_token(req)
 
     def _finish(self, req: Request, reason: FinishReason, stop: str, error: str | None = None) -> None:
         """Frees the request's blocks and sends its final event (call with the lock held)."""

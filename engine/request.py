@@ -119,6 +119,28 @@ class Request:
     seq: int = 0  # arrival order, set by the engine
     admitted_seq: int = 0  # admission order (the FCFS victim is the latest admitted)
     generator: torch.Generator | None = None
+    bound: int = 1  # A_min's pseudo lower bound on the output length (set from the predictor on arrival)
+
+    # The policies' view of a request (scheduler/policies.py: Job).
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def produced(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def lower(self) -> int:
+        return self.lower_hint or 1
+
+    @property
+    def upper(self) -> int:
+        return min(self.upper_hint or self.params.max_tokens, self.params.max_tokens)
+
+    @property
+    def true_output(self) -> int | None:
+        return None
 
     @property
     def num_tokens(self) -> int:

@@ -1,55 +1,179 @@
-"""Scheduling policies: the decisions the engine's step scheduler delegates.
+"""Scheduling policies, shared by the engine (memory in KV blocks, time in engine steps) and the simulator
+(memory in tokens, time in simulated steps). See ../shared/specs/scheduler.md.
 
-A policy answers three questions, each in the engine's units (KV blocks, engine steps):
-which waiting request to try next, whether a candidate may join the running set, and, when memory really runs
-out, which running request to preempt. FCFS is the vLLM-like baseline; A_min and its peers plug in here.
+A policy answers four questions about `Job`s (anything with the attributes below: the engine's `Request`, the
+simulator's `SimJob`):
+- in which order waiting jobs are considered (`waiting_key`);
+- whether a candidate may join the running set (`admit`): the forward-looking test of MC-SF, where every member
+  is assumed to produce `planned_output` tokens in total and the set's memory, which peaks at one of the members'
+  planned end steps, must stay within capacity (FCFS instead checks only the next step);
+- which running job to evict when memory really overflows (`victim`);
+- how a job's pseudo lower bound moves (`on_bound_reached`, `on_evicted`): only A_min keeps one.
+
+Policies are stateless apart from their parameters; per-job state (the bound) lives on the job.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
-from ..request import Request
+
+class Job(Protocol):
+    seq: int  # arrival order
+    admitted_seq: int  # order of the latest admission
+    bound: int  # A_min's pseudo lower bound on the total output length
+
+    @property
+    def prompt_len(self) -> int: ...
+
+    @property
+    def produced(self) -> int: ...  # output tokens produced so far (and held in memory while running)
+
+    @property
+    def lower(self) -> int: ...  # predicted interval of the total output length
+
+    @property
+    def upper(self) -> int: ...
+
+    @property
+    def true_output(self) -> int | None: ...  # known only to the hindsight policy's driver
+
+
+J = TypeVar("J", bound=Job)
+
+
+def peak_fits(members: Sequence[tuple[int, int]], capacity: int, slack: int = 0) -> bool:
+    """Whether a set fits over its whole planned future.
+
+    members: (tokens held now, steps still to run) per job; a job holding h with r steps left holds h + t tokens at
+    step t <= r and nothing after. Memory peaks at some member's last step r_k, where every job with r_j >= r_k
+    holds h_j + r_k (+ `slack`, a per-job allowance for block rounding). O(n log n).
+    """
+    ordered = sorted(members, key=lambda m: m[1], reverse=True)
+    held = count = 0
+    i = 0
+    while i < len(ordered):
+        r = ordered[i][1]
+        while i < len(ordered) and ordered[i][1] == r:  # all jobs ending at r are still there at r
+            held += ordered[i][0] + slack
+            count += 1
+            i += 1
+        if held + count * r > capacity:
+            return False
+    return True
 
 
 class Policy(ABC):
     name: str
+    evicts = True  # whether overflow can happen (policies with an exact admission test never overflow)
 
     @abstractmethod
-    def order_waiting(self, waiting: Sequence[Request]) -> list[Request]:
-        """The order in which waiting requests are considered for admission."""
+    def waiting_key(self, job: Job) -> tuple[int, ...]: ...
 
-    @abstractmethod
-    def admissible(self, candidate: Request, running: Sequence[Request], free_blocks: int, block_size: int) -> bool:
-        """Whether `candidate` may join `running`, given blocks free before its own allocation."""
+    def planned_output(self, job: Job) -> int:
+        """The total output length the admission test assumes for `job`."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def victim(self, running: Sequence[Request]) -> Request:
-        """The running request to preempt when the cache cannot hold the next step."""
+    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, slack: int = 0) -> bool:
+        if not running:  # alone, a job runs whatever its plan says: a bound past capacity must not starve it
+            return candidate.prompt_len + candidate.produced + 1 + slack <= capacity
+        members = [
+            (j.prompt_len + j.produced, max(1, self.planned_output(j) - j.produced)) for j in (*running, candidate)
+        ]
+        return peak_fits(members, capacity, slack)
+
+    def victim(self, running: Sequence[J]) -> J:
+        """The job to evict on overflow: least progress first, the latest arrival among equals."""
+        return min(running, key=lambda j: (j.produced, -j.seq))
+
+    def on_bound_reached(self, job: Job) -> None:  # noqa: B027 (a hook: only A_min keeps a bound)
+        """Called when a running job has produced `bound` tokens without finishing."""
+
+    def on_evicted(self, job: Job) -> None:  # noqa: B027
+        """Called after `job` is evicted (with its produced count as it was before eviction)."""
+
+
+class HindsightShortestFirst(Policy):
+    """H-SF: knows the true output lengths; shortest first; never evicts. The yardstick."""
+
+    name = "hsf"
+    evicts = False
+
+    def waiting_key(self, job: Job) -> tuple[int, ...]:
+        return (self._true(job), job.seq, job.prompt_len)
+
+    def planned_output(self, job: Job) -> int:
+        return self._true(job)
+
+    @staticmethod
+    def _true(job: Job) -> int:
+        if job.true_output is None:
+            raise ValueError("the hindsight policy needs true output lengths (simulator only)")
+        return job.true_output
+
+
+class AMax(Policy):
+    """Conservative: orders by and plans with the upper bound; never evicts."""
+
+    name = "amax"
+    evicts = False
+
+    def waiting_key(self, job: Job) -> tuple[int, ...]:
+        return (job.upper, job.seq, job.prompt_len)
+
+    def planned_output(self, job: Job) -> int:
+        return max(job.upper, job.produced + 1)
+
+
+class AMin(Policy):
+    """Optimistic (Chen, Ye, Zhou 2025): plans with a pseudo lower bound that rises as tokens are produced, and on
+    real overflow evicts the jobs with the least progress first.
+
+    growth: how the bound rises when reached without finishing: "increment" (to tokens so far + 1) or "double".
+    """
+
+    name = "amin"
+
+    def __init__(self, growth: str = "increment") -> None:
+        if growth not in ("increment", "double"):
+            raise ValueError(f"growth must be increment or double, got {growth!r}")
+        self.growth = growth
+
+    def waiting_key(self, job: Job) -> tuple[int, ...]:
+        return (job.bound, job.seq, job.prompt_len)
+
+    def planned_output(self, job: Job) -> int:
+        return max(job.bound, job.produced + 1)
+
+    def on_bound_reached(self, job: Job) -> None:
+        job.bound = job.produced + 1 if self.growth == "increment" else max(job.produced + 1, 2 * job.bound)
+
+    def on_evicted(self, job: Job) -> None:
+        job.bound = max(job.bound, job.produced)
 
 
 class FCFS(Policy):
-    """Arrival order; admits while the request's current tokens fit (no look-ahead); preempts the newest."""
+    """vLLM-like: arrival order; admits while the next step fits (no look-ahead); preempts the newest admission."""
 
     name = "fcfs"
 
-    def order_waiting(self, waiting: Sequence[Request]) -> list[Request]:
-        return sorted(waiting, key=lambda r: r.seq)
+    def waiting_key(self, job: Job) -> tuple[int, ...]:
+        return (job.seq,)
 
-    def admissible(self, candidate: Request, running: Sequence[Request], free_blocks: int, block_size: int) -> bool:
-        need = -(-(candidate.num_tokens + 1) // block_size) - len(candidate.block_table)
-        return need <= free_blocks
+    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, slack: int = 0) -> bool:
+        held = sum(j.prompt_len + j.produced + 1 + slack for j in (*running, candidate))
+        return held <= capacity
 
-    def victim(self, running: Sequence[Request]) -> Request:
-        return max(running, key=lambda r: r.admitted_seq)
-
-
-POLICIES: dict[str, type[Policy]] = {"fcfs": FCFS}
+    def victim(self, running: Sequence[J]) -> J:
+        return max(running, key=lambda j: j.admitted_seq)
 
 
-def make_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(sorted(POLICIES))})") from None
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (HindsightShortestFirst, AMax, AMin, FCFS)}
+
+
+def make_policy(name: str, **params: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(sorted(POLICIES))})")
+    return POLICIES[name](**params)

@@ -50,6 +50,11 @@ class Scheduler:
         request.status = Status.WAITING
         self.waiting.append(request)
 
+    def on_token(self, request: Request) -> None:
+        """After a running request produced a token and did not finish: A_min's bound may rise."""
+        if request.produced >= request.bound:
+            self.policy.on_bound_reached(request)
+
     def remove(self, request: Request) -> None:
         """Takes a request out (finished or aborted) and frees its blocks."""
         if request in self.running:
@@ -77,6 +82,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
+        self.policy.on_evicted(request)
         request.status = Status.WAITING
         request.evictions += 1
         self.evictions_total += 1
@@ -106,10 +112,12 @@ class Scheduler:
 
         # Admissions, in the policy's order, only when nothing had to be preempted this step.
         if not preempted:
-            for req in self.policy.order_waiting(self.waiting):
+            capacity = self.allocator.num_blocks * self.allocator.block_size
+            slack = self.allocator.block_size - 1  # a job's last block may be partly empty
+            for req in sorted(self.waiting, key=self.policy.waiting_key):
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
-                if not self.policy.admissible(req, self.running, self.allocator.num_free, self.allocator.block_size):
+                if not self.policy.admit(self.running, req, capacity, slack):
                     break
                 num_new = min(req.num_tokens - req.num_computed, budget)
                 if not self._grow(req, req.num_computed + num_new):
