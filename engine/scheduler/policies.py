@@ -16,7 +16,7 @@ Policies are stateless apart from their parameters; per-job state (the bound) li
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 
@@ -44,12 +44,15 @@ class Job(Protocol):
 J = TypeVar("J", bound=Job)
 
 
-def peak_fits(members: Sequence[tuple[int, int]], capacity: int, slack: int = 0) -> bool:
+Cost = Callable[[int], int]  # tokens held -> memory units (KV blocks in the engine); None means tokens
+
+
+def peak_fits(members: Sequence[tuple[int, int]], capacity: int, cost: Cost | None = None) -> bool:
     """Whether a set fits over its whole planned future.
 
     members: (tokens held now, steps still to run) per job; a job holding h with r steps left holds h + t tokens at
     step t <= r and nothing after. Memory peaks at some member's last step r_k, where every job with r_j >= r_k
-    holds h_j + r_k (+ `slack`, a per-job allowance for block rounding). O(n log n).
+    holds h_j + r_k. In tokens this is O(n log n); with a `cost` (block rounding) each end step is summed anew.
     """
     ordered = sorted(members, key=lambda m: m[1], reverse=True)
     held = count = 0
@@ -57,10 +60,13 @@ def peak_fits(members: Sequence[tuple[int, int]], capacity: int, slack: int = 0)
     while i < len(ordered):
         r = ordered[i][1]
         while i < len(ordered) and ordered[i][1] == r:  # all jobs ending at r are still there at r
-            held += ordered[i][0] + slack
+            held += ordered[i][0]
             count += 1
             i += 1
-        if held + count * r > capacity:
+        if cost is None:
+            if held + count * r > capacity:
+                return False
+        elif sum(cost(h + r) for h, _ in ordered[:count]) > capacity:
             return False
     return True
 
@@ -76,13 +82,13 @@ class Policy(ABC):
         """The total output length the admission test assumes for `job`."""
         raise NotImplementedError
 
-    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, slack: int = 0) -> bool:
+    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, cost: Cost | None = None) -> bool:
         if not running:  # alone, a job runs whatever its plan says: a bound past capacity must not starve it
-            return candidate.prompt_len + candidate.produced + 1 + slack <= capacity
+            return _cost(cost, candidate.prompt_len + candidate.produced + 1) <= capacity
         members = [
             (j.prompt_len + j.produced, max(1, self.planned_output(j) - j.produced)) for j in (*running, candidate)
         ]
-        return peak_fits(members, capacity, slack)
+        return peak_fits(members, capacity, cost)
 
     def victim(self, running: Sequence[J]) -> J:
         """The job to evict on overflow: least progress first, the latest arrival among equals."""
@@ -162,12 +168,15 @@ class FCFS(Policy):
     def waiting_key(self, job: Job) -> tuple[int, ...]:
         return (job.seq,)
 
-    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, slack: int = 0) -> bool:
-        held = sum(j.prompt_len + j.produced + 1 + slack for j in (*running, candidate))
-        return held <= capacity
+    def admit(self, running: Sequence[Job], candidate: Job, capacity: int, cost: Cost | None = None) -> bool:
+        return sum(_cost(cost, j.prompt_len + j.produced + 1) for j in (*running, candidate)) <= capacity
 
     def victim(self, running: Sequence[J]) -> J:
         return max(running, key=lambda j: j.admitted_seq)
+
+
+def _cost(cost: Cost | None, tokens: int) -> int:
+    return tokens if cost is None else cost(tokens)
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (HindsightShortestFirst, AMax, AMin, FCFS)}

@@ -112,12 +112,11 @@ class Scheduler:
 
         # Admissions, in the policy's order, only when nothing had to be preempted this step.
         if not preempted:
-            capacity = self.allocator.num_blocks * self.allocator.block_size
-            slack = self.allocator.block_size - 1  # a job's last block may be partly empty
+            capacity = self.allocator.num_blocks
             for req in sorted(self.waiting, key=self.policy.waiting_key):
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
-                if not self.policy.admit(self.running, req, capacity, slack):
+                if not self.policy.admit(self.running, req, capacity, self.allocator.blocks_for):
                     break
                 num_new = min(req.num_tokens - req.num_computed, budget)
                 if not self._grow(req, req.num_computed + num_new):

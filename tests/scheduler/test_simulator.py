@@ -22,8 +22,9 @@ def test_peak_fits_checks_every_members_end() -> None:
     # (held, steps left): at step 2 both hold 10+2 and 5+2 = 19; at step 5 only the second: 5+5 = 10.
     assert peak_fits([(10, 2), (5, 5)], 19)
     assert not peak_fits([(10, 2), (5, 5)], 18)
-    assert peak_fits([(10, 2), (5, 5)], 19, slack=0)
-    assert not peak_fits([(10, 2), (5, 5)], 20, slack=1)  # 2 jobs x 1 slack
+    blocks = lambda tokens: -(-tokens // 4)  # noqa: E731 (blocks of 4 tokens)
+    assert peak_fits([(10, 2), (5, 5)], 6, blocks)  # step 2: 3 + 2 blocks; step 5: 3 blocks
+    assert not peak_fits([(10, 2), (5, 5)], 4, blocks)
 
 
 def test_hindsight_runs_shortest_first_and_never_evicts() -> None:
