@@ -331,3 +331,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--baselines", default="transformers,llamacpp", help="comma list; empty for none")
     serve.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))
     serve.set_defaults(func=cmd_bench_serve)
+
+    from .scheduling import add_parser as add_schedule
+
+    add_schedule(kinds)
