@@ -100,6 +100,9 @@ class Policy(ABC):
     def on_evicted(self, job: Job) -> None:  # noqa: B027
         """Called after `job` is evicted (with its produced count as it was before eviction)."""
 
+    def on_finished(self, job: Job) -> None:  # noqa: B027
+        """Called when a job finished with `produced` tokens: its true length, for policies that learn."""
+
 
 class HindsightShortestFirst(Policy):
     """H-SF: knows the true output lengths; shortest first; never evicts. The yardstick."""

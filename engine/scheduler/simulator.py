@@ -137,6 +137,7 @@ def simulate(
             j.produced += 1
             if j.produced >= j.true_len:
                 j.finished_at = t
+                policy.on_finished(j)
             else:
                 if j.produced >= j.bound:
                     policy.on_bound_reached(j)

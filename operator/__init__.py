@@ -1,1 +1,0 @@
-"""Optimist Kubernetes operator (kopf handlers and pure manifest builders)."""
