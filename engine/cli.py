@@ -44,7 +44,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     p.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting)
     p.add_argument(
-        "--scheduler", default=EngineConfig.scheduler, choices=["amin", "amax", "fcfs"], help="scheduling policy"
+        "--scheduler",
+        default=EngineConfig.scheduler,
+        choices=["amin", "amin-learned", "amax", "fcfs"],
+        help="scheduling policy",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
 
@@ -143,7 +146,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .scheduler.simulator import simulate
     from .scheduler.workload import read_workload
 
-    params = {"growth": args.growth} if args.policy == "amin" else {}
+    params = {"growth": args.growth} if args.policy in ("amin", "amin-learned") else {}
     result = simulate(
         read_workload(args.workload),
         make_policy(args.policy, **params),
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the scheduling simulator on a JSON Lines workload")
     sim.add_argument("--workload", type=Path, required=True, help="JSON Lines, one request per line")
-    sim.add_argument("--policy", required=True, choices=["hsf", "amax", "amin", "fcfs"])
+    sim.add_argument("--policy", required=True, choices=["hsf", "amax", "amin", "amin-learned", "fcfs"])
     sim.add_argument("--memory", type=int, required=True, help="KV capacity in tokens")
     sim.add_argument("--evict-cost", default="lost", choices=["lost", "recompute"])
     sim.add_argument("--prefill-tokens-per-step", type=float, default=0, help="prefill speed; 0 = free (default)")

@@ -326,7 +326,7 @@ class Engine:
         if entry is None:
             return
         _, sink, state = entry
-        self.scheduler.remove(req)
+        self.scheduler.remove(req, completed=reason is not FinishReason.ABORTED)
         now = time.monotonic()
         self.stats.finished[reason.value] += 1
         self.stats.e2e.observe(now - req.arrival)

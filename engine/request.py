@@ -143,6 +143,10 @@ class Request:
         return None
 
     @property
+    def informed(self) -> bool:
+        return self.lower_hint is not None or self.upper_hint is not None
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

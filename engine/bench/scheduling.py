@@ -171,7 +171,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--memory", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 16384, 32768])
     p.add_argument("--intervals", type=lambda s: s.split(","), default=INTERVALS)
-    p.add_argument("--policies", type=lambda s: s.split(","), default=["hsf", "amax", "amin", "fcfs"])
+    p.add_argument("--policies", type=lambda s: s.split(","), default=["hsf", "amax", "amin", "amin-learned", "fcfs"])
     p.add_argument("--evict-cost", type=lambda s: s.split(","), default=["lost", "recompute"])
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scheduling.json"))

@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 
 class Job(Protocol):
     seq: int  # arrival order
@@ -39,6 +41,9 @@ class Job(Protocol):
 
     @property
     def true_output(self) -> int | None: ...  # known only to the hindsight policy's driver
+
+    @property
+    def informed(self) -> bool: ...  # whether [lower, upper] carries per-request information (a client hint)
 
 
 J = TypeVar("J", bound=Job)
@@ -74,6 +79,7 @@ def peak_fits(members: Sequence[tuple[int, int]], capacity: int, cost: Cost | No
 class Policy(ABC):
     name: str
     evicts = True  # whether overflow can happen (policies with an exact admission test never overflow)
+    eviction_loses_progress = False  # set by the driver: True in the simulator's "lost" model
 
     @abstractmethod
     def waiting_key(self, job: Job) -> tuple[int, ...]: ...
@@ -163,6 +169,75 @@ class AMin(Policy):
         job.bound = max(job.bound, job.produced)
 
 
+class LengthDistribution:
+    """Kaplan-Meier estimate of the output-length distribution, learned online with no per-request information:
+    finished jobs are observed lengths, running jobs right-censored ones (their length exceeds what they produced
+    so far), so early completions, which are the short ones, do not bias it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.finished = np.zeros(cap + 2)
+
+    def observe(self, length: int) -> None:
+        self.finished[min(length, self.cap)] += 1
+
+    def survival(self, censored: Sequence[int]) -> np.ndarray:
+        """S[x] = P(length > x) for x in 0..cap+1, given lengths known to exceed each value in `censored`.
+
+        A job that produced c tokens and runs on has length >= c + 1: it is at risk of ending at every x <= c + 1.
+        """
+        known = np.minimum(np.asarray(censored, dtype=np.int64) + 1, self.cap + 1)
+        cens = np.bincount(known, minlength=self.cap + 2)
+        at_risk = np.cumsum((self.finished + cens)[::-1])[::-1]
+        hazard = np.divide(self.finished, at_risk, out=np.zeros_like(self.finished), where=at_risk > 0)
+        return np.asarray(np.cumprod(1.0 - hazard))
+
+
+class AMinLearned(AMin):
+    """Ours: A_min, plus an eviction rule for requests that carry no length information.
+
+    With naive intervals every request looks the same to A_min, which then evicts the least progress and lands
+    near FCFS. Output lengths are heavy-tailed: the longer a request has run, the longer it is expected to go on
+    (a decreasing hazard rate). So among uninformed requests this policy evicts the one with the largest expected
+    remaining length, estimated from the lengths seen so far (`LengthDistribution`), less `penalty` per token the
+    eviction would throw away when eviction loses progress. While most running requests carry a hint (an
+    informative interval), it evicts exactly as A_min does, so its results there are A_min's.
+    """
+
+    name = "amin-learned"
+
+    def __init__(self, growth: str = "increment", cap: int = 8192, penalty: float = 0.5) -> None:
+        super().__init__(growth)
+        self.lengths = LengthDistribution(cap)
+        self.penalty = penalty
+
+    def on_finished(self, job: Job) -> None:
+        self.lengths.observe(job.produced)
+
+    def victim(self, running: Sequence[J]) -> J:
+        informed = sum(1 for j in running if j.informed)
+        if informed * 2 > len(running) or not self.lengths.finished.any():
+            return super().victim(running)
+        cap = self.lengths.cap
+        surv = self.lengths.survival([j.produced for j in running])
+        prefix = np.concatenate([[0.0], np.cumsum(surv)])  # prefix[k] = sum of S[x] for x < k
+
+        def score(j: J) -> float:
+            a, u = j.produced, min(j.upper, cap)
+            lo = min(max(a, j.lower - 1), u)
+            mass = surv[lo] - surv[u]
+            # E[length - a | lo < length <= u] from the survival curve; uniform where it has no mass left.
+            if u <= lo:
+                remaining = 1.0
+            elif mass <= 1e-9:
+                remaining = (u - lo) / 2 + (lo - a)
+            else:
+                remaining = float(prefix[u] - prefix[lo] - (u - lo) * surv[u]) / mass + (lo - a)
+            return remaining - (self.penalty * a if self.eviction_loses_progress else 0.0)
+
+        return max(running, key=lambda j: (score(j), j.seq))
+
+
 class FCFS(Policy):
     """vLLM-like: arrival order; admits while the next step fits (no look-ahead); preempts the newest admission."""
 
@@ -182,10 +257,10 @@ def _cost(cost: Cost | None, tokens: int) -> int:
     return tokens if cost is None else cost(tokens)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (HindsightShortestFirst, AMax, AMin, FCFS)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (HindsightShortestFirst, AMax, AMin, AMinLearned, FCFS)}
 
 
-def make_policy(name: str, **params: str) -> Policy:
+def make_policy(name: str, **params: object) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(sorted(POLICIES))})")
     return POLICIES[name](**params)

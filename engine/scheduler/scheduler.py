@@ -55,8 +55,10 @@ class Scheduler:
         if request.produced >= request.bound:
             self.policy.on_bound_reached(request)
 
-    def remove(self, request: Request) -> None:
-        """Takes a request out (finished or aborted) and frees its blocks."""
+    def remove(self, request: Request, completed: bool = True) -> None:
+        """Takes a request out (finished, or aborted: not `completed`) and frees its blocks."""
+        if completed:
+            self.policy.on_finished(request)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

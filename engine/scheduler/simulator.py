@@ -36,6 +36,7 @@ class SimJob:
     evictions: int = 0
     wasted_tokens: int = 0  # KV tokens (prompt + produced) thrown away by evictions
     needs_prefill: bool = True
+    informed: bool = True
 
     @property
     def true_output(self) -> int:
@@ -81,8 +82,10 @@ def simulate(
     ]
     for j in jobs:
         j.bound = j.lower
+        j.informed = j.lower > 1 or j.upper < max_out  # naive intervals carry no per-request information
         if j.prompt_len + j.true_len > memory:
             raise SimulationError(f"request {j.id} needs {j.prompt_len + j.true_len} tokens; memory is {memory}")
+    policy.eviction_loses_progress = evict_cost == "lost"
     pending = list(reversed(jobs))  # pop() yields the next arrival
     waiting: list[SimJob] = []
     running: list[SimJob] = []

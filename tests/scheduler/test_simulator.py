@@ -170,3 +170,51 @@ def test_evictions_rise_as_intervals_widen() -> None:
     ]
     assert counts[0] == 0
     assert all(a < b for a, b in itertools.pairwise(counts)), counts
+
+
+def test_length_distribution_counts_running_jobs_as_censored() -> None:
+    from optimist.engine.scheduler.policies import LengthDistribution
+
+    dist = LengthDistribution(cap=10)
+    for length in (2, 2, 4):
+        dist.observe(length)
+    assert dist.survival([])[[1, 2, 3, 4]].tolist() == pytest.approx([1, 1 / 3, 1 / 3, 0])
+    # Two jobs still running after 3 tokens: of the 5 at risk at 2, two stop there; of the 3 left at 4, one stops.
+    s = dist.survival([3, 3])
+    assert s[[2, 4]].tolist() == pytest.approx([3 / 5, 3 / 5 * 2 / 3])
+
+
+def test_amin_learned_evicts_the_uninformed_job_expected_to_run_longest() -> None:
+    from optimist.engine.scheduler.policies import AMinLearned
+    from optimist.engine.scheduler.simulator import SimJob
+
+    policy = AMinLearned(cap=1000)
+    for length in (2, 2, 2, 2, 50, 50):  # most requests are short, a few go on to 50
+        policy.lengths.observe(length)
+    young = SimJob("young", 0, 5, 50, 1, 1000, seq=1, produced=1, informed=False)
+    old = SimJob("old", 0, 5, 50, 1, 1000, seq=0, produced=10, informed=False)
+    # Having passed 2 tokens, "old" is expected to need ~40 more; "young" still likely stops at 2.
+    assert policy.victim([young, old]) is old
+    assert AMin().victim([young, old]) is young  # A_min spares the progress
+    policy.eviction_loses_progress = True
+    assert policy.victim([young, old]) is old  # 40 - 0.5 * 10 still beats ~16
+    young.informed = old.informed = True
+    assert policy.victim([young, old]) is young  # with hints it is A_min
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=jobs, extra=st.integers(0, 60), width=st.sampled_from([0.0, 0.3]), cost=st.sampled_from(["lost", "recompute"])
+)
+def test_amin_learned_is_amin_when_requests_carry_intervals(spec, extra, width, cost) -> None:
+    from optimist.engine.scheduler.policies import AMinLearned
+
+    work = [
+        WorkloadRequest(r.id, r.arrival, r.prompt_tokens, r.output_tokens, r.lower + 1, r.upper + 1)
+        for r in build(spec, width)
+    ]  # lower > 1: every request is informed
+    work = [WorkloadRequest(r.id, r.arrival, r.prompt_tokens, r.output_tokens + 1, r.lower, r.upper) for r in work]
+    memory = max(r.prompt_tokens + r.output_tokens for r in work) + extra
+    a = simulate(work, AMin(), memory, evict_cost=cost)
+    b = simulate(work, AMinLearned(cap=100), memory, evict_cost=cost)
+    assert (a.latencies, a.evictions) == (b.latencies, b.evictions)
