@@ -76,7 +76,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # most requests in the running batch
     max_num_batched_tokens: int = 2048  # most tokens in one forward pass (prefill chunks + decodes)
     max_waiting: int = 4096  # waiting-queue bound; beyond it requests get RESOURCE_EXHAUSTED
-    scheduler: str = "fcfs"
+    scheduler: str = "amin"  # amin | amin-learned | amax | fcfs (scheduler/policies.py)
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -88,6 +88,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.kv_cache_tokens < self.kv_block_size:
             raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one block")
+        if self.scheduler not in ("amin", "amin-learned", "amax", "fcfs"):
+            raise ConfigError(f"scheduler must be amin, amin-learned, amax or fcfs, got {self.scheduler!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.weights not in ("float", "int4"):

@@ -27,6 +27,7 @@ from .request import FinishReason, InvalidRequest, Request, SamplingParams, Stat
 from .runner import ModelRunner
 from .sampler import sample
 from .scheduler.policies import make_policy
+from .scheduler.predictor import LowerBoundPredictor
 from .scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Engine:
         self.scheduler = Scheduler(
             make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
         )
+        self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Request, Sink]] = []
@@ -154,7 +156,6 @@ class Engine:
             lower_hint=lower_hint,
             upper_hint=upper_hint,
         )
-        req.bound = min(req.lower, params.max_tokens)
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
@@ -186,7 +187,7 @@ class Engine:
             bs = self.config.kv_block_size
             demand = 0
             for req in itertools.chain(self.scheduler.running, self.scheduler.waiting, (r for r, _ in self._inbox)):
-                planned = max(req.lower_hint or 1, len(req.output_ids) + 1)
+                planned = max(req.bound, len(req.output_ids) + 1)
                 demand += -(-(len(req.prompt_ids) + planned) // bs)
             return LoadSnapshot(
                 waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -259,6 +260,7 @@ class Engine:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
                 for req, sink in inbox:
+                    req.bound = self.predictor.predict(len(req.prompt_ids), req.params.max_tokens, req.lower_hint)
                     self._requests[req.id] = (req, sink, OutputState(req, self.tokenizer))
                     self.scheduler.add(req)
                 for rid in aborts:
@@ -326,7 +328,10 @@ class Engine:
         if entry is None:
             return
         _, sink, state = entry
-        self.scheduler.remove(req, completed=reason is not FinishReason.ABORTED)
+        completed = reason is not FinishReason.ABORTED
+        self.scheduler.remove(req, completed=completed)
+        if completed:
+            self.predictor.observe(len(req.prompt_ids), len(req.output_ids))
         now = time.monotonic()
         self.stats.finished[reason.value] += 1
         self.stats.e2e.observe(now - req.arrival)

@@ -218,3 +218,16 @@ def test_amin_learned_is_amin_when_requests_carry_intervals(spec, extra, width, 
     a = simulate(work, AMin(), memory, evict_cost=cost)
     b = simulate(work, AMinLearned(cap=100), memory, evict_cost=cost)
     assert (a.latencies, a.evictions) == (b.latencies, b.evictions)
+
+
+def test_lower_bound_predictor_prefers_the_hint_then_a_low_quantile_per_prompt_bucket() -> None:
+    from optimist.engine.scheduler.predictor import LowerBoundPredictor
+
+    p = LowerBoundPredictor(quantile=0.1, min_samples=10)
+    assert p.predict(100, max_tokens=500) == 1  # nothing learned yet
+    for length in range(1, 101):  # prompts of 65-128 tokens produced 1..100 tokens
+        p.observe(100, length)
+    assert p.predict(90, max_tokens=500) == 11  # the 10th percentile of 1..100, same bucket
+    assert p.predict(90, max_tokens=5) == 5  # never above max_tokens
+    assert p.predict(10, max_tokens=500) == 1  # another bucket: still unknown
+    assert p.predict(90, max_tokens=500, hint=42) == 42  # a client hint wins
