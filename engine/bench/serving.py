@@ -335,3 +335,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .scheduling import add_parser as add_schedule
 
     add_schedule(kinds)
+
+    from .policies import add_parser as add_policies
+
+    add_policies(kinds)
