@@ -138,6 +138,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         server.wait(timeout=60)
 
 
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from .sidecar import SidecarConfig, run_sidecar
+
+    if args.interval_ms < 50:
+        raise ConfigError(f"--interval-ms must be at least 50, got {args.interval_ms}")
+    config = SidecarConfig(
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        interval_ms=args.interval_ms,
+        pool=args.pool,
+        vllm_compat=not args.no_vllm_metrics,
+    )
+    print(
+        f"optimist sidecar: /metrics on {args.host}:{args.port}, following {args.engine}", file=sys.stderr, flush=True
+    )
+    asyncio.run(run_sidecar(config))
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
     import math
@@ -190,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
     demo.set_defaults(func=cmd_demo)
+
+    side = sub.add_parser("sidecar", help="serve Prometheus metrics about a running engine")
+    side.add_argument("--engine", default="127.0.0.1:50051", help="the engine's gRPC address")
+    side.add_argument("--host", default="0.0.0.0")
+    side.add_argument("--port", type=int, default=9090)
+    side.add_argument("--interval-ms", type=int, default=1000, help="how often the engine sends its load")
+    side.add_argument("--pool", default="", help="value of the pool label (the InferencePool's name)")
+    side.add_argument("--no-vllm-metrics", action="store_true", help="omit the vllm:* compatibility series")
+    side.set_defaults(func=cmd_sidecar)
 
     sim = sub.add_parser("simulate", help="run the scheduling simulator on a JSON Lines workload")
     sim.add_argument("--workload", type=Path, required=True, help="JSON Lines, one request per line")

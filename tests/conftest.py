@@ -65,11 +65,11 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ServerThread:
     """A real optimist gRPC server in its own thread and event loop, on 127.0.0.1 with a free port."""
 
-    def __init__(self, config: EngineConfig, engine_factory: Callable[[], Engine] | None = None) -> None:
+    def __init__(self, config: EngineConfig, engine_factory: Callable[[], Engine] | None = None, port: int = 0) -> None:
         from optimist.engine.server import Server
 
         self.loop = asyncio.new_event_loop()
-        self.server = Server(config, "127.0.0.1", 0, grace_s=5.0, engine_factory=engine_factory)
+        self.server = Server(config, "127.0.0.1", port, grace_s=5.0, engine_factory=engine_factory)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.call(self.server.start())

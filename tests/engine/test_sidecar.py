@@ -1,0 +1,196 @@
+"""The metrics sidecar as a real process: exposition checked by promtool, scraped by a real Prometheus server,
+and surviving an engine restart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from optimist.engine.api import engine_pb2 as pb
+from optimist.engine.api import engine_pb2_grpc as pb_grpc
+from optimist.engine.config import EngineConfig
+
+from ..conftest import ServerThread
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def samples(text: str) -> dict[str, float]:
+    """name{labels} -> value, labels reduced to the finished reason where present."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + (f"[{s.labels['finished_reason']}]" if "finished_reason" in s.labels else "")
+            if "le" not in s.labels:
+                out[key] = s.value
+    return out
+
+
+def start_sidecar(engine_address: str, port: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "optimist.engine.cli", "sidecar", "--engine", engine_address]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--interval-ms", "100", "--pool", "test-pool"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, what="sidecar /healthz")
+    return proc
+
+
+def generate(address: str, n: int, max_tokens: int) -> None:
+    def one(i: int) -> None:
+        with grpc.insecure_channel(address) as channel:
+            req = pb.GenerateRequest(
+                text=f"the {i}", sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            )
+            for _ in pb_grpc.EngineStub(channel).Generate(req):
+                pass
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+
+
+@pytest.fixture()
+def tiny_server(tiny_gguf: Path) -> Iterator[ServerThread]:
+    """A fresh engine (counters at zero) with a KV cache that holds one 60-token request at a time."""
+    srv = ServerThread(EngineConfig(model=tiny_gguf, kv_cache_tokens=96, max_num_seqs=8))
+    srv.call(srv.server.load())
+    yield srv
+    srv.stop()
+
+
+def test_metrics_health_and_promtool(tiny_server: ServerThread) -> None:
+    port = free_port()
+    sidecar = start_sidecar(tiny_server.address, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(base + "/readyz")[0] == 200, what="ready")
+        generate(tiny_server.address, 3, 5)
+        text = wait_for(
+            lambda: (
+                (t := http_get(base + "/metrics")[1]) and samples(t).get("optimist_generation_tokens_total") == 15 and t
+            ),
+            what="15 generated tokens in /metrics",
+        )
+        values = samples(text)
+        assert values["optimist_requests_finished_total[length]"] == 3
+        assert values["optimist_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
+        assert values["vllm:kv_cache_usage_perc"] == 0 and values["optimist_kv_blocks_capacity"] == 6
+        assert values["optimist_time_to_first_token_seconds_count"] == 3
+        assert 'model_name="tiny-llama"' in text and 'pool="test-pool"' in text
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            pytest.skip("promtool is not installed (apt-get install prometheus)")
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+        # promtool flags the vllm:* names (colons are for recording rules); they exist only for compatibility.
+        problems = [line for line in (check.stdout + check.stderr).splitlines() if line and "vllm:" not in line]
+        assert problems == [], problems
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=10)
+
+
+def test_real_prometheus_scrapes_counters_and_the_queue_rising_and_draining(tiny_server: ServerThread) -> None:
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    port, prom_port = free_port(), free_port()
+    sidecar = start_sidecar(tiny_server.address, port)
+    workdir = Path(tempfile.mkdtemp(prefix="optimist-prom-"))
+    (workdir / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 200ms\n"
+        "scrape_configs:\n  - job_name: sidecar\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+    )
+    prom = subprocess.Popen(
+        [prometheus, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{prom_port}"
+
+    def query(promql: str) -> float | None:
+        status, body = http_get(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        if status != 200:
+            return None
+        result = json.loads(body)["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        wait_for(lambda: http_get(api + "/-/ready")[0] == 200, timeout=60, what="prometheus ready")
+        wait_for(lambda: query("optimist_engine_up") == 1.0, timeout=30, what="first scrape")
+        n, tokens = 24, 60
+        generate(tiny_server.address, n, tokens)  # one fits the cache at a time: the rest wait
+        wait_for(lambda: query("optimist_generation_tokens_total") == n * tokens, what="generated tokens counter")
+        assert query('optimist_requests_finished_total{finished_reason="length"}') == n
+        assert (query("max_over_time(optimist_requests_waiting[5m])") or 0) >= 5
+        assert (query("max_over_time(vllm:num_requests_waiting[5m])") or 0) >= 5
+        wait_for(lambda: query("optimist_requests_waiting") == 0, what="queue drained")
+        assert query("optimist_requests_running") == 0
+    finally:
+        prom.terminate()
+        sidecar.terminate()
+        prom.wait(timeout=20)
+        sidecar.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_sidecar_follows_an_engine_restart_without_restarting(tiny_gguf: Path) -> None:
+    engine_port, port = free_port(), free_port()
+    config = EngineConfig(model=tiny_gguf, kv_cache_tokens=512)
+    first = ServerThread(config, port=engine_port)
+    first.call(first.server.load())
+    sidecar = start_sidecar(f"127.0.0.1:{engine_port}", port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_get(base + "/readyz")[0] == 200, what="ready")
+        first.stop()
+        wait_for(lambda: http_get(base + "/readyz")[0] == 503, what="not ready after the engine stopped")
+        assert samples(http_get(base + "/metrics")[1])["optimist_engine_up"] == 0
+        second = ServerThread(config, port=engine_port)
+        second.call(second.server.load())
+        try:
+            wait_for(lambda: http_get(base + "/readyz")[0] == 200, what="ready again")
+            assert sidecar.poll() is None, "the sidecar must not have exited"
+            assert samples(http_get(base + "/metrics")[1])["optimist_engine_up"] == 1
+        finally:
+            second.stop()
+    finally:
+        sidecar.terminate()
+        sidecar.wait(timeout=10)
