@@ -339,3 +339,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .policies import add_parser as add_policies
 
     add_policies(kinds)
+
+    from .sidecar import add_parser as add_sidecar
+
+    add_sidecar(kinds)
