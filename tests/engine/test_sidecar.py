@@ -163,12 +163,44 @@ def test_real_prometheus_scrapes_counters_and_the_queue_rising_and_draining(tiny
         assert (query("max_over_time(vllm:num_requests_waiting[5m])") or 0) >= 5
         wait_for(lambda: query("optimist_requests_waiting") == 0, what="queue drained")
         assert query("optimist_requests_running") == 0
+        for promql in recipe_queries():
+            assert query(promql.replace("my-pool", "test-pool")) is not None, promql
     finally:
         prom.terminate()
         sidecar.terminate()
         prom.wait(timeout=20)
         sidecar.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "deploy" / "autoscaling"
+
+
+def recipe_queries() -> list[str]:
+    """The PromQL of the autoscaling recipes, as KEDA and prometheus-adapter would send it for pool my-pool."""
+    import yaml
+
+    keda = yaml.safe_load((RECIPES / "keda-scaledobject.yaml").read_text())
+    queries = [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
+    for rule in yaml.safe_load((RECIPES / "prometheus-adapter-rules.yaml").read_text())["rules"]:
+        series = rule["seriesQuery"].split("{", 1)[0]
+        queries.append(
+            rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", 'pool="my-pool"')
+        )
+    return queries
+
+
+def test_autoscaling_recipes_target_the_pool_scale_subresource_with_adapter_metrics() -> None:
+    import yaml
+
+    hpa = yaml.safe_load((RECIPES / "hpa.yaml").read_text())
+    keda = yaml.safe_load((RECIPES / "keda-scaledobject.yaml").read_text())
+    target = {"apiVersion": "optimist.dev/v1alpha1", "kind": "InferencePool", "name": "my-pool"}
+    assert hpa["spec"]["scaleTargetRef"] == target and keda["spec"]["scaleTargetRef"] == target
+    adapter = yaml.safe_load((RECIPES / "prometheus-adapter-rules.yaml").read_text())["rules"]
+    exposed = {rule["name"]["as"] for rule in adapter}
+    assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} <= exposed
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
 
 
 def test_sidecar_follows_an_engine_restart_without_restarting(tiny_gguf: Path) -> None:
