@@ -10,7 +10,6 @@ per engine step next to the step's total; then the scheduler alone with hundreds
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .report import markdown_table, write_report
 from .serving import percentile, prompt_set
 
 
@@ -128,23 +128,18 @@ def cmd_bench_policies(args: argparse.Namespace) -> int:
         for p in args.policies
         for w in (100, 500, 2000)
     ]
-    head = "| hints | policy | mean latency s | p99 latency s | evictions | steps | scheduler ms/step | step ms |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['hints']} | {r['policy']} | {r['mean_latency_s']} | {r['p99_latency_s']} | {r['evictions']} | "
-            f"{r['steps']} | {r['scheduler_ms_per_step']} | {r['step_ms']} |"
-        )
-    lines += ["", "| policy | waiting | running | µs per schedule() |", "|---|---|---|---|"]
-    lines += [f"| {a['policy']} | {a['waiting']} | {a['running']} | {a['us_per_schedule']} |" for a in alone]
-    table = "\n".join(lines)
+    keys = ["hints", "policy", "mean_latency_s", "p99_latency_s", "evictions", "steps", "scheduler_ms_per_step",
+            "step_ms"]  # fmt: skip
+    headers = ["hints", "policy", "mean latency s", "p99 latency s", "evictions", "steps", "scheduler ms/step",
+               "step ms"]  # fmt: skip
+    table = markdown_table(headers, [[r[k] for k in keys] for r in rows])
+    table += "\n\n" + markdown_table(
+        ["policy", "waiting", "running", "µs per schedule()"],
+        [[a["policy"], a["waiting"], a["running"], a["us_per_schedule"]] for a in alone],
+    )
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"benchmark": "policies", "kv_cache_tokens": args.kv_cache_tokens, "rows": rows, "scheduler": alone}
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
-        print(f"bench: wrote {args.out}", file=sys.stderr)
+    report = {"benchmark": "policies", "kv_cache_tokens": args.kv_cache_tokens, "rows": rows, "scheduler": alone}
+    write_report(args.out, report, table)
     return 0
 
 

@@ -9,7 +9,6 @@ tokens, for both eviction models. Prints a table, writes JSON, and plots the rat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 from ..scheduler.policies import make_policy
 from ..scheduler.simulator import simulate
 from ..scheduler.workload import paper_workload
+from .report import markdown_table, write_report
 
 INTERVALS = ["bins", "noise:0.1", "noise:0.3", "noise:0.5", "noise:0.7", "noise:0.9", "naive"]
 
@@ -72,26 +72,26 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
-    head = "| evict | M | intervals | " + " | ".join(f"{p} latency (xH-SF)" for p in policies) + " | "
-    head += " | ".join(f"{p} evictions / wasted" for p in policies if p not in ("hsf", "amax")) + " |"
-    lines = [head, "|" + "---|" * (3 + len(policies) + len([p for p in policies if p not in ("hsf", "amax")]))]
+    evicting = [p for p in policies if p not in ("hsf", "amax")]
+    headers = ["evict", "M", "intervals", *(f"{p} latency (xH-SF)" for p in policies)]
+    headers += [f"{p} evictions / wasted" for p in evicting]
     index = {(r["evict_cost"], r["memory"], r["intervals"], r["policy"]): r for r in rows}
+    order = {iv: i for i, iv in enumerate(INTERVALS)}
     keys = sorted(
-        {(r["evict_cost"], r["memory"], r["intervals"]) for r in rows},
-        key=lambda k: (k[0], k[1], INTERVALS.index(k[2]) if k[2] in INTERVALS else 99),
+        {(r["evict_cost"], r["memory"], r["intervals"]) for r in rows}, key=lambda k: (k[0], k[1], order.get(k[2], 99))
     )
+    table = []
     for cost, memory, intervals in keys:
-        cells = []
-        for p in policies:
-            r = index.get((cost, memory, intervals, p))
-            cells.append("-" if r is None else f"{r['mean_latency']:.0f} ({r['ratio_to_hsf']:.2f})")
-        for p in policies:
-            if p in ("hsf", "amax"):
-                continue
-            r = index.get((cost, memory, intervals, p))
-            cells.append("-" if r is None else f"{r['evictions']:.0f} / {r['wasted_tokens'] / 1000:.0f}K")
-        lines.append(f"| {cost} | {memory} | {intervals} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        found = [index.get((cost, memory, intervals, p)) for p in policies]
+        cells: list[object] = [cost, memory, intervals]
+        cells += ["-" if r is None else f"{r['mean_latency']:.0f} ({r['ratio_to_hsf']:.2f})" for r in found]
+        cells += [
+            "-" if r is None else f"{r['evictions']:.0f} / {r['wasted_tokens'] / 1000:.0f}K"
+            for p, r in zip(policies, found, strict=True)
+            if p in evicting
+        ]
+        table.append(cells)
+    return markdown_table(headers, table)
 
 
 def plot(rows: list[dict[str, Any]], policies: list[str], path: Path) -> bool:
@@ -155,11 +155,7 @@ def cmd_bench_schedule(args: argparse.Namespace) -> int:
         "rows": rows,
         "runs": runs,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
-        print(f"bench: wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    write_report(args.out, report, table)
     if args.plot and plot(rows, args.policies, args.plot):
         print(f"bench: wrote {args.plot}", file=sys.stderr)
     return 0

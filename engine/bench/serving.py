@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .report import markdown_table, write_report
 
 PLAIN = [
     "The history of the Roman Empire can be summarised as follows:",
@@ -213,15 +214,11 @@ def run_llama_cpp(model_path: Path, prompts: list[list[int]], max_tokens: int, t
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = "| system | concurrency | requests | tokens | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['system']} | {r['concurrency']} | {r['requests']} | {r['generated_tokens']} | "
-            f"{r['tokens_per_s']:.1f} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
-            f"{r['itl_p50_ms']} | {r['itl_p99_ms']} |"
-        )
-    return "\n".join(lines)
+    headers = ["system", "concurrency", "requests", "tokens", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+               "ITL p99 ms"]  # fmt: skip
+    keys = ["system", "concurrency", "requests", "generated_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p99_ms"]  # fmt: skip
+    return markdown_table(headers, [[f"{r[k]:.1f}" if k == "tokens_per_s" else r[k] for k in keys] for r in rows])
 
 
 def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -301,10 +298,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "results": summaries,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"bench: wrote {args.out}", file=sys.stderr)
+    write_report(args.out, report, table)
     ours = [r for r in rows if r.system.startswith("optimist")]
     for r in rows:
         if not r.system.startswith("optimist") and ours:

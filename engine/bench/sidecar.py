@@ -7,12 +7,12 @@ engine and prompts, so slow drifts of a shared machine hit both sides; reports t
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from .report import markdown_table, write_report
 from .serving import Result, _start_server, prompt_set, run_engine
 
 
@@ -52,30 +52,20 @@ def cmd_bench_sidecar(args: argparse.Namespace) -> int:
         proc.wait(timeout=60)
     mean = {m: sum(r.tokens_per_s for r in rs) / len(rs) for m, rs in runs.items()}
     ratio = mean["with"] / mean["without"]
-    table = "\n".join(
-        [
-            "| sidecar | runs | tok/s (each) | mean tok/s |",
-            "|---|---|---|---|",
-            *(
-                f"| {m} | {len(rs)} | {', '.join(f'{r.tokens_per_s:.1f}' for r in rs)} | {mean[m]:.1f} |"
-                for m, rs in runs.items()
-            ),
-            "",
-            f"throughput with the sidecar following every {args.interval_ms} ms: {100 * ratio:.1f}% of without",
-        ]
+    table = markdown_table(
+        ["sidecar", "runs", "tok/s (each)", "mean tok/s"],
+        [[m, len(rs), ", ".join(f"{r.tokens_per_s:.1f}" for r in rs), f"{mean[m]:.1f}"] for m, rs in runs.items()],
     )
+    table += f"\n\nthroughput with the sidecar following every {args.interval_ms} ms: {100 * ratio:.1f}% of without"
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "benchmark": "sidecar",
-            "interval_ms": args.interval_ms,
-            "concurrency": args.concurrency_level,
-            "ratio": round(ratio, 4),
-            "runs": {m: [r.summary() for r in rs] for m, rs in runs.items()},
-        }
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table + "\n")
+    report = {
+        "benchmark": "sidecar",
+        "interval_ms": args.interval_ms,
+        "concurrency": args.concurrency_level,
+        "ratio": round(ratio, 4),
+        "runs": {m: [r.summary() for r in rs] for m, rs in runs.items()},
+    }
+    write_report(args.out, report, table)
     return 0
 
 

@@ -1,0 +1,25 @@
+"""What every benchmark ends with: a Markdown table on stdout, and JSON (plus the table as .md) on disk."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: Path | None, report: dict[str, Any], table: str) -> None:
+    """Writes `report` as JSON to `path` and `table` beside it as .md (nothing when `path` is None)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(f"bench: wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
