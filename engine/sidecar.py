@@ -120,6 +120,13 @@ class LoadCollector(Collector):
         yield counter("optimist_prompt_tokens", "Prompt tokens admitted", load.prompt_tokens_total)
         yield counter("optimist_generation_tokens", "Tokens generated", load.generation_tokens_total)
         yield counter("optimist_engine_steps", "Engine steps run", load.steps_total)
+        yield counter(
+            "optimist_sparse_prefill_tokens",
+            "Prompt tokens prefilled with sparse attention",
+            load.sparse_prefill_tokens_total,
+        )
+        share = load.sparse_prefill_tokens_total / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
+        yield gauge("optimist_sparse_prefill_share", "Fraction of prompt tokens prefilled with sparse attention", share)
         finished = CounterMetricFamily(
             "optimist_requests_finished", "Finished requests by reason", labels=[*names, "finished_reason"]
         )

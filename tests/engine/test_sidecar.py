@@ -113,6 +113,7 @@ def test_metrics_health_and_promtool(tiny_server: ServerThread) -> None:
         assert values["optimist_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
         assert values["vllm:kv_cache_usage_perc"] == 0 and values["optimist_kv_blocks_capacity"] == 6
         assert values["optimist_time_to_first_token_seconds_count"] == 3
+        assert values["optimist_sparse_prefill_share"] == 0  # dense prefill only (short prompts)
         assert 'model_name="tiny-llama"' in text and 'pool="test-pool"' in text
         promtool = shutil.which("promtool")
         if promtool is None:
