@@ -100,7 +100,7 @@ class FinishReason(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: distinct requests are never equal, and list lookups compare pointers
 class Request:
     id: str
     prompt_ids: list[int]

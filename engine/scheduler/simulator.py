@@ -20,7 +20,7 @@ from .policies import Policy
 from .workload import WorkloadRequest
 
 
-@dataclass
+@dataclass(eq=False)  # identity: distinct requests are never equal, and list lookups compare pointers
 class SimJob:
     id: str
     arrival: int
