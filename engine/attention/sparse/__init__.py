@@ -1,0 +1,1 @@
+"""Sparse-attention prefill: plain-PyTorch references, estimators and index building (Triton kernels to come)."""
