@@ -58,3 +58,21 @@ def test_full_budget_reproduces_dense_attention() -> None:
     got = vertical_slash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pack_indices([ix], DEVICE)).cpu()
     dense = masked_attention(q, k, v, causal_mask(n))
     assert torch.allclose(got, dense, atol=1e-5)
+
+
+def test_the_same_kernel_serves_a_shape_and_block_sparse() -> None:
+    from optimist.engine.attention.sparse.estimate import estimate_block_sparse
+    from optimist.engine.attention.sparse.index import build_a_shape_index, build_block_sparse_index
+    from optimist.engine.attention.sparse.reference import a_shape_mask, block_sparse_mask
+
+    n, d = 320, 16
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, n, d, generator=g) for _ in range(3))
+    a_shape = build_a_shape_index(n, n_init=16, n_local=100)
+    assert torch.equal(a_shape.mask(n), a_shape_mask(n, 16, 100) | a_shape.mask(n))  # superset of the exact mask
+    kept = estimate_block_sparse(q[0], k[0], block=64, top=2)
+    blocks = build_block_sparse_index(n, kept)
+    assert torch.equal(blocks.mask(n), block_sparse_mask(n, kept, 64))
+    for index in (a_shape, blocks):
+        got = vertical_slash_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pack_indices([index], DEVICE)).cpu()
+        assert torch.allclose(got, masked_attention(q, k, v, index.mask(n)), atol=1e-4)

@@ -1,6 +1,7 @@
-"""Vertical-slash index: per 64-query block, the key ranges its kept diagonals cover and the kept columns left of
-them. Kernels (and the reference) attend to exactly these keys; the covered set is a superset of the exact
-vertical-or-slash mask (a diagonal contributes a whole 64-wide range to its block)."""
+"""Sparse index: per 64-query block, key ranges (causally masked) and kept columns left of them. Kernels (and the
+reference) attend to exactly these keys. Vertical-slash builds it from kept diagonals (each a 64-wide range for its
+block) and columns, a superset of the exact vertical-or-slash mask; A-shape and block-sparse are expressed in the
+same form, so one kernel serves all three patterns."""
 
 from __future__ import annotations
 
@@ -65,4 +66,30 @@ def build_vertical_slash_index(
         starts_out.append(starts)
         ends_out.append(ends)
         cols_out.append(left.unique())
+    return VerticalSlashIndex(block, starts_out, ends_out, cols_out)
+
+
+def build_a_shape_index(n: int, n_init: int, n_local: int, block: int = 64) -> VerticalSlashIndex:
+    """A-shape is vertical-slash with static choices: the first `n_init` columns and the nearest `n_local`
+    diagonals; one kernel serves both."""
+    return build_vertical_slash_index(n, torch.arange(min(n_init, n)), torch.arange(min(max(n_local, block), n)), block)
+
+
+def build_block_sparse_index(n: int, kept: list[torch.Tensor], block: int = 64) -> VerticalSlashIndex:
+    """Block-sparse as ranges: each kept key block of a query block is a `block`-wide key range (causally masked by
+    the kernel's range loop), merged where adjacent; no columns."""
+    starts_out, ends_out, cols_out = [], [], []
+    for blocks in kept:
+        merged_s: list[int] = []
+        merged_e: list[int] = []
+        for b in sorted(set(blocks.tolist())):
+            s, e = b * block, min(n, (b + 1) * block)
+            if merged_e and s <= merged_e[-1]:
+                merged_e[-1] = max(merged_e[-1], e)
+            else:
+                merged_s.append(s)
+                merged_e.append(e)
+        starts_out.append(torch.tensor(merged_s, dtype=torch.long))
+        ends_out.append(torch.tensor(merged_e, dtype=torch.long))
+        cols_out.append(torch.zeros(0, dtype=torch.long))
     return VerticalSlashIndex(block, starts_out, ends_out, cols_out)
