@@ -51,6 +51,16 @@ def pack_indices(indices: list[VerticalSlashIndex], device: torch.device) -> Pac
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):  # type: ignore[no-untyped-def]  # Triton tensors
+    """Folds one tile of scores `s` (masked entries -inf) and values `v` into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays all-zero
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out,
     range_count, range_start, range_end, column_count, columns,
@@ -86,13 +96,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
             s = tl.dot(q, tl.trans(k))
             visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     n_cols = tl.load(column_count + meta)
     for c in range(0, n_cols, BLOCK_N):
@@ -103,13 +107,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         v = tl.load(v_base + keys[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k))
         s = tl.where(col_ok[None, :], s, float("-inf"))  # columns lie left of the block: no causal mask
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
