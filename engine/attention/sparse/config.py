@@ -1,0 +1,65 @@
+"""Per-head sparse patterns in MInference's published JSON format, so published configs can be reused:
+a list with one object per layer mapping the head index (a string) to `[pattern, a, b, score]`, where pattern is
+"vertical_and_slash" (a = k_v columns, b = k_s diagonals), "stream_llm" or "a_shape" (a = n_init sink columns,
+b = n_local window) or "block_sparse" (a = key blocks kept per query block). Heads a file does not cover get the
+spec's default: vertical-slash with k_v = 1000, k_s = 6096."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+_KINDS = {"vertical_and_slash": "vertical_slash", "stream_llm": "a_shape", "a_shape": "a_shape",
+          "block_sparse": "block_sparse"}  # fmt: skip
+_NAMES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm", "block_sparse": "block_sparse"}
+
+
+class PatternConfigError(ValueError):
+    """The pattern file is malformed; the message names the layer and head."""
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    kind: str  # vertical_slash | a_shape | block_sparse
+    a: int
+    b: int
+    score: float = 0.0
+
+
+DEFAULT = HeadPattern("vertical_slash", 1000, 6096)
+
+
+def load_pattern_config(path: Path, num_layers: int, num_heads: int) -> list[list[HeadPattern]]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PatternConfigError(f"{path}: cannot read pattern config ({exc})") from exc
+    if not isinstance(raw, list):
+        raise PatternConfigError(f"{path}: expected a list with one object per layer")
+    if len(raw) > num_layers:
+        raise PatternConfigError(f"{path}: {len(raw)} layers, the model has {num_layers}")
+    out = [[DEFAULT] * num_heads for _ in range(num_layers)]
+    for layer, heads in enumerate(raw):
+        if not isinstance(heads, dict):
+            raise PatternConfigError(f"{path}: layer {layer}: expected an object mapping head index to a pattern")
+        for key, entry in heads.items():
+            where = f"{path}: layer {layer}, head {key}"
+            if not str(key).isdigit() or not 0 <= int(key) < num_heads:
+                raise PatternConfigError(f"{where}: head index outside 0..{num_heads - 1}")
+            if not isinstance(entry, list) or len(entry) < 3:
+                raise PatternConfigError(f"{where}: expected [pattern, a, b, score]")
+            kind = _KINDS.get(str(entry[0]))
+            if kind is None:
+                raise PatternConfigError(f"{where}: unknown pattern {entry[0]!r} (choose from {', '.join(_KINDS)})")
+            a, b = entry[1], entry[2]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b)):
+                raise PatternConfigError(f"{where}: budgets must be non-negative integers, got {a!r}, {b!r}")
+            score = float(entry[3]) if len(entry) > 3 else 0.0
+            out[layer][int(key)] = HeadPattern(kind, a, b, score)
+    return out
+
+
+def save_pattern_config(path: Path, patterns: list[list[HeadPattern]]) -> None:
+    layers = [{str(h): [_NAMES[p.kind], p.a, p.b, p.score] for h, p in enumerate(heads)} for heads in patterns]
+    Path(path).write_text(json.dumps(layers) + "\n")
