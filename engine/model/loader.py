@@ -6,6 +6,7 @@ model casts and moves them. Every failure surfaces as `ModelLoadError` with a on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -218,7 +219,7 @@ def _load_hf_dir(path: Path, progress: ProgressFn | None) -> LoadedModel:
     if "lm_head" in weights and config.tie_embeddings:
         del weights["lm_head"]
     if "lm_head" not in weights and not config.tie_embeddings:
-        config = _replace(config, tie_embeddings=True)
+        config = dataclasses.replace(config, tie_embeddings=True)
     return LoadedModel(config, weights, tokenizer_from_hf_dir(path))
 
 
@@ -235,9 +236,3 @@ def _hf_key(name: str) -> str | None:
     if name.endswith("rotary_emb.inv_freq"):
         return None
     raise ModelLoadError(f"unexpected tensor {name}")
-
-
-def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)

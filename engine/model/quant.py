@@ -100,22 +100,19 @@ class Int4Linear(nn.Module):
         self.fallback = fallback
         self.max_rows = max_rows
         self.out_features, self.in_features = parts[0].q.shape
-        self.packed: list[torch.Tensor] = []
-        self.scales_zeros: list[torch.Tensor] = []
-        for i, part in enumerate(parts):
-            q = torch.from_numpy(part.q.astype(np.int32))
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # (packed weights, scales and zeros) per part; plain tensors, not buffers: this module never leaves the CPU.
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for part in parts:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(part.q.astype(np.int32)), 1)
             sz = torch.stack([torch.from_numpy(part.scale).t(), torch.from_numpy(part.zero).t()], dim=-1)
-            self.register_buffer(f"packed_{i}", packed, persistent=False)
-            self.register_buffer(f"sz_{i}", sz.contiguous().to(self.act_dtype), persistent=False)
-            self.packed.append(packed)
-            self.scales_zeros.append(getattr(self, f"sz_{i}"))
+            self.parts.append((packed, sz.contiguous().to(self.act_dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fallback is not None and x.shape[0] > self.max_rows:
             return nn.functional.linear(x, self.fallback)
         a = x.contiguous().to(self.act_dtype)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed[0], GROUP, self.scales_zeros[0]).float()
-        for packed, sz in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
+        packed, sz = self.parts[0]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, GROUP, sz).float()
+        for packed, sz in self.parts[1:]:
             out += torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, GROUP, sz).float()
         return out.to(x.dtype)
