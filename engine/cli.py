@@ -50,6 +50,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="scheduling policy",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--served-model-name", default="", help="model name reported to clients (default: the model's)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context in tokens (default: the model's own)")
+    p.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=0.0,
+        help="CUDA: size the KV cache as this share of the memory free after loading (overrides --kv-cache-tokens)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -65,6 +73,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_waiting=args.max_waiting,
         scheduler=args.scheduler,
         threads=args.threads,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
     )
     config.validate()
     return config
@@ -183,6 +194,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from optimist.operator.main import main as operator_main
+
+    return operator_main(args.kubeconfig, args.namespace, args.liveness or None, args.drift_interval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimist", description="Optimist LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -229,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--growth", default="increment", choices=["increment", "double"], help="A_min bound growth")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(func=cmd_simulate)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator for InferencePools (kopf)")
+    op.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    op.add_argument(
+        "--namespace", action="append", default=[], help="watch only this namespace (repeatable; default: all)"
+    )
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL ('' = none)")
+    op.add_argument("--drift-interval", type=float, default=60.0, help="seconds between drift checks of each pool")
+    op.set_defaults(func=cmd_operator)
 
     from .bench.serving import add_parser as add_bench
 

@@ -80,6 +80,9 @@ class EngineConfig:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    served_model_name: str = ""  # name reported to clients; "" = the model's own
+    max_model_len: int = 0  # context (prompt + output) in tokens; 0 = the model's own
+    kv_cache_memory_fraction: float = 0.0  # CUDA: KV cache = this share of free memory after loading; 0 = tokens
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")
@@ -94,6 +97,10 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.weights not in ("float", "int4"):
             raise ConfigError(f"weights must be float or int4, got {self.weights!r}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"max_model_len must be 0 (the model's own) or positive, got {self.max_model_len}")
+        if not 0.0 <= self.kv_cache_memory_fraction < 1.0:
+            raise ConfigError(f"kv_cache_memory_fraction must be in [0, 1), got {self.kv_cache_memory_fraction}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 

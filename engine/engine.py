@@ -6,6 +6,7 @@ Callers (the gRPC server, tests, benchmarks) submit requests with a sink; the en
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -80,8 +81,17 @@ class Engine:
             torch.set_num_threads(config.threads)
         if config.weights == "int4" and (self.device.type != "cpu" or not int4_available()):
             raise ConfigError("weights=int4 needs the CPU device and torch's int4 CPU kernel (torch >= 2.6)")
+        if config.kv_cache_memory_fraction and self.device.type != "cuda":
+            raise ConfigError("kv_cache_memory_fraction needs a CUDA device; use kv_cache_tokens on CPU")
         loaded = load_model(config.model_path(), progress=progress, keep_int4=config.weights == "int4")
         self.model_config = loaded.config
+        if config.max_model_len:
+            if config.max_model_len > loaded.config.context_length:
+                raise ConfigError(
+                    f"max_model_len ({config.max_model_len}) exceeds the model's context "
+                    f"({loaded.config.context_length})"
+                )
+            self.model_config = dataclasses.replace(loaded.config, context_length=config.max_model_len)
         self.tokenizer = loaded.tokenizer
         model = Llama(loaded.config)
         model.load_weights(loaded.weights)
@@ -90,8 +100,9 @@ class Engine:
             raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
         del loaded
         self.model.init_rope()
-        self.allocator = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
-        kv = allocate_cache(self.model_config, config.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
+        self.num_kv_blocks = self._kv_blocks()
+        self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size)
+        kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
         self.runner = ModelRunner(self.model, kv, config.kv_block_size)
         self.scheduler = Scheduler(
             make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
@@ -113,7 +124,24 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.model_config.name
+        return self.config.served_model_name or self.model_config.name
+
+    def _kv_blocks(self) -> int:
+        """KV blocks: from kv_cache_tokens, or from a share of the GPU memory left after loading the weights."""
+        cfg = self.config
+        if not cfg.kv_cache_memory_fraction:
+            return cfg.num_kv_blocks
+        mc = self.model_config
+        free, _total = torch.cuda.mem_get_info(self.device)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = 2 * mc.num_layers * cfg.kv_block_size * mc.kv_size * itemsize
+        blocks = int(free * cfg.kv_cache_memory_fraction) // block_bytes
+        if blocks < 1:
+            raise ConfigError(
+                f"kv_cache_memory_fraction {cfg.kv_cache_memory_fraction} of {free / 2**30:.2f} GiB free "
+                "leaves no room for one KV block"
+            )
+        return blocks
 
     def new_request(
         self,
@@ -140,7 +168,7 @@ class Engine:
                 "sampling.max_tokens",
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context ({ctx})",
             )
-        capacity = cfg.num_kv_blocks * cfg.kv_block_size
+        capacity = self.num_kv_blocks * cfg.kv_block_size
         if len(prompt_ids) + params.max_tokens > capacity:
             raise InvalidRequest(
                 "sampling.max_tokens",

@@ -272,13 +272,13 @@ class EngineService:
         engine = await self._ready_engine(context, request)
         mc, cfg = engine.model_config, engine.config
         return pb.ModelInfo(
-            model_name=mc.name,
+            model_name=engine.model_name,
             context_length=mc.context_length,
             vocab_size=mc.vocab_size,
             eos_token_ids=list(engine.tokenizer.eos_ids),
             has_chat_template=engine.tokenizer.chat_template is not None,
             kv_block_size=cfg.kv_block_size,
-            kv_blocks_total=cfg.num_kv_blocks,
+            kv_blocks_total=engine.num_kv_blocks,
             device=str(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
             scheduler=cfg.scheduler,
