@@ -140,11 +140,12 @@ def _container_security() -> Manifest:
 
 def _engine_container(spec: Manifest) -> Manifest:
     res, images, engine = spec["resources"], spec["images"], spec["engine"]
-    requests: Manifest = {"cpu": res["cpu"], "memory": res["memory"]}
-    limits: Manifest = {"memory": res["memory"]}
+    # quantities as strings, as the API server returns them (so drift checks compare like with like)
+    requests: Manifest = {"cpu": str(res["cpu"]), "memory": str(res["memory"])}
+    limits: Manifest = {"memory": str(res["memory"])}
     if res["gpus"] > 0:
-        requests[res["gpuResourceName"]] = res["gpus"]
-        limits[res["gpuResourceName"]] = res["gpus"]
+        requests[res["gpuResourceName"]] = str(res["gpus"])
+        limits[res["gpuResourceName"]] = str(res["gpus"])
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec["model"]["source"] != "builtin":
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
@@ -192,7 +193,7 @@ def _sidecar_container(name: str, spec: Manifest) -> Manifest:
 
 def _volumes(spec: Manifest) -> list[Manifest]:
     volumes: list[Manifest] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec["resources"]["shmSize"]}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec["resources"]["shmSize"])}},
         {"name": "tmp", "emptyDir": {}},
     ]
     model = spec["model"]

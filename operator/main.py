@@ -26,7 +26,7 @@ log = logging.getLogger("optimist.operator")
 
 
 def build_registry(
-    kube_factory: Any, drift_interval_s: float = 60.0, kubeconfig: str | None = None
+    kube_factory: Any, drift_interval_s: float = 60.0, kubeconfig: str | None = None, namespaced: bool = False
 ) -> kopf.OperatorRegistry:
     """The operator's handlers. `kube_factory()` returns the Kube client (called once, at start-up);
     kopf itself logs in with `kubeconfig` when given, else in-cluster credentials, else `$KUBECONFIG`."""
@@ -53,6 +53,8 @@ def build_registry(
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
         settings.watching.inactivity_timeout = 330
+        # Watching named namespaces needs no namespace listing (and no cluster-wide RBAC to list them).
+        settings.scanning.disabled = namespaced
         kube()
 
     def run(body: kopf.Body, logger: logging.Logger | logging.LoggerAdapter[Any], why: str) -> None:
@@ -125,7 +127,7 @@ async def serve(
     ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> None:
     """Run the operator until stopped: cluster-wide unless namespaces are named."""
-    registry = build_registry(kube_factory, drift_interval_s, kubeconfig)
+    registry = build_registry(kube_factory, drift_interval_s, kubeconfig, namespaced=bool(namespaces))
     await kopf.operator(
         registry=registry,
         clusterwide=not namespaces,

@@ -71,6 +71,11 @@ class Cluster(kmock.KubernetesEmulator):
     def _now(self) -> str:
         return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    @property
+    def log(self) -> list[kmock.Request]:
+        """Every request served so far (a snapshot)."""
+        return list(self._requests)
+
     def _replace(self, old: kmock.Request, **changes: Any) -> kmock.Request:
         """A changed copy of a request, standing in for it in the request log (kmock's filters look there)."""
         new = attrs.evolve(old, **changes)
