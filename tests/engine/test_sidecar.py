@@ -175,6 +175,7 @@ def test_real_prometheus_scrapes_counters_and_the_queue_rising_and_draining(tiny
 
 
 RECIPES = Path(__file__).resolve().parents[2] / "deploy" / "autoscaling"
+ADAPTER_RULES = Path(__file__).resolve().parents[2] / "charts" / "optimist" / "files" / "prometheus-adapter-rules.yaml"
 
 
 def recipe_queries() -> list[str]:
@@ -183,7 +184,7 @@ def recipe_queries() -> list[str]:
 
     keda = yaml.safe_load((RECIPES / "keda-scaledobject.yaml").read_text())
     queries = [t["metadata"]["query"] for t in keda["spec"]["triggers"]]
-    for rule in yaml.safe_load((RECIPES / "prometheus-adapter-rules.yaml").read_text())["rules"]:
+    for rule in yaml.safe_load(ADAPTER_RULES.read_text())["rules"]:
         series = rule["seriesQuery"].split("{", 1)[0]
         queries.append(
             rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", 'pool="my-pool"')
@@ -198,7 +199,7 @@ def test_autoscaling_recipes_target_the_pool_scale_subresource_with_adapter_metr
     keda = yaml.safe_load((RECIPES / "keda-scaledobject.yaml").read_text())
     target = {"apiVersion": "optimist.dev/v1alpha1", "kind": "InferencePool", "name": "my-pool"}
     assert hpa["spec"]["scaleTargetRef"] == target and keda["spec"]["scaleTargetRef"] == target
-    adapter = yaml.safe_load((RECIPES / "prometheus-adapter-rules.yaml").read_text())["rules"]
+    adapter = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
     exposed = {rule["name"]["as"] for rule in adapter}
     assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} <= exposed
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60

@@ -253,3 +253,16 @@ def test_defaults_come_from_the_schema(minimal: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("value", "text"), [(4.0, "4"), (0.9, "900m"), (0.85, "850m"), (12.5, "12500m")])
 def test_quantity(value: float, text: str) -> None:
     assert b.quantity(value) == text
+
+
+def test_every_hpa_metric_is_exposed_by_the_adapter_rules(minimal: dict[str, Any]) -> None:
+    import yaml
+
+    from .conftest import ROOT
+
+    rules = yaml.safe_load((ROOT / "charts" / "optimist" / "files" / "prometheus-adapter-rules.yaml").read_text())
+    exposed = {rule["name"]["as"] for rule in rules["rules"]}
+    for metric in b.METRIC_SERIES:
+        minimal["spec"]["autoscaling"] = {"mode": "hpa", "metric": metric}
+        hpa = by_kind(b.build_children(minimal))["HorizontalPodAutoscaler/smollm2"]
+        assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in exposed, metric
