@@ -28,6 +28,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy engine
+	@# optimist.operator lives in operator/ (no __init__.py: see operator/README.md); mypy sees it through a link tree
+	rm -rf build/typecheck && mkdir -p build/typecheck/optimist && ln -s ../../../operator build/typecheck/optimist/operator
+	cd build/typecheck && $(abspath $(BIN))/mypy --config-file ../../pyproject.toml -p optimist.operator
 
 proto: $(STAMP)
 	PATH=$(BIN):$$PATH scripts/gen-proto

@@ -146,7 +146,7 @@ def _engine_container(spec: Manifest) -> Manifest:
     if res["gpus"] > 0:
         requests[res["gpuResourceName"]] = str(res["gpus"])
         limits[res["gpuResourceName"]] = str(res["gpus"])
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[Manifest] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec["model"]["source"] != "builtin":
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
     probe = {"grpc": {"port": ENGINE_PORT}}

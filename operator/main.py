@@ -143,8 +143,14 @@ def main(kubeconfig: str | None, namespaces: list[str], liveness: str | None, dr
     """Entry point of `optimist operator`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    try:
+        client = load_client(kubeconfig)  # fail now, with a reason, rather than inside kopf's retries
+    except Exception as exc:
+        where = kubeconfig or "in-cluster service account or $KUBECONFIG"
+        raise RuntimeError(f"cannot load Kubernetes credentials from {where}: {exc}") from exc
+
     def factory() -> Kube:
-        return Kube(load_client(kubeconfig))
+        return Kube(client)
 
     asyncio.run(serve(factory, kubeconfig, namespaces, liveness, drift_interval_s))
     return 0

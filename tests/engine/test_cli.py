@@ -66,3 +66,15 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
     assert server.stderr is not None
     log = server.stderr.read()
     assert "loading model tensors" in log and f"ready on 127.0.0.1:{port}" in log
+
+
+def test_operator_without_credentials_exits_with_a_one_line_reason(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*OPTIMIST, "operator", "--kubeconfig", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("optimist operator: error: cannot load Kubernetes credentials") and "nope.yaml" in last

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optimist.engine.api import engine_pb2 as pb
 from optimist.engine.api import engine_pb2_grpc as pb_grpc
-from optimist.engine.config import EngineConfig
+from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine
 
 from ..conftest import ServerThread
@@ -324,3 +324,33 @@ def test_drain_reports_not_serving_refuses_new_work_and_settles_in_flight(
     finally:
         gate.set()
         srv.loop.call_soon_threadsafe(srv.loop.stop)
+
+
+def test_served_name_and_max_model_len_as_clients_see_them(tiny_gguf: Path) -> None:
+    """What the operator passes for spec.model.servedName and contextLength reaches GetModelInfo and validation."""
+    srv = ServerThread(
+        EngineConfig(model=tiny_gguf, kv_cache_tokens=4096, served_model_name="team/tiny", max_model_len=8)
+    )
+    srv.call(srv.server.load())
+    try:
+        stub = pb_grpc.EngineStub(grpc.insecure_channel(srv.address))
+        info = stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert (info.model_name, info.context_length) == ("team/tiny", 8)
+        assert stub.GetLoad(pb.GetLoadRequest()).model_name == "team/tiny"
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub.Generate(greedy_request("the", 7)))  # 2 prompt + 7 tokens > 8
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds the context (8)" in (err.value.details() or "")
+        _, _, final, _ = collect(stub.Generate(greedy_request("the", 6)))
+        assert final.usage.completion_tokens == 6
+    finally:
+        srv.stop()
+
+
+def test_engine_options_that_cannot_work_fail_at_start(tiny_gguf: Path) -> None:
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        Engine(EngineConfig(model=tiny_gguf, kv_cache_tokens=4096, max_model_len=1 << 20))
+    with pytest.raises(ConfigError, match="kv_cache_memory_fraction needs a CUDA device"):
+        Engine(EngineConfig(model=tiny_gguf, device="cpu", kv_cache_memory_fraction=0.5))
+    with pytest.raises(ConfigError, match="kv_cache_memory_fraction must be in"):
+        EngineConfig(model=tiny_gguf, kv_cache_memory_fraction=1.5).validate()
