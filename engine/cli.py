@@ -53,6 +53,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default="", help="model name reported to clients (default: the model's)")
     p.add_argument("--max-model-len", type=int, default=0, help="context in tokens (default: the model's own)")
     p.add_argument(
+        "--sparse-prefill-threshold",
+        type=int,
+        default=0,
+        help="prompts longer than this many tokens prefill with sparse attention (0 = off)",
+    )
+    p.add_argument("--sparse-patterns", type=Path, default=None, help="per-head pattern file (search-patterns)")
+    p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         default=0.0,
@@ -76,6 +83,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         served_model_name=args.served_model_name,
         max_model_len=args.max_model_len,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        sparse_prefill_threshold=args.sparse_prefill_threshold,
+        sparse_patterns=args.sparse_patterns,
     )
     config.validate()
     return config

@@ -83,6 +83,8 @@ class EngineConfig:
     served_model_name: str = ""  # name reported to clients; "" = the model's own
     max_model_len: int = 0  # context (prompt + output) in tokens; 0 = the model's own
     kv_cache_memory_fraction: float = 0.0  # CUDA: KV cache = this share of free memory after loading; 0 = tokens
+    sparse_prefill_threshold: int = 0  # prompts longer than this prefill with sparse attention; 0 = off
+    sparse_patterns: Path | None = None  # MInference-format pattern file; None = the model's bundled one or defaults
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")
@@ -97,6 +99,10 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.weights not in ("float", "int4"):
             raise ConfigError(f"weights must be float or int4, got {self.weights!r}")
+        if self.sparse_prefill_threshold < 0:
+            raise ConfigError(
+                f"sparse_prefill_threshold must be 0 (off) or positive, got {self.sparse_prefill_threshold}"
+            )
         if self.max_model_len < 0:
             raise ConfigError(f"max_model_len must be 0 (the model's own) or positive, got {self.max_model_len}")
         if not 0.0 <= self.kv_cache_memory_fraction < 1.0:

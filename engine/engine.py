@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention.sparse.config import pattern_config_for
 from .config import ConfigError, EngineConfig
 from .kv_cache import BlockAllocator, allocate_cache
 from .metrics import EngineStats
@@ -54,6 +55,7 @@ class LoadSnapshot:
     lower_bound_demand_blocks: int
     ready: bool
     stats: EngineStats
+    sparse_prefill_tokens: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +105,10 @@ class Engine:
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size)
         kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, kv, config.kv_block_size)
+        patterns = None
+        if config.sparse_prefill_threshold:
+            patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)
+        self.runner = ModelRunner(self.model, kv, config.kv_block_size, config.sparse_prefill_threshold, patterns)
         self.scheduler = Scheduler(
             make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
         )
@@ -226,6 +231,7 @@ class Engine:
                 lower_bound_demand_blocks=demand,
                 ready=self._accepting and not self._stopping,
                 stats=_copy_stats(self.stats),
+                sparse_prefill_tokens=self.runner.sparse_tokens,
             )
 
     def generate(self, request: Request, timeout_s: float = 600.0) -> tuple[list[int], str, Finished]:

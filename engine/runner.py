@@ -7,17 +7,29 @@ from collections.abc import Sequence
 
 import torch
 
+from .attention.sparse.config import HeadPattern
 from .kv_cache import slots_of
 from .model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
 from .scheduler.scheduler import ScheduledRequest
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> None:
+    def __init__(
+        self,
+        model: Llama,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        sparse_threshold: int = 0,
+        sparse_patterns: list[list[HeadPattern]] | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = model.embed.weight.device
+        # Prompts longer than this prefill with sparse attention (0 = never); decode stays dense.
+        self.sparse_threshold = sparse_threshold if sparse_patterns is not None else 0
+        self.sparse_patterns = sparse_patterns
+        self.sparse_tokens = 0  # prompt tokens prefilled sparsely, for the load RPC
 
     def _tensor(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
@@ -42,7 +54,10 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(slots_of(req.block_table, start, end, bs))
             context = None if start == 0 else self._tensor(slots_of(req.block_table, 0, end, bs))
-            spans.append(PrefillSpan(row, row + s.num_new, context, end))
+            sparse = 0 < self.sparse_threshold < req.prompt_len
+            spans.append(PrefillSpan(row, row + s.num_new, context, end, sparse))
+            if sparse:
+                self.sparse_tokens += max(0, min(end, req.prompt_len) - start)
             if s.completes:
                 logits_rows.append(row + s.num_new - 1)
                 owners.append(s)
@@ -76,6 +91,7 @@ class ModelRunner:
             prefills=spans,
             decodes=groups,
             logits_rows=self._tensor(logits_rows),
+            sparse_patterns=self.sparse_patterns,
         )
         logits = self.model(self._tensor(tokens), meta, self.kv_cache)
         for s in scheduled:

@@ -86,6 +86,7 @@ def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
         queue_time_s=histogram_to_proto(st.queue),
         ready=snap.ready,
         steps_total=st.steps,
+        sparse_prefill_tokens_total=snap.sparse_prefill_tokens,
         model_name=model_name,
     )
 

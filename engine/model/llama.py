@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.sparse.config import HeadPattern
+from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
 from .quant import Int4Linear, Int4Part, concat_rows
 
@@ -28,6 +30,7 @@ class PrefillSpan:
     # is the entire context so far (then attention runs on the chunk's own K/V without touching the cache).
     context_slots: torch.Tensor | None
     context_len: int
+    sparse: bool = False  # attend with the sequence's sparse patterns (a long prompt; see attention/sparse)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class AttentionMeta:
     prefills: list[PrefillSpan]
     decodes: list[DecodeGroup]
     logits_rows: torch.Tensor  # rows whose next-token logits are wanted
+    sparse_patterns: list[list[HeadPattern]] | None = None  # per layer, per query head; used by sparse spans
 
 
 class RMSNorm(nn.Module):
@@ -79,8 +83,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads = config.num_heads
         self.n_kv = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -110,6 +115,9 @@ class Attention(nn.Module):
 
         out = torch.empty_like(q)
         for span in meta.prefills:
+            if span.sparse and meta.sparse_patterns is not None:
+                out[span.start : span.end] = self._sparse_prefill(q, k, v, k_cache, v_cache, span, meta)
+                continue
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if span.context_slots is None:
                 ks = k[span.start : span.end]
@@ -145,6 +153,27 @@ class Attention(nn.Module):
             out[group.start : group.end] = o.squeeze(2)
         return self.wo(out.reshape(t, self.q_size))
 
+    def _sparse_prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        span: PrefillSpan,
+        meta: AttentionMeta,
+    ) -> torch.Tensor:
+        assert meta.sparse_patterns is not None
+        n = span.end - span.start
+        if span.context_slots is None:
+            ks, vs = k[span.start : span.end], v[span.start : span.end]
+        else:
+            ks, vs = k_cache.index_select(0, span.context_slots), v_cache.index_select(0, span.context_slots)
+        out, _ = sparse_prefill_attention(
+            q[span.start : span.end], ks, vs, span.context_len - n, meta.sparse_patterns[self.layer]
+        )
+        return out
+
 
 class MLP(nn.Module):
     # Gate and up stay two matmuls: on CPU the fused [2 * inter, hidden] weight falls out of cache and runs
@@ -160,10 +189,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -173,7 +202,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: nn.Linear | None = None
         if not config.tie_embeddings:

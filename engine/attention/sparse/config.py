@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import ModelConfig
+
 _KINDS = {"vertical_and_slash": "vertical_slash", "stream_llm": "a_shape", "a_shape": "a_shape",
           "block_sparse": "block_sparse"}  # fmt: skip
 _NAMES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm", "block_sparse": "block_sparse"}
@@ -63,3 +65,20 @@ def load_pattern_config(path: Path, num_layers: int, num_heads: int) -> list[lis
 def save_pattern_config(path: Path, patterns: list[list[HeadPattern]]) -> None:
     layers = [{str(h): [_NAMES[p.kind], p.a, p.b, p.score] for h, p in enumerate(heads)} for heads in patterns]
     Path(path).write_text(json.dumps(layers) + "\n")
+
+
+BUNDLED = Path(__file__).resolve().parent / "patterns"
+
+
+def bundled_pattern_file(model_path: Path) -> Path | None:
+    """A searched pattern file shipped for this model (`patterns/<model file stem>.json`), if any."""
+    candidate = BUNDLED / f"{Path(model_path).stem}.json"
+    return candidate if candidate.is_file() else None
+
+
+def pattern_config_for(path: Path | None, model_path: Path, model: ModelConfig) -> list[list[HeadPattern]]:
+    """The patterns the engine uses: the given file, else the bundled one for the model, else the defaults."""
+    chosen = path if path is not None else bundled_pattern_file(model_path)
+    if chosen is None:
+        return [[DEFAULT] * model.num_heads for _ in range(model.num_layers)]
+    return load_pattern_config(chosen, model.num_layers, model.num_heads)

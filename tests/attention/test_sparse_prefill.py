@@ -1,0 +1,97 @@
+"""The CPU sparse-prefill path: full budgets reproduce dense attention (whole prompts and chunks with a cached
+prefix), each pattern's keys are a superset of its reference mask, and the work shrinks with the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimist.engine.attention.sparse.config import HeadPattern
+from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
+from optimist.engine.attention.sparse.prefill import select_group, sparse_prefill_attention, tile_keys
+from optimist.engine.attention.sparse.reference import (
+    a_shape_mask,
+    causal_mask,
+    masked_attention,
+    vertical_slash_mask,
+)
+
+
+def qkv(n: int, hq: int = 6, hkv: int = 2, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int) -> torch.Tensor:
+    n, length = q.shape[0], k.shape[0]
+    qpos = torch.arange(q_start, q_start + n)
+    mask = torch.arange(length)[None, :] <= qpos[:, None]
+    ref = masked_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask)
+    return ref.transpose(0, 1)
+
+
+FULL = [
+    HeadPattern("a_shape", 10_000, 10_000),
+    HeadPattern("vertical_slash", 10_000, 10_000),
+    HeadPattern("block_sparse", 10_000, 0),
+]
+
+
+@pytest.mark.parametrize("pattern", FULL, ids=lambda p: p.kind)
+@pytest.mark.parametrize(("n", "q_start"), [(300, 0), (257, 400), (64, 1000)])
+def test_full_budgets_reproduce_dense(pattern: HeadPattern, n: int, q_start: int) -> None:
+    q, k, v = qkv(q_start + n)
+    q = q[q_start:]
+    out, work = sparse_prefill_attention(q, k, v, q_start, [pattern] * 6, tile=96)
+    torch.testing.assert_close(out, dense(q, k, v, q_start), rtol=1e-4, atol=1e-5)
+    causal_pairs = sum(q_start + i + 1 for i in range(n))
+    assert work == 6 * causal_pairs
+
+
+def test_a_shape_keys_are_exactly_sinks_and_window_plus_tile_slack() -> None:
+    n = 700
+    q, k, _ = qkv(n, hq=1, hkv=1)
+    sel = select_group([HeadPattern("a_shape", 16, 64)], q, k[:, 0], 0)
+    covered = torch.zeros(n, n, dtype=torch.bool)
+    for a in range(0, n, 100):
+        b = min(n, a + 100)
+        covered[a:b, tile_keys(sel, a, b)] = True
+    covered &= causal_mask(n)
+    exact = a_shape_mask(n, 16, 64)
+    assert bool((covered | ~exact).all())  # superset of the reference mask
+    # and no more than the window widened by one tile
+    assert int(covered.sum()) <= int(a_shape_mask(n, 16, 64 + 100).sum())
+
+
+def test_vertical_slash_selection_is_a_superset_of_its_estimate() -> None:
+    n = 600
+    q, k, _ = qkv(n, hq=1, hkv=1, seed=3)
+    pattern = HeadPattern("vertical_slash", 40, 120)
+    sel = select_group([pattern], q, k[:, 0], 0)
+    columns, offsets = estimate_vertical_slash(q[:, 0], k[:, 0], 40, 120)
+    exact = vertical_slash_mask(n, columns, offsets)
+    for a in range(0, n, 128):
+        b = min(n, a + 128)
+        row_keys = torch.zeros(n, dtype=torch.bool)
+        row_keys[tile_keys(sel, a, b)] = True
+        assert bool((row_keys[None, :] | ~exact[a:b]).all())
+
+
+def test_work_shrinks_with_the_budget_and_chunk_estimation_uses_the_prefix() -> None:
+    n = 1024
+    q, k, v = qkv(n, seed=5)
+    _, full = sparse_prefill_attention(q, k, v, 0, [HeadPattern("vertical_slash", 10_000, 10_000)] * 6)
+    out, small = sparse_prefill_attention(q, k, v, 0, [HeadPattern("vertical_slash", 30, 100)] * 6)
+    assert small < full / 2
+    assert torch.isfinite(out).all()
+    # a chunk at the end of the prompt, with the rest as cached prefix, attends to the prefix too
+    chunk, work = sparse_prefill_attention(q[768:], k, v, 768, [HeadPattern("a_shape", 64, 64)] * 6)
+    assert work > 6 * 256 * 64  # sinks from the prefix on top of the window
+
+
+def test_bad_shapes_are_refused() -> None:
+    q, k, v = qkv(100)
+    with pytest.raises(ValueError, match="must cover the prefix"):
+        sparse_prefill_attention(q, k, v, 10, [FULL[0]] * 6)
+    with pytest.raises(ValueError, match="head patterns for 6 query heads"):
+        sparse_prefill_attention(q, k, v, 0, [FULL[0]] * 2)
