@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -203,6 +204,43 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search_patterns(args: argparse.Namespace) -> int:
+    from .attention.sparse.config import save_pattern_config
+    from .attention.sparse.search import calibration_text, evaluate, search
+    from .model.llama import Llama
+    from .model.loader import load_model
+
+    if args.budget < 64:
+        raise ConfigError(f"--budget must be at least 64 keys per row, got {args.budget}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_path = args.model if args.model is not None else EngineConfig().model_path()
+    loaded = load_model(model_path, progress=_Progress("loading model tensors"))
+    model = Llama(loaded.config)
+    model.load_weights(loaded.weights)
+    model.eval()
+    model.init_rope()
+    text = args.prompt_file.read_text() if args.prompt_file else calibration_text(args.length * 4)
+    tokens = loaded.tokenizer.encode(text)[: args.length]
+    if len(tokens) < 256:
+        raise ConfigError(f"the calibration prompt has {len(tokens)} tokens; give at least 256")
+    print(f"search-patterns: {len(tokens)} calibration tokens, budget {args.budget} keys per row", file=sys.stderr)
+    result = search(model, tokens, args.budget, progress=_Progress("layers searched"))
+    save_pattern_config(args.output, result.patterns)
+    scores = [p.score for layer in result.patterns for p in layer]
+    summary = {"output": str(args.output), "tokens": len(tokens), "budget": args.budget,
+               "density": round(result.density, 4), "mean_recall": round(sum(scores) / len(scores), 4),
+               "min_recall": min(scores)}  # fmt: skip
+    if args.eval_file:
+        eval_tokens = loaded.tokenizer.encode(args.eval_file.read_text())[: args.length]
+        rec, dens = evaluate(model, eval_tokens, result.patterns)
+        summary |= {"eval_tokens": len(eval_tokens), "eval_recall": round(rec, 4), "eval_density": round(dens, 4)}
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from optimist.operator.main import main as operator_main
 
@@ -255,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--growth", default="increment", choices=["increment", "double"], help="A_min bound growth")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("search-patterns", help="choose each head's sparse-prefill pattern on a calibration prompt")
+    sp.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2)")
+    sp.add_argument("--output", type=Path, required=True, help="pattern file to write (MInference's JSON format)")
+    sp.add_argument("--prompt-file", type=Path, default=None, help="calibration text (default: built-in long text)")
+    sp.add_argument("--length", type=int, default=4096, help="calibration tokens (the prompt is cut to this)")
+    sp.add_argument("--budget", type=int, default=1024, help="keys per query row every candidate may visit")
+    sp.add_argument(
+        "--eval-file", type=Path, default=None, help="another text to report the chosen patterns' recall on"
+    )
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    sp.set_defaults(func=cmd_search_patterns)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator for InferencePools (kopf)")
     op.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")

@@ -22,6 +22,7 @@ from .config import HeadPattern
 from .estimate import LOCAL, SINKS, estimate_block_sparse, estimate_vertical_slash
 
 BLOCK = 64  # block-sparse granularity
+TILE = 128  # query rows per step of the CPU path: larger tiles widen each kept diagonal's key range
 
 
 @dataclass
@@ -119,7 +120,7 @@ def sparse_prefill_attention(
     v: torch.Tensor,
     q_start: int,
     patterns: Sequence[HeadPattern],
-    tile: int = 128,
+    tile: int = TILE,
 ) -> tuple[torch.Tensor, int]:
     """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D]. Returns (out [n, Hq, D], keys attended
     summed over heads and rows: the work done, for comparing with dense's)."""
@@ -141,7 +142,7 @@ def sparse_prefill_attention(
         for t0 in range(0, n, tile):
             t1 = min(n, t0 + tile)
             a, b = q_start + t0, q_start + t1
-            keys = _tile_keys_with_blocks(sel, a, b, q_start)
+            keys = keys_for_tile(sel, a, b, q_start)
             kt = kg.index_select(0, keys)  # [m, D]
             vt = vg.index_select(0, keys)
             qt = qg[t0:t1].transpose(0, 1)  # [Hg, rows, D]
@@ -154,7 +155,8 @@ def sparse_prefill_attention(
     return out, work
 
 
-def _tile_keys_with_blocks(sel: GroupSelection, a: int, b: int, q_start: int) -> torch.Tensor:
+def keys_for_tile(sel: GroupSelection, a: int, b: int, q_start: int) -> torch.Tensor:
+    """Every key (sorted) query rows [a, b) of a chunk starting at q_start attend to, before causal masking."""
     keys = tile_keys(sel, a, b)
     if sel.blocks is None:
         return keys
