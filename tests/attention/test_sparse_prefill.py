@@ -8,7 +8,7 @@ import torch
 
 from optimist.engine.attention.sparse.config import HeadPattern
 from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
-from optimist.engine.attention.sparse.prefill import select_group, sparse_prefill_attention, tile_keys
+from optimist.engine.attention.sparse.prefill import SLASH_GROUP, select_group, sparse_prefill_attention, tile_keys
 from optimist.engine.attention.sparse.reference import (
     a_shape_mask,
     causal_mask,
@@ -68,7 +68,7 @@ def test_vertical_slash_selection_is_a_superset_of_its_estimate() -> None:
     q, k, _ = qkv(n, hq=1, hkv=1, seed=3)
     pattern = HeadPattern("vertical_slash", 40, 120)
     sel = select_group([pattern], q, k[:, 0], 0)
-    columns, offsets = estimate_vertical_slash(q[:, 0], k[:, 0], 40, 120)
+    columns, offsets = estimate_vertical_slash(q[:, 0], k[:, 0], 40, 120, slash_group=SLASH_GROUP)
     exact = vertical_slash_mask(n, columns, offsets)
     for a in range(0, n, 128):
         b = min(n, a + 128)

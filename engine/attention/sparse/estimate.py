@@ -9,27 +9,70 @@ SINKS = 30  # first key columns always kept (attention sinks)
 LOCAL = 100  # nearest diagonals always kept (local window)
 
 
-def estimate_vertical_slash(
-    q: torch.Tensor, k: torch.Tensor, k_v: int, k_s: int, last_q: int = 64, sinks: int = SINKS, local: int = LOCAL
+def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads sharing keys: q_last [H, m, d] are the queries at the last m positions of k [L, d]. Their causal
+    softmax (fp32) summed per column (vertical scores [H, L]) and per diagonal offset i - j (slash scores [H, L])."""
+    h, m, d = q_last.shape
+    length = k.shape[0]
+    scores = (q_last.float() @ k.float().T) / d**0.5  # [H, m, L]
+    # causality only bites in the last m columns: query i (position L - m + i) cannot see those right of it
+    tail = torch.ones((m, m), dtype=torch.bool, device=k.device).triu(diagonal=1)
+    scores[:, :, length - m :].masked_fill_(tail, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    vertical = probs.sum(dim=1)
+    # Slash: S[o] = sum_i P[i, (L - m + i) - o]. Reversed along keys, row i needs entries o + (m - 1 - i): rows of
+    # a zero-padded [m, L + m] buffer read with row stride L + m - 1 line those up, so one sum does it.
+    width = length + m
+    padded = torch.zeros((h, m, width), dtype=probs.dtype, device=k.device)
+    padded[:, :, :length] = probs.flip(-1)
+    skewed = padded.as_strided((h, m, length), (m * width, width - 1, 1), storage_offset=m - 1)
+    slash = skewed.sum(dim=1)
+    return vertical, slash
+
+
+def pick_vertical_slash(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    k_v: int,
+    k_s: int,
+    sinks: int = SINKS,
+    local: int = LOCAL,
+    slash_group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head (q [n, d], k [n, d]): the last `last_q` queries' causal softmax over all keys in fp32; column sums
-    score verticals, sums along diagonals (offset i - j) score slashes. Returns (columns, offsets), each sorted,
-    with the first `sinks` columns and the nearest `local` offsets always included."""
-    n, d = q.shape
-    m = min(last_q, n)
-    rows = torch.arange(n - m, n, device=q.device)
-    scores = (q[-m:].float() @ k.float().T) / d**0.5
-    cols = torch.arange(n, device=q.device)
-    scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-    probs = scores.softmax(dim=-1)  # [m, n]
-    vertical = probs.sum(dim=0)
-    offsets = (rows[:, None] - cols[None, :]).clamp(min=0)
-    slash = torch.zeros(n, device=q.device).index_add_(0, offsets.flatten(), probs.flatten())
+    """One head's kept (columns, offsets), sorted, from its scores [L]: top-k_v columns with the first `sinks`
+    forced, top-k_s diagonals with the nearest `local` forced. `slash_group` > 1 keeps diagonals in runs of that
+    many neighbouring offsets (the best-scoring runs, about k_s offsets in all): the CPU path attends to a run as
+    one band of keys, where scattered single diagonals would each cost a tile-wide range."""
+    n = vertical.shape[0]
+    vertical, slash = vertical.clone(), slash.clone()
     vertical[: min(sinks, n)] = float("inf")
     slash[: min(local, n)] = float("inf")
     columns = vertical.topk(min(max(k_v, sinks), n)).indices.sort().values
-    diagonals = slash.topk(min(max(k_s, local), n)).indices.sort().values
-    return columns, diagonals
+    if slash_group <= 1:
+        return columns, slash.topk(min(max(k_s, local), n)).indices.sort().values
+    runs = -(-n // slash_group)
+    pooled = torch.nn.functional.pad(slash, (0, runs * slash_group - n)).view(runs, slash_group).sum(dim=1)
+    kept_runs = pooled.topk(min(-(-max(k_s, local) // slash_group), runs)).indices
+    diagonals = (kept_runs[:, None] * slash_group + torch.arange(slash_group, device=slash.device)).flatten()
+    return columns, diagonals[diagonals < n].sort().values
+
+
+def estimate_vertical_slash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_v: int,
+    k_s: int,
+    last_q: int = 64,
+    sinks: int = SINKS,
+    local: int = LOCAL,
+    slash_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head (q [n, d], k [n, d]): the last `last_q` queries' causal softmax over all keys in fp32; column sums
+    score verticals, sums along diagonals (offset i - j) score slashes. Returns (columns, offsets), each sorted,
+    with the first `sinks` columns and the nearest `local` offsets always included (see pick_vertical_slash)."""
+    m = min(last_q, q.shape[0])
+    vertical, slash = vertical_slash_scores(q[-m:][None], k)
+    return pick_vertical_slash(vertical[0], slash[0], k_v, k_s, sinks, local, slash_group)
 
 
 def estimate_block_sparse(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> list[torch.Tensor]:
