@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import HeadPattern
 from .estimate import estimate_block_sparse, pick_vertical_slash, vertical_slash_scores
@@ -74,6 +75,7 @@ def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tens
             blocks = b if blocks is None else blocks | b
         elif pattern.kind != "vertical_slash":
             raise ValueError(f"unknown sparse pattern {pattern.kind!r}")
+    offs[: min(TILE, length)] = True  # each tile's own diagonal block: the fused kernel's causal alignment needs it
     return GroupSelection(cols, offs, blocks)
 
 
@@ -134,14 +136,16 @@ def sparse_prefill_attention(
     q_start: int,
     patterns: Sequence[HeadPattern],
     tile: int = TILE,
-    max_scores: int = 1 << 23,
+    max_keys: int = 1 << 15,
 ) -> tuple[torch.Tensor, int]:
     """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D]. Returns (out [n, Hq, D], (row, key) pairs
     attended summed over heads: the work done, to compare with dense's).
 
-    All tiles of a group run together: each tile's keys are gathered into a padded [tiles, M, D] block, so a chunk
-    costs a handful of batched matmuls instead of a Python loop over tiles (in slices of at most `max_scores`
-    scores per head)."""
+    Tiles of a group run together in one fused CPU attention call per batch of tiles. Each tile's kept keys are
+    gathered in ascending order, so they end with the tile's own diagonal block (always kept: the local window
+    covers it) and a bottom-right-aligned causal mask is exactly right; tiles are front-padded to a common width
+    with a dummy key that no query can weigh (an extra head dimension scores it at -1e4), so no explicit mask is
+    ever built. A partial last tile gets dummies behind its diagonal to keep that alignment."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     if length != q_start + n:
@@ -150,35 +154,54 @@ def sparse_prefill_attention(
         raise ValueError(f"{len(patterns)} head patterns for {hq} query heads")
     group = hq // hkv
     tiles = -(-n // tile)
-    # queries scaled once, padded to whole tiles, laid out [KV head, tile, group heads x tile rows, D] so each
-    # tile's gathered keys serve all heads of its group in one batched matmul (no per-head copies of K/V)
-    qpad = torch.nn.functional.pad(q * (1.0 / d**0.5), (0, 0, 0, 0, 0, tiles * tile - n))
-    qpad = qpad.view(tiles, tile, hkv, group, d).permute(2, 0, 3, 1, 4).reshape(hkv, tiles, group * tile, d)
-    rowpos = (q_start + torch.arange(tiles * tile, device=q.device).view(tiles, 1, tile)).expand(tiles, group, tile)
-    rowpos = rowpos.reshape(tiles, group * tile)
-    out = torch.empty((hkv, tiles, group * tile, d), dtype=q.dtype, device=q.device)
+    dev, dt = q.device, q.dtype
+    # queries scaled once, with the extra coordinate 1, padded to whole tiles: [KV head, tile, group head, row, D+1]
+    qa = torch.cat([q * (1.0 / d**0.5), torch.ones((n, hq, 1), dtype=dt, device=dev)], dim=2)
+    qa = torch.nn.functional.pad(qa, (0, 0, 0, 0, 0, tiles * tile - n))
+    qa = qa.view(tiles, tile, hkv, group, d + 1).permute(2, 0, 3, 1, 4)
+    # keys with the extra coordinate 0, plus the dummy key (index `length`) whose extra coordinate is -1e4
+    ka = torch.cat([k, torch.zeros((length, hkv, 1), dtype=dt, device=dev)], dim=2)
+    dummy_k = torch.zeros((1, hkv, d + 1), dtype=dt, device=dev)
+    dummy_k[..., d] = -1e4
+    ka = torch.cat([ka, dummy_k])
+    # values get the extra (zero) coordinate too: the fused CPU kernel needs one head size for q, k and v
+    va = torch.nn.functional.pad(torch.cat([v, torch.zeros((1, hkv, d), dtype=dt, device=dev)]), (0, 1))
+    tail = torch.zeros(tiles, dtype=torch.long, device=dev)
+    tail[-1] = tiles * tile - n  # dummies behind the partial last tile's diagonal
+    out = torch.empty((hkv, tiles, group, tile, d), dtype=dt, device=dev)
     work = 0
     for g in range(hkv):
         heads = slice(g * group, (g + 1) * group)
         sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start)
         keep = key_matrix(sel, q_start, n, tile)  # [T, L]
         counts = keep.sum(dim=1)
-        width = int(counts.max())
-        # kept key indices first, ascending (a stable sort of "not kept"), padded to the widest tile
-        idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=q.device)[None, :] < counts[:, None]
-        step = max(1, max_scores // max(1, group * tile * width))
-        for t0 in range(0, tiles, step):
-            t1 = min(tiles, t0 + step)
-            ix = idx[t0:t1]
-            kt = k[:, g].index_select(0, ix.flatten()).view(t1 - t0, width, d)
-            vt = v[:, g].index_select(0, ix.flatten()).view(t1 - t0, width, d)
-            allowed = valid[t0:t1, None, :] & (ix[:, None, :] <= rowpos[t0:t1, :, None])  # [t, Hg*tile, M]
-            # fused on CPU (flash attention with a mask): the scores are never materialised
+        total = counts + tail
+        # kept key indices first, ascending (a stable sort of "not kept")
+        idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+        t0 = 0
+        while t0 < tiles:
+            # consecutive tiles (causal chunks widen from first to last) in batches of bounded padded size
+            t1 = t0 + 1
+            while t1 < tiles and (t1 + 1 - t0) * int(total[t0 : t1 + 1].max()) <= max_keys:
+                t1 += 1
+            wide = int(total[t0:t1].max())
+            # position p of a tile's key list holds kept key p - shift, where shift = wide - total (front pad)
+            src = torch.arange(wide, device=dev)[None, :] - (wide - total[t0:t1])[:, None]
+            real = (src >= 0) & (src < counts[t0:t1, None])
+            gathered = idx[t0:t1].gather(1, src.clamp(min=0, max=idx.shape[1] - 1))
+            ix = torch.where(real, gathered, torch.full_like(gathered, length)).flatten()
+            kt = ka[:, g].index_select(0, ix).view(t1 - t0, 1, wide, d + 1)
+            vt = va[:, g].index_select(0, ix).view(t1 - t0, 1, wide, d + 1)
+            shape = (t1 - t0, group, wide)
             out[g, t0:t1] = F.scaled_dot_product_attention(
-                qpad[g, t0:t1, None], kt[:, None], vt[:, None], attn_mask=allowed[:, None], scale=1.0
-            )[:, 0]
+                qa[g, t0:t1],
+                kt.expand(*shape, d + 1),
+                vt.expand(*shape, d + 1),
+                attn_mask=causal_lower_right(tile, wide),
+                scale=1.0,
+            )[..., :d]
+            t0 = t1
         work += _pairs(keep, q_start, n, tile) * group
     # [KV head, tile, group head, row, D] -> [rows, query heads, D]
-    out = out.view(hkv, tiles, group, tile, d).permute(1, 3, 0, 2, 4).reshape(tiles * tile, hq, d)
+    out = out.permute(1, 3, 0, 2, 4).reshape(tiles * tile, hq, d)
     return out[:n].contiguous(), work

@@ -1,9 +1,9 @@
 """Offline pattern search (`optimist search-patterns`): per head, the candidate closest to dense attention on a
 calibration prompt, among candidates of about equal cost.
 
-Cost is expressed as a budget of keys per query row (`budget`); MInference's candidate list (A-shape 1024+4096;
-vertical-slash (30, 2048), (100, 1800), (500, 1500), (3000, 200); block-sparse top 100) is scaled to it, so the
-same search serves a 135M model at 8K and an 8B model at 128K. Closeness is attention-mass recall: the share of
+Cost is expressed as a budget of keys per query row (`budget`), and the candidates (MInference's mix: A-shape,
+vertical-slash from all-slash to all-vertical, block-sparse) are priced as the engine's CPU path pays for them, so
+the same search serves a 135M model at 8K and an 8B model at 128K. Closeness is attention-mass recall: the share of
 each row's dense softmax mass the pattern keeps, averaged over rows, measured with the keys the engine's sparse
 path really visits for the pattern (its tile supersets included), so the score is what serving gets.
 """
@@ -17,7 +17,8 @@ import torch
 
 from ...model.llama import Attention, Llama, apply_rope, prompt_logits
 from .config import HeadPattern
-from .prefill import TILE, GroupSelection, keys_for_tile, select_group
+from .estimate import LOCAL, SINKS
+from .prefill import BLOCK, SLASH_GROUP, TILE, GroupSelection, _pairs, key_matrix, select_group
 
 
 def calibration_text(min_chars: int) -> str:
@@ -42,19 +43,27 @@ def calibration_text(min_chars: int) -> str:
 
 
 def candidates(budget: int) -> list[HeadPattern]:
-    """MInference's equal-cost candidates, scaled from its 2048-key budget to `budget` keys per row."""
-    f = budget / 2048
+    """Candidates of about equal cost on the CPU path, `budget` keys per query row: MInference's mix (A-shape;
+    vertical-slash from all-slash to all-vertical; block-sparse), priced as that path pays. A column costs one key
+    per row; the forced local window (LOCAL diagonals, kept as runs) costs about LOCAL + TILE; every further
+    diagonal, kept in runs of SLASH_GROUP that each widen to a TILE + SLASH_GROUP band, about
+    (TILE + SLASH_GROUP) / SLASH_GROUP keys."""
+    local = -(-LOCAL // SLASH_GROUP) * SLASH_GROUP
+    rest = max(0, budget - (local + TILE))
+    per_slash = (TILE + SLASH_GROUP) / SLASH_GROUP
 
-    def s(x: float) -> int:
-        return max(1, round(x * f))
+    def vs(vertical_share: float) -> HeadPattern:
+        k_v = max(SINKS, round(rest * vertical_share))
+        return HeadPattern("vertical_slash", k_v, local + round(rest * (1 - vertical_share) / per_slash))
 
     return [
-        HeadPattern("a_shape", min(128, s(1024)), s(4096) // 2),
-        HeadPattern("vertical_slash", 30, s(2048)),
-        HeadPattern("vertical_slash", s(100), s(1800)),
-        HeadPattern("vertical_slash", s(500), s(1500)),
-        HeadPattern("vertical_slash", s(3000), s(200)),
-        HeadPattern("block_sparse", max(1, budget // 64), 0),
+        HeadPattern("a_shape", min(128, budget // 4), max(TILE, budget - min(128, budget // 4) - TILE)),
+        vs(0.0),
+        vs(0.25),
+        vs(0.5),
+        vs(0.75),
+        vs(1.0),
+        HeadPattern("block_sparse", max(2, budget // BLOCK), 0),
     ]
 
 
@@ -81,26 +90,25 @@ def capture_qk(model: Llama, tokens: list[int]) -> list[tuple[torch.Tensor, torc
     return captured
 
 
-def dense_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal softmax of one head, [n, n] float32."""
+def tile_mass(q: torch.Tensor, k: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """One head's causal softmax (fp32) summed over each tile of query rows: [tiles, n]. A pattern's recall is then
+    (tile_mass * key_matrix).sum() / n, without an [n, n] mask per candidate."""
     n, d = q.shape
-    scores = (q @ k.T) / d**0.5
+    tiles = -(-n // tile)
+    out = torch.zeros((tiles, n))
     i = torch.arange(n)
-    return scores.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(dim=-1)
+    for t in range(tiles):
+        rows = slice(t * tile, min(n, (t + 1) * tile))
+        scores = (q[rows] @ k.T) / d**0.5
+        probs = scores.masked_fill(i[None, :] > i[rows, None], float("-inf")).softmax(dim=-1)
+        out[t] = probs.sum(dim=0)
+    return out
 
 
-def selection_mask(sel: GroupSelection, n: int, tile: int = TILE) -> torch.Tensor:
-    """[n, n] (query, key) pairs the engine's sparse path visits for a whole prompt of n tokens (causal)."""
-    mask = torch.zeros((n, n), dtype=torch.bool)
-    for a in range(0, n, tile):
-        b = min(n, a + tile)
-        mask[a:b, keys_for_tile(sel, a, b, 0)] = True
-    i = torch.arange(n)
-    return mask & (i[None, :] <= i[:, None])
-
-
-def recall(probs: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((probs * mask).sum(dim=-1).mean())
+def recall_of(mass: torch.Tensor, sel: GroupSelection, n: int) -> tuple[float, int]:
+    """(recall, causal pairs visited) of a selection for a whole prompt of n tokens, from tile_mass."""
+    keep = key_matrix(sel, 0, n, TILE)
+    return float((mass * keep).sum()) / n, _pairs(keep, 0, n, TILE)
 
 
 @dataclass
@@ -112,7 +120,7 @@ class SearchResult:
 def search(
     model: Llama, tokens: list[int], budget: int, progress: Callable[[int, int], None] | None = None
 ) -> SearchResult:
-    """Per head, the candidate with the highest recall on `tokens`."""
+    """Per head, the candidate with the highest recall on `tokens` (the whole prompt as one prefill chunk)."""
     cands = candidates(budget)
     captured = capture_qk(model, tokens)
     n = len(tokens)
@@ -120,19 +128,22 @@ def search(
     out: list[list[HeadPattern]] = []
     visited = 0
     for layer, (q, k) in enumerate(captured):
-        heads = []
-        for h in range(q.shape[1]):
-            qh, kh = q[:, h], k[:, h // group]
-            probs = dense_probs(qh, kh)
-            best: tuple[float, HeadPattern, int] | None = None
+        heads: list[HeadPattern] = []
+        # The engine selects keys per KV head for its whole query group (the union of the heads' estimates), so
+        # the search prices and scores a candidate the same way: applied to every head of the group.
+        for g in range(k.shape[1]):
+            hs = list(range(g * group, (g + 1) * group))
+            masses = [tile_mass(q[:, h], k[:, g]) for h in hs]
+            best: tuple[float, HeadPattern, list[float], int] | None = None
             for cand in cands:
-                mask = selection_mask(select_group([cand], qh[:, None, :], kh, 0), n)
-                score = recall(probs, mask)
-                if best is None or score > best[0]:
-                    best = (score, cand, int(mask.sum()))
+                sel = select_group([cand] * group, q[:, hs], k[:, g], 0)
+                scored = [recall_of(mass, sel, n) for mass in masses]
+                mean = sum(r for r, _ in scored) / group
+                if best is None or mean > best[0]:
+                    best = (mean, cand, [r for r, _ in scored], scored[0][1])
             assert best is not None
-            heads.append(HeadPattern(best[1].kind, best[1].a, best[1].b, round(best[0], 4)))
-            visited += best[2]
+            heads += [HeadPattern(best[1].kind, best[1].a, best[1].b, round(r, 4)) for r in best[2]]
+            visited += best[3] * group
         out.append(heads)
         if progress is not None:
             progress(layer + 1, len(captured))
@@ -150,9 +161,10 @@ def evaluate(model: Llama, tokens: list[int], patterns: list[list[HeadPattern]])
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
             # the engine selects keys for the whole query group at once (union of its heads' patterns)
-            mask = selection_mask(select_group([patterns[layer][h] for h in hs], q[:, hs], k[:, g], 0), n)
+            sel = select_group([patterns[layer][h] for h in hs], q[:, hs], k[:, g], 0)
             for h in hs:
-                total += recall(dense_probs(q[:, h], k[:, g]), mask)
-                visited += int(mask.sum())
+                score, pairs = recall_of(tile_mass(q[:, h], k[:, g]), sel, n)
+                total += score
+                visited += pairs
                 heads += 1
     return total / heads, visited / (n * (n + 1) // 2 * heads)
