@@ -212,6 +212,8 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
 
     if args.budget < 64:
         raise ConfigError(f"--budget must be at least 64 keys per row, got {args.budget}")
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     if args.threads:
         import torch
 
@@ -223,18 +225,19 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
     model.eval()
     model.init_rope()
     text = args.prompt_file.read_text() if args.prompt_file else calibration_text(args.length * 4)
-    tokens = loaded.tokenizer.encode(text)[: args.length]
-    if len(tokens) < 256:
-        raise ConfigError(f"the calibration prompt has {len(tokens)} tokens; give at least 256")
+    tokens = loaded.tokenizer.encode(text)[: min(args.length, loaded.config.context_length)]
+    if len(tokens) < 128:
+        raise ConfigError(f"the calibration prompt has {len(tokens)} tokens; give at least 128")
     print(f"search-patterns: {len(tokens)} calibration tokens, budget {args.budget} keys per row", file=sys.stderr)
-    result = search(model, tokens, args.budget, progress=_Progress("layers searched"))
+    result = search(model, tokens, args.budget, progress=_Progress("layers searched"), target_recall=args.target_recall)
     save_pattern_config(args.output, result.patterns)
     scores = [p.score for layer in result.patterns for p in layer]
     summary = {"output": str(args.output), "tokens": len(tokens), "budget": args.budget,
+               "target_recall": args.target_recall,
                "density": round(result.density, 4), "mean_recall": round(sum(scores) / len(scores), 4),
                "min_recall": min(scores)}  # fmt: skip
     if args.eval_file:
-        eval_tokens = loaded.tokenizer.encode(args.eval_file.read_text())[: args.length]
+        eval_tokens = loaded.tokenizer.encode(args.eval_file.read_text())[: len(tokens)]
         rec, dens = evaluate(model, eval_tokens, result.patterns)
         summary |= {"eval_tokens": len(eval_tokens), "eval_recall": round(rec, 4), "eval_density": round(dens, 4)}
     print(json.dumps(summary))
@@ -300,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt-file", type=Path, default=None, help="calibration text (default: built-in long text)")
     sp.add_argument("--length", type=int, default=4096, help="calibration tokens (the prompt is cut to this)")
     sp.add_argument("--budget", type=int, default=1024, help="keys per query row every candidate may visit")
+    sp.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        help="spend what it takes for this mean recall on the calibration prompt (instead of --budget's limit)",
+    )
     sp.add_argument(
         "--eval-file", type=Path, default=None, help="another text to report the chosen patterns' recall on"
     )

@@ -334,6 +334,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_policies(kinds)
 
+    from .prefill import add_parser as add_prefill
+
+    add_prefill(kinds)
+
     from .sidecar import add_parser as add_sidecar
 
     add_sidecar(kinds)

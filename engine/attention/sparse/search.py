@@ -117,38 +117,88 @@ class SearchResult:
     density: float  # share of causal (row, key) pairs the chosen patterns visit
 
 
+@dataclass
+class _Option:
+    pattern: HeadPattern
+    recalls: list[float]  # per head of the group
+    pairs: int  # causal (row, key) pairs visited, per head
+
+    @property
+    def recall(self) -> float:
+        return sum(self.recalls) / len(self.recalls)
+
+
+BUDGET_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
 def search(
-    model: Llama, tokens: list[int], budget: int, progress: Callable[[int, int], None] | None = None
+    model: Llama,
+    tokens: list[int],
+    budget: int,
+    progress: Callable[[int, int], None] | None = None,
+    scales: tuple[float, ...] = BUDGET_SCALES,
+    target_recall: float | None = None,
 ) -> SearchResult:
-    """Per head, the candidate with the highest recall on `tokens` (the whole prompt as one prefill chunk)."""
-    cands = candidates(budget)
+    """Per KV group, a pattern for its heads on `tokens` (the whole prompt as one prefill chunk).
+
+    Ours, beyond MInference's fixed per-head budget: every group gets candidates at several budgets (`scales` times
+    `budget`, and dense), and the budget is spent where it buys recall. Each group starts at its best cheapest
+    option; then the upgrade with the most recall per extra key visited is taken, again and again, while the mean
+    cost stays within `budget` keys per row, or, with `target_recall`, until the mean recall reaches it (whatever
+    that costs). Concentrated heads stay cheap; diffuse ones (often the first layers) get wide or dense attention."""
     captured = capture_qk(model, tokens)
     n = len(tokens)
     group = model.config.num_heads // model.config.num_kv_heads
-    out: list[list[HeadPattern]] = []
-    visited = 0
+    dense = HeadPattern("a_shape", 1 << 20, 1 << 20)  # every key, at any prompt length
+    menus: list[list[_Option]] = []  # per (layer, group): options by increasing cost, each better than the last
     for layer, (q, k) in enumerate(captured):
-        heads: list[HeadPattern] = []
-        # The engine selects keys per KV head for its whole query group (the union of the heads' estimates), so
-        # the search prices and scores a candidate the same way: applied to every head of the group.
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
             masses = [tile_mass(q[:, h], k[:, g]) for h in hs]
-            best: tuple[float, HeadPattern, list[float], int] | None = None
-            for cand in cands:
+            options = []
+            for cand in [c for scale in scales for c in candidates(max(64, round(budget * scale)))] + [dense]:
                 sel = select_group([cand] * group, q[:, hs], k[:, g], 0)
                 scored = [recall_of(mass, sel, n) for mass in masses]
-                mean = sum(r for r, _ in scored) / group
-                if best is None or mean > best[0]:
-                    best = (mean, cand, [r for r, _ in scored], scored[0][1])
-            assert best is not None
-            heads += [HeadPattern(best[1].kind, best[1].a, best[1].b, round(r, 4)) for r in best[2]]
-            visited += best[3] * group
-        out.append(heads)
+                options.append(_Option(cand, [r for r, _ in scored], scored[0][1]))
+            menus.append(_frontier(options))
         if progress is not None:
             progress(layer + 1, len(captured))
-    causal = n * (n + 1) // 2 * sum(len(h) for h in out)
-    return SearchResult(out, visited / causal)
+    choice = [0] * len(menus)
+    limit = budget * n * len(menus) if target_recall is None else float("inf")  # keys per row -> (row, key) pairs
+    spent = sum(m[0].pairs for m in menus)
+    while target_recall is None or sum(m[c].recall for m, c in zip(menus, choice, strict=True)) < target_recall * len(
+        menus
+    ):
+        best: tuple[float, int] | None = None
+        for i, menu in enumerate(menus):
+            if choice[i] + 1 < len(menu):
+                cur, nxt = menu[choice[i]], menu[choice[i] + 1]
+                if spent - cur.pairs + nxt.pairs <= limit:
+                    gain = (nxt.recall - cur.recall) / max(1, nxt.pairs - cur.pairs)
+                    if best is None or gain > best[0]:
+                        best = (gain, i)
+        if best is None:
+            break
+        i = best[1]
+        spent += menus[i][choice[i] + 1].pairs - menus[i][choice[i]].pairs
+        choice[i] += 1
+    out: list[list[HeadPattern]] = [[] for _ in captured]
+    groups_per_layer = model.config.num_kv_heads
+    for i, menu in enumerate(menus):
+        opt = menu[choice[i]]
+        out[i // groups_per_layer] += [HeadPattern(opt.pattern.kind, opt.pattern.a, opt.pattern.b, round(r, 4))
+                                       for r in opt.recalls]  # fmt: skip
+    causal = n * (n + 1) // 2 * len(menus)
+    return SearchResult(out, spent / causal)
+
+
+def _frontier(options: list[_Option]) -> list[_Option]:
+    """The options worth having: sorted by cost, each with more recall than every cheaper one."""
+    out: list[_Option] = []
+    for opt in sorted(options, key=lambda o: (o.pairs, -o.recall)):
+        if not out or opt.recall > out[-1].recall:
+            out.append(opt)
+    return out
 
 
 def evaluate(model: Llama, tokens: list[int], patterns: list[list[HeadPattern]]) -> tuple[float, float]:

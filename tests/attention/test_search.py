@@ -1,0 +1,68 @@
+"""`optimist search-patterns` on the tiny model the tests write: a loadable MInference-format file, and recall and
+cost that move with the budget, as the evaluation measures them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from optimist.engine.attention.sparse.config import load_pattern_config
+from optimist.engine.attention.sparse.search import candidates, evaluate, search
+from optimist.engine.model.llama import Llama
+from optimist.engine.model.loader import load_model
+
+OPTIMIST = [sys.executable, "-m", "optimist.engine.cli"]
+
+
+def _model(path: Path) -> tuple[Llama, object]:
+    loaded = load_model(path)
+    model = Llama(loaded.config)
+    model.load_weights(loaded.weights)
+    model.eval()
+    model.init_rope()
+    return model, loaded
+
+
+def test_search_patterns_cli_writes_a_loadable_file(tiny_gguf: Path, tmp_path: Path) -> None:
+    text = tmp_path / "calibration.txt"
+    text.write_text("the cat sat on the mat and then the dog ran in a park. " * 20)
+    out = tmp_path / "patterns.json"
+    proc = subprocess.run(
+        [*OPTIMIST, "search-patterns", "--model", str(tiny_gguf), "--output", str(out), "--prompt-file", str(text),
+         "--length", "240", "--budget", "96", "--eval-file", str(text)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["tokens"] == 240 and summary["budget"] == 96
+    assert 0.0 < summary["mean_recall"] <= 1.0 and 0.0 < summary["density"] <= 1.0
+    assert 0.0 < summary["eval_recall"] <= 1.0
+    model, _ = _model(tiny_gguf)
+    patterns = load_pattern_config(out, model.config.num_layers, model.config.num_heads)
+    assert all(p.kind in {"vertical_slash", "a_shape", "block_sparse"} for layer in patterns for p in layer)
+    raw = json.loads(out.read_text())  # MInference's format: a list of {head: [pattern, a, b, score]}
+    assert len(raw) == model.config.num_layers and set(raw[0]) == {str(h) for h in range(model.config.num_heads)}
+
+
+def test_budget_buys_recall_and_is_respected(tiny_gguf: Path) -> None:
+    model, loaded = _model(tiny_gguf)
+    tokens = loaded.tokenizer.encode("a tiny model reads this sentence again and again. " * 8)[:250]  # type: ignore[attr-defined]
+    small = search(model, tokens, budget=64)
+    large = search(model, tokens, budget=100_000)
+    # a budget beyond the prompt makes every group dense: all the attention mass kept
+    assert large.density > 0.999
+    assert min(p.score for layer in large.patterns for p in layer) > 0.999
+    # a small budget buys less: cheaper, and some attention mass lost
+    assert small.density < 0.9 * large.density
+    recall_small, density_small = evaluate(model, tokens, small.patterns)
+    assert recall_small < 1.0 and density_small < 0.9
+    assert abs(density_small - small.density) < 1e-6  # evaluate measures what search priced
+
+
+def test_candidates_span_the_patterns() -> None:
+    kinds = [c.kind for c in candidates(512)]
+    assert kinds.count("vertical_slash") == 5 and "a_shape" in kinds and "block_sparse" in kinds
+    verticals = [c.a for c in candidates(512) if c.kind == "vertical_slash"]
+    assert verticals == sorted(verticals)  # from all-slash to all-vertical

@@ -1,0 +1,90 @@
+"""Sparse prefill on the real default model: the bundled searched patterns keep at least 95% of the attention mass
+on a long prompt, a passkey near the model's usable context is answered identically with sparse and dense prefill
+(chunked), and short requests decoding alongside a long sparse prefill get the outputs they get alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from optimist.engine.attention.sparse.config import bundled_pattern_file, load_pattern_config
+from optimist.engine.attention.sparse.search import evaluate
+from optimist.engine.bench.prefill import passkey_prompt, repeats_for
+from optimist.engine.config import EngineConfig
+from optimist.engine.engine import Engine
+from optimist.engine.model.llama import prompt_logits
+from optimist.engine.outputs import Event, Finished
+from optimist.engine.request import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sparse_engine(model_path: Path) -> Engine:
+    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=16384, sparse_prefill_threshold=4096))
+    yield eng  # type: ignore[misc]
+    eng.shutdown()
+
+
+def test_bundled_patterns_keep_95_percent_of_the_attention_mass(engine: Engine, model_path: Path) -> None:
+    path = bundled_pattern_file(model_path)
+    assert path is not None, "the default model ships a searched pattern file"
+    mc = engine.model_config
+    patterns = load_pattern_config(path, mc.num_layers, mc.num_heads)
+    ids = engine.tokenizer.encode(passkey_prompt(repeats_for(4096)))  # not the calibration text
+    recall, density = evaluate(engine.model, ids, patterns)
+    assert recall >= 0.95, f"recall {recall:.4f} at density {density:.3f}"
+    assert density < 0.6, f"the patterns visit {density:.0%} of the causal pairs: hardly sparse"
+
+
+def _greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
+    out, _, final = engine.generate(engine.new_request(ids, SamplingParams(temperature=0.0, max_tokens=n)))
+    assert final.reason in ("length", "eos", "stop")
+    return list(out)
+
+
+def test_passkey_near_the_usable_context_same_answer_sparse_and_dense(engine: Engine, sparse_engine: Engine) -> None:
+    ids = engine.tokenizer.encode(passkey_prompt(repeats_for(7200)))
+    assert 7000 < len(ids) < engine.model_config.context_length
+    before = sparse_engine.load().sparse_prefill_tokens
+    dense = _greedy(engine, ids, 8)
+    sparse = _greedy(sparse_engine, ids, 8)
+    assert "68193" in engine.tokenizer.decode(dense)
+    assert sparse == dense
+    # the whole prompt went through the sparse path, in chunks (the engine's step budget is 2048 tokens)
+    assert sparse_engine.load().sparse_prefill_tokens - before == len(ids)
+    assert sparse_engine.config.max_num_batched_tokens < len(ids)
+
+
+def test_short_requests_decode_alongside_a_long_sparse_prefill(engine: Engine, sparse_engine: Engine) -> None:
+    texts = ["The sun", "Rivers flow", "Numbers: 1, 2,"]
+    shorts = [engine.tokenizer.encode(t) for t in texts]
+    long_ids = engine.tokenizer.encode(passkey_prompt(repeats_for(5000)))
+    n = 24
+    expected = [_greedy(engine, p, n) for p in shorts]
+    outputs: dict[int, list[int]] = {i: [] for i in range(len(shorts) + 1)}
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int):  # type: ignore[no-untyped-def]
+        def sink(ev: Event) -> None:
+            if isinstance(ev, Finished):
+                done.release()
+            else:
+                outputs[i].extend(ev.token_ids)
+
+        return sink
+
+    for i, p in enumerate(shorts):
+        sparse_engine.submit(sparse_engine.new_request(p, SamplingParams(temperature=0, max_tokens=n)), sink_for(i))
+    long_req = sparse_engine.new_request(long_ids, SamplingParams(temperature=0, max_tokens=8))
+    sparse_engine.submit(long_req, sink_for(len(shorts)))
+    for _ in range(len(shorts) + 1):
+        assert done.acquire(timeout=600)
+    assert "68193" in engine.tokenizer.decode(outputs[len(shorts)])
+    for text, want, got in zip(texts, expected, [outputs[i] for i in range(len(shorts))], strict=True):
+        diverged = next((i for i, (x, y) in enumerate(zip(want, got, strict=False)) if x != y), None)
+        if diverged is not None:  # allowed only at a float-noise tie (batched matmuls reorder sums)
+            top = prompt_logits(engine.model, engine.tokenizer.encode(text) + want[:diverged]).topk(2).values
+            assert float(top[0] - top[1]) < 2e-3, f"{text!r} diverged at {diverged}"
