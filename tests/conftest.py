@@ -13,15 +13,16 @@ from typing import Any
 import pytest
 import torch
 
-from optimist.engine.config import EngineConfig, default_model_path
-from optimist.engine.engine import Engine
-
-from . import tiny_llama
-
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available():
-    # Triton kernels run on CPU tensors in the interpreter; it must be chosen before triton is first imported.
+    # Triton kernels run on CPU tensors in the interpreter; it must be chosen before triton is first imported
+    # (the engine's modules import torch.nn.attention, which imports triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from optimist.engine.config import EngineConfig, default_model_path  # noqa: E402
+from optimist.engine.engine import Engine  # noqa: E402
+
+from . import tiny_llama  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from optimist.engine.attention.sparse.config import load_pattern_config
 from optimist.engine.attention.sparse.search import candidates, evaluate, search
 from optimist.engine.model.llama import Llama
@@ -46,7 +48,10 @@ def test_search_patterns_cli_writes_a_loadable_file(tiny_gguf: Path, tmp_path: P
     assert len(raw) == model.config.num_layers and set(raw[0]) == {str(h) for h in range(model.config.num_heads)}
 
 
-def test_budget_buys_recall_and_is_respected(tiny_gguf: Path) -> None:
+def test_budget_buys_recall_and_is_respected(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimist.engine.attention.sparse import prefill
+
+    monkeypatch.setattr(prefill, "NEEDLE_VERTICALS", 16)  # scaled to the tiny model's 256-token context
     model, loaded = _model(tiny_gguf)
     tokens = loaded.tokenizer.encode("a tiny model reads this sentence again and again. " * 8)[:250]  # type: ignore[attr-defined]
     small = search(model, tokens, budget=64)

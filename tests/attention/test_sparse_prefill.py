@@ -8,7 +8,13 @@ import torch
 
 from optimist.engine.attention.sparse.config import HeadPattern
 from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
-from optimist.engine.attention.sparse.prefill import SLASH_GROUP, select_group, sparse_prefill_attention, tile_keys
+from optimist.engine.attention.sparse.prefill import (
+    NEEDLE_VERTICALS,
+    SLASH_GROUP,
+    select_group,
+    sparse_prefill_attention,
+    tile_keys,
+)
 from optimist.engine.attention.sparse.reference import (
     a_shape_mask,
     causal_mask,
@@ -59,8 +65,10 @@ def test_a_shape_keys_are_exactly_sinks_and_window_plus_tile_slack() -> None:
     covered &= causal_mask(n)
     exact = a_shape_mask(n, 16, 64)
     assert bool((covered | ~exact).all())  # superset of the reference mask
-    # and no more than the window widened by one tile
-    assert int(covered.sum()) <= int(a_shape_mask(n, 16, 64 + 100).sum())
+    # and no more than the window widened by one tile, plus the dynamic verticals every sparse head keeps
+    extra = int(sel.columns.sum()) - 16
+    assert 0 < extra <= NEEDLE_VERTICALS
+    assert int(covered.sum()) <= int(a_shape_mask(n, 16, 64 + 100).sum()) + extra * n
 
 
 def test_vertical_slash_selection_is_a_superset_of_its_estimate() -> None:
@@ -78,15 +86,15 @@ def test_vertical_slash_selection_is_a_superset_of_its_estimate() -> None:
 
 
 def test_work_shrinks_with_the_budget_and_chunk_estimation_uses_the_prefix() -> None:
-    n = 1024
+    n = 3072  # well beyond the dynamic verticals every sparse head keeps
     q, k, v = qkv(n, seed=5)
     _, full = sparse_prefill_attention(q, k, v, 0, [HeadPattern("vertical_slash", 10_000, 10_000)] * 6)
     out, small = sparse_prefill_attention(q, k, v, 0, [HeadPattern("vertical_slash", 30, 100)] * 6)
     assert small < full / 2
     assert torch.isfinite(out).all()
     # a chunk at the end of the prompt, with the rest as cached prefix, attends to the prefix too
-    chunk, work = sparse_prefill_attention(q[768:], k, v, 768, [HeadPattern("a_shape", 64, 64)] * 6)
-    assert work > 6 * 256 * 64  # sinks from the prefix on top of the window
+    _, work = sparse_prefill_attention(q[2816:], k, v, 2816, [HeadPattern("a_shape", 64, 64)] * 6)
+    assert work > 6 * 256 * (64 + 64)  # sinks and dynamic verticals from the prefix on top of the window
 
 
 def test_bad_shapes_are_refused() -> None:

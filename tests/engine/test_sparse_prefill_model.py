@@ -41,7 +41,7 @@ def test_bundled_patterns_keep_95_percent_of_the_attention_mass(engine: Engine, 
 
 def _greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
     out, _, final = engine.generate(engine.new_request(ids, SamplingParams(temperature=0.0, max_tokens=n)))
-    assert final.reason in ("length", "eos", "stop")
+    assert final.reason.value in ("length", "eos", "stop")
     return list(out)
 
 

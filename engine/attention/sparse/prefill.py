@@ -24,6 +24,7 @@ from .config import HeadPattern
 from .estimate import estimate_block_sparse, pick_vertical_slash, vertical_slash_scores
 
 BLOCK = 64  # block-sparse granularity
+NEEDLE_VERTICALS = 256  # dynamic columns every non-dense head keeps (see select_group)
 TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept diagonal's key range
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
 
@@ -51,6 +52,10 @@ def _estimate_chunk_blocks(q: torch.Tensor, k: torch.Tensor, q_start: int, top: 
     return out
 
 
+def _is_dense(pattern: HeadPattern, length: int) -> bool:
+    return pattern.kind == "a_shape" and pattern.a >= length
+
+
 def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tensor, q_start: int) -> GroupSelection:
     """Union of the keys the group's heads keep. q [n, Hg, D] (the group's query heads, positions q_start ..),
     k [L, D]. Vertical-slash heads are estimated together from the chunk's last 64 queries against every key."""
@@ -58,14 +63,21 @@ def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tens
     cols = torch.zeros(length, dtype=torch.bool, device=q.device)
     offs = torch.zeros(length, dtype=torch.bool, device=q.device)
     blocks: torch.Tensor | None = None
-    vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_slash"]
-    if vs:
+    # Every head that is not dense gets dynamic verticals: at least NEEDLE_VERTICALS columns its last queries weigh
+    # most (for vertical-slash heads, its own k_v when larger). Averaged recall on calibration text cannot show
+    # which keys a later question will need (a passkey, a name), and static patterns would drop them.
+    scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length)]
+    if scored:
         m = min(64, n)
-        vertical, slash = vertical_slash_scores(q[n - m :, vs].transpose(0, 1), k)
-        for i, h in enumerate(vs):
-            c, o = pick_vertical_slash(vertical[i], slash[i], patterns[h].a, patterns[h].b, slash_group=SLASH_GROUP)
+        vertical, slash = vertical_slash_scores(q[n - m :, scored].transpose(0, 1), k)
+        for i, h in enumerate(scored):
+            p = patterns[h]
+            k_v = max(p.a, NEEDLE_VERTICALS) if p.kind == "vertical_slash" else NEEDLE_VERTICALS
+            k_s = p.b if p.kind == "vertical_slash" else 0
+            c, o = pick_vertical_slash(vertical[i], slash[i], k_v, k_s, slash_group=SLASH_GROUP)
             cols[c] = True
-            offs[o] = True
+            if p.kind == "vertical_slash":
+                offs[o] = True
     for h, pattern in enumerate(patterns):
         if pattern.kind == "a_shape":
             cols[: min(pattern.a, length)] = True
