@@ -100,3 +100,26 @@ def server(engine: Engine) -> Iterator[ServerThread]:
     srv.call(srv.server.load())
     yield srv
     srv.stop()
+
+
+def run_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600) -> list[list[int]]:
+    """Submits every request at once (they share the engine's steps); each one's output token ids, once all end."""
+    from optimist.engine.outputs import Event, Finished
+
+    outputs: list[list[int]] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int) -> Callable[[Event], None]:
+        def sink(ev: Event) -> None:
+            if isinstance(ev, Finished):
+                done.release()
+            else:
+                outputs[i].extend(ev.token_ids)
+
+        return sink
+
+    for i, req in enumerate(requests):
+        engine.submit(req, sink_for(i))
+    for _ in requests:
+        assert done.acquire(timeout=timeout_s), "a request did not finish"
+    return outputs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,11 @@ import pytest
 from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.kv_cache import BlockAllocator, slots_of
-from optimist.engine.outputs import Event, Finished
 from optimist.engine.request import InvalidRequest, Request, SamplingParams
 from optimist.engine.scheduler.policies import FCFS
 from optimist.engine.scheduler.scheduler import Scheduler
+
+from ..conftest import run_concurrently
 
 
 def make(n_prompt: int, rid: str = "r") -> Request:
@@ -68,23 +68,8 @@ def test_fcfs_preempts_the_newest_when_the_cache_is_full() -> None:
 
 
 def _run_all(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
-    outputs: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    done = threading.Semaphore(0)
-
-    def sink_for(i: int):  # type: ignore[no-untyped-def]
-        def sink(ev: Event) -> None:
-            if isinstance(ev, Finished):
-                done.release()
-            else:
-                outputs[i].extend(ev.token_ids)
-
-        return sink
-
-    for i, p in enumerate(prompts):
-        engine.submit(engine.new_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)), sink_for(i))
-    for _ in prompts:
-        assert done.acquire(timeout=300)
-    return [outputs[i] for i in range(len(prompts))]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return run_concurrently(engine, [engine.new_request(p, params) for p in prompts], timeout_s=300)
 
 
 @pytest.mark.slow

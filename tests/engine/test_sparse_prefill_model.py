@@ -4,7 +4,6 @@ on a long prompt, a passkey near the model's usable context is answered identica
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from optimist.engine.bench.prefill import passkey_prompt, repeats_for
 from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.model.llama import prompt_logits
-from optimist.engine.outputs import Event, Finished
 from optimist.engine.request import SamplingParams
+
+from ..conftest import run_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -64,24 +64,9 @@ def test_short_requests_decode_alongside_a_long_sparse_prefill(engine: Engine, s
     long_ids = engine.tokenizer.encode(passkey_prompt(repeats_for(5000)))
     n = 24
     expected = [_greedy(engine, p, n) for p in shorts]
-    outputs: dict[int, list[int]] = {i: [] for i in range(len(shorts) + 1)}
-    done = threading.Semaphore(0)
-
-    def sink_for(i: int):  # type: ignore[no-untyped-def]
-        def sink(ev: Event) -> None:
-            if isinstance(ev, Finished):
-                done.release()
-            else:
-                outputs[i].extend(ev.token_ids)
-
-        return sink
-
-    for i, p in enumerate(shorts):
-        sparse_engine.submit(sparse_engine.new_request(p, SamplingParams(temperature=0, max_tokens=n)), sink_for(i))
-    long_req = sparse_engine.new_request(long_ids, SamplingParams(temperature=0, max_tokens=8))
-    sparse_engine.submit(long_req, sink_for(len(shorts)))
-    for _ in range(len(shorts) + 1):
-        assert done.acquire(timeout=600)
+    requests = [sparse_engine.new_request(p, SamplingParams(temperature=0, max_tokens=n)) for p in shorts]
+    requests.append(sparse_engine.new_request(long_ids, SamplingParams(temperature=0, max_tokens=8)))
+    outputs = run_concurrently(sparse_engine, requests)
     assert "68193" in engine.tokenizer.decode(outputs[len(shorts)])
     for text, want, got in zip(texts, expected, [outputs[i] for i in range(len(shorts))], strict=True):
         diverged = next((i for i, (x, y) in enumerate(zip(want, got, strict=False)) if x != y), None)
