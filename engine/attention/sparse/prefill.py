@@ -168,16 +168,21 @@ def sparse_prefill_attention(
     tiles = -(-n // tile)
     dev, dt = q.device, q.dtype
     # queries scaled once, with the extra coordinate 1, padded to whole tiles: [KV head, tile, group head, row, D+1]
-    qa = torch.cat([q * (1.0 / d**0.5), torch.ones((n, hq, 1), dtype=dt, device=dev)], dim=2)
+    # the extra coordinate(s): one on CPU; on CUDA the head size stays a multiple of 8 for the fused kernels
+    extra = 1 if dev.type == "cpu" else 8
+    da = d + extra
+    ones = torch.zeros((n, hq, extra), dtype=dt, device=dev)
+    ones[..., 0] = 1.0
+    qa = torch.cat([q * (1.0 / d**0.5), ones], dim=2)
     qa = torch.nn.functional.pad(qa, (0, 0, 0, 0, 0, tiles * tile - n))
-    qa = qa.view(tiles, tile, hkv, group, d + 1).permute(2, 0, 3, 1, 4)
+    qa = qa.view(tiles, tile, hkv, group, da).permute(2, 0, 3, 1, 4)
     # keys with the extra coordinate 0, plus the dummy key (index `length`) whose extra coordinate is -1e4
-    ka = torch.cat([k, torch.zeros((length, hkv, 1), dtype=dt, device=dev)], dim=2)
-    dummy_k = torch.zeros((1, hkv, d + 1), dtype=dt, device=dev)
+    ka = torch.cat([k, torch.zeros((length, hkv, extra), dtype=dt, device=dev)], dim=2)
+    dummy_k = torch.zeros((1, hkv, da), dtype=dt, device=dev)
     dummy_k[..., d] = -1e4
     ka = torch.cat([ka, dummy_k])
     # values get the extra (zero) coordinate too: the fused CPU kernel needs one head size for q, k and v
-    va = torch.nn.functional.pad(torch.cat([v, torch.zeros((1, hkv, d), dtype=dt, device=dev)]), (0, 1))
+    va = torch.nn.functional.pad(torch.cat([v, torch.zeros((1, hkv, d), dtype=dt, device=dev)]), (0, extra))
     tail = torch.zeros(tiles, dtype=torch.long, device=dev)
     tail[-1] = tiles * tile - n  # dummies behind the partial last tile's diagonal
     out = torch.empty((hkv, tiles, group, tile, d), dtype=dt, device=dev)
@@ -202,13 +207,13 @@ def sparse_prefill_attention(
             real = (src >= 0) & (src < counts[t0:t1, None])
             gathered = idx[t0:t1].gather(1, src.clamp(min=0, max=idx.shape[1] - 1))
             ix = torch.where(real, gathered, torch.full_like(gathered, length)).flatten()
-            kt = ka[:, g].index_select(0, ix).view(t1 - t0, 1, wide, d + 1)
-            vt = va[:, g].index_select(0, ix).view(t1 - t0, 1, wide, d + 1)
+            kt = ka[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
+            vt = va[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
             shape = (t1 - t0, group, wide)
             out[g, t0:t1] = F.scaled_dot_product_attention(
                 qa[g, t0:t1],
-                kt.expand(*shape, d + 1),
-                vt.expand(*shape, d + 1),
+                kt.expand(*shape, da),
+                vt.expand(*shape, da),
                 attn_mask=causal_lower_right(tile, wide),
                 scale=1.0,
             )[..., :d]
