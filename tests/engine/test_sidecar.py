@@ -3,6 +3,7 @@ and surviving an engine restart."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import socket
@@ -29,9 +30,19 @@ from ..conftest import ServerThread
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all held open while choosing, so two calls cannot hand out the same one)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -40,7 +51,7 @@ def http_get(url: str) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or a half-started server
         return 0, ""
 
 
@@ -131,7 +142,7 @@ def test_real_prometheus_scrapes_counters_and_the_queue_rising_and_draining(tiny
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    port, prom_port = free_port(), free_port()
+    port, prom_port = free_ports(2)
     sidecar = start_sidecar(tiny_server.address, port)
     workdir = Path(tempfile.mkdtemp(prefix="optimist-prom-"))
     (workdir / "prometheus.yml").write_text(
@@ -206,7 +217,7 @@ def test_autoscaling_recipes_target_the_pool_scale_subresource_with_adapter_metr
 
 
 def test_sidecar_follows_an_engine_restart_without_restarting(tiny_gguf: Path) -> None:
-    engine_port, port = free_port(), free_port()
+    engine_port, port = free_ports(2)
     config = EngineConfig(model=tiny_gguf, kv_cache_tokens=512)
     first = ServerThread(config, port=engine_port)
     first.call(first.server.load())
