@@ -131,7 +131,7 @@ def keys_for_tile(sel: GroupSelection, a: int, b: int, q_start: int) -> torch.Te
     return key_matrix(GroupSelection(sel.columns, sel.offsets, rows), a, b - a, b - a)[0].nonzero().squeeze(1)
 
 
-def _pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
+def visited_pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
     """(row, key) pairs with key <= row that tiles visit, from the [T, L] key matrix (one head)."""
     device = keep.device
     starts = q_start + torch.arange(0, n, tile, device=device)
@@ -218,7 +218,7 @@ def sparse_prefill_attention(
                 scale=1.0,
             )[..., :d]
             t0 = t1
-        work += _pairs(keep, q_start, n, tile) * group
+        work += visited_pairs(keep, q_start, n, tile) * group
     # [KV head, tile, group head, row, D] -> [rows, query heads, D]
     out = out.permute(1, 3, 0, 2, 4).reshape(tiles * tile, hq, d)
     return out[:n].contiguous(), work

@@ -18,7 +18,7 @@ import torch
 from ...model.llama import Attention, Llama, apply_rope, prompt_logits
 from .config import HeadPattern
 from .estimate import LOCAL, SINKS
-from .prefill import BLOCK, SLASH_GROUP, TILE, GroupSelection, _pairs, key_matrix, select_group
+from .prefill import BLOCK, SLASH_GROUP, TILE, GroupSelection, key_matrix, select_group, visited_pairs
 
 
 def calibration_text(min_chars: int) -> str:
@@ -108,7 +108,7 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, tile: int = TILE) -> torch.Tenso
 def recall_of(mass: torch.Tensor, sel: GroupSelection, n: int) -> tuple[float, int]:
     """(recall, causal pairs visited) of a selection for a whole prompt of n tokens, from tile_mass."""
     keep = key_matrix(sel, 0, n, TILE)
-    return float((mass * keep).sum()) / n, _pairs(keep, 0, n, TILE)
+    return float((mass * keep).sum()) / n, visited_pairs(keep, 0, n, TILE)
 
 
 @dataclass
