@@ -82,7 +82,10 @@ class Policy(ABC):
     eviction_loses_progress = False  # set by the driver: True in the simulator's "lost" model
 
     @abstractmethod
-    def waiting_key(self, job: Job) -> tuple[int, ...]: ...
+    def waiting_key(self, job: Job) -> tuple[float, ...]: ...
+
+    def prepare(self, jobs: Sequence[Job], running: Sequence[Job] = ()) -> None:  # noqa: B027 (a hook)
+        """Called with the waiting jobs (and the running ones) before they are sorted by `waiting_key`."""
 
     def planned_output(self, job: Job) -> int:
         """The total output length the admission test assumes for `job`."""
@@ -116,7 +119,7 @@ class HindsightShortestFirst(Policy):
     name = "hsf"
     evicts = False
 
-    def waiting_key(self, job: Job) -> tuple[int, ...]:
+    def waiting_key(self, job: Job) -> tuple[float, ...]:
         return (self._true(job), job.seq, job.prompt_len)
 
     def planned_output(self, job: Job) -> int:
@@ -135,7 +138,7 @@ class AMax(Policy):
     name = "amax"
     evicts = False
 
-    def waiting_key(self, job: Job) -> tuple[int, ...]:
+    def waiting_key(self, job: Job) -> tuple[float, ...]:
         return (job.upper, job.seq, job.prompt_len)
 
     def planned_output(self, job: Job) -> int:
@@ -156,7 +159,7 @@ class AMin(Policy):
             raise ValueError(f"growth must be increment or double, got {growth!r}")
         self.growth = growth
 
-    def waiting_key(self, job: Job) -> tuple[int, ...]:
+    def waiting_key(self, job: Job) -> tuple[float, ...]:
         return (job.bound, job.seq, job.prompt_len)
 
     def planned_output(self, job: Job) -> int:
@@ -193,49 +196,137 @@ class LengthDistribution:
         return np.asarray(np.cumprod(1.0 - hazard))
 
 
+class GittinsTable:
+    """Gittins indices of jobs under a learned output-length distribution, with memory as the cost.
+
+    A job of prompt `p` that has produced `a` tokens and is known to end within (k, u] (k >= a: it ran k tokens
+    before, u: its upper bound) holds p + x + 1 tokens while it produces token x + 1. Run for up to d more steps,
+    it finishes with probability F(d) and uses E[memory-time](d). Its index is max over d of F(d) / E[cost](d):
+    the chance of finishing per unit of KV memory-time spent, at the best horizon (Gittins 1979; the memory-time
+    cost is ours: the server's scarce resource is KV memory, not time, and every running job advances one token a
+    step). Serving the highest index first is what a non-clairvoyant scheduler can do best with a known length
+    distribution when preemption is free; short prompts and jobs past the distribution's early deaths score high,
+    jobs that survived into its long tail score low.
+    """
+
+    HORIZONS = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192])
+
+    def __init__(self, survival: np.ndarray) -> None:
+        self.limit = len(survival) - 1  # S[x] = 0 for x >= limit
+        pad = np.concatenate([survival, np.zeros(int(self.HORIZONS[-1]) + 1)])
+        x = np.arange(len(pad), dtype=np.float64)
+        self.s = pad
+        self.cum_s = np.concatenate([[0.0], np.cumsum(pad)])  # cum_s[i] = sum of S[x] for x < i
+        self.cum_xs = np.concatenate([[0.0], np.cumsum(x * pad)])
+
+    def indices(self, age: np.ndarray, known: np.ndarray, prompt: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """Vectorised over jobs: age a, known k (length > k), prompt p, upper u (length <= u)."""
+        a = age.astype(np.int64)[:, None]
+        k = np.clip(np.maximum(known, age), 0, self.limit).astype(np.int64)[:, None]
+        u = np.clip(np.maximum(upper, k[:, 0] + 1), 1, self.limit + 1).astype(np.int64)[:, None]
+        p1 = prompt.astype(np.float64)[:, None] + 1.0
+        e = a + self.HORIZONS[None, :]
+        s_u = self.s[u]
+        mass = self.s[k] - s_u
+        flat = mass <= 1e-12  # no learned mass left in (k, u]: treat the job as ending at u
+        mass = np.where(flat, 1.0, mass)
+
+        def alive(x: np.ndarray) -> np.ndarray:  # P(length > x | k < length <= u)
+            tail = np.where(flat, 1.0, (self.s[np.minimum(x, len(self.s) - 1)] - s_u) / mass)
+            return np.where(x <= k, 1.0, np.where(x >= u, 0.0, tail))
+
+        # Steps at ages [a, min(e, k + 1)): certainly alive.
+        e1 = np.minimum(e, k + 1)
+        n1 = np.maximum(e1 - a, 0)
+        cost = n1 * p1 + (e1 * (e1 - 1) - a * (a - 1)) / 2 * (n1 > 0)
+        # Ages [k + 1, min(e, u)): alive with the learned conditional survival (or surely, when it has no mass).
+        lo, hi = np.maximum(a, k + 1), np.minimum(e, u)
+        n2 = np.maximum(hi - lo, 0)
+        hi = np.maximum(hi, lo)
+        sum_x = (hi * (hi - 1) - lo * (lo - 1)) / 2
+        learned = p1 * (self.cum_s[hi] - self.cum_s[lo]) + self.cum_xs[hi] - self.cum_xs[lo] - s_u * (n2 * p1 + sum_x)
+        cost = cost + np.where(flat, n2 * p1 + sum_x, learned / mass)
+        done = 1.0 - alive(e)
+        return np.asarray(np.max(done / np.maximum(cost, 1e-12), axis=1))
+
+
 class AMinLearned(AMin):
-    """Ours: A_min, plus an eviction rule for requests that carry no length information.
+    """Ours: A_min for requests with length hints, Gittins-index scheduling for requests without.
 
     With naive intervals every request looks the same to A_min, which then evicts the least progress and lands
-    near FCFS. Output lengths are heavy-tailed: the longer a request has run, the longer it is expected to go on
-    (a decreasing hazard rate). So among uninformed requests this policy evicts the one with the largest expected
-    remaining length, estimated from the lengths seen so far (`LengthDistribution`), less `penalty` per token the
-    eviction would throw away when eviction loses progress. While most running requests carry a hint (an
-    informative interval), it evicts exactly as A_min does, so its results there are A_min's.
+    near FCFS. This policy learns the output-length distribution online (`LengthDistribution`: finished requests
+    observed, running ones censored) and, for requests without hints, admits in order of their Gittins index and
+    evicts the lowest index (`GittinsTable`): output lengths are heavy-tailed, so a request that has run long is
+    expected to run on and holds the most memory, while fresh requests with short prompts are the likeliest to
+    finish per unit of memory. When eviction throws progress away, a victim's index is weighted up by
+    `lost_weight` per token it would lose. Admission stays A_min's optimistic test. Requests with hints keep
+    A_min's order (ahead of the uninformed) and, while most running requests carry hints, A_min's victim, so its
+    results there are A_min's.
     """
 
     name = "amin-learned"
 
-    def __init__(self, growth: str = "increment", cap: int = 8192, penalty: float = 0.5) -> None:
+    def __init__(
+        self, growth: str = "increment", cap: int = 8192, lost_weight: float = 0.05, refresh: float = 0.05
+    ) -> None:
         super().__init__(growth)
         self.lengths = LengthDistribution(cap)
-        self.penalty = penalty
+        self.lost_weight = lost_weight
+        self.refresh = refresh  # rebuild the index table when the finished count grew by this fraction
+        self._table: GittinsTable | None = None
+        self._built_at = 0.0
+        self._cache: dict[tuple[int, int, int, int], float] = {}
 
     def on_finished(self, job: Job) -> None:
         self.lengths.observe(job.produced)
 
+    def _known(self, job: Job) -> int:
+        # What a job is known to exceed: its progress; in the lost model also the progress an eviction erased
+        # (A_min keeps it as the bound). In the engine the bound may be a prediction, not knowledge.
+        return max(job.produced, job.bound - 1) if self.eviction_loses_progress else job.produced
+
+    def _key(self, job: Job) -> tuple[int, int, int, int]:
+        return (job.produced, self._known(job), job.prompt_len, job.upper)
+
+    def prepare(self, jobs: Sequence[Job], running: Sequence[Job] = ()) -> None:
+        """Rebuilds the table when enough has been learned and computes missing indices in one vectorised pass."""
+        finished = float(self.lengths.finished.sum())
+        if finished == 0:
+            return
+        if self._table is None or finished >= self._built_at * (1 + self.refresh) + 1:
+            self._table = GittinsTable(self.lengths.survival([j.produced for j in running]))
+            self._built_at = finished
+            self._cache = {}
+        keys = {self._key(j) for j in jobs if not j.informed} - self._cache.keys()
+        if keys:
+            arr = np.array(sorted(keys), dtype=np.int64).reshape(-1, 4)
+            values = self._table.indices(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
+            self._cache.update(zip(map(tuple, arr.tolist()), values.tolist(), strict=True))  # type: ignore[arg-type]
+
+    def index(self, job: Job) -> float:
+        key = self._key(job)
+        if key not in self._cache:
+            self.prepare([job])
+        return self._cache.get(key, 0.0)
+
+    def waiting_key(self, job: Job) -> tuple[float, ...]:
+        if job.informed:
+            return (0, job.bound, job.seq, job.prompt_len)
+        if self._table is None:  # nothing learned yet: shortest prompt first
+            return (1, 0.0, job.prompt_len, job.seq)
+        return (1, -self.index(job), job.seq, job.prompt_len)
+
     def victim(self, running: Sequence[J]) -> J:
-        informed = sum(1 for j in running if j.informed)
-        if informed * 2 > len(running) or not self.lengths.finished.any():
+        uninformed = [j for j in running if not j.informed]
+        if len(uninformed) * 2 < len(running) or not self.lengths.finished.any():
             return super().victim(running)
-        cap = self.lengths.cap
-        surv = self.lengths.survival([j.produced for j in running])
-        prefix = np.concatenate([[0.0], np.cumsum(surv)])  # prefix[k] = sum of S[x] for x < k
+        self.prepare(uninformed, running)
+        weight = self.lost_weight if self.eviction_loses_progress else 0.0
 
-        def score(j: J) -> float:
-            a, u = j.produced, min(j.upper, cap)
-            lo = min(max(a, j.lower - 1), u)
-            mass = surv[lo] - surv[u]
-            # E[length - a | lo < length <= u] from the survival curve; uniform where it has no mass left.
-            if u <= lo:
-                remaining = 1.0
-            elif mass <= 1e-9:
-                remaining = (u - lo) / 2 + (lo - a)
-            else:
-                remaining = float(prefix[u] - prefix[lo] - (u - lo) * surv[u]) / mass + (lo - a)
-            return remaining - (self.penalty * a if self.eviction_loses_progress else 0.0)
+        def score(j: J) -> tuple[float, int]:
+            return (self.index(j) * (1.0 + weight * j.produced), -j.seq)
 
-        return max(running, key=lambda j: (score(j), j.seq))
+        return min(uninformed, key=score)  # requests with hints are A_min's to judge, and kept
 
 
 class FCFS(Policy):
@@ -243,7 +334,7 @@ class FCFS(Policy):
 
     name = "fcfs"
 
-    def waiting_key(self, job: Job) -> tuple[int, ...]:
+    def waiting_key(self, job: Job) -> tuple[float, ...]:
         return (job.seq,)
 
     def admit(self, running: Sequence[Job], candidate: Job, capacity: int, cost: Cost | None = None) -> bool:

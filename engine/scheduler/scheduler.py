@@ -115,6 +115,7 @@ class Scheduler:
         # Admissions, in the policy's order, only when nothing had to be preempted this step.
         if not preempted:
             capacity = self.allocator.num_blocks
+            self.policy.prepare(self.waiting, self.running)
             for req in sorted(self.waiting, key=self.policy.waiting_key):
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break

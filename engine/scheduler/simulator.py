@@ -100,6 +100,7 @@ def simulate(
             continue
 
         prefill = 0
+        policy.prepare(waiting, running)
         waiting.sort(key=policy.waiting_key)
         while waiting and policy.admit(running, waiting[0], memory):
             job = waiting.pop(0)

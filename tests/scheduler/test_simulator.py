@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -184,22 +185,75 @@ def test_length_distribution_counts_running_jobs_as_censored() -> None:
     assert s[[2, 4]].tolist() == pytest.approx([3 / 5, 3 / 5 * 2 / 3])
 
 
-def test_amin_learned_evicts_the_uninformed_job_expected_to_run_longest() -> None:
+def test_gittins_index_is_the_chance_of_finishing_per_unit_of_memory_time() -> None:
+    from optimist.engine.scheduler.policies import GittinsTable, LengthDistribution
+
+    dist = LengthDistribution(cap=200)
+    for _ in range(4):
+        dist.observe(4)  # every request produces exactly 4 tokens
+    table = GittinsTable(dist.survival([]))
+
+    def index(age: int, prompt: int, known: int | None = None, upper: int = 1000) -> float:
+        known = age if known is None else known
+        return float(table.indices(*(np.array([v]) for v in (age, known, prompt, upper)))[0])
+
+    # Fresh, prompt 0: it holds 1, 2, 3, 4 tokens while producing its 4 tokens and surely ends: 1 / 10.
+    assert index(0, 0) == pytest.approx(1 / 10)
+    assert index(0, 10) == pytest.approx(1 / (11 + 12 + 13 + 14))  # a longer prompt holds more memory
+    assert index(2, 0) == pytest.approx(1 / (3 + 4))  # two tokens in, two to go
+    assert index(0, 0, upper=2) == pytest.approx(1 / (1 + 2))  # an upper bound below the learned mass
+
+    dist = LengthDistribution(cap=200)
+    for length in (1, 100):  # half the requests stop at once, half run to 100
+        dist.observe(length)
+    table = GittinsTable(dist.survival([]))
+    assert index(0, 0) == pytest.approx(0.5)  # one step of one token: done with probability 1/2
+    # Past the first token only the long half is left: 99 more steps holding 2..100 tokens.
+    assert index(1, 0) == pytest.approx(1 / sum(range(2, 101)))
+
+
+def test_amin_learned_evicts_the_uninformed_job_with_the_lowest_index() -> None:
     from optimist.engine.scheduler.policies import AMinLearned
     from optimist.engine.scheduler.simulator import SimJob
 
     policy = AMinLearned(cap=1000)
-    for length in (2, 2, 2, 2, 50, 50):  # most requests are short, a few go on to 50
-        policy.lengths.observe(length)
     young = SimJob("young", 0, 5, 50, 1, 1000, seq=1, produced=1, informed=False)
     old = SimJob("old", 0, 5, 50, 1, 1000, seq=0, produced=10, informed=False)
-    # Having passed 2 tokens, "old" is expected to need ~40 more; "young" still likely stops at 2.
+    assert policy.victim([young, old]) is young  # nothing learned yet: A_min's least progress
+    for length in (2, 2, 2, 2, 50, 50):  # most requests are short, a few go on to 50
+        policy.lengths.observe(length)
+    # "young" likely stops at its next token; "old" has passed 2 and needs 40 more steps holding ~30 tokens each.
+    assert policy.index(young) > 100 * policy.index(old)
     assert policy.victim([young, old]) is old
     assert AMin().victim([young, old]) is young  # A_min spares the progress
     policy.eviction_loses_progress = True
-    assert policy.victim([young, old]) is old  # 40 - 0.5 * 10 still beats ~16
+    assert policy.victim([young, old]) is old  # weighting the 10 tokens it would lose does not save it
+    hinted = SimJob("hinted", 0, 5, 50, 40, 60, seq=2, produced=10, informed=True)
+    assert policy.victim([young, old, hinted]) is old  # a request with a hint is never the learned victim
     young.informed = old.informed = True
-    assert policy.victim([young, old]) is young  # with hints it is A_min
+    assert policy.victim([young, old, hinted]) is young  # with hints it is A_min
+
+
+def test_amin_learned_admits_short_prompts_and_hinted_requests_first() -> None:
+    from optimist.engine.scheduler.policies import AMinLearned
+    from optimist.engine.scheduler.simulator import SimJob
+
+    policy = AMinLearned(cap=1000)
+    long = SimJob("long", 0, 400, 50, 1, 1000, seq=0, informed=False)
+    short = SimJob("short", 0, 20, 50, 1, 1000, seq=1, informed=False)
+    hinted = SimJob("hinted", 0, 400, 50, 30, 40, seq=2, bound=30, informed=True)
+    order = lambda: [j.id for j in sorted([long, short, hinted], key=policy.waiting_key)]  # noqa: E731
+    assert order() == ["hinted", "short", "long"]  # before anything is learned: shortest prompt first
+    for length in (3, 8, 20, 60, 600):
+        policy.lengths.observe(length)
+    policy.prepare([long, short, hinted])
+    assert order() == ["hinted", "short", "long"]
+    # An evicted request that had run 150 tokens (the lost model keeps that knowledge as its bound) is past most
+    # of the learned mass: it ranks behind fresh ones, even with a short prompt.
+    policy.eviction_loses_progress = True
+    survivor = SimJob("survivor", 0, 20, 600, 1, 1000, seq=3, bound=151, informed=False)
+    policy.prepare([survivor])
+    assert [j.id for j in sorted([long, survivor], key=policy.waiting_key)] == ["long", "survivor"]
 
 
 @settings(max_examples=40, deadline=None)
