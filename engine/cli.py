@@ -61,6 +61,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sparse-patterns", type=Path, default=None, help="per-head pattern file (search-patterns)")
     p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="do not share the K/V of equal prompt prefixes between requests",
+    )
+    p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         default=0.0,
@@ -86,6 +92,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         sparse_prefill_threshold=args.sparse_prefill_threshold,
         sparse_patterns=args.sparse_patterns,
+        prefix_caching=args.prefix_caching,
     )
     config.validate()
     return config

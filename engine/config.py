@@ -85,6 +85,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.0  # CUDA: KV cache = this share of free memory after loading; 0 = tokens
     sparse_prefill_threshold: int = 0  # prompts longer than this prefill with sparse attention; 0 = off
     sparse_patterns: Path | None = None  # MInference-format pattern file; None = the model's bundled one or defaults
+    prefix_caching: bool = True  # requests share the K/V of full blocks with equal prefixes (kv_cache.py)
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")

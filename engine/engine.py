@@ -103,7 +103,7 @@ class Engine:
         del loaded
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()
-        self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size)
+        self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
         kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
         patterns = None
         if config.sparse_prefill_threshold:
@@ -189,6 +189,8 @@ class Engine:
             lower_hint=lower_hint,
             upper_hint=upper_hint,
         )
+        if 0 < cfg.sparse_prefill_threshold < len(prompt_ids):
+            req.hash_root = b"sparse"  # its K/V come from sparse prefill: never shared with dense requests
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
@@ -323,6 +325,8 @@ class Engine:
                 self.stats.queue.observe(now - s.request.arrival)
                 self.stats.prompt_tokens += len(s.request.prompt_ids)
         logits, owners = self.runner.execute(plan.scheduled)
+        with self._lock:
+            self.scheduler.cache_computed(plan.scheduled)
         reqs = [s.request for s in owners]
         result = sample(logits, reqs, self.tokenizer.eos_ids)
         now = time.monotonic()
@@ -379,6 +383,7 @@ class Engine:
                 stop=stop,
                 prompt_tokens=len(req.prompt_ids),
                 completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens,
                 queue_s=(req.admitted_at or now) - req.arrival,
                 ttft_s=(req.first_token_at - req.arrival) if req.first_token_at else 0.0,
                 total_s=now - req.arrival,

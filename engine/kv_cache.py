@@ -6,27 +6,61 @@ A request owns a block table (a list of block ids); token t of the request lives
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .config import ModelConfig
 
 
+def chain_hashes(parent: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Content hashes of consecutive full blocks of `tokens` (a multiple of `block_size` long).
+
+    A block's hash covers its tokens and, through `parent` (the previous block's hash, or a namespace for the
+    first), every token before it: equal hashes mean equal K/V. 128-bit BLAKE2b, so an accidental (or crafted)
+    collision that would hand one request another's cache is out of reach.
+    """
+    out: list[bytes] = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        block = tokens[start : start + block_size]
+        parent = hashlib.blake2b(parent + b"".join(t.to_bytes(4, "little") for t in block), digest_size=16).digest()
+        out.append(parent)
+    return out
+
+
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    """Blocks, their reference counts and, with prefix caching, a cache of full blocks by content hash.
+
+    A full block whose K/V were computed is registered under its hash; when its last user lets go it stays in the
+    free list with its contents, and a later request whose tokens hash the same takes it back instead of
+    recomputing (prefix caching of full blocks, as vLLM does). Free blocks are reused least recently freed first,
+    blocks with no cached content before any that hold some.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}  # cached block -> its content hash
+        self._by_hash: dict[bytes, int] = {}
+        self.hit_blocks = 0  # blocks served from the cache, over the lifetime
 
     @property
     def num_free(self) -> int:
+        """Blocks no request holds (cached ones included: they are reclaimed on demand)."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_hash)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -34,10 +68,50 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        blocks = []
+        for _ in range(n):
+            block, _ = self._free.popitem(last=False)
+            old = self._hash_of.pop(block, None)
+            if old is not None:  # its cached contents are overwritten from now on
+                del self._by_hash[old]
+            self._refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
-        self._free.extend(blocks)
+        # Last block first: of a freed sequence the tail is reused before the head, which others may share.
+        for block in reversed(list(blocks)):
+            if self._refs[block] <= 0:
+                raise ValueError(f"KV block {block} freed twice")
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if block not in self._hash_of:
+                    self._free.move_to_end(block, last=False)
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks holding the longest prefix of `hashes` (taken by nobody yet: see `take`)."""
+        found = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def take(self, blocks: Sequence[int]) -> None:
+        """Adds a user to each of `blocks` (from `lookup`)."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        self.hit_blocks += len(blocks)
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Records that `block` now holds the full block whose content hash is `block_hash`."""
+        if self.prefix_caching and block not in self._hash_of and block_hash not in self._by_hash:
+            self._hash_of[block] = block_hash
+            self._by_hash[block_hash] = block
 
 
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:

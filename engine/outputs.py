@@ -26,6 +26,7 @@ class Finished:
     ttft_s: float
     total_s: float
     evictions: int
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     error: str | None = None  # set when the engine failed the request (a bug): the server reports INTERNAL
 
 

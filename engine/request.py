@@ -120,6 +120,13 @@ class Request:
     admitted_seq: int = 0  # admission order (the FCFS victim is the latest admitted)
     generator: torch.Generator | None = None
     bound: int = 1  # A_min's pseudo lower bound on the output length (set from the predictor on arrival)
+    # Prefix caching: content hashes of the request's full blocks so far, the namespace they start from (requests
+    # whose K/V are computed differently, e.g. by sparse prefill, must not share blocks), how many of the blocks
+    # in block_table are registered in the cache, and how many prompt tokens the first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    hash_root: bytes = b""
+    registered_blocks: int = 0
+    cached_tokens: int = 0
 
     # The policies' view of a request (scheduler/policies.py: Job).
     @property

@@ -303,7 +303,9 @@ def _final_to_proto(f: Finished) -> pb.Final:
     return pb.Final(
         finish_reason=_FINISH[f.reason],
         stop=f.stop,
-        usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
+        usage=pb.Usage(
+            prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens, cached_tokens=f.cached_tokens
+        ),
         timings=pb.Timings(queue_s=f.queue_s, time_to_first_token_s=f.ttft_s, total_s=f.total_s),
         evictions=f.evictions,
     )

@@ -105,7 +105,9 @@ def cmd_bench_policies(args: argparse.Namespace) -> int:
     from ..config import EngineConfig
     from ..engine import Engine
 
-    engine = Engine(EngineConfig(model=args.model, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=64))
+    # No prefix caching: every policy serves the same prompts in turn, and must not inherit the previous one's K/V.
+    config = EngineConfig(model=args.model, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=64, prefix_caching=False)
+    engine = Engine(config)
     prompts = prompt_set(engine.tokenizer)[:-1]  # without the long-context prompt: it alone would fill the cache
     rng = np.random.default_rng(args.seed)
     lengths = np.clip(np.round(rng.lognormal(np.log(args.median), 1.0, args.requests)), 4, args.max_output).astype(int)

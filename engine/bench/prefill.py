@@ -58,7 +58,9 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # No prefix caching: the passkey prompts share their leading filler, and each must be timed from scratch.
     common = {"model": args.model, "kv_cache_tokens": 16384, "max_num_batched_tokens": args.chunk}
+    common["prefix_caching"] = False
     dense = Engine(EngineConfig(**common))
     sparse = Engine(EngineConfig(**common, sparse_prefill_threshold=args.threshold, sparse_patterns=args.patterns))
     model_path = dense.config.model_path()

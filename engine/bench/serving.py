@@ -234,6 +234,8 @@ def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Po
         cmd += ["--model", str(args.model)]
     cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens), "--max-num-seqs", str(max(args.concurrency))]
     cmd += ["--weights", weights]
+    if not args.prefix_caching:  # the prompt set repeats: measure the work per request, as the baselines do it
+        cmd += ["--no-prefix-caching"]
     proc = subprocess.Popen(cmd)
     address = f"127.0.0.1:{port}"
     wait_ready(address, timeout_s=600)
@@ -321,6 +323,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-tokens", type=int, default=64)
     serve.add_argument(
         "--weights", type=lambda s: s.split(","), default=["float", "int4"], help="engine weight modes to run"
+    )
+    serve.add_argument(
+        "--prefix-caching", action="store_true", help="let the engine reuse the repeated prompts' K/V (default: off)"
     )
     serve.add_argument("--baselines", default="transformers,llamacpp", help="comma list; empty for none")
     serve.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..kv_cache import BlockAllocator
+from ..kv_cache import BlockAllocator, chain_hashes
 from ..request import Request, Status
 from .policies import Policy
 
@@ -70,6 +70,44 @@ class Scheduler:
         self.allocator.free(request.block_table)
         request.block_table = []
         request.num_computed = 0
+        request.registered_blocks = 0
+
+    def _hashes(self, request: Request, n_blocks: int) -> list[bytes]:
+        """The content hashes of the request's first `n_blocks` full blocks (extended as tokens arrive)."""
+        have = len(request.block_hashes)
+        if n_blocks > have:
+            bs = self.allocator.block_size
+            parent = request.block_hashes[-1] if have else request.hash_root
+            tokens = [request.token_at(t) for t in range(have * bs, n_blocks * bs)]
+            request.block_hashes.extend(chain_hashes(parent, tokens, bs))
+        return request.block_hashes[:n_blocks]
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        """Starts a request that holds no blocks from the longest prefix of it already in the cache.
+
+        At least the last token is always computed: its logits give the next token.
+        """
+        if not self.allocator.prefix_caching or request.block_table:
+            return
+        hits = self.allocator.lookup(self._hashes(request, (request.num_tokens - 1) // self.allocator.block_size))
+        self.allocator.take(hits)
+        request.block_table = list(hits)
+        request.registered_blocks = len(hits)
+        request.num_computed = len(hits) * self.allocator.block_size
+
+    def cache_computed(self, scheduled: list[ScheduledRequest]) -> None:
+        """After a step: registers the blocks that step filled, so later requests can share them."""
+        if not self.allocator.prefix_caching:
+            return
+        bs = self.allocator.block_size
+        for s in scheduled:
+            req = s.request
+            full = req.num_computed // bs
+            if full > req.registered_blocks and req.block_table:
+                hashes = self._hashes(req, full)
+                for i in range(req.registered_blocks, full):
+                    self.allocator.register(req.block_table[i], hashes[i])
+                req.registered_blocks = full
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Makes the block table cover `num_tokens` tokens; False if the free list is short."""
@@ -121,9 +159,13 @@ class Scheduler:
                     break
                 if not self.policy.admit(self.running, req, capacity, self.allocator.blocks_for):
                     break
+                self._take_cached_prefix(req)
                 num_new = min(req.num_tokens - req.num_computed, budget)
                 if not self._grow(req, req.num_computed + num_new):
+                    self._release(req)  # gives the cached blocks back (they stay cached)
                     break
+                if req.evictions == 0:  # first admission: what the client is told was cached
+                    req.cached_tokens = req.num_computed
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING

@@ -119,6 +119,9 @@ def test_chat_messages_use_the_model_template(stub: pb_grpc.EngineStub, engine: 
     a, b = collect(stub.Generate(chat)), collect(stub.Generate(plain))
     assert a[0] == b[0] and a[2].usage.prompt_tokens == b[2].usage.prompt_tokens
     assert "Paris" in a[1]
+    # The second found the first's full blocks in the prefix cache: all but the last (partial) block's tokens.
+    bs = engine.config.kv_block_size
+    assert b[2].usage.cached_tokens == (b[2].usage.prompt_tokens - 1) // bs * bs > 0
 
 
 def test_seeded_sampling_is_reproducible(stub: pb_grpc.EngineStub) -> None:
