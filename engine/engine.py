@@ -20,10 +20,11 @@ import torch
 from .attention.sparse.config import pattern_config_for
 from .config import ConfigError, EngineConfig
 from .kv_cache import BlockAllocator, allocate_cache
+from .malloc import keep_freed_memory
 from .metrics import EngineStats
 from .model.llama import Llama
 from .model.loader import ProgressFn, load_model
-from .model.quant import int4_available
+from .model.quant import fp16_available, int4_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
 from .runner import ModelRunner
@@ -81,8 +82,12 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # steps reuse warm heap pages instead of page-faulting fresh ones (malloc.py)
         if config.weights == "int4" and (self.device.type != "cpu" or not int4_available()):
             raise ConfigError("weights=int4 needs the CPU device and torch's int4 CPU kernel (torch >= 2.6)")
+        if config.weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
+            raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
         if config.kv_cache_memory_fraction and self.device.type != "cuda":
             raise ConfigError("kv_cache_memory_fraction needs a CUDA device; use kv_cache_tokens on CPU")
         loaded = load_model(config.model_path(), progress=progress, keep_int4=config.weights == "int4")
@@ -100,6 +105,8 @@ class Engine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if config.weights == "int4" and self.model.use_int4(loaded.int4) == 0:
             raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
+        if config.weights == "fp16":
+            self.model.use_fp16()
         del loaded
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()

@@ -15,7 +15,7 @@ from torch import nn
 from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
-from .quant import Int4Linear, Int4Part, concat_rows
+from .quant import Fp16Linear, Int4Linear, Int4Part, concat_rows
 
 _HEAD_CHUNK = 1024
 
@@ -60,6 +60,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op: decode is op-bound
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -105,14 +107,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.wqkv(x)
-        q = qkv[:, : self.q_size].view(t, self.n_heads, self.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.n_kv, self.head_dim)
+        # Queries and keys are adjacent columns: one rotary call for both (decode is bound by the op count).
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv, self.head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        k_cache[meta.slot_mapping] = k
-        v_cache[meta.slot_mapping] = v
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
 
+        if not meta.prefills and len(meta.decodes) == 1 and meta.decodes[0].mask is None:  # the common decode step
+            return self.wo(self._decode(q, k_cache, v_cache, meta.decodes[0]).reshape(t, self.q_size))
         out = torch.empty_like(q)
         for span in meta.prefills:
             if span.sparse and meta.sparse_patterns is not None:
@@ -143,15 +146,21 @@ class Attention(nn.Module):
             )
             out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
         for group in meta.decodes:
-            qd = q[group.start : group.end].unsqueeze(2)  # [B, H, 1, D]
-            # index_select over flat slots is several times faster on CPU than advanced indexing with [B, L].
-            b, length = group.slots.shape
-            flat = group.slots.reshape(-1)
-            kd = k_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-            vd = v_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, enable_gqa=True)
-            out[group.start : group.end] = o.squeeze(2)
+            out[group.start : group.end] = self._decode(q, k_cache, v_cache, group)
         return self.wo(out.reshape(t, self.q_size))
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup
+    ) -> torch.Tensor:
+        """Attention of one decode group's single-token queries: [B, H, D]."""
+        qd = q[group.start : group.end].unsqueeze(2)  # [B, H, 1, D]
+        # index_select over flat slots is several times faster on CPU than advanced indexing with [B, L].
+        b, length = group.slots.shape
+        flat = group.slots.reshape(-1)
+        kd = k_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        vd = v_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, enable_gqa=True)
+        return o.squeeze(2)
 
     def _sparse_prefill(
         self,
@@ -207,7 +216,7 @@ class Llama(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.head_int4: Int4Linear | None = None  # set by use_int4
+        self.head_fast: Int4Linear | Fp16Linear | None = None  # set by use_int4 / use_fp16
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -263,9 +272,19 @@ class Llama(nn.Module):
                     swapped += 1
         name = "lm_head" if self.lm_head is not None else "embed"
         if head and name in int4:
-            self.head_int4 = Int4Linear(int4[name], None)
+            self.head_fast = Int4Linear(int4[name], None)
             swapped += 1
         return swapped
+
+    def use_fp16(self) -> None:
+        """Swaps every linear layer and the vocabulary projection for float16-weight ones (CPU; see Fp16Linear)."""
+        for block in self.layers:
+            assert isinstance(block, Block)
+            for owner, attrs in ((block.attn, ("wqkv", "wo")), (block.mlp, ("w_gate", "w_up", "w_down"))):
+                for attr in attrs:
+                    setattr(owner, attr, Fp16Linear(getattr(owner, attr).weight))
+        head = self.lm_head if self.lm_head is not None else self.embed
+        self.head_fast = Fp16Linear(head.weight)
 
     def init_rope(self) -> None:
         """Computes the rotary tables on the model's device and dtype (call after .to())."""
@@ -284,8 +303,8 @@ class Llama(nn.Module):
             x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
             x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
-        if self.head_int4 is not None and x.shape[0] <= self.head_int4.max_rows:
-            return self.head_int4(x).float()
+        if self.head_fast is not None and x.shape[0] <= self.head_fast.max_rows:
+            return self.head_fast(x).float()
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if x.device.type != "cpu":
             return F.linear(x, head).float()
