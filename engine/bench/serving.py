@@ -322,7 +322,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--single-requests", type=int, default=4, help="requests at concurrency 1 and for baselines")
     serve.add_argument("--max-tokens", type=int, default=64)
     serve.add_argument(
-        "--weights", type=lambda s: s.split(","), default=["float", "int4"], help="engine weight modes to run"
+        "--weights", type=lambda s: s.split(","), default=["float", "fp16", "int4"], help="engine weight modes to run"
     )
     serve.add_argument(
         "--prefix-caching", action="store_true", help="let the engine reuse the repeated prompts' K/V (default: off)"

@@ -78,10 +78,12 @@ def rope_tables(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos/sin: [T, D] (rotate-half convention, as in Hugging Face Llama)."""
+    """x: [T, H, D]; cos/sin: [T, D] or [T, 1, D] (rotate-half convention, as in Hugging Face Llama)."""
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, :], sin[:, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -296,8 +298,8 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """tokens: [T]; returns logits [len(meta.logits_rows), vocab] in float32."""
         x = self.embed(tokens)
-        cos = self.rope_cos[meta.positions]
-        sin = self.rope_sin[meta.positions]
+        cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
+        sin = self.rope_sin[meta.positions].unsqueeze(1)
         for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             assert isinstance(block, Block)
             x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
