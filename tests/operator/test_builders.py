@@ -196,9 +196,10 @@ def test_keda_scaled_object_sums_the_pool_signal(minimal: dict[str, Any]) -> Non
     assert trigger["metadata"]["serverAddress"].startswith("http://")
 
 
-def test_other_model_sources_and_cpu_pods(minimal: dict[str, Any]) -> None:
+@pytest.mark.parametrize("weights", ["int4", "fp16"])
+def test_other_model_sources_and_cpu_pods(minimal: dict[str, Any], weights: str) -> None:
     minimal["spec"].update(
-        model={"source": "image", "image": "ghcr.io/me/weights:1", "path": "model.gguf", "weights": "int4"},
+        model={"source": "image", "image": "ghcr.io/me/weights:1", "path": "model.gguf", "weights": weights},
         resources={"gpus": 0},
         monitoring={"vllmCompatibility": False},
         rollout={"podDisruptionBudget": {"enabled": False}},
@@ -210,7 +211,7 @@ def test_other_model_sources_and_cpu_pods(minimal: dict[str, Any]) -> None:
     engine, sidecar = pod["containers"]
     assert engine["args"][engine["args"].index("--device") + 1] == "cpu"
     assert engine["args"][engine["args"].index("--model") + 1] == "/models/model.gguf"
-    assert engine["args"][engine["args"].index("--weights") + 1] == "int4"
+    assert engine["args"][engine["args"].index("--weights") + 1] == weights
     assert "nvidia.com/gpu" not in engine["resources"]["requests"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model"]["image"] == {"reference": "ghcr.io/me/weights:1", "pullPolicy": "Always"}

@@ -93,6 +93,8 @@ INVALID = [
     ({"engine": {"kvCacheTokens": 4096, "kvCacheMemoryFraction": 0.5}}, "not both"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": "0%"}}, "cannot both be 0"),
     ({"gateway": {"enabled": True}}, "gateway.endpointPickerRef is required"),
+    ({"model": {"weights": "fp16"}}, "model.weights fp16 and int4 run on CPU only"),  # gpus defaults to 1
+    ({"model": {"weights": "int4"}, "resources": {"gpus": 1}}, "model.weights fp16 and int4 run on CPU only"),
 ]
 
 
@@ -110,6 +112,7 @@ def test_valid_variations(schema: dict[str, Any]) -> None:
     for spec in (
         {"autoscaling": {"mode": "keda", "minReplicas": 0, "maxReplicas": 4}},  # scale to zero with KEDA
         {"resources": {"gpus": 0}},
+        {"resources": {"gpus": 0}, "model": {"source": "builtin", "weights": "fp16"}},
         {"resources": {"gpuResourceName": "nvidia.com/mig-3g.40gb", "memory": 17179869184}},
         {"rollout": {"maxSurge": "25%", "maxUnavailable": 0}},
         {"model": {"source": "image", "image": "ghcr.io/x/y:1", "path": "model.gguf"}},
