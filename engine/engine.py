@@ -331,6 +331,7 @@ class Engine:
                 s.request.admitted_at = now
                 self.stats.queue.observe(now - s.request.arrival)
                 self.stats.prompt_tokens += len(s.request.prompt_ids)
+                self.stats.prefix_cache_hit_tokens += s.request.cached_tokens
         logits, owners = self.runner.execute(plan.scheduled)
         with self._lock:
             self.scheduler.cache_computed(plan.scheduled)

@@ -41,6 +41,7 @@ class Histogram:
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens of first admissions taken from the prefix cache
     generation_tokens: int = 0
     steps: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"eos": 0, "stop": 0, "length": 0, "aborted": 0})

@@ -127,6 +127,13 @@ class LoadCollector(Collector):
         )
         share = load.sparse_prefill_tokens_total / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
         yield gauge("optimist_sparse_prefill_share", "Fraction of prompt tokens prefilled with sparse attention", share)
+        yield counter(
+            "optimist_prefix_cache_hit_tokens",
+            "Prompt tokens whose K/V came from the prefix cache instead of being prefilled",
+            load.prefix_cache_hit_tokens_total,
+        )
+        hits = load.prefix_cache_hit_tokens_total / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
+        yield gauge("optimist_prefix_cache_hit_share", "Fraction of prompt tokens taken from the prefix cache", hits)
         finished = CounterMetricFamily(
             "optimist_requests_finished", "Finished requests by reason", labels=[*names, "finished_reason"]
         )
@@ -147,6 +154,14 @@ class LoadCollector(Collector):
             yield gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible name)", load.waiting)
             yield gauge("vllm:num_requests_running", "Requests running (vLLM-compatible name)", load.running)
             yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible name)", usage)
+            yield counter(
+                "vllm:prefix_cache_queries", "Prompt tokens looked up (vLLM-compatible name)", load.prompt_tokens_total
+            )
+            yield counter(
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache (vLLM-compatible name)",
+                load.prefix_cache_hit_tokens_total,
+            )
 
 
 def _le(bound: float) -> str:

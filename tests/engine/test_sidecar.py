@@ -84,12 +84,16 @@ def start_sidecar(engine_address: str, port: int) -> subprocess.Popen[str]:
     return proc
 
 
-def generate(address: str, n: int, max_tokens: int) -> None:
+def generate(address: str, n: int, max_tokens: int, token_ids: list[int] | None = None) -> None:
+    """n concurrent requests: prompts "the 0", "the 1", ... or, given token_ids, that prompt each time."""
+
     def one(i: int) -> None:
         with grpc.insecure_channel(address) as channel:
-            req = pb.GenerateRequest(
-                text=f"the {i}", sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-            )
+            sampling = pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            if token_ids is None:
+                req = pb.GenerateRequest(text=f"the {i}", sampling=sampling)
+            else:
+                req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=token_ids), sampling=sampling)
             for _ in pb_grpc.EngineStub(channel).Generate(req):
                 pass
 
@@ -125,6 +129,24 @@ def test_metrics_health_and_promtool(tiny_server: ServerThread) -> None:
         assert values["vllm:kv_cache_usage_perc"] == 0 and values["optimist_kv_blocks_capacity"] == 6
         assert values["optimist_time_to_first_token_seconds_count"] == 3
         assert values["optimist_sparse_prefill_share"] == 0  # dense prefill only (short prompts)
+        assert values["optimist_prefix_cache_hit_tokens_total"] == 0  # three different short prompts
+        # The same 40-token prompt twice, one after the other: the second takes two full 16-token blocks (32
+        # tokens) of K/V from the prefix cache.
+        for _ in range(2):
+            generate(tiny_server.address, 1, 2, token_ids=list(range(3, 43)))
+        text = wait_for(
+            lambda: (
+                (t := http_get(base + "/metrics")[1]) and samples(t).get("optimist_generation_tokens_total") == 19 and t
+            ),
+            what="19 generated tokens in /metrics",
+        )
+        values = samples(text)
+        prompt_tokens = values["optimist_prompt_tokens_total"]
+        assert values["optimist_prefix_cache_hit_tokens_total"] == 32
+        assert (
+            values["vllm:prefix_cache_hits_total"] == 32 and values["vllm:prefix_cache_queries_total"] == prompt_tokens
+        )
+        assert values["optimist_prefix_cache_hit_share"] == pytest.approx(32 / prompt_tokens)
         assert 'model_name="tiny-llama"' in text and 'pool="test-pool"' in text
         promtool = shutil.which("promtool")
         if promtool is None:
