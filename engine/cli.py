@@ -35,10 +35,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument(
         "--weights",
-        default="float",
-        choices=["float", "fp16", "int4"],
-        help="float: exact; fp16 (CPU): float16 weights, float32 arithmetic, ~1.8x faster decode; "
-        "int4 (CPU): GGUF Q4/Q8 blocks run by torch's int4 kernel (bf16 activations)",
+        default="auto",
+        choices=["auto", "float", "fp16", "int4"],
+        help="auto (default): fp16 on an x86 CPU, else float; float: exact; fp16 (CPU): float16 weights, float32 "
+        "arithmetic, logits within ~0.1%%, ~1.3-1.7x faster decode; int4 (CPU): GGUF Q4/Q8 blocks run by torch's "
+        "int4 kernel (bf16 activations)",
     )
     p.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens, help="KV capacity in tokens")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size)

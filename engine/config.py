@@ -70,8 +70,9 @@ class EngineConfig:
     model: Path | None = None  # None = the built-in default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | float16 | bfloat16
-    # float (exact) | fp16 (CPU: float16 weights, float32 arithmetic) | int4 (CPU: GGUF Q4/Q8 blocks, bf16 activations)
-    weights: str = "float"
+    # auto (fp16 on an x86 CPU with float32 activations, else float) | float (exact) | fp16 (CPU: float16 weights,
+    # float32 arithmetic) | int4 (CPU: GGUF Q4/Q8 blocks, bf16 activations)
+    weights: str = "auto"
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)
     max_num_seqs: int = 64  # most requests in the running batch
@@ -99,8 +100,8 @@ class EngineConfig:
             raise ConfigError(f"scheduler must be amin, amin-learned, amax or fcfs, got {self.scheduler!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        if self.weights not in ("float", "fp16", "int4"):
-            raise ConfigError(f"weights must be float, fp16 or int4, got {self.weights!r}")
+        if self.weights not in ("auto", "float", "fp16", "int4"):
+            raise ConfigError(f"weights must be auto, float, fp16 or int4, got {self.weights!r}")
         if self.sparse_prefill_threshold < 0:
             raise ConfigError(
                 f"sparse_prefill_threshold must be 0 (off) or positive, got {self.sparse_prefill_threshold}"

@@ -84,13 +84,18 @@ class Engine:
             torch.set_num_threads(config.threads)
         if self.device.type == "cpu":
             keep_freed_memory()  # steps reuse warm heap pages instead of page-faulting fresh ones (malloc.py)
-        if config.weights == "int4" and (self.device.type != "cpu" or not int4_available()):
+        weights = config.weights
+        if weights == "auto":  # float16 weights where that is fast and keeps float32 arithmetic, else exact
+            cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
+            weights = "fp16" if cpu32 and fp16_available() else "float"
+        self.weights = weights
+        if weights == "int4" and (self.device.type != "cpu" or not int4_available()):
             raise ConfigError("weights=int4 needs the CPU device and torch's int4 CPU kernel (torch >= 2.6)")
-        if config.weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
+        if weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
             raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
         if config.kv_cache_memory_fraction and self.device.type != "cuda":
             raise ConfigError("kv_cache_memory_fraction needs a CUDA device; use kv_cache_tokens on CPU")
-        loaded = load_model(config.model_path(), progress=progress, keep_int4=config.weights == "int4")
+        loaded = load_model(config.model_path(), progress=progress, keep_int4=weights == "int4")
         self.model_config = loaded.config
         if config.max_model_len:
             if config.max_model_len > loaded.config.context_length:
@@ -103,9 +108,9 @@ class Engine:
         model = Llama(loaded.config)
         model.load_weights(loaded.weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        if config.weights == "int4" and self.model.use_int4(loaded.int4) == 0:
+        if weights == "int4" and self.model.use_int4(loaded.int4) == 0:
             raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
-        if config.weights == "fp16":
+        if weights == "fp16":
             self.model.use_fp16()
         del loaded
         self.model.init_rope()

@@ -112,7 +112,7 @@ def engine_args(spec: Manifest) -> list[str]:
     args += ["--device", "cuda" if res["gpus"] > 0 else "cpu"]
     if model["source"] != "builtin":
         args += ["--model", f"{MODEL_DIR}/{model['path']}"]
-    if model["weights"] != "float":
+    if model["weights"] != "auto":
         args += ["--weights", model["weights"]]
     if "servedName" in model:
         args += ["--served-model-name", model["servedName"]]

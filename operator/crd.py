@@ -104,10 +104,10 @@ def _model() -> Schema:
             ),
             "format": _str("weights format", enum=["gguf", "safetensors"], default="gguf"),
             "weights": _str(
-                "float: dequantize at load; fp16: float16 weights, float32 math (CPU only, ~1.3-1.7x faster decode); "
-                "int4: keep GGUF 4-bit blocks (CPU only)",
-                enum=["float", "fp16", "int4"],
-                default="float",
+                "auto: fp16 on CPU pods, float on GPU pods; float: dequantize at load; fp16: float16 weights, "
+                "float32 math (CPU only, ~1.3-1.7x faster decode); int4: keep GGUF 4-bit blocks (CPU only)",
+                enum=["auto", "float", "fp16", "int4"],
+                default="auto",
             ),
             "contextLength": _int(
                 "largest prompt plus output, tokens (default: the model's own)", minimum=16, maximum=1 << 24
@@ -374,7 +374,7 @@ def spec_schema() -> Schema:
         },
         rules=[
             (
-                "!has(self.model) || !has(self.model.weights) || self.model.weights == 'float' || "
+                "!has(self.model) || !has(self.model.weights) || self.model.weights in ['auto', 'float'] || "
                 "(has(self.resources) && has(self.resources.gpus) && self.resources.gpus == 0)",
                 "model.weights fp16 and int4 run on CPU only: set resources.gpus to 0",
             )

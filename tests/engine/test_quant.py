@@ -93,3 +93,12 @@ def test_fp16_engine_answers_like_the_float_engine(engine: Engine, model_path: P
             assert diff < 0.004 * logits.abs().max().item(), (text, diff)
     finally:
         fast.shutdown()
+
+
+def test_auto_weights_pick_fp16_on_cpu_and_float_where_it_would_change_the_arithmetic(tiny_gguf: Path) -> None:
+    chosen = {}
+    for dtype in ("auto", "bfloat16"):
+        eng = Engine(EngineConfig(model=tiny_gguf, dtype=dtype, kv_cache_tokens=256))
+        chosen[dtype] = eng.weights
+        eng.shutdown()
+    assert chosen == {"auto": "fp16" if fp16_available() else "float", "bfloat16": "float"}

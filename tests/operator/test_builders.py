@@ -196,7 +196,7 @@ def test_keda_scaled_object_sums_the_pool_signal(minimal: dict[str, Any]) -> Non
     assert trigger["metadata"]["serverAddress"].startswith("http://")
 
 
-@pytest.mark.parametrize("weights", ["int4", "fp16"])
+@pytest.mark.parametrize("weights", ["int4", "fp16", "float"])
 def test_other_model_sources_and_cpu_pods(minimal: dict[str, Any], weights: str) -> None:
     minimal["spec"].update(
         model={"source": "image", "image": "ghcr.io/me/weights:1", "path": "model.gguf", "weights": weights},
