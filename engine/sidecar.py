@@ -120,20 +120,13 @@ class LoadCollector(Collector):
         yield counter("optimist_prompt_tokens", "Prompt tokens admitted", load.prompt_tokens_total)
         yield counter("optimist_generation_tokens", "Tokens generated", load.generation_tokens_total)
         yield counter("optimist_engine_steps", "Engine steps run", load.steps_total)
-        yield counter(
-            "optimist_sparse_prefill_tokens",
-            "Prompt tokens prefilled with sparse attention",
-            load.sparse_prefill_tokens_total,
-        )
-        share = load.sparse_prefill_tokens_total / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
-        yield gauge("optimist_sparse_prefill_share", "Fraction of prompt tokens prefilled with sparse attention", share)
-        yield counter(
-            "optimist_prefix_cache_hit_tokens",
-            "Prompt tokens whose K/V came from the prefix cache instead of being prefilled",
-            load.prefix_cache_hit_tokens_total,
-        )
-        hits = load.prefix_cache_hit_tokens_total / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
-        yield gauge("optimist_prefix_cache_hit_share", "Fraction of prompt tokens taken from the prefix cache", hits)
+        for name, what, tokens in (
+            ("optimist_sparse_prefill", "prefilled with sparse attention", load.sparse_prefill_tokens_total),
+            ("optimist_prefix_cache_hit", "whose K/V came from the prefix cache", load.prefix_cache_hit_tokens_total),
+        ):
+            share = tokens / load.prompt_tokens_total if load.prompt_tokens_total else 0.0
+            yield counter(f"{name}_tokens", f"Prompt tokens {what}", tokens)
+            yield gauge(f"{name}_share", f"Fraction of prompt tokens {what}", share)
         finished = CounterMetricFamily(
             "optimist_requests_finished", "Finished requests by reason", labels=[*names, "finished_reason"]
         )

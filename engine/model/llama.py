@@ -207,6 +207,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def linears(self) -> list[tuple[nn.Module, str]]:
+        """(owner, attribute) of each linear layer, for swapping in reduced-precision ones."""
+        return [(self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate"), (self.mlp, "w_up"), (self.mlp, "w_down")]
+
 
 class Llama(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -268,7 +272,7 @@ class Llama(nn.Module):
                 fused = concat_rows([int4[key + n] for n in ("wq", "wk", "wv")])
                 block.attn.wqkv = Int4Linear(fused, block.attn.wqkv.weight, max_rows)  # type: ignore[assignment]
                 swapped += 1
-            for owner, attr in ((block.attn, "wo"), (block.mlp, "w_gate"), (block.mlp, "w_up"), (block.mlp, "w_down")):
+            for owner, attr in block.linears()[1:]:  # wqkv above: three GGUF tensors fused
                 if key + attr in int4:
                     setattr(owner, attr, Int4Linear(int4[key + attr], getattr(owner, attr).weight, max_rows))
                     swapped += 1
@@ -282,9 +286,8 @@ class Llama(nn.Module):
         """Swaps every linear layer and the vocabulary projection for float16-weight ones (CPU; see Fp16Linear)."""
         for block in self.layers:
             assert isinstance(block, Block)
-            for owner, attrs in ((block.attn, ("wqkv", "wo")), (block.mlp, ("w_gate", "w_up", "w_down"))):
-                for attr in attrs:
-                    setattr(owner, attr, Fp16Linear(getattr(owner, attr).weight))
+            for owner, attr in block.linears():
+                setattr(owner, attr, Fp16Linear(getattr(owner, attr).weight))
         head = self.lm_head if self.lm_head is not None else self.embed
         self.head_fast = Fp16Linear(head.weight)
 
