@@ -1,7 +1,23 @@
-"""Sparse index: per 64-query block, key ranges (causally masked) and kept columns left of them. Kernels (and the
-reference) attend to exactly these keys. Vertical-slash builds it from kept diagonals (each a 64-wide range for its
-block) and columns, a superset of the exact vertical-or-slash mask; A-shape and block-sparse are expressed in the
-same form, so one kernel serves all three patterns."""
+"""Sparse indices the Triton kernels consume, built with tensor operations on the inputs' device (no Python loop
+over blocks, so a 1M-token prompt's index takes milliseconds on a GPU).
+
+Queries come in blocks of `block` rows; a chunk's queries sit at positions q_start .. q_start + n - 1 and see keys
+0 .. q_start + n - 1, so chunked prefill uses the same indices. Every block is treated as `block` rows wide (a
+partial last block included): its rows past the chunk do not exist, and the extra keys that width lends the last
+block's ranges only widen the superset.
+
+Vertical-slash (`VerticalSlashIndex`): a kept diagonal o covers, for the block of rows [s, s + block), the key range
+[s - o, s + block - o). Sorted diagonals whose gaps are at most `block` give touching or overlapping ranges, so they
+group into segments (lo, hi) whose union is the single range [s - hi, s + block - lo), clipped to [0, L): the same
+segments serve every block, and neighbouring segments' ranges never touch. Kept columns are visited separately,
+only those left of the block's first row (`col_count`) that no range of the block covers: column c is covered iff
+its distance d = s - c lies in (lo - block, hi] for some segment, which `covered[d]` answers. The covered region
+is a superset of the exact vertical-or-slash mask; columns lie left of the block, so only ranges need a causal mask.
+A-shape is the static case (sinks as columns, the window as diagonals 0 .. n_local - 1).
+
+Block-sparse (`BlockSparseIndex`): per query block, the kept key blocks (aligned to absolute positions, `block`
+keys each), sorted, with their count.
+"""
 
 from __future__ import annotations
 
@@ -9,87 +25,156 @@ from dataclasses import dataclass
 
 import torch
 
+BIG = 1 << 30  # padding for column and offset lists: sorts last, lies right of every block
+
 
 @dataclass
 class VerticalSlashIndex:
     block: int
-    range_starts: list[torch.Tensor]  # per query block: sorted starts of merged key ranges, each `block` wide or more
-    range_ends: list[torch.Tensor]  # per query block: exclusive ends (merged ranges can be wider than one block)
-    columns: list[torch.Tensor]  # per query block: sorted kept columns left of the block, outside every range
+    q_start: int
+    n: int  # query rows in the chunk
+    seg_lo: torch.Tensor  # int32 [H, S]: smallest diagonal offset of each segment (padding: BIG)
+    seg_hi: torch.Tensor  # int32 [H, S]: largest offset of each segment
+    seg_count: torch.Tensor  # int32 [H]
+    columns: torch.Tensor  # int32 [H, C]: kept columns, sorted, padded with BIG
+    col_count: torch.Tensor  # int32 [H, blocks]: columns left of each block's first row
+    covered: torch.Tensor  # uint8 [H, L + 1]: 1 where a column at that distance left of a block is in its ranges
 
-    def mask(self, n: int) -> torch.Tensor:
-        """The [n, n] boolean mask the index covers (causal)."""
-        device = self.columns[0].device if self.columns else None
-        out = torch.zeros((n, n), dtype=torch.bool, device=device)
-        for b, (starts, ends, cols) in enumerate(zip(self.range_starts, self.range_ends, self.columns, strict=True)):
-            rows = slice(b * self.block, min(n, (b + 1) * self.block))
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                out[rows, s:e] = True
-            out[rows, cols] = True
-        i = torch.arange(n, device=device)
-        return out & (i[None, :] <= i[:, None])
+    @property
+    def length(self) -> int:
+        return self.q_start + self.n
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block)
+
+    def ranges(self, head: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts, ends) of block b's key ranges for a head, ascending; empty ones dropped."""
+        s = self.q_start + b * self.block
+        count = int(self.seg_count[head])
+        lo, hi = self.seg_lo[head, :count].long(), self.seg_hi[head, :count].long()
+        starts = (s - hi).clamp(min=0)
+        ends = (s + self.block - lo).clamp(max=self.length)
+        keep = ends > starts
+        return starts[keep].flip(0), ends[keep].flip(0)
+
+    def block_columns(self, head: int, b: int) -> torch.Tensor:
+        """The columns the kernel visits for block b: left of it and in none of its ranges."""
+        s = self.q_start + b * self.block
+        cols = self.columns[head, : int(self.col_count[head, b])].long()
+        return cols[self.covered[head, s - cols] == 0]
+
+    def mask(self, head: int) -> torch.Tensor:
+        """bool [n, L]: the (row, key) pairs the kernel attends to for a head, causal."""
+        device = self.columns.device
+        out = torch.zeros((self.num_blocks * self.block, self.length), dtype=torch.bool, device=device)
+        for b in range(self.num_blocks):
+            rows = slice(b * self.block, (b + 1) * self.block)
+            for a, z in zip(*(t.tolist() for t in self.ranges(head, b)), strict=True):
+                out[rows, a:z] = True
+            out[rows, self.block_columns(head, b)] = True
+        qpos = self.q_start + torch.arange(self.n, device=device)
+        return out[: self.n] & (torch.arange(self.length, device=device)[None, :] <= qpos[:, None])
+
+
+def _pad_sorted(values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """[H, K] -> sorted int64 with entries at rank >= counts[h] (and negative ones) replaced by BIG."""
+    values = values.long()
+    if counts is not None:
+        rank = torch.arange(values.shape[1], device=values.device)[None, :]
+        values = torch.where(rank < counts[:, None].to(values.device), values, BIG)
+    return torch.where(values < 0, BIG, values).sort(dim=1).values
 
 
 def build_vertical_slash_index(
-    n: int, columns: torch.Tensor, offsets: torch.Tensor, block: int = 64
+    columns: torch.Tensor,
+    offsets: torch.Tensor,
+    q_start: int,
+    n: int,
+    block: int = 64,
+    column_counts: torch.Tensor | None = None,
+    offset_counts: torch.Tensor | None = None,
 ) -> VerticalSlashIndex:
-    """Requires the nearest `block` diagonals among `offsets` (the estimators always keep 100): then every key
-    inside a query block is covered by a range, and columns only ever lie left of their block."""
-    local = offsets[(offsets >= 0) & (offsets < block)].unique()
-    if len(local) < min(block, n):
+    """columns [H, C] and offsets [H, S] (any order, distinct per head; a head uses its first `*_counts[h]` entries
+    when counts are given). The nearest `block` diagonals must be among each head's offsets (the estimators always
+    keep 100): then every key inside a query block is covered by a range."""
+    if columns.dim() == 1:
+        columns, offsets = columns[None], offsets[None]
+    device = columns.device
+    length = q_start + n
+    heads = columns.shape[0]
+    offs = _pad_sorted(offsets, offset_counts)
+    local = min(block, length)
+    if offs.shape[1] < local or bool((offs[:, :local] != torch.arange(local, device=device)).any()):
         raise ValueError(f"offsets must include the nearest {block} diagonals (0..{block - 1})")
-    starts_out, ends_out, cols_out = [], [], []
-    cols = columns.sort().values
-    for b in range(-(-n // block)):
-        s = b * block
-        e = min(n, s + block)
-        # Diagonal o covers keys i - o for i in [s, e): the range [s - o, e - o), clipped to [0, e).
-        lo = (s - offsets).clamp(min=0)
-        hi = (e - offsets).clamp(max=e)
-        keep = hi > lo
-        lo, hi = lo[keep], hi[keep]
-        order = lo.argsort()
-        merged_s: list[int] = []
-        merged_e: list[int] = []
-        for a, z in zip(lo[order].tolist(), hi[order].tolist(), strict=True):
-            if merged_e and a <= merged_e[-1]:
-                merged_e[-1] = max(merged_e[-1], z)
-            else:
-                merged_s.append(a)
-                merged_e.append(z)
-        starts = torch.tensor(merged_s, dtype=torch.long, device=columns.device)
-        ends = torch.tensor(merged_e, dtype=torch.long, device=columns.device)
-        left = cols[cols < s]
-        if len(starts):
-            inside = ((left[:, None] >= starts[None, :]) & (left[:, None] < ends[None, :])).any(dim=1)
-            left = left[~inside]
-        starts_out.append(starts)
-        ends_out.append(ends)
-        cols_out.append(left.unique())
-    return VerticalSlashIndex(block, starts_out, ends_out, cols_out)
+    cols = _pad_sorted(columns, column_counts)
+    # segments: runs of sorted offsets with gaps of at most `block` (padding, all BIG, forms the last run)
+    new_seg = torch.ones_like(offs, dtype=torch.bool)
+    new_seg[:, 1:] = (offs[:, 1:] - offs[:, :-1]) > block
+    seg_id = new_seg.long().cumsum(dim=1) - 1
+    num_seg = int(seg_id[:, -1].max()) + 1
+    seg_lo = torch.full((heads, num_seg), BIG, dtype=torch.long, device=device)
+    seg_hi = torch.full((heads, num_seg), BIG, dtype=torch.long, device=device)
+    seg_lo.scatter_reduce_(1, seg_id, offs, reduce="amin", include_self=False)
+    seg_hi.scatter_reduce_(1, seg_id, offs, reduce="amax", include_self=False)
+    seg_count = (seg_lo < BIG).sum(dim=1)
+    # covered[d] for distances 1 .. L: d in (lo - block, hi] for some real segment (a difference array)
+    real = seg_lo < BIG
+    first = (seg_lo - block + 1).clamp(min=1, max=length + 1)
+    last = (seg_hi + 1).clamp(max=length + 1)
+    diff = torch.zeros((heads, length + 2), dtype=torch.int32, device=device)
+    ones = real.to(torch.int32)
+    diff.scatter_add_(1, torch.where(real, first, length + 1), ones)
+    diff.scatter_add_(1, torch.where(real, last, length + 1), -ones)
+    covered = (diff.cumsum(dim=1)[:, : length + 1] > 0).to(torch.uint8)
+    starts = q_start + block * torch.arange(-(-n // block), device=device)
+    col_count = torch.searchsorted(cols, starts[None, :].expand(heads, -1).contiguous())
+    i32 = torch.int32
+    return VerticalSlashIndex(
+        block, q_start, n, seg_lo.clamp(max=BIG).to(i32), seg_hi.clamp(max=BIG).to(i32), seg_count.to(i32),
+        cols.clamp(max=BIG).to(i32), col_count.to(i32), covered,
+    )  # fmt: skip
 
 
-def build_a_shape_index(n: int, n_init: int, n_local: int, block: int = 64) -> VerticalSlashIndex:
+def build_a_shape_index(
+    heads: int, q_start: int, n: int, n_init: int, n_local: int, block: int = 64, device: torch.device | None = None
+) -> VerticalSlashIndex:
     """A-shape is vertical-slash with static choices: the first `n_init` columns and the nearest `n_local`
-    diagonals; one kernel serves both."""
-    return build_vertical_slash_index(n, torch.arange(min(n_init, n)), torch.arange(min(max(n_local, block), n)), block)
+    diagonals (at least `block` of them); one kernel serves both."""
+    length = q_start + n
+    cols = torch.arange(min(n_init, length), device=device)[None].expand(heads, -1)
+    offs = torch.arange(min(max(n_local, block), length), device=device)[None].expand(heads, -1)
+    return build_vertical_slash_index(cols, offs, q_start, n, block)
 
 
-def build_block_sparse_index(n: int, kept: list[torch.Tensor], block: int = 64) -> VerticalSlashIndex:
-    """Block-sparse as ranges: each kept key block of a query block is a `block`-wide key range (causally masked by
-    the kernel's range loop), merged where adjacent; no columns."""
-    starts_out, ends_out, cols_out = [], [], []
-    for blocks in kept:
-        merged_s: list[int] = []
-        merged_e: list[int] = []
-        for b in sorted(set(blocks.tolist())):
-            s, e = b * block, min(n, (b + 1) * block)
-            if merged_e and s <= merged_e[-1]:
-                merged_e[-1] = max(merged_e[-1], e)
-            else:
-                merged_s.append(s)
-                merged_e.append(e)
-        starts_out.append(torch.tensor(merged_s, dtype=torch.long))
-        ends_out.append(torch.tensor(merged_e, dtype=torch.long))
-        cols_out.append(torch.zeros(0, dtype=torch.long))
-    return VerticalSlashIndex(block, starts_out, ends_out, cols_out)
+@dataclass
+class BlockSparseIndex:
+    block: int
+    q_start: int
+    n: int
+    blocks: torch.Tensor  # int32 [H, query blocks, K]: kept key blocks, sorted, padding BIG at the end
+    count: torch.Tensor  # int32 [H, query blocks]
+
+    @property
+    def length(self) -> int:
+        return self.q_start + self.n
+
+    def mask(self, head: int) -> torch.Tensor:
+        """bool [n, L] the kernel attends to for a head, causal."""
+        device = self.blocks.device
+        nb = self.blocks.shape[1]
+        out = torch.zeros((nb * self.block, self.length), dtype=torch.bool, device=device)
+        for b in range(nb):
+            for kb in self.blocks[head, b, : int(self.count[head, b])].tolist():
+                out[b * self.block : (b + 1) * self.block, kb * self.block : (kb + 1) * self.block] = True
+        qpos = self.q_start + torch.arange(self.n, device=device)
+        return out[: self.n] & (torch.arange(self.length, device=device)[None, :] <= qpos[:, None])
+
+
+def build_block_sparse_index(
+    kept: torch.Tensor, counts: torch.Tensor, q_start: int, n: int, block: int = 64
+) -> BlockSparseIndex:
+    """kept [H, query blocks, K] key-block ids (the first counts[h, b] valid, distinct): sorted and padded."""
+    rank = torch.arange(kept.shape[2], device=kept.device)[None, None, :]
+    blocks = torch.where(rank < counts[..., None], kept.long(), BIG).sort(dim=2).values
+    return BlockSparseIndex(block, q_start, n, blocks.clamp(max=BIG).to(torch.int32), counts.to(torch.int32))

@@ -1,0 +1,239 @@
+"""Triton kernels for sparse prefill attention, consuming the indices of `index.py`.
+
+- `vertical_slash_attention`: one program per (query block of BLOCK_M rows, head). Loop 1 walks the block's key
+  ranges (one per segment of kept diagonals, computed from the segment and the block's first row) in BLOCK_N
+  tiles with a causal mask; loop 2 gathers the block's kept columns left of it that no range covers, BLOCK_N at a
+  time. Both feed one FlashAttention-style online softmax in fp32 (exp2, with log2(e) folded into the query
+  scale). A-shape runs here too: sinks are columns, the window is diagonals.
+- `block_sparse_attention`: one program per (query block, head), looping over its kept key blocks with a causal
+  mask.
+
+Inputs keep the engine's packed layout (q [n, Hq, D], k/v [L, Hkv, D]; any strides with a unit last one); grouped
+query heads read their KV head's keys (no copies). `heads` picks which query heads a launch covers (heads of
+other patterns run in another launch), and the index's head h describes query head heads[h].
+
+Launch configurations: fixed under the interpreter (TRITON_INTERPRET=1 on CPU tensors, where autotuning cannot
+run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size); `tuned_configs()` reports the choices.
+Set TRITON_INTERPRET before this module is imported to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from .index import BlockSparseIndex, VerticalSlashIndex
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):  # type: ignore[no-untyped-def]  # Triton tensors
+    """Folds one tile of base-2 scores `s` (masked entries -inf) and values `v` into the running max, sum and
+    output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays all-zero
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
+    Q, K, V, Out, heads,
+    seg_lo, seg_hi, seg_count, columns, col_count, covered,
+    n, q_start, group, scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    max_seg, max_col, num_blocks, cov_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    h = tl.program_id(1)
+    head = tl.load(heads + h)
+    kv_head = head // group
+    length = q_start + n
+    s0 = q_start + block * BLOCK_M  # the block's first row (absolute position)
+    local = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = q_start + local
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = local < n
+    q = tl.load(Q + local[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * scale).to(q.dtype)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+
+    n_seg = tl.load(seg_count + h)
+    for r in range(0, n_seg):
+        lo = tl.load(seg_lo + h * max_seg + r)
+        hi = tl.load(seg_hi + h * max_seg + r)
+        start = tl.maximum(s0 - hi, 0)
+        end = tl.minimum(s0 + BLOCK_M - lo, length)
+        for tile in range(start, end, BLOCK_N):
+            keys = tile + tl.arange(0, BLOCK_N)
+            key_ok = keys < end
+            k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+
+    n_cols = tl.load(col_count + h * num_blocks + block)
+    for c in range(0, n_cols, BLOCK_N):
+        offs = c + tl.arange(0, BLOCK_N)
+        col_ok = offs < n_cols
+        keys = tl.load(columns + h * max_col + offs, mask=col_ok, other=0)
+        # a column some range of this block covers was attended to there already
+        dist = tl.where(col_ok, s0 - keys, 0)
+        col_ok = col_ok & (tl.load(covered + h * cov_len + dist, mask=col_ok, other=1) == 0)
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(col_ok[None, :], s, float("-inf"))  # columns lie left of the block: no causal mask
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + local[:, None] * stride_on + head * stride_oh + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
+    Q, K, V, Out, heads,
+    blocks, count,
+    n, q_start, group, scale,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    max_blocks, num_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    h = tl.program_id(1)
+    head = tl.load(heads + h)
+    kv_head = head // group
+    length = q_start + n
+    local = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = q_start + local
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = local < n
+    q = tl.load(Q + local[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * scale).to(q.dtype)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+    meta = h * num_blocks + block
+    n_kept = tl.load(count + meta)
+    for i in range(0, n_kept):
+        kb = tl.load(blocks + meta * max_blocks + i)
+        keys = kb * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
+        key_ok = keys < length
+        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + local[:, None] * stride_on + head * stride_oh + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+_TUNE_VS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
+]
+_TUNE_BS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
+_vertical_slash_tuned = triton.autotune(_TUNE_VS, key=["HEAD_DIM", "BLOCK_M"])(_vertical_slash_kernel)
+_block_sparse_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M"])(_block_sparse_kernel)
+
+
+def tuned_configs() -> dict[str, str]:
+    """The launch configurations autotuning chose so far (GPU), by kernel."""
+    out = {}
+    for name, kernel in (("vertical_slash", _vertical_slash_tuned), ("block_sparse", _block_sparse_tuned)):
+        for key, config in getattr(kernel, "cache", {}).items():
+            out[f"{name}{key}"] = str(config)
+    return out
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor | None) -> tuple[Any, ...]:
+    _, hq, d = q.shape
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"{hq} query heads do not group over {k.shape[1]} KV heads")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head size {d} must be a power of two of at least 16")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    if heads is None:
+        heads = torch.arange(hq, device=q.device)
+    heads = heads.to(device=q.device, dtype=torch.int32)
+    scale = LOG2E / math.sqrt(d)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    return heads, hq // k.shape[1], scale, strides
+
+
+def vertical_slash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: VerticalSlashIndex,
+    heads: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [n, Hq, D] (positions index.q_start ..), k/v [q_start + n, Hkv, D]. Writes the rows of `heads` (default:
+    all; index head h is query head heads[h]) into `out` ([n, Hq, D], new if None) and returns it."""
+    heads, group, scale, strides = _common(q, k, v, heads)
+    out = torch.empty_like(q) if out is None else out
+    grid = (index.num_blocks, len(heads))
+    args = (
+        q, k, v, out, heads,
+        index.seg_lo, index.seg_hi, index.seg_count, index.columns, index.col_count, index.covered,
+        index.n, index.q_start, group, scale,
+        *strides, out.stride(0), out.stride(1),
+        index.seg_lo.shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
+    )  # fmt: skip
+    if INTERPRET or not q.is_cuda:
+        _vertical_slash_kernel[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, BLOCK_N=64)
+    else:
+        _vertical_slash_tuned[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block)
+    return out
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockSparseIndex,
+    heads: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Like `vertical_slash_attention`, over a block-sparse index (query blocks and key blocks of index.block)."""
+    heads, group, scale, strides = _common(q, k, v, heads)
+    out = torch.empty_like(q) if out is None else out
+    num_blocks = index.blocks.shape[1]
+    grid = (num_blocks, len(heads))
+    args = (
+        q, k, v, out, heads, index.blocks, index.count,
+        index.n, index.q_start, group, scale,
+        *strides, out.stride(0), out.stride(1),
+        index.blocks.shape[2], num_blocks,
+    )  # fmt: skip
+    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block}
+    if INTERPRET or not q.is_cuda:
+        _block_sparse_kernel[grid](*args, **consts)
+    else:
+        _block_sparse_tuned[grid](*args, **consts)
+    return out

@@ -1,0 +1,153 @@
+"""The Triton kernels equal the float64 masked reference on the same index (TRITON_INTERPRET=1 on CPU): vertical-
+slash, A-shape and block-sparse, whole prompts and chunks after a cached prefix, grouped-query heads, head subsets;
+full budgets reproduce dense attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
+
+from optimist.engine.attention.sparse.estimate import estimate_vertical_slash  # noqa: E402
+from optimist.engine.attention.sparse.index import (  # noqa: E402
+    build_a_shape_index,
+    build_block_sparse_index,
+    build_vertical_slash_index,
+)
+from optimist.engine.attention.sparse.reference import masked_attention  # noqa: E402
+from optimist.engine.attention.sparse.triton_kernels import (  # noqa: E402
+    block_sparse_attention,
+    vertical_slash_attention,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def qkv(n: int, q_start: int, hq: int, hkv: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Packed engine layout: q [n, Hq, D] at positions q_start.., k/v [q_start + n, Hkv, D]."""
+    g = torch.Generator().manual_seed(seed)
+    length = q_start + n
+    return (
+        torch.randn(n, hq, d, generator=g),
+        torch.randn(length, hkv, d, generator=g),
+        torch.randn(length, hkv, d, generator=g),
+    )
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """masks [Hq, n, L] -> [n, Hq, D] in float64 softmax."""
+    out = masked_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), masks)
+    return out.transpose(0, 1)
+
+
+def on_device(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    return [t.to(DEVICE, dtype) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "n,q_start,hq,hkv,d,dtype",
+    [
+        (200, 0, 2, 1, 32, torch.float32),
+        (333, 0, 4, 2, 16, torch.float32),
+        (150, 190, 2, 2, 32, torch.float32),  # a chunk after a cached prefix, unaligned to the block
+        (256, 0, 2, 2, 32, torch.float16),
+    ],
+)
+def test_vertical_slash_kernel_matches_the_reference(n, q_start, hq, hkv, d, dtype) -> None:
+    q, k, v = qkv(n, q_start, hq, hkv, d, seed=n + q_start)
+    length = q_start + n
+    columns, offsets = [], []
+    for h in range(hq):
+        # each head its own estimate from its last queries (different budgets per head: padded lists)
+        qh = torch.cat([torch.zeros(q_start, d), q[:, h]])
+        c, o = estimate_vertical_slash(qh, k[:, h // (hq // hkv)], k_v=30 + 10 * h, k_s=100 + 7 * h)
+        columns.append(c)
+        offsets.append(o)
+    width_c, width_o = max(map(len, columns)), max(map(len, offsets))
+    cols = torch.stack([torch.nn.functional.pad(c, (0, width_c - len(c)), value=-1) for c in columns])
+    offs = torch.stack([torch.nn.functional.pad(o, (0, width_o - len(o)), value=-1) for o in offsets])
+    index = build_vertical_slash_index(cols, offs, q_start, n)
+    masks = torch.stack([index.mask(h) for h in range(hq)])
+    got = vertical_slash_attention(*on_device(q, k, v, dtype=dtype), _to(index))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float().cpu(), reference(q, k, v, masks).float(), atol=tol, rtol=tol)
+    assert length > index.block  # the test covers more than one block
+
+
+def _to(index):  # type: ignore[no-untyped-def]
+    """The index's tensors on the test device."""
+    fields = {name: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for name, t in vars(index).items()}
+    return type(index)(**fields)
+
+
+def test_full_budgets_reproduce_dense_attention() -> None:
+    for n, q_start in ((192, 0), (130, 100)):
+        q, k, v = qkv(n, q_start, 2, 1, 16, seed=1)
+        length = q_start + n
+        everything = torch.arange(length)[None].expand(2, -1)
+        index = build_vertical_slash_index(everything, everything, q_start, n)
+        qpos = q_start + torch.arange(n)
+        causal = (torch.arange(length)[None, :] <= qpos[:, None]).expand(2, -1, -1)
+        assert torch.equal(torch.stack([index.mask(h) for h in range(2)]), causal)
+        dense = reference(q, k, v, causal)
+        got = vertical_slash_attention(*on_device(q, k, v), _to(index)).cpu()
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+        nb, nk = -(-n // 64), -(-length // 64)
+        kept = torch.arange(nk)[None, None].expand(2, nb, -1)
+        # every key block up to the one holding the query block's last row
+        counts = ((q_start + 64 * torch.arange(nb) + 63) // 64 + 1).clamp(max=nk)[None].expand(2, -1)
+        blocks = build_block_sparse_index(kept, counts, q_start, n)
+        assert torch.equal(torch.stack([blocks.mask(h) for h in range(2)]), causal)
+        got = block_sparse_attention(*on_device(q, k, v), _to(blocks)).cpu()
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shape_runs_on_the_vertical_slash_kernel() -> None:
+    n, d = 320, 16
+    q, k, v = qkv(n, 0, 2, 2, d, seed=7)
+    index = build_a_shape_index(2, 0, n, n_init=16, n_local=100)
+    i = torch.arange(n)
+    exact = (i[None, :] <= i[:, None]) & ((i[None, :] < 16) | (i[:, None] - i[None, :] < 100))
+    mask = index.mask(0)
+    assert bool((mask | ~exact).all()), "the index covers the exact A-shape mask"
+    assert int(mask.sum(dim=1).max()) <= 16 + 100 + 63, "and no row sees more than sinks, window and a block"
+    got = vertical_slash_attention(*on_device(q, k, v), _to(index)).cpu()
+    torch.testing.assert_close(got, reference(q, k, v, torch.stack([mask, mask])), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("q_start", [0, 100])
+def test_block_sparse_kernel_matches_the_reference_for_a_subset_of_heads(q_start: int) -> None:
+    n, d, hq = 300, 16, 4
+    q, k, v = qkv(n, q_start, hq, 2, d, seed=11)
+    length = q_start + n
+    nb, nk = -(-n // 64), -(-length // 64)
+    g = torch.Generator().manual_seed(5)
+    kept = torch.zeros((2, nb, 3), dtype=torch.long)
+    counts = torch.zeros((2, nb), dtype=torch.long)
+    for h in range(2):
+        for b in range(nb):
+            last = (q_start + 64 * b + 63) // 64  # the block holding the query block's last row
+            own = [min(last, nk - 1)]
+            others = [x for x in torch.randperm(nk, generator=g).tolist() if x < own[0]][:2]
+            picks = own + others
+            kept[h, b, : len(picks)] = torch.tensor(picks)
+            counts[h, b] = len(picks)
+    index = build_block_sparse_index(kept, counts, q_start, n)
+    heads = torch.tensor([1, 3])  # the other two heads keep what `out` held
+    out = torch.full((n, hq, d), 7.0)
+    got = block_sparse_attention(*on_device(q, k, v), _to(index), heads=heads.to(DEVICE), out=out.to(DEVICE)).cpu()
+    masks = torch.stack([index.mask(0), index.mask(0), index.mask(1), index.mask(1)])
+    expected = reference(q, k, v, masks)
+    torch.testing.assert_close(got[:, [1, 3]], expected[:, [1, 3]], atol=1e-4, rtol=1e-4)
+    assert bool((got[:, [0, 2]] == 7.0).all())
+
+
+def test_kernels_refuse_shapes_they_cannot_run() -> None:
+    q, k, v = qkv(64, 0, 3, 2, 16, seed=0)
+    index = build_a_shape_index(3, 0, 64, 4, 64)
+    with pytest.raises(ValueError, match="do not group"):
+        vertical_slash_attention(q, k, v, index)
+    q, k, v = qkv(64, 0, 2, 1, 24, seed=0)
+    with pytest.raises(ValueError, match="power of two"):
+        vertical_slash_attention(q, k, v, build_a_shape_index(2, 0, 64, 4, 64))
