@@ -346,3 +346,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .sidecar import add_parser as add_sidecar
 
     add_sidecar(kinds)
+
+    from .sparse_attention import add_parser as add_sparse_attention
+
+    add_sparse_attention(kinds)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.sparse.config import HeadPattern
+from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
 from .quant import Fp16Linear, Int4Linear, Int4Part, concat_rows
@@ -180,9 +181,10 @@ class Attention(nn.Module):
             ks, vs = k[span.start : span.end], v[span.start : span.end]
         else:
             ks, vs = k_cache.index_select(0, span.context_slots), v_cache.index_select(0, span.context_slots)
-        out, _ = sparse_prefill_attention(
-            q[span.start : span.end], ks, vs, span.context_len - n, meta.sparse_patterns[self.layer]
-        )
+        patterns = meta.sparse_patterns[self.layer]
+        if q.is_cuda:  # Triton kernels over device-built indices
+            return sparse_prefill_attention_triton(q[span.start : span.end], ks, vs, span.context_len - n, patterns)
+        out, _ = sparse_prefill_attention(q[span.start : span.end], ks, vs, span.context_len - n, patterns)
         return out
 
 

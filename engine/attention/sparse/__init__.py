@@ -1,1 +1,2 @@
-"""Sparse-attention prefill: plain-PyTorch references, estimators and index building (Triton kernels to come)."""
+"""Sparse-attention prefill: plain-PyTorch references, estimators, device-built indices, Triton kernels (the CUDA
+path, gpu.py) and the CPU path (prefill.py)."""

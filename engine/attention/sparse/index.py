@@ -64,17 +64,33 @@ class VerticalSlashIndex:
         cols = self.columns[head, : int(self.col_count[head, b])].long()
         return cols[self.covered[head, s - cols] == 0]
 
+    def rows_mask(self, head: int, rows: torch.Tensor) -> torch.Tensor:
+        """bool [R, L]: the keys the kernel attends to for chunk rows `rows` of a head, causal (for recall)."""
+        device = self.columns.device
+        rows = rows.to(device)
+        length = self.length
+        s = self.q_start + (rows // self.block) * self.block  # each row's block start
+        count = int(self.seg_count[head])
+        lo, hi = self.seg_lo[head, :count].long(), self.seg_hi[head, :count].long()
+        starts = (s[:, None] - hi[None, :]).clamp(min=0)
+        ends = (s[:, None] + self.block - lo[None, :]).clamp(max=length)
+        real = ends > starts
+        diff = torch.zeros((len(rows), length + 1), dtype=torch.int32, device=device)
+        diff.scatter_add_(1, torch.where(real, starts, length), real.to(torch.int32))
+        diff.scatter_add_(1, torch.where(real, ends, length), -real.to(torch.int32))
+        out = diff.cumsum(dim=1)[:, :length] > 0
+        cols = self.columns[head].long()
+        visits = torch.arange(len(cols), device=device)[None, :] < self.col_count[head, rows // self.block][:, None]
+        dist = (s[:, None] - cols[None, :]).clamp(min=0, max=length)
+        visits &= self.covered[head][dist] == 0
+        hit = torch.zeros((len(rows), length + 1), dtype=torch.bool, device=device)
+        hit.scatter_(1, torch.where(visits, cols[None, :].clamp(max=length), length), True)
+        out |= hit[:, :length]
+        return out & (torch.arange(length, device=device)[None, :] <= (self.q_start + rows)[:, None])
+
     def mask(self, head: int) -> torch.Tensor:
         """bool [n, L]: the (row, key) pairs the kernel attends to for a head, causal."""
-        device = self.columns.device
-        out = torch.zeros((self.num_blocks * self.block, self.length), dtype=torch.bool, device=device)
-        for b in range(self.num_blocks):
-            rows = slice(b * self.block, (b + 1) * self.block)
-            for a, z in zip(*(t.tolist() for t in self.ranges(head, b)), strict=True):
-                out[rows, a:z] = True
-            out[rows, self.block_columns(head, b)] = True
-        qpos = self.q_start + torch.arange(self.n, device=device)
-        return out[: self.n] & (torch.arange(self.length, device=device)[None, :] <= qpos[:, None])
+        return self.rows_mask(head, torch.arange(self.n, device=self.columns.device))
 
 
 def _pad_sorted(values: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
@@ -159,16 +175,23 @@ class BlockSparseIndex:
     def length(self) -> int:
         return self.q_start + self.n
 
-    def mask(self, head: int) -> torch.Tensor:
-        """bool [n, L] the kernel attends to for a head, causal."""
+    def rows_mask(self, head: int, rows: torch.Tensor) -> torch.Tensor:
+        """bool [R, L]: the keys the kernel attends to for chunk rows `rows` of a head, causal (for recall)."""
         device = self.blocks.device
-        nb = self.blocks.shape[1]
-        out = torch.zeros((nb * self.block, self.length), dtype=torch.bool, device=device)
-        for b in range(nb):
-            for kb in self.blocks[head, b, : int(self.count[head, b])].tolist():
-                out[b * self.block : (b + 1) * self.block, kb * self.block : (kb + 1) * self.block] = True
-        qpos = self.q_start + torch.arange(self.n, device=device)
-        return out[: self.n] & (torch.arange(self.length, device=device)[None, :] <= qpos[:, None])
+        rows = rows.to(device)
+        length = self.length
+        nk = -(-length // self.block)
+        b = rows // self.block
+        kept = self.blocks[head, b].long()  # [R, K]
+        valid = torch.arange(kept.shape[1], device=device)[None, :] < self.count[head, b][:, None]
+        hit = torch.zeros((len(rows), nk + 1), dtype=torch.bool, device=device)
+        hit.scatter_(1, torch.where(valid, kept.clamp(max=nk), nk), True)
+        out = hit[:, torch.arange(length, device=device) // self.block]
+        return out & (torch.arange(length, device=device)[None, :] <= (self.q_start + rows)[:, None])
+
+    def mask(self, head: int) -> torch.Tensor:
+        """bool [n, L]: the (row, key) pairs the kernel attends to for a head, causal."""
+        return self.rows_mask(head, torch.arange(self.n, device=self.blocks.device))
 
 
 def build_block_sparse_index(

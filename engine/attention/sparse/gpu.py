@@ -1,0 +1,173 @@
+"""Sparse prefill attention with the Triton kernels (the CUDA path; `prefill.py` is the CPU one).
+
+For one prefill chunk (queries at positions q_start .. q_start + n - 1, keys 0 .. q_start + n - 1), `plan` estimates
+each head's pattern and builds the kernels' indices with tensor operations on the device; `run` launches one
+vertical-slash kernel for the vertical-slash, A-shape and dense heads and one block-sparse kernel for block-sparse
+heads, into one output. Same choices as the CPU path, per head rather than per KV group:
+
+- vertical-slash: the chunk's last 64 queries' causal softmax against every key; the top max(k_v, 256) columns
+  (the first 30 forced) and the top max(k_s, 100) diagonals (the nearest 100 forced), as MInference keeps them.
+- A-shape: the first k_v columns and the nearest max(k_s, 64) diagonals, plus 256 estimated columns (as the CPU
+  path adds: a passkey or a name a later question needs is a column that no static pattern holds).
+- dense (an A-shape head whose sinks cover the whole context, as `search-patterns` writes for heads that need
+  everything): every diagonal, no columns.
+- block-sparse: mean-pooled 64-query blocks of the chunk against 64-key blocks, causal at block level, the top k_v
+  key blocks per query block (those holding the block's own rows always).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import HeadPattern
+from .estimate import LOCAL, SINKS, vertical_slash_scores
+from .index import BlockSparseIndex, VerticalSlashIndex, build_block_sparse_index, build_vertical_slash_index
+from .prefill import NEEDLE_VERTICALS
+
+BLOCK = 64  # query rows per kernel program; key-block size of block-sparse heads
+LAST_Q = 64  # queries the vertical-slash estimate looks at
+
+
+@dataclass
+class SparsePlan:
+    """Indices for one chunk: `vs` covers query heads `vs_heads` (index head i is query head vs_heads[i]), `bs`
+    covers `bs_heads`; either may be None."""
+
+    vs_heads: torch.Tensor | None
+    vs: VerticalSlashIndex | None
+    bs_heads: torch.Tensor | None
+    bs: BlockSparseIndex | None
+
+    def rows_mask(self, head: int, rows: torch.Tensor) -> torch.Tensor:
+        """bool [R, L]: the keys query head `head` attends to at chunk rows `rows`."""
+        for heads, index in ((self.vs_heads, self.vs), (self.bs_heads, self.bs)):
+            if heads is not None and index is not None and head in heads.tolist():
+                return index.rows_mask(heads.tolist().index(head), rows)
+        raise ValueError(f"head {head} is in no index of this plan")
+
+
+def _topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row of scores [H, L]: the first forced[h] entries, then the best others, counts[h] in all; [H, max
+    count] with -1 past each row's count."""
+    length = scores.shape[1]
+    pos = torch.arange(length, device=scores.device)[None, :]
+    scores = torch.where(pos < forced[:, None], float("inf"), scores)
+    width = int(counts.max())
+    picked = scores.topk(width, dim=1).indices
+    rank = torch.arange(width, device=scores.device)[None, :]
+    return torch.where(rank < counts[:, None], picked, -1)
+
+
+def _vertical_slash_index(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int]
+) -> VerticalSlashIndex:
+    n, hq, _ = q.shape
+    length, hkv, _ = k.shape
+    group = hq // hkv
+    device = q.device
+
+    def budget(p: HeadPattern) -> tuple[int, int, int, int]:
+        """(forced columns, columns, forced diagonals, diagonals) for one head, clipped to the context."""
+        if p.kind == "a_shape" and p.a >= length:  # dense
+            c_forced, c_count, o_forced, o_count = 0, 0, length, length
+        elif p.kind == "a_shape":
+            window = max(p.b, BLOCK)
+            c_forced, c_count, o_forced, o_count = p.a, p.a + NEEDLE_VERTICALS, window, window
+        else:
+            c_forced, c_count = SINKS, max(p.a, NEEDLE_VERTICALS, SINKS)
+            o_forced, o_count = LOCAL, max(p.b, LOCAL, BLOCK)
+        return tuple(min(x, length) for x in (c_forced, c_count, o_forced, o_count))  # type: ignore[return-value]
+
+    budgets = torch.tensor([budget(patterns[h]) for h in heads], device=device)
+    vertical = torch.zeros((len(heads), length), device=device)
+    slash = torch.zeros((len(heads), length), device=device)
+    m = min(LAST_Q, n)
+    for g in range(hkv):  # heads of one KV group share its keys: one estimate for the ones that need it
+        rows = [i for i, h in enumerate(heads) if h // group == g and int(budgets[i, 1]) > int(budgets[i, 0])]
+        if rows:
+            members = [heads[i] for i in rows]
+            v_g, s_g = vertical_slash_scores(q[n - m :, members].transpose(0, 1), k[:, g])
+            vertical[rows], slash[rows] = v_g, s_g
+    columns = _topk_with_forced(vertical, budgets[:, 0], budgets[:, 1]) if int(budgets[:, 1].max()) else None
+    offsets = _topk_with_forced(slash, budgets[:, 2], budgets[:, 3])
+    if columns is None:
+        columns = torch.full((len(heads), 1), -1, dtype=torch.long, device=device)
+    return build_vertical_slash_index(columns, offsets, q_start, n, BLOCK)
+
+
+def _block_sparse_index(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int]
+) -> BlockSparseIndex:
+    n, hq, d = q.shape
+    length, hkv, _ = k.shape
+    group = hq // hkv
+    device = q.device
+    nq, nk = -(-n // BLOCK), -(-length // BLOCK)
+    # query blocks of the chunk (rows q_start + b * BLOCK ..), key blocks aligned to absolute positions
+    qp = torch.nn.functional.pad(q[:, heads].float(), (0, 0, 0, 0, 0, nq * BLOCK - n)).view(nq, BLOCK, len(heads), d)
+    q_rows = torch.full((nq,), float(BLOCK), device=device)
+    q_rows[-1] = n - (nq - 1) * BLOCK
+    q_mean = qp.sum(dim=1) / q_rows[:, None, None]  # [nq, H, d]
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, nk * BLOCK - length)).view(nk, BLOCK, hkv, d)
+    k_rows = torch.full((nk,), float(BLOCK), device=device)
+    k_rows[-1] = length - (nk - 1) * BLOCK
+    k_mean = kp.sum(dim=1) / k_rows[:, None, None]  # [nk, Hkv, d]
+    first_row = q_start + BLOCK * torch.arange(nq, device=device)
+    last_row = (first_row + BLOCK - 1).clamp(max=length - 1)
+    kb = torch.arange(nk, device=device)
+    visible = kb[None, :] * BLOCK <= last_row[:, None]  # [nq, nk]
+    own = (kb[None, :] >= (first_row // BLOCK)[:, None]) & (kb[None, :] <= (last_row // BLOCK)[:, None])
+    top = max(p.a for p in (patterns[h] for h in heads))
+    width = min(top, nk)
+    kept = torch.empty((len(heads), nq, width), dtype=torch.long, device=device)
+    counts = torch.empty((len(heads), nq), dtype=torch.long, device=device)
+    for i, h in enumerate(heads):
+        scores = q_mean[:, i] @ k_mean[:, h // group].T  # [nq, nk]
+        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(own, float("inf"))
+        kept[i] = scores.topk(width, dim=1).indices
+        counts[i] = visible.sum(dim=1).clamp(max=min(patterns[h].a, width))
+    return build_block_sparse_index(kept, counts, q_start, n, BLOCK)
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern]) -> SparsePlan:
+    """q [n, Hq, D] (positions q_start ..), k [q_start + n, Hkv, D]: estimation and indices for every head."""
+    n, hq, _ = q.shape
+    if k.shape[0] != q_start + n:
+        raise ValueError(f"keys ({k.shape[0]}) must cover the prefix ({q_start}) and the chunk ({n})")
+    if len(patterns) != hq:
+        raise ValueError(f"{len(patterns)} head patterns for {hq} query heads")
+    for p in patterns:
+        if p.kind not in ("vertical_slash", "a_shape", "block_sparse"):
+            raise ValueError(f"unknown sparse pattern {p.kind!r}")
+    vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
+    bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
+    with torch.no_grad():
+        vs = _vertical_slash_index(q, k, q_start, patterns, vs_heads) if vs_heads else None
+        bs = _block_sparse_index(q, k, q_start, patterns, bs_heads) if bs_heads else None
+
+    def ids(heads: list[int]) -> torch.Tensor | None:
+        return torch.tensor(heads, dtype=torch.int32, device=q.device) if heads else None
+
+    return SparsePlan(ids(vs_heads), vs, ids(bs_heads), bs)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparsePlan) -> torch.Tensor:
+    """Attention of the chunk over the plan's indices: [n, Hq, D]."""
+    from .triton_kernels import block_sparse_attention, vertical_slash_attention
+
+    out = torch.empty_like(q)
+    if sparse.vs is not None:
+        vertical_slash_attention(q, k, v, sparse.vs, heads=sparse.vs_heads, out=out)
+    if sparse.bs is not None:
+        block_sparse_attention(q, k, v, sparse.bs, heads=sparse.bs_heads, out=out)
+    return out
+
+
+def sparse_prefill_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern]
+) -> torch.Tensor:
+    """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D] -> [n, Hq, D]."""
+    return run(q, k, v, plan(q, k, q_start, patterns))

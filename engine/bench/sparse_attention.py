@@ -1,0 +1,246 @@
+"""`optimist bench sparse-attention`: attention time of the sparse Triton kernels against PyTorch SDPA (the flash
+backend on a GPU) at long lengths, estimation and index building included, with attention-mass recall on
+structured inputs, in one run. Prints a table and writes JSON.
+
+Inputs are synthetic with the structure long-context heads show: per KV group a slowly varying random walk x
+(queries 1.5 x plus a shared direction; keys x), so every query weighs its neighbourhood (a local window); a few
+sink keys and scattered vertical keys along the shared direction; and keys that copy the query a fixed distance
+ahead (slash lines). Recall is the dense causal attention mass the sparse index keeps, averaged over heads and
+sampled rows (exact softmax rows in fp32).
+
+Defaults on a GPU: Llama-3-8B head shapes (32 query heads, 8 KV heads, head size 128, bf16) at 32K..1M tokens. On
+a CPU (no GPU) the kernels run in the Triton interpreter, so only tiny shapes are sensible: the defaults shrink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .report import markdown_table, write_report
+
+
+def structured_qkv(
+    n: int, hq: int, hkv: int, d: int, dtype: Any, device: Any, seed: int = 0
+) -> tuple[Any, Any, Any, list[list[int]]]:
+    """q [Hq, n, d], k/v [Hkv, n, d] (SDPA's layout), and each KV group's planted slash offsets."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.empty((hq, n, d), dtype=dtype, device=device)
+    k = torch.empty((hkv, n, d), dtype=dtype, device=device)
+    v = torch.randn((hkv, n, d), dtype=dtype, device=device, generator=g)
+    width = 32  # smoothing window of the random walk: neighbours within ~this distance look alike
+    kernel = torch.exp(-torch.arange(width, device=device, dtype=torch.float32) / 8.0)
+    kernel = (kernel / kernel.norm()).view(1, 1, width)
+    group = hq // hkv
+    slashes: list[list[int]] = []
+    for h in range(hkv):
+        noise = torch.randn((d, 1, n + width - 1), device=device, generator=g)
+        x = torch.nn.functional.conv1d(noise, kernel).squeeze(1).T  # [n, d]
+        x = x * (math.sqrt(d) / x.norm(dim=1, keepdim=True))
+        u = torch.randn(d, device=device, generator=g)
+        u = u * (math.sqrt(d) / u.norm())
+        kh = x.clone()
+        kh[:4] += 2.5 * u  # sinks
+        verticals = torch.randint(4, n, (max(1, n // 2048),), device=device, generator=g)
+        kh[verticals] += 1.5 * u
+        offsets = sorted({int(o) for o in torch.randint(200, max(201, n // 2), (3,), generator=g, device=device)})
+        offsets = [o for o in offsets if o < n]
+        for o in offsets:  # key j resembles the query o positions later: a slash line at offset o
+            kh[: n - o] += 0.9 * x[o:]
+        slashes.append(offsets)
+        k[h] = kh.to(dtype)
+        for j in range(group):
+            qh = 1.5 * x + 0.6 * u + 0.3 * torch.randn((n, d), device=device, generator=g)
+            q[h * group + j] = qh.to(dtype)
+    return q, k, v, slashes
+
+
+def recall(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> float:
+    """Mean over heads and `rows` of the causal softmax mass (fp32) inside rows_mask(head, rows)."""
+    import torch
+
+    hq, n, d = q.shape
+    group = hq // k.shape[0]
+    kept = []
+    for h in range(hq):
+        scores = (q[h, rows].float() @ k[h // group].float().T) / math.sqrt(d)
+        causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        kept.append((probs * rows_mask(h, rows)).sum(dim=-1))
+    return float(torch.stack(kept).mean())
+
+
+def _timer(device: Any) -> Callable[[Callable[[], Any], int], float]:
+    import torch
+
+    def run(fn: Callable[[], Any], repeats: int) -> float:
+        """Median milliseconds of `repeats` calls after one warm-up."""
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    return run
+
+
+def _dense(q: Any, k: Any, v: Any) -> tuple[Callable[[], Any], str]:
+    """SDPA over [1, H, n, d]: flash on a GPU (grouped-query natively when it can, else K/V repeated beforehand)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qs, ks, vs = q[None], k[None], v[None]
+    if q.device.type != "cuda":
+        return (lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)), "cpu"
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        try:
+            F.scaled_dot_product_attention(qs[:, :, :128], ks[:, :, :128], vs[:, :, :128], is_causal=True,
+                                           enable_gqa=True)  # fmt: skip
+            gqa = True
+        except RuntimeError:
+            gqa = False
+    if not gqa:
+        group = q.shape[0] // k.shape[0]
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+
+    def call() -> Any:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+
+    return call, "flash" + (" (gqa)" if gqa else " (K/V repeated)")
+
+
+def _one_length(
+    n: int, hq: int, hkv: int, d: int, dtype: Any, device: Any, chosen: dict[str, Any],
+    timer: Callable[[Callable[[], Any], int], float], args: argparse.Namespace,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Dense SDPA, then each chosen pattern (estimate + index, kernels, recall), at one length."""
+    import torch
+
+    from ..attention.sparse.gpu import plan, run
+
+    q, k, v, _ = structured_qkv(n, hq, hkv, d, dtype, device, seed=n)
+    dense_call, backend = _dense(q, k, v)
+    repeats = args.repeats if n <= 262144 else 1
+    dense_ms = timer(dense_call, repeats)
+    del dense_call
+    qe, ke, ve = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # the engine's layout (views)
+    rows = torch.linspace(n // 8, n - 1, args.recall_rows, device=device).long().unique()
+    out = []
+    for name, pattern in chosen.items():
+        heads = [pattern] * hq
+        plan_ms = timer(partial(plan, qe, ke, 0, heads), repeats)
+        sparse = plan(qe, ke, 0, heads)
+        kernel_ms = timer(partial(run, qe, ke, ve, sparse), repeats)
+        kept = recall(q, k, sparse.rows_mask, rows)
+        total = plan_ms + kernel_ms
+        row = {"tokens": n, "pattern": name, "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2),
+               "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2), "kernel_ms": round(kernel_ms, 2),
+               "sparse_ms": round(total, 2), "speedup": round(dense_ms / total, 2),
+               "recall": round(kept, 4)}  # fmt: skip
+        print(f"bench: {row}", file=sys.stderr)
+        out.append(row)
+    return out
+
+
+def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    from ..attention.sparse.config import HeadPattern
+    from ..attention.sparse.triton_kernels import INTERPRET, tuned_configs
+
+    if not cuda and not INTERPRET:
+        print("bench: no GPU and Triton was imported without TRITON_INTERPRET=1; set it and rerun", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    lengths = args.lengths or ([32768, 131072, 262144, 524288, 1048576] if cuda else [512, 1024])
+    hq, hkv, d = (args.heads, args.kv_heads, args.head_dim) if cuda else (4, 2, 32)
+    if args.shape:
+        hq, hkv, d = args.shape
+    patterns = {
+        "vertical_slash": HeadPattern("vertical_slash", args.vs[0], args.vs[1]),
+        "a_shape": HeadPattern("a_shape", args.a_shape[0], args.a_shape[1]),
+        "block_sparse": HeadPattern("block_sparse", args.block_sparse, 0),
+    }
+    chosen = {name: patterns[name] for name in args.patterns}
+    timer = _timer(device)
+    results: list[dict[str, Any]] = []
+    print(f"bench: {hq} query heads, {hkv} KV heads, head size {d}, {dtype}, {device}", file=sys.stderr)
+    for n in lengths:
+        try:
+            results += _one_length(n, hq, hkv, d, dtype, device, chosen, timer, args)
+        except torch.OutOfMemoryError:
+            print(f"bench: {n} tokens do not fit in GPU memory; stopping here", file=sys.stderr)
+            results.append({"tokens": n, "pattern": "-", "error": "out of memory"})
+            break
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+    headers = ["tokens", "pattern", "budget", "SDPA ms", "estimate+index ms", "kernel ms", "sparse ms", "speed-up",
+               "recall"]  # fmt: skip
+    table = markdown_table(
+        headers,
+        [
+            [r["tokens"], r["pattern"], r.get("budget", ""), r.get("dense_ms", ""), r.get("estimate_index_ms", ""),
+             r.get("kernel_ms", ""), r.get("sparse_ms", ""), r.get("speedup", r.get("error", "")), r.get("recall", "")]
+            for r in results
+        ],
+    )  # fmt: skip
+    print(table)
+    report = {
+        "benchmark": "sparse-attention",
+        "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "shape": {"query_heads": hq, "kv_heads": hkv, "head_dim": d, "dtype": str(dtype)},
+        "tuned_configs": tuned_configs() if cuda else {},
+        "results": results,
+    }
+    write_report(args.out, report, table)
+    return 0
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("sparse-attention", help="sparse Triton kernels vs SDPA at long lengths, with recall")
+
+    def ints(s: str) -> list[int]:
+        return [int(x) for x in s.split(",")]
+
+    p.add_argument("--lengths", type=ints, default=None, help="default: 32K..1M on a GPU, 512,1024 on a CPU")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--shape", type=ints, default=None, help="HQ,HKV,D (overrides the per-device defaults)")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 in the interpreter")
+    p.add_argument("--patterns", type=lambda s: s.split(","), default=["vertical_slash", "a_shape", "block_sparse"])
+    p.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash k_v,k_s (MInference's default)")
+    p.add_argument("--a-shape", type=ints, default=[1024, 4096], help="A-shape sinks,window")
+    p.add_argument("--block-sparse", type=int, default=100, help="key blocks kept per query block")
+    p.add_argument("--recall-rows", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpu", action="store_true", help="use the interpreter even when a GPU is present")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (and .md beside it); default: none")
+    p.set_defaults(func=cmd_bench_sparse_attention)
