@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.cpu import bottom_right_causal_attention
 from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
@@ -125,6 +126,12 @@ class Attention(nn.Module):
                 out[span.start : span.end] = self._sparse_prefill(q, k, v, k_cache, v_cache, span, meta)
                 continue
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if span.context_slots is not None and x.device.type == "cpu":  # no mask to build or to compute under
+                ks = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
+                vs = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
+                o = bottom_right_causal_attention(qs, ks, vs)
+                out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+                continue
             if span.context_slots is None:
                 ks = k[span.start : span.end]
                 vs = v[span.start : span.end]

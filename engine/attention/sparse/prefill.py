@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
 from .estimate import estimate_block_sparse, pick_vertical_slash, vertical_slash_scores
 
@@ -209,6 +210,10 @@ def sparse_prefill_attention(
             ix = torch.where(real, gathered, torch.full_like(gathered, length)).flatten()
             kt = ka[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
             vt = va[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
+            if dev.type == "cpu":  # the kept keys, then the tile's own diagonal block: no mask to compute under
+                out[g, t0:t1] = bottom_right_causal_attention(qa[g, t0:t1], kt, vt, scale=1.0)[..., :d]
+                t0 = t1
+                continue
             shape = (t1 - t0, group, wide)
             out[g, t0:t1] = F.scaled_dot_product_attention(
                 qa[g, t0:t1],
