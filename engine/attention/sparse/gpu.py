@@ -106,15 +106,19 @@ def _block_sparse_index(
     group = hq // hkv
     device = q.device
     nq, nk = -(-n // BLOCK), -(-length // BLOCK)
-    # query blocks of the chunk (rows q_start + b * BLOCK ..), key blocks aligned to absolute positions
-    qp = torch.nn.functional.pad(q[:, heads].float(), (0, 0, 0, 0, 0, nq * BLOCK - n)).view(nq, BLOCK, len(heads), d)
+    # query blocks of the chunk (rows q_start + b * BLOCK ..), key blocks aligned to absolute positions; pooled one
+    # head at a time (a float copy of every head at 1M tokens would be 16 GB)
     q_rows = torch.full((nq,), float(BLOCK), device=device)
     q_rows[-1] = n - (nq - 1) * BLOCK
-    q_mean = qp.sum(dim=1) / q_rows[:, None, None]  # [nq, H, d]
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, nk * BLOCK - length)).view(nk, BLOCK, hkv, d)
     k_rows = torch.full((nk,), float(BLOCK), device=device)
     k_rows[-1] = length - (nk - 1) * BLOCK
-    k_mean = kp.sum(dim=1) / k_rows[:, None, None]  # [nk, Hkv, d]
+
+    def pooled(x: torch.Tensor, blocks: int, rows: torch.Tensor) -> torch.Tensor:
+        """[len, d] -> [blocks, d] means over BLOCK rows (a partial last block over its own rows)."""
+        padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * BLOCK - x.shape[0]))
+        return padded.view(blocks, BLOCK, d).sum(dim=1) / rows[:, None]
+
+    k_mean = {g: pooled(k[:, g], nk, k_rows) for g in sorted({h // group for h in heads})}
     first_row = q_start + BLOCK * torch.arange(nq, device=device)
     last_row = (first_row + BLOCK - 1).clamp(max=length - 1)
     kb = torch.arange(nk, device=device)
@@ -125,7 +129,7 @@ def _block_sparse_index(
     kept = torch.empty((len(heads), nq, width), dtype=torch.long, device=device)
     counts = torch.empty((len(heads), nq), dtype=torch.long, device=device)
     for i, h in enumerate(heads):
-        scores = q_mean[:, i] @ k_mean[:, h // group].T  # [nq, nk]
+        scores = pooled(q[:, h], nq, q_rows) @ k_mean[h // group].T  # [nq, nk]
         scores = scores.masked_fill(~visible, float("-inf")).masked_fill(own, float("inf"))
         kept[i] = scores.topk(width, dim=1).indices
         counts[i] = visible.sum(dim=1).clamp(max=min(patterns[h].a, width))

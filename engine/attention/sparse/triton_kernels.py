@@ -34,6 +34,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def wide(x):  # type: ignore[no-untyped-def]  # Triton tensors
+    """int64 copy of an index vector, so row and key offsets times strides cannot overflow 32 bits."""
+    return x.to(tl.int64)
+
+
+@triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc):  # type: ignore[no-untyped-def]  # Triton tensors
     """Folds one tile of base-2 scores `s` (masked entries -inf) and values `v` into the running max, sum and
     output."""
@@ -55,7 +61,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
 ):  # fmt: skip
     block = tl.program_id(0)
     h = tl.program_id(1)
-    head = tl.load(heads + h)
+    head = tl.load(heads + h).to(tl.int64)  # 64-bit offsets: at 1M tokens x 32 heads x 128 they pass 2^31
     kv_head = head // group
     length = q_start + n
     s0 = q_start + block * BLOCK_M  # the block's first row (absolute position)
@@ -63,7 +69,9 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     rows = q_start + local
     dims = tl.arange(0, HEAD_DIM)
     row_ok = local < n
-    q = tl.load(Q + local[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + wide(local)[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     q = (q.to(tl.float32) * scale).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,8 +88,8 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         for tile in range(start, end, BLOCK_N):
             keys = tile + tl.arange(0, BLOCK_N)
             key_ok = keys < end
-            k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k))
             s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
@@ -94,15 +102,15 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         # a column some range of this block covers was attended to there already
         dist = tl.where(col_ok, s0 - keys, 0)
         col_ok = col_ok & (tl.load(covered + h * cov_len + dist, mask=col_ok, other=1) == 0)
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k))
         s = tl.where(col_ok[None, :], s, float("-inf"))  # columns lie left of the block: no causal mask
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
-        Out + local[:, None] * stride_on + head * stride_oh + dims[None, :],
+        Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
@@ -119,14 +127,16 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
 ):  # fmt: skip
     block = tl.program_id(0)
     h = tl.program_id(1)
-    head = tl.load(heads + h)
+    head = tl.load(heads + h).to(tl.int64)  # 64-bit offsets: at 1M tokens x 32 heads x 128 they pass 2^31
     kv_head = head // group
     length = q_start + n
     local = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = q_start + local
     dims = tl.arange(0, HEAD_DIM)
     row_ok = local < n
-    q = tl.load(Q + local[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + wide(local)[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     q = (q.to(tl.float32) * scale).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -139,14 +149,14 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
         kb = tl.load(blocks + meta * max_blocks + i)
         keys = kb * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
         key_ok = keys < length
-        k = tl.load(k_base + keys[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k))
         s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
-        Out + local[:, None] * stride_on + head * stride_oh + dims[None, :],
+        Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )

