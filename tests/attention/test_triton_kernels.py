@@ -235,3 +235,21 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     # the structured input's slash lines and verticals are what vertical-slash estimation finds
     assert rows["vertical_slash"]["recall"] > rows["a_shape"]["recall"]
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
+
+
+def test_gpu_path_takes_the_engines_strided_query_view() -> None:
+    """In the engine, q is a column slice of the fused q/k projection ([t, Hq + Hkv, D]): not contiguous."""
+    from optimist.engine.attention.sparse.config import HeadPattern
+    from optimist.engine.attention.sparse.gpu import plan, run
+
+    n, q_start, hq, hkv, d = 200, 70, 4, 2, 16
+    g = torch.Generator().manual_seed(4)
+    qk = torch.randn(n, hq + hkv, d, generator=g)
+    q = qk[:, :hq]
+    assert not q.is_contiguous()
+    k, v = torch.randn(q_start + n, hkv, d, generator=g), torch.randn(q_start + n, hkv, d, generator=g)
+    patterns = [HeadPattern("vertical_slash", 30, 100), HeadPattern("a_shape", 8, 64)] * 2
+    sparse = plan(q, k, q_start, patterns)
+    masks = torch.stack([sparse.rows_mask(h, torch.arange(n)) for h in range(hq)])
+    got = run(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), _plan_to(sparse)).cpu()
+    torch.testing.assert_close(got, reference(q.contiguous(), k, v, masks), atol=1e-4, rtol=1e-4)
