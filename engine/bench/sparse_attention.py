@@ -137,7 +137,7 @@ def _one_length(
     """Dense SDPA, then each chosen pattern (estimate + index, kernels, recall), at one length."""
     import torch
 
-    from ..attention.sparse.gpu import plan, run
+    from ..attention.sparse.gpu import BLOCK, plan, run
 
     q, k, v, _ = structured_qkv(n, hq, hkv, d, dtype, device, seed=n)
     dense_call, backend = _dense(q, k, v)
@@ -147,15 +147,18 @@ def _one_length(
     qe, ke, ve = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # the engine's layout (views)
     rows = torch.linspace(n // 8, n - 1, args.recall_rows, device=device).long().unique()
     out = []
-    for name, pattern in chosen.items():
+    for (name, pattern), block in ((c, b) for c in chosen.items() for b in args.blocks):
+        if block != args.blocks[0] and pattern.kind == "block_sparse":
+            continue  # block-sparse keeps 64-token blocks
         heads = [pattern] * hq
-        plan_ms = timer(partial(plan, qe, ke, 0, heads), repeats)
-        sparse = plan(qe, ke, 0, heads)
+        plan_ms = timer(partial(plan, qe, ke, 0, heads, block), repeats)
+        sparse = plan(qe, ke, 0, heads, block)
         kernel_ms = timer(partial(run, qe, ke, ve, sparse), repeats)
         kept = recall(q, k, sparse.rows_mask, rows)
         total = plan_ms + kernel_ms
-        row = {"tokens": n, "pattern": name, "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2),
-               "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2), "kernel_ms": round(kernel_ms, 2),
+        row = {"tokens": n, "pattern": name, "block": BLOCK if pattern.kind == "block_sparse" else block,
+               "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2), "dense_backend": backend,
+               "estimate_index_ms": round(plan_ms, 2), "kernel_ms": round(kernel_ms, 2),
                "sparse_ms": round(total, 2), "speedup": round(dense_ms / total, 2),
                "recall": round(kept, 4)}  # fmt: skip
         print(f"bench: {row}", file=sys.stderr)
@@ -200,13 +203,14 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
         finally:
             if cuda:
                 torch.cuda.empty_cache()
-    headers = ["tokens", "pattern", "budget", "SDPA ms", "estimate+index ms", "kernel ms", "sparse ms", "speed-up",
-               "recall"]  # fmt: skip
+    headers = ["tokens", "pattern", "block", "budget", "SDPA ms", "estimate+index ms", "kernel ms", "sparse ms",
+               "speed-up", "recall"]  # fmt: skip
     table = markdown_table(
         headers,
         [
-            [r["tokens"], r["pattern"], r.get("budget", ""), r.get("dense_ms", ""), r.get("estimate_index_ms", ""),
-             r.get("kernel_ms", ""), r.get("sparse_ms", ""), r.get("speedup", r.get("error", "")), r.get("recall", "")]
+            [r["tokens"], r["pattern"], r.get("block", ""), r.get("budget", ""), r.get("dense_ms", ""),
+             r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
+             r.get("speedup", r.get("error", "")), r.get("recall", "")]
             for r in results
         ],
     )  # fmt: skip
@@ -239,6 +243,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash k_v,k_s (MInference's default)")
     p.add_argument("--a-shape", type=ints, default=[1024, 4096], help="A-shape sinks,window")
     p.add_argument("--block-sparse", type=int, default=100, help="key blocks kept per query block")
+    p.add_argument("--blocks", type=ints, default=[64, 128], help="query rows per vertical-slash program to try")
     p.add_argument("--recall-rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="use the interpreter even when a GPU is present")

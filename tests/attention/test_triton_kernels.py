@@ -176,7 +176,8 @@ def test_gpu_path_reproduces_dense_attention_for_dense_heads_and_full_budgets() 
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
-def test_gpu_path_matches_the_reference_on_its_own_plan() -> None:
+@pytest.mark.parametrize("block", [64, 128])
+def test_gpu_path_matches_the_reference_on_its_own_plan(block: int) -> None:
     from optimist.engine.attention.sparse.config import HeadPattern
     from optimist.engine.attention.sparse.gpu import plan, run
 
@@ -186,16 +187,18 @@ def test_gpu_path_matches_the_reference_on_its_own_plan() -> None:
         HeadPattern("vertical_slash", 40, 120),
         HeadPattern("a_shape", 16, 64),
         HeadPattern("block_sparse", 3, 0),
-        HeadPattern("vertical_slash", 300, 200),
+        HeadPattern("vertical_slash", 120, 150),
     ]
-    sparse = plan(q, k, q_start, patterns)
+    sparse = plan(q, k, q_start, patterns, block)
+    assert sparse.vs is not None and sparse.vs.block == block
     rows = torch.arange(n)
     masks = torch.stack([sparse.rows_mask(h, rows) for h in range(4)])
     got = run(*on_device(q, k, v), _plan_to(sparse)).cpu()
     torch.testing.assert_close(got, reference(q, k, v, masks), atol=1e-4, rtol=1e-4)
     seen = masks.sum(dim=2).float().mean(dim=1)
     causal = (q_start + rows + 1).float().mean()
-    assert bool((seen < causal).all()), "every head attends to fewer keys than dense"
+    # the small budgets stay sparse even on random inputs (head 3's generous one may cover every key there)
+    assert bool((seen[:3] < causal).all()), "the heads with small budgets attend to fewer keys than dense"
     # A-shape: sinks, window and the estimated columns; block-sparse: at most 3 blocks of 64 keys per row
     assert bool(masks[1, :, :16].logical_or(torch.arange(16)[None, :] > (q_start + rows)[:, None]).all())
     assert int(masks[2].sum(dim=1).max()) <= 3 * 64
@@ -222,7 +225,7 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     out = tmp_path / "sparse.json"
     args = parser.parse_args(
         ["sparse-attention", "--lengths", "384", "--shape", "2,1,16", "--vs", "30,100", "--a-shape", "16,64",
-         "--block-sparse", "2", "--repeats", "1", "--recall-rows", "8", "--out", str(out)]
+         "--block-sparse", "2", "--blocks", "64", "--repeats", "1", "--recall-rows", "8", "--out", str(out)]
         + (["--cpu"] if DEVICE.type == "cpu" else [])
     )  # fmt: skip
     assert args.func(args) == 0

@@ -27,7 +27,7 @@ from .estimate import LOCAL, SINKS, vertical_slash_scores
 from .index import BlockSparseIndex, VerticalSlashIndex, build_block_sparse_index, build_vertical_slash_index
 from .prefill import NEEDLE_VERTICALS
 
-BLOCK = 64  # query rows per kernel program; key-block size of block-sparse heads
+BLOCK = 64  # query rows per kernel program (vertical-slash: `plan(block=)` may widen it); block-sparse blocks
 LAST_Q = 64  # queries the vertical-slash estimate looks at
 
 
@@ -62,7 +62,7 @@ def _topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, counts: torch.
 
 
 def _vertical_slash_index(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int]
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int], block: int
 ) -> VerticalSlashIndex:
     n, hq, _ = q.shape
     length, hkv, _ = k.shape
@@ -74,11 +74,11 @@ def _vertical_slash_index(
         if p.kind == "a_shape" and p.a >= length:  # dense
             c_forced, c_count, o_forced, o_count = 0, 0, length, length
         elif p.kind == "a_shape":
-            window = max(p.b, BLOCK)
+            window = max(p.b, block)
             c_forced, c_count, o_forced, o_count = p.a, p.a + NEEDLE_VERTICALS, window, window
         else:
             c_forced, c_count = SINKS, max(p.a, NEEDLE_VERTICALS, SINKS)
-            o_forced, o_count = LOCAL, max(p.b, LOCAL, BLOCK)
+            o_forced, o_count = max(LOCAL, block), max(p.b, LOCAL, block)
         return tuple(min(x, length) for x in (c_forced, c_count, o_forced, o_count))  # type: ignore[return-value]
 
     budgets = torch.tensor([budget(patterns[h]) for h in heads], device=device)
@@ -95,7 +95,7 @@ def _vertical_slash_index(
     offsets = _topk_with_forced(slash, budgets[:, 2], budgets[:, 3])
     if columns is None:
         columns = torch.full((len(heads), 1), -1, dtype=torch.long, device=device)
-    return build_vertical_slash_index(columns, offsets, q_start, n, BLOCK)
+    return build_vertical_slash_index(columns, offsets, q_start, n, block)
 
 
 def _block_sparse_index(
@@ -136,8 +136,11 @@ def _block_sparse_index(
     return build_block_sparse_index(kept, counts, q_start, n, BLOCK)
 
 
-def plan(q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern]) -> SparsePlan:
-    """q [n, Hq, D] (positions q_start ..), k [q_start + n, Hkv, D]: estimation and indices for every head."""
+def plan(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], block: int = BLOCK
+) -> SparsePlan:
+    """q [n, Hq, D] (positions q_start ..), k [q_start + n, Hkv, D]: estimation and indices for every head.
+    `block`: query rows per vertical-slash program (64 as MInference; 128 trades wider ranges for larger tiles)."""
     n, hq, _ = q.shape
     if k.shape[0] != q_start + n:
         raise ValueError(f"keys ({k.shape[0]}) must cover the prefix ({q_start}) and the chunk ({n})")
@@ -149,7 +152,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[Head
     vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
     bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
     with torch.no_grad():
-        vs = _vertical_slash_index(q, k, q_start, patterns, vs_heads) if vs_heads else None
+        vs = _vertical_slash_index(q, k, q_start, patterns, vs_heads, block) if vs_heads else None
         bs = _block_sparse_index(q, k, q_start, patterns, bs_heads) if bs_heads else None
 
     def ids(heads: list[int]) -> torch.Tensor | None:
