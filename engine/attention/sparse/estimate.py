@@ -14,19 +14,19 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor) -> tuple[torch.
     softmax (fp32) summed per column (vertical scores [H, L]) and per diagonal offset i - j (slash scores [H, L])."""
     h, m, d = q_last.shape
     length = k.shape[0]
-    scores = (q_last.float() @ k.float().T) / d**0.5  # [H, m, L]
+    scores = (q_last.float() * d**-0.5) @ k.float().T  # [H, m, L] (scaling the m queries, not the m x L scores)
     # causality only bites in the last m columns: query i (position L - m + i) cannot see those right of it
     tail = torch.ones((m, m), dtype=torch.bool, device=k.device).triu(diagonal=1)
     scores[:, :, length - m :].masked_fill_(tail, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    vertical = probs.sum(dim=1)
-    # Slash: S[o] = sum_i P[i, (L - m + i) - o]. Reversed along keys, row i needs entries o + (m - 1 - i): rows of
-    # a zero-padded [m, L + m] buffer read with row stride L + m - 1 line those up, so one sum does it.
-    width = length + m
-    padded = torch.zeros((h, m, width), dtype=probs.dtype, device=k.device)
-    padded[:, :, :length] = probs.flip(-1)
-    skewed = padded.as_strided((h, m, length), (m * width, width - 1, 1), storage_offset=m - 1)
-    slash = skewed.sum(dim=1)
+    # m columns of -inf in front: after the softmax they are zeros that the slash sums below read as padding
+    probs = torch.nn.functional.pad(scores, (m, 0), value=float("-inf")).softmax(dim=-1)  # [H, m, m + L]
+    vertical = probs[:, :, m:].sum(dim=1)
+    # Slash: S[o] = sum_i P[i, (L - m + i) - o] = sum_i padded[i, L + i - o]. Reading `padded` with row stride
+    # (m + L) + 1 lines each row's entries up with the previous row's shifted by one: view[i, u] = padded[i, i + u
+    # + 1], so S[o] = sum_i view[i, L - 1 - o], one sum and a flip of the [H, L] result.
+    width = m + length
+    skewed = probs.as_strided((h, m, length), (m * width, width + 1, 1), storage_offset=probs.storage_offset() + 1)
+    slash = skewed.sum(dim=1).flip(-1)
     return vertical, slash
 
 
@@ -75,9 +75,9 @@ def estimate_vertical_slash(
     return pick_vertical_slash(vertical[0], slash[0], k_v, k_s, sinks, local, slash_group)
 
 
-def estimate_block_sparse(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> list[torch.Tensor]:
+def estimate_block_sparse_mask(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> torch.Tensor:
     """One head: mean-pool q and k over `block`-token blocks, score block pairs (causal at block level), keep the
-    `top` key blocks per query block (the diagonal block always). Returns kept key-block indices per query block."""
+    `top` key blocks per query block (the diagonal block always). Returns bool [query blocks, key blocks]."""
     n, d = q.shape
     nb = -(-n // block)
     pad = nb * block - n
@@ -90,7 +90,13 @@ def estimate_block_sparse(q: torch.Tensor, k: torch.Tensor, block: int = 64, top
     b = torch.arange(nb, device=q.device)
     scores = scores.masked_fill(b[None, :] > b[:, None], float("-inf"))
     scores[b, b] = float("inf")
-    kept = []
-    for row in range(nb):
-        kept.append(scores[row, : row + 1].topk(min(top, row + 1)).indices.sort().values)
-    return kept
+    picked = scores.topk(min(top, nb), dim=1).indices  # row r: its first min(top, r + 1) picks are causal
+    valid = torch.arange(picked.shape[1], device=q.device)[None, :] < (b + 1).clamp(max=top)[:, None]
+    mask = torch.zeros((nb, nb + 1), dtype=torch.bool, device=q.device)
+    mask.scatter_(1, torch.where(valid, picked, nb), True)
+    return mask[:, :nb]
+
+
+def estimate_block_sparse(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> list[torch.Tensor]:
+    """`estimate_block_sparse_mask` as kept key-block indices per query block (sorted)."""
+    return [row.nonzero().squeeze(1) for row in estimate_block_sparse_mask(q, k, block, top)]

@@ -22,7 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
-from .estimate import estimate_block_sparse, pick_vertical_slash, vertical_slash_scores
+from .estimate import estimate_block_sparse_mask, pick_vertical_slash, vertical_slash_scores
 
 BLOCK = 64  # block-sparse granularity
 NEEDLE_VERTICALS = 256  # dynamic columns every non-dense head keeps (see select_group)
@@ -42,15 +42,9 @@ class GroupSelection:
 def _estimate_chunk_blocks(q: torch.Tensor, k: torch.Tensor, q_start: int, top: int) -> torch.Tensor:
     """Block-sparse for a chunk: query blocks of the chunk (aligned to absolute positions) against all key blocks."""
     length = k.shape[0]
-    first_block = q_start // BLOCK
     qq = torch.zeros((length, q.shape[1]), dtype=q.dtype, device=q.device)
     qq[q_start:] = q
-    kept = estimate_block_sparse(qq, k, BLOCK, top)
-    nb = -(-length // BLOCK)
-    out = torch.zeros((nb - first_block, nb), dtype=torch.bool, device=q.device)
-    for row, blocks in enumerate(kept[first_block:]):
-        out[row, blocks] = True
-    return out
+    return estimate_block_sparse_mask(qq, k, BLOCK, top)[q_start // BLOCK :]
 
 
 def _is_dense(pattern: HeadPattern, length: int) -> bool:
