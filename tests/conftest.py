@@ -41,9 +41,12 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(model_path: Path) -> Iterator[Engine]:
-    """The default model with exact float32 weights (the reference tests compare it with transformers token for
-    token; `weights="auto"` would pick float16 weights on CPU) and room for the whole suite's concurrency."""
-    eng = Engine(EngineConfig(model=model_path, weights="float", kv_cache_tokens=32768, max_num_seqs=64))
+    """The default model with exact float32 weights and activations (the reference tests compare it with
+    transformers token for token; `weights="auto"` would pick float16 weights on CPU, `dtype="auto"` bfloat16 on
+    a GPU) and room for the whole suite's concurrency."""
+    eng = Engine(
+        EngineConfig(model=model_path, weights="float", dtype="float32", kv_cache_tokens=32768, max_num_seqs=64)
+    )
     yield eng
     eng.shutdown()
 

@@ -41,7 +41,7 @@ def test_blocks_decode_exactly_and_the_kernel_matches_float(qtype: T) -> None:
 @needs_int4
 @pytest.mark.slow
 def test_int4_engine_answers_like_the_float_engine(engine: Engine, model_path: Path) -> None:
-    fast = Engine(EngineConfig(model=model_path, weights="int4", kv_cache_tokens=4096))
+    fast = Engine(EngineConfig(model=model_path, device="cpu", weights="int4", kv_cache_tokens=4096))  # CPU kernels
     try:
         for text in ["The capital of France is", "def fibonacci(n):", "1, 1, 2, 3, 5,"]:
             ids = engine.tokenizer.encode(text)
@@ -77,7 +77,7 @@ def test_fp16_linear_is_float_arithmetic_on_rounded_weights(rows: int) -> None:
 @needs_fp16
 @pytest.mark.slow
 def test_fp16_engine_answers_like_the_float_engine(engine: Engine, model_path: Path) -> None:
-    fast = Engine(EngineConfig(model=model_path, weights="fp16", kv_cache_tokens=4096))
+    fast = Engine(EngineConfig(model=model_path, device="cpu", weights="fp16", kv_cache_tokens=4096))  # CPU kernels
     try:
         prompts = ["The capital of France is", "def fibonacci(n):", "1, 1, 2, 3, 5,"]
         prompts.append(fast.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}]))
@@ -87,7 +87,7 @@ def test_fp16_engine_answers_like_the_float_engine(engine: Engine, model_path: P
             exact = engine.generate(engine.new_request(ids, params))
             approx = fast.generate(fast.new_request(ids, params))
             assert approx[:2] == exact[:2], text
-            logits = prompt_logits(engine.model, ids)
+            logits = prompt_logits(engine.model, ids).cpu()  # the engine fixture is on the GPU where there is one
             diff = (prompt_logits(fast.model, ids) - logits).abs().max().item()
             # float16 weights move logits by ~0.1% of their range (the int4 path by 1-2%)
             assert diff < 0.004 * logits.abs().max().item(), (text, diff)
@@ -98,7 +98,7 @@ def test_fp16_engine_answers_like_the_float_engine(engine: Engine, model_path: P
 def test_auto_weights_pick_fp16_on_cpu_and_float_where_it_would_change_the_arithmetic(tiny_gguf: Path) -> None:
     chosen = {}
     for dtype in ("auto", "bfloat16"):
-        eng = Engine(EngineConfig(model=tiny_gguf, dtype=dtype, kv_cache_tokens=256))
+        eng = Engine(EngineConfig(model=tiny_gguf, device="cpu", dtype=dtype, kv_cache_tokens=256))
         chosen[dtype] = eng.weights
         eng.shutdown()
     assert chosen == {"auto": "fp16" if fp16_available() else "float", "bfloat16": "float"}

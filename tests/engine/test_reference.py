@@ -71,14 +71,14 @@ def test_default_model_last_logits_close(engine: Engine, hf_model: Any) -> None:
         ids = engine.tokenizer.encode(prompt)
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0, -1].float()
-        ours = prompt_logits(engine.model, ids).float()
+        ours = prompt_logits(engine.model, ids).float().cpu()
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() < 1e-3 * ref.abs().max().item(), prompt
         assert ours.argmax() == ref.argmax()
 
 
 def _tiny_engine(path: Path) -> Engine:
-    return Engine(EngineConfig(model=path, weights="float", kv_cache_tokens=4096))  # exact, as the reference
+    return Engine(EngineConfig(model=path, weights="float", dtype="float32", kv_cache_tokens=4096))  # as the reference
 
 
 @pytest.mark.parametrize("kind", ["gguf", "safetensors"])
@@ -96,7 +96,7 @@ def test_tiny_random_llama_matches_transformers(kind: str, tiny_gguf: Path, tiny
             ids = engine.tokenizer.encode(prompt)
             with torch.no_grad():
                 ref_logits = ref_model(torch.tensor([ids])).logits[0, -1].float()
-            ours_logits = prompt_logits(engine.model, ids)
+            ours_logits = prompt_logits(engine.model, ids).cpu()
             assert (ours_logits - ref_logits).abs().max().item() < 1e-4 * max(1.0, ref_logits.abs().max().item())
             ref = hf_greedy(ref_model, ids, 20, engine.tokenizer.eos_ids)
             assert_same_or_tie(ref_model, ids, greedy(engine, ids, 20), ref)

@@ -83,7 +83,8 @@ def test_engine_under_kv_pressure_every_policy_completes_with_the_unconstrained_
     prompts = [engine.tokenizer.encode(t) for t in texts]
     n = 24
     expected = _run_all(engine, prompts, n)
-    small = Engine(EngineConfig(model=model_path, kv_cache_tokens=160, kv_block_size=16))  # 10 blocks for ~24 needed
+    # 10 blocks for ~24 needed; float32 activations like the `engine` fixture (a GPU's default is bfloat16)
+    small = Engine(EngineConfig(model=model_path, dtype="float32", kv_cache_tokens=160, kv_block_size=16))
     try:
         for name in ("amin", "fcfs", "amax", "amin-learned"):
             # Swapped between runs while the engine is idle (policies keep no per-request state of their own).

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sparse_engine(model_path: Path) -> Engine:
-    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=16384, sparse_prefill_threshold=4096))
+    # float32 activations like the dense `engine` fixture it is compared with (bfloat16 would be the GPU default)
+    eng = Engine(EngineConfig(model=model_path, dtype="float32", kv_cache_tokens=16384, sparse_prefill_threshold=4096))
     yield eng  # type: ignore[misc]
     eng.shutdown()
 
