@@ -13,7 +13,9 @@ query heads read their KV head's keys (no copies). `heads` picks which query hea
 other patterns run in another launch), and the index's head h describes query head heads[h].
 
 Launch configurations: fixed under the interpreter (TRITON_INTERPRET=1 on CPU tensors, where autotuning cannot
-run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size); `tuned_configs()` reports the choices.
+run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size, query block, precision);
+`tuned_configs()` reports the choices. float32 inputs multiply in full float32 (not Triton's default TF32), so a
+float32 engine on a GPU keeps float32 attention.
 Set TRITON_INTERPRET before this module is imported to run on CPU tensors.
 """
 
@@ -40,14 +42,22 @@ def wide(x):  # type: ignore[no-untyped-def]  # Triton tensors
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc):  # type: ignore[no-untyped-def]  # Triton tensors
+def _dot(a, b, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton tensors
+    """a @ b; float32 inputs in full float32 (IEEE) rather than Triton's default TF32 on a GPU."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton tensors
     """Folds one tile of base-2 scores `s` (masked entries -inf) and values `v` into the running max, sum and
     output."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays all-zero
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
 
 
 @triton.jit
@@ -57,7 +67,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     max_seg, max_col, num_blocks, cov_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
     h = tl.program_id(1)
@@ -90,9 +100,9 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
             key_ok = keys < end
             k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))
+            s = _dot(q, tl.trans(k), IEEE)
             s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     n_cols = tl.load(col_count + h * num_blocks + block)
     for c in range(0, n_cols, BLOCK_N):
@@ -104,9 +114,9 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         col_ok = col_ok & (tl.load(covered + h * cov_len + dist, mask=col_ok, other=1) == 0)
         k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = tl.where(col_ok[None, :], s, float("-inf"))  # columns lie left of the block: no causal mask
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -123,7 +133,7 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     max_blocks, num_blocks,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
     h = tl.program_id(1)
@@ -151,9 +161,9 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
         key_ok = keys < length
         k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
@@ -166,8 +176,8 @@ _TUNE_VS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
 ]
 _TUNE_BS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
-_vertical_slash_tuned = triton.autotune(_TUNE_VS, key=["HEAD_DIM", "BLOCK_M"])(_vertical_slash_kernel)
-_block_sparse_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M"])(_block_sparse_kernel)
+_vertical_slash_tuned = triton.autotune(_TUNE_VS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_vertical_slash_kernel)
+_block_sparse_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_block_sparse_kernel)
 
 
 def tuned_configs() -> dict[str, str]:
@@ -206,6 +216,7 @@ def vertical_slash_attention(
     """q [n, Hq, D] (positions index.q_start ..), k/v [q_start + n, Hkv, D]. Writes the rows of `heads` (default:
     all; index head h is query head heads[h]) into `out` ([n, Hq, D], new if None) and returns it."""
     heads, group, scale, strides = _common(q, k, v, heads)
+    ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
     grid = (index.num_blocks, len(heads))
     args = (
@@ -216,9 +227,9 @@ def vertical_slash_attention(
         index.seg_lo.shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
     )  # fmt: skip
     if INTERPRET or not q.is_cuda:
-        _vertical_slash_kernel[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, BLOCK_N=64)
+        _vertical_slash_kernel[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, BLOCK_N=64, IEEE=ieee)
     else:
-        _vertical_slash_tuned[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block)
+        _vertical_slash_tuned[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, IEEE=ieee)
     return out
 
 
@@ -232,6 +243,7 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Like `vertical_slash_attention`, over a block-sparse index (query blocks and key blocks of index.block)."""
     heads, group, scale, strides = _common(q, k, v, heads)
+    ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
     num_blocks = index.blocks.shape[1]
     grid = (num_blocks, len(heads))
@@ -241,7 +253,7 @@ def block_sparse_attention(
         *strides, out.stride(0), out.stride(1),
         index.blocks.shape[2], num_blocks,
     )  # fmt: skip
-    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block}
+    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block, "IEEE": ieee}
     if INTERPRET or not q.is_cuda:
         _block_sparse_kernel[grid](*args, **consts)
     else:
