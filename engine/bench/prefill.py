@@ -43,7 +43,7 @@ def _time_transformers(model: Any, ids: list[int], max_tokens: int) -> tuple[flo
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_tokens, do_sample=False)
     return time.perf_counter() - t0, out[0, len(ids) :].tolist()
 
 

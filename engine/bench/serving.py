@@ -140,9 +140,11 @@ def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tok
 
 
 def load_transformers(model_path: Path) -> Any:
+    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name).eval()
+    return model.to("cuda") if torch.cuda.is_available() else model  # the same device as the engine's default
 
 
 def run_transformers_single(model: Any, prompts: list[list[int]], max_tokens: int) -> Result:
@@ -151,7 +153,7 @@ def run_transformers_single(model: Any, prompts: list[list[int]], max_tokens: in
     ttfts, total, wall = [], 0, 0.0
     with torch.no_grad():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=model.device)
             t0 = time.perf_counter()
             model.generate(x, max_new_tokens=1, do_sample=False, pad_token_id=0)
             ttfts.append(time.perf_counter() - t0)
@@ -169,8 +171,8 @@ def run_transformers_batch(model: Any, prompts: list[list[int]], max_tokens: int
     import torch
 
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.no_grad():
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
