@@ -2,7 +2,7 @@
 # The GPU runs of the engine and sparse-prefill issues, for a lent GPU machine (the device tool), from the repo root:
 #
 #   bash benchmarks/gpu_run.sh kernels   # optimist bench sparse-attention at 32K..1M (Llama-3-8B head shapes)
-#   bash benchmarks/gpu_run.sh tests     # the kernel/attention tests on CUDA (no model needed)
+#   bash benchmarks/gpu_run.sh tests     # the kernel and index tests on CUDA (no model needed)
 #   bash benchmarks/gpu_run.sh engine    # the engine tests and `bench serve` on CUDA (needs the model, see below)
 #
 # That machine has torch, triton, grpcio, protobuf, transformers, pytest but not this project: it runs from the
@@ -31,7 +31,9 @@ case "${1:-kernels}" in
       tee "$OUT/kernels.log"
     ;;
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/attention 2>&1 | tee "$OUT/tests-attention.log"
+    # the model-free ones (the rest of tests/attention loads the default model: `engine` runs those)
+    python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py \
+      tests/attention/test_sparse_reference.py tests/attention/test_cpu_attention.py 2>&1 | tee "$OUT/tests-attention.log"
     ;;
   engine)
     MODEL=${MODEL:-/root/model/SmolLM2-135M-Instruct.Q4_1.gguf}
