@@ -1,0 +1,51 @@
+"""The engine does all model work, loading included, on its own thread; loading failures still reach the caller."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from optimist.engine.config import ConfigError, EngineConfig
+from optimist.engine.engine import Engine
+from optimist.engine.request import SamplingParams
+
+
+def test_loading_and_steps_run_on_the_engine_thread(tiny_gguf: Path) -> None:
+    """One OpenMP team for all model work (see Engine.__init__): loading happens where the steps run."""
+    loading: set[str] = set()
+
+    def progress(done: int, total: int) -> None:
+        loading.add(threading.current_thread().name)
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), kv_cache_tokens=256), progress)
+    stepping: set[str] = set()
+    forward = engine.model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        stepping.add(threading.current_thread().name)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording  # type: ignore[method-assign]
+    try:
+        ids, _, final = engine.generate(engine.new_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+    finally:
+        engine.shutdown()
+    assert len(ids) == final.completion_tokens == 4
+    assert loading == stepping == {"optimist-engine"}
+
+
+def _engine_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "optimist-engine" and t.is_alive()}
+
+
+def test_a_loading_failure_reaches_the_caller(tmp_path: Path) -> None:
+    before = _engine_threads()  # other tests' engines may be running
+    with pytest.raises(ConfigError, match="kv_cache_tokens"):
+        Engine(EngineConfig(model=str(tmp_path / "x.gguf"), kv_cache_tokens=1))
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(Exception, match=r"missing\.gguf"):
+        Engine(EngineConfig(model=str(missing)))
+    assert _engine_threads() == before  # the failed engines' threads have ended
