@@ -256,23 +256,25 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     prompts = prompt_set(tokenizer)
     rows: list[Result] = []
 
-    for weights in args.weights:
+    # A running server was started with its own weights: measure it once, under its address.
+    for weights in [args.server] if args.server else args.weights:
         proc, address = (None, args.server) if args.server else _start_server(args, weights)
+        label = f"optimist (server at {weights})" if args.server else f"optimist ({weights} weights)"
         try:
             run_engine(address, prompts[:2], 2, 4)  # warm-up
             for c in args.concurrency:
                 n = max(c, args.requests) if c > 1 else args.single_requests
                 work = [prompts[i % len(prompts)] for i in range(n)]
-                print(f"bench: optimist ({weights} weights), concurrency {c}, {n} requests", file=sys.stderr)
+                print(f"bench: {label}, concurrency {c}, {n} requests", file=sys.stderr)
                 result = run_engine(address, work, c, args.max_tokens)
-                result.system = f"optimist ({weights} weights)"
+                result.system = label
                 rows.append(result)
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=60)
 
-    baselines = set(args.baselines.split(",")) if args.baselines else set()
+    baselines = set(args.baselines)
     if "transformers" in baselines:
         print("bench: transformers (loading)", file=sys.stderr)
         model = load_transformers(model_path)
@@ -312,6 +314,33 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+BASELINES = ("transformers", "llamacpp")
+WEIGHTS = ("auto", "float", "fp16", "int4")
+
+
+def comma_list(allowed: tuple[str, ...], what: str) -> Any:
+    """An argparse type: a comma-separated list of names from `allowed` (empty allowed); others are an error."""
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)} (choose from {', '.join(allowed)})")
+        return items
+
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be at least 1, got {text!r}")
+    return values
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -319,17 +348,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--server", default=None, help="a running engine; default: start one")
     serve.add_argument("--model", type=Path, default=None)
     serve.add_argument("--kv-cache-tokens", type=int, default=65536)
-    serve.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    serve.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32])
     serve.add_argument("--requests", type=int, default=64, help="requests per concurrency level above 1")
     serve.add_argument("--single-requests", type=int, default=4, help="requests at concurrency 1 and for baselines")
     serve.add_argument("--max-tokens", type=int, default=64)
     serve.add_argument(
-        "--weights", type=lambda s: s.split(","), default=["float", "fp16", "int4"], help="engine weight modes to run"
+        "--weights",
+        type=comma_list(WEIGHTS, "weight mode"),
+        default=["float", "fp16", "int4"],
+        help="engine weight modes to run (ignored with --server)",
     )
     serve.add_argument(
         "--prefix-caching", action="store_true", help="let the engine reuse the repeated prompts' K/V (default: off)"
     )
-    serve.add_argument("--baselines", default="transformers,llamacpp", help="comma list; empty for none")
+    serve.add_argument(
+        "--baselines",
+        type=comma_list(BASELINES, "baseline"),
+        default=list(BASELINES),
+        help="comma list; empty for none",
+    )
     serve.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))
     serve.set_defaults(func=cmd_bench_serve)
 

@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from optimist.engine.client import wait_ready
 
@@ -78,3 +81,22 @@ def test_operator_without_credentials_exits_with_a_one_line_reason(tmp_path: Pat
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("optimist operator: error: cannot load Kubernetes credentials") and "nope.yaml" in last
+
+
+def test_bench_serve_rejects_unknown_names_before_doing_any_work(capsys: Any) -> None:
+    """A typo in a baseline or weight mode is an error naming it, not a benchmark silently missing a row."""
+    from optimist.engine.cli import build_parser
+
+    parser = build_parser()
+    for argv, named in (
+        (["bench", "serve", "--baselines", "transformers,llama.cpp"], "unknown baseline llama.cpp"),
+        (["bench", "serve", "--weights", "fp16,int8"], "unknown weight mode int8"),
+        (["bench", "serve", "--concurrency", "1,0"], "at least 1"),
+        (["bench", "serve", "--concurrency", "8,x"], "whole numbers"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 2
+        assert named in capsys.readouterr().err
+    args = parser.parse_args(["bench", "serve", "--baselines", "", "--weights", "fp16"])
+    assert args.baselines == [] and args.weights == ["fp16"]
