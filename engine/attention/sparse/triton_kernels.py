@@ -61,6 +61,36 @@ def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):  # type: igno
 
 
 @triton.jit
+def _load_queries(Q, local, row_ok, head, stride_qn, stride_qh, dims, scale):  # type: ignore[no-untyped-def]
+    """The query block [BLOCK_M, D] of one head, pre-scaled (scale includes log2(e) for exp2)."""
+    q = tl.load(
+        Q + wide(local)[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
+    return (q.to(tl.float32) * scale).to(q.dtype)
+
+
+@triton.jit
+def _attend(  # type: ignore[no-untyped-def]  # Triton tensors
+    q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE: tl.constexpr
+):
+    """Loads the keys `keys` (where key_ok) and folds the scores `visible` allows into the online softmax."""
+    k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
+    s = tl.where(visible, _dot(q, tl.trans(k), IEEE), float("-inf"))
+    return _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
+def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):  # type: ignore[no-untyped-def]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays zero
+    tl.store(
+        Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
     seg_lo, seg_hi, seg_count, columns, col_count, covered,
@@ -79,10 +109,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     rows = q_start + local
     dims = tl.arange(0, HEAD_DIM)
     row_ok = local < n
-    q = tl.load(
-        Q + wide(local)[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
-    )
-    q = (q.to(tl.float32) * scale).to(q.dtype)
+    q = _load_queries(Q, local, row_ok, head, stride_qn, stride_qh, dims, scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -98,11 +125,10 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         for tile in range(start, end, BLOCK_N):
             keys = tile + tl.arange(0, BLOCK_N)
             key_ok = keys < end
-            k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
-            s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
+            visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
+            m_i, l_i, acc = _attend(
+                q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
+            )
 
     n_cols = tl.load(col_count + h * num_blocks + block)
     for c in range(0, n_cols, BLOCK_N):
@@ -112,18 +138,12 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         # a column some range of this block covers was attended to there already
         dist = tl.where(col_ok, s0 - keys, 0)
         col_ok = col_ok & (tl.load(covered + h * cov_len + dist, mask=col_ok, other=1) == 0)
-        k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
-        s = tl.where(col_ok[None, :], s, float("-inf"))  # columns lie left of the block: no causal mask
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
+        visible = col_ok[None, :]  # columns lie left of the block: no causal mask
+        m_i, l_i, acc = _attend(
+            q, k_base, v_base, keys, col_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
+        )
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(
-        Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims)
 
 
 @triton.jit
@@ -144,10 +164,7 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
     rows = q_start + local
     dims = tl.arange(0, HEAD_DIM)
     row_ok = local < n
-    q = tl.load(
-        Q + wide(local)[:, None] * stride_qn + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
-    )
-    q = (q.to(tl.float32) * scale).to(q.dtype)
+    q = _load_queries(Q, local, row_ok, head, stride_qn, stride_qh, dims, scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -159,17 +176,11 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
         kb = tl.load(blocks + meta * max_blocks + i)
         keys = kb * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
         key_ok = keys < length
-        k = tl.load(k_base + wide(keys)[:, None] * stride_kn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + wide(keys)[:, None] * stride_vn + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
-        s = tl.where(key_ok[None, :] & (keys[None, :] <= rows[:, None]), s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(
-        Out + wide(local)[:, None] * stride_on + head * stride_oh + dims[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+        visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
+        m_i, l_i, acc = _attend(
+            q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
+        )
+    _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims)
 
 
 _TUNE_VS = [
