@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -318,7 +319,7 @@ BASELINES = ("transformers", "llamacpp")
 WEIGHTS = ("auto", "float", "fp16", "int4")
 
 
-def comma_list(allowed: tuple[str, ...], what: str) -> Any:
+def comma_list(allowed: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated list of names from `allowed` (empty allowed); others are an error."""
 
     def parse(text: str) -> list[str]:
