@@ -17,10 +17,18 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def bottom_right_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    prefix_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, n, D], k/v [B, Hkv, L, D] with L >= n and Hq a multiple of Hkv -> [B, Hq, n, D]. Query i sits at
-    key position L - n + i and sees keys 0 .. L - n + i."""
+    key position L - n + i and sees keys 0 .. L - n + i.
+
+    prefix_mask: optional additive mask [B, 1, 1, L - n] over the keys every query sees (e.g. a large negative
+    value on padding keys); broadcast over heads and rows, it costs the fused kernel next to nothing. Keep it
+    finite: a row whose prefix is all padding then gets a negligible weight from it instead of NaN."""
     b, hq, n, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -34,7 +42,7 @@ def bottom_right_causal_attention(
     if length == n:
         return out
     rows = q.reshape(b, hkv, group * n, d)  # the prefix has no mask: a group's heads are just more rows
-    out_p, lse_p = _flash(rows, k[:, :, : length - n], v[:, :, : length - n], 0.0, scale=scale)
+    out_p, lse_p = _flash(rows, k[:, :, : length - n], v[:, :, : length - n], 0.0, attn_mask=prefix_mask, scale=scale)
     out_p, lse_p = out_p.reshape(b, hq, n, d), lse_p.reshape(b, hq, n)
     top = torch.maximum(lse, lse_p)
     w, w_p = (lse - top).exp().unsqueeze(-1), (lse_p - top).exp().unsqueeze(-1)

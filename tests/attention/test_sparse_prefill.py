@@ -8,9 +8,12 @@ import torch
 
 from optimist.engine.attention.sparse.config import HeadPattern
 from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
+from optimist.engine.attention.sparse import prefill
 from optimist.engine.attention.sparse.prefill import (
+    DENSE_ABOVE,
     NEEDLE_VERTICALS,
     SLASH_GROUP,
+    key_matrix,
     select_group,
     sparse_prefill_attention,
     tile_keys,
@@ -43,15 +46,57 @@ FULL = [
 ]
 
 
+@pytest.fixture(params=["fused-cpu", "sdpa-mask"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the path runs its batches: torch's fused CPU attention (CPU) and SDPA with an explicit mask (the
+    path other devices take), the latter forced here on CPU."""
+    if request.param == "sdpa-mask":
+        monkeypatch.setattr(prefill, "_fused_cpu", lambda device: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("pattern", FULL, ids=lambda p: p.kind)
 @pytest.mark.parametrize(("n", "q_start"), [(300, 0), (257, 400), (64, 1000)])
-def test_full_budgets_reproduce_dense(pattern: HeadPattern, n: int, q_start: int) -> None:
+@pytest.mark.parametrize("dense_above", [1.01, DENSE_ABOVE], ids=["gathered", "dense-switch"])
+def test_full_budgets_reproduce_dense(
+    pattern: HeadPattern, n: int, q_start: int, dense_above: float, kernel: str
+) -> None:
     q, k, v = qkv(q_start + n)
     q = q[q_start:]
-    out, work = sparse_prefill_attention(q, k, v, q_start, [pattern] * 6, tile=96)
+    # tile 96 with small batches: tiles of several widths share a batch (front padding), a partial last tile
+    out, work = sparse_prefill_attention(
+        q, k, v, q_start, [pattern] * 6, tile=96, max_keys=800, dense_above=dense_above
+    )
     torch.testing.assert_close(out, dense(q, k, v, q_start), rtol=1e-4, atol=1e-5)
     causal_pairs = sum(q_start + i + 1 for i in range(n))
     assert work == 6 * causal_pairs
+
+
+@pytest.mark.parametrize(("n", "q_start"), [(1600, 0), (300, 1500)])
+def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int, kernel: str) -> None:
+    """Mixed patterns below the dense switch: every row attends to exactly its tile's selected keys left of it."""
+    q, k, v = qkv(q_start + n, seed=7)
+    q = q[q_start:]
+    patterns = [
+        HeadPattern("vertical_slash", 40, 64),
+        HeadPattern("a_shape", 16, 64),
+        HeadPattern("block_sparse", 2, 0),
+    ]
+    patterns += [HeadPattern("a_shape", 8, 64)] * 3
+    out, work = sparse_prefill_attention(q, k, v, q_start, patterns, tile=64, max_keys=4096)
+    rows = torch.arange(q_start, q_start + n)
+    visible = torch.arange(q_start + n)[None, :] <= rows[:, None]
+    visited = 0
+    for g in range(2):
+        sel = select_group(patterns[3 * g : 3 * g + 3], q[:, 3 * g : 3 * g + 3], k[:, g], q_start)
+        mask = key_matrix(sel, q_start, n, 64).repeat_interleave(64, dim=0)[:n] & visible
+        assert bool(mask.sum() < visible.sum() * DENSE_ABOVE)  # the gathered path ran, not the dense switch
+        heads = slice(3 * g, 3 * g + 3)
+        ref = masked_attention(q[:, heads].transpose(0, 1), k[:, g : g + 1].transpose(0, 1).expand(3, -1, -1),
+                               v[:, g : g + 1].transpose(0, 1).expand(3, -1, -1), mask).transpose(0, 1)  # fmt: skip
+        torch.testing.assert_close(out[:, heads], ref, rtol=1e-4, atol=1e-5)
+        visited += 3 * int(mask.sum())
+    assert work == visited
 
 
 def test_a_shape_keys_are_exactly_sinks_and_window_plus_tile_slack() -> None:

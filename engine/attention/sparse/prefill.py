@@ -28,6 +28,7 @@ BLOCK = 64  # block-sparse granularity
 NEEDLE_VERTICALS = 256  # dynamic columns every non-dense head keeps (see select_group)
 TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept diagonal's key range
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
+DENSE_ABOVE = 0.75  # a KV group visiting more of the causal pairs than this runs dense (cheaper than gathering)
 
 
 @dataclass
@@ -136,6 +137,23 @@ def visited_pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
     return int((rows_seeing * keep).sum())
 
 
+def _fused_cpu(device: torch.device) -> bool:
+    """Whether torch's fused CPU attention serves this device (elsewhere: SDPA with an explicit mask)."""
+    return device.type == "cpu"
+
+
+def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Every visible key for one KV group: q [n, G, D], k/v [L, D] -> [G, n, D] (bottom-right causal)."""
+    qg, kg, vg = q.transpose(0, 1)[None], k[None, None], v[None, None]
+    if _fused_cpu(q.device):
+        return bottom_right_causal_attention(qg, kg, vg)[0]
+    n, length = q.shape[0], k.shape[0]
+    shape = (1, q.shape[1], length, k.shape[1])
+    return F.scaled_dot_product_attention(
+        qg, kg.expand(shape), vg.expand(shape), attn_mask=causal_lower_right(n, length)
+    )[0]
+
+
 def sparse_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,15 +162,18 @@ def sparse_prefill_attention(
     patterns: Sequence[HeadPattern],
     tile: int = TILE,
     max_keys: int = 1 << 15,
+    dense_above: float = DENSE_ABOVE,
 ) -> tuple[torch.Tensor, int]:
     """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D]. Returns (out [n, Hq, D], (row, key) pairs
     attended summed over heads: the work done, to compare with dense's).
 
-    Tiles of a group run together in one fused CPU attention call per batch of tiles. Each tile's kept keys are
-    gathered in ascending order, so they end with the tile's own diagonal block (always kept: the local window
-    covers it) and a bottom-right-aligned causal mask is exactly right; tiles are front-padded to a common width
-    with a dummy key that no query can weigh (an extra head dimension scores it at -1e4), so no explicit mask is
-    ever built. A partial last tile gets dummies behind its diagonal to keep that alignment."""
+    Per KV group: a group with a dense head, or whose selection visits more than `dense_above` of the causal pairs,
+    runs dense (gathering nearly every key per tile costs more than computing the rest). Otherwise tiles run in
+    batches of similar width (sorted by kept-key count, so little padding), one fused attention call per batch.
+    Each tile's kept keys are gathered in ascending order, so they end with the tile's own diagonal block (always
+    kept: the local window covers it) and a bottom-right-aligned causal mask is exactly right; tiles are
+    front-padded to the batch's width with a zero key that an additive mask over the unmasked part hides, and a
+    partial last tile gets zero keys behind its diagonal (only its padding rows see them) to keep that alignment."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     if length != q_start + n:
@@ -162,62 +183,63 @@ def sparse_prefill_attention(
     group = hq // hkv
     tiles = -(-n // tile)
     dev, dt = q.device, q.dtype
-    # queries scaled once, with the extra coordinate 1, padded to whole tiles: [KV head, tile, group head, row, D+1]
-    # the extra coordinate(s): one on CPU; on CUDA the head size stays a multiple of 8 for the fused kernels
-    extra = 1 if dev.type == "cpu" else 8
-    da = d + extra
-    ones = torch.zeros((n, hq, extra), dtype=dt, device=dev)
-    ones[..., 0] = 1.0
-    qa = torch.cat([q * (1.0 / d**0.5), ones], dim=2)
-    qa = torch.nn.functional.pad(qa, (0, 0, 0, 0, 0, tiles * tile - n))
-    qa = qa.view(tiles, tile, hkv, group, da).permute(2, 0, 3, 1, 4)
-    # keys with the extra coordinate 0, plus the dummy key (index `length`) whose extra coordinate is -1e4
-    ka = torch.cat([k, torch.zeros((length, hkv, extra), dtype=dt, device=dev)], dim=2)
-    dummy_k = torch.zeros((1, hkv, da), dtype=dt, device=dev)
-    dummy_k[..., d] = -1e4
-    ka = torch.cat([ka, dummy_k])
-    # values get the extra (zero) coordinate too: the fused CPU kernel needs one head size for q, k and v
-    va = torch.nn.functional.pad(torch.cat([v, torch.zeros((1, hkv, d), dtype=dt, device=dev)]), (0, extra))
+    causal_pairs = n * q_start + n * (n + 1) // 2
+    # queries padded to whole tiles: [KV head, tile, group head, row, D]
+    qt = F.pad(q, (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, hkv, group, d).permute(2, 0, 3, 1, 4)
+    # per KV head, contiguous keys and values plus a zero row (index `length`) for padding
+    kh = torch.cat([k, k.new_zeros((1, hkv, d))]).transpose(0, 1).contiguous()
+    vh = torch.cat([v, v.new_zeros((1, hkv, d))]).transpose(0, 1).contiguous()
     tail = torch.zeros(tiles, dtype=torch.long, device=dev)
-    tail[-1] = tiles * tile - n  # dummies behind the partial last tile's diagonal
+    tail[-1] = tiles * tile - n  # zero keys behind the partial last tile's diagonal
+    hide = torch.finfo(dt).min / 2  # additive mask on front padding: finite, so an all-padding prefix is no NaN
     out = torch.empty((hkv, tiles, group, tile, d), dtype=dt, device=dev)
     work = 0
     for g in range(hkv):
         heads = slice(g * group, (g + 1) * group)
-        sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start)
-        keep = key_matrix(sel, q_start, n, tile)  # [T, L]
+        if any(_is_dense(p, length) for p in patterns[heads]):
+            keep = None
+        else:
+            sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start)
+            keep = key_matrix(sel, q_start, n, tile)  # [T, L]
+            pairs = visited_pairs(keep, q_start, n, tile)
+        if keep is None or pairs > dense_above * causal_pairs:
+            dense = F.pad(_dense_group(q[:, heads], k[:, g], v[:, g]), (0, 0, 0, tiles * tile - n))
+            out[g] = dense.view(group, tiles, tile, d).transpose(0, 1)
+            work += causal_pairs * group
+            continue
         counts = keep.sum(dim=1)
         total = counts + tail
-        # kept key indices first, ascending (a stable sort of "not kept")
-        idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
-        t0 = 0
-        while t0 < tiles:
-            # consecutive tiles (causal chunks widen from first to last) in batches of bounded padded size
-            t1 = t0 + 1
-            while t1 < tiles and (t1 + 1 - t0) * int(total[t0 : t1 + 1].max()) <= max_keys:
-                t1 += 1
-            wide = int(total[t0:t1].max())
-            # position p of a tile's key list holds kept key p - shift, where shift = wide - total (front pad)
-            src = torch.arange(wide, device=dev)[None, :] - (wide - total[t0:t1])[:, None]
-            real = (src >= 0) & (src < counts[t0:t1, None])
-            gathered = idx[t0:t1].gather(1, src.clamp(min=0, max=idx.shape[1] - 1))
-            ix = torch.where(real, gathered, torch.full_like(gathered, length)).flatten()
-            kt = ka[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
-            vt = va[:, g].index_select(0, ix).view(t1 - t0, 1, wide, da)
-            if dev.type == "cpu":  # the kept keys, then the tile's own diagonal block: no mask to compute under
-                out[g, t0:t1] = bottom_right_causal_attention(qa[g, t0:t1], kt, vt, scale=1.0)[..., :d]
-                t0 = t1
-                continue
-            shape = (t1 - t0, group, wide)
-            out[g, t0:t1] = F.scaled_dot_product_attention(
-                qa[g, t0:t1],
-                kt.expand(*shape, da),
-                vt.expand(*shape, da),
-                attn_mask=causal_lower_right(tile, wide),
-                scale=1.0,
-            )[..., :d]
-            t0 = t1
-        work += visited_pairs(keep, q_start, n, tile) * group
+        cols = keep.nonzero()[:, 1]  # kept key indices, tile by tile, ascending within each
+        first = torch.cumsum(counts, 0) - counts  # where each tile's keys start in `cols`
+        order = torch.argsort(total)  # batch tiles of similar width: little front padding
+        widths = total[order].tolist()
+        b0 = 0
+        while b0 < tiles:
+            b1 = b0 + 1
+            while b1 < tiles and (b1 + 1 - b0) * widths[b1] <= max_keys:
+                b1 += 1
+            ids, wide = order[b0:b1], widths[b1 - 1]
+            # position p of a tile's key list holds its kept key p - shift, where shift = wide - total (front pad)
+            shift = wide - total[ids]
+            src = torch.arange(wide, device=dev)[None, :] - shift[:, None]
+            real = (src >= 0) & (src < counts[ids, None])
+            picked = cols[(first[ids, None] + src).clamp(0, max(0, cols.shape[0] - 1))] if cols.numel() else src
+            ix = torch.where(real, picked, length).flatten()
+            kt = kh[g].index_select(0, ix).view(b1 - b0, 1, wide, d)
+            vt = vh[g].index_select(0, ix).view(b1 - b0, 1, wide, d)
+            pad = src[:, : wide - tile] < 0  # front padding lies in the part every row sees
+            if _fused_cpu(dev):  # the kept keys, then the tile's own diagonal block: no causal mask to build
+                mask = torch.zeros(pad.shape, dtype=dt, device=dev).masked_fill_(pad, hide)[:, None, None]
+                out[g, ids] = bottom_right_causal_attention(qt[g, ids], kt, vt, prefix_mask=mask)
+            else:
+                shape = (b1 - b0, group, wide, d)
+                causal = torch.ones((tile, wide), dtype=torch.bool, device=dev).tril(wide - tile)
+                allowed = causal & ~F.pad(pad, (0, tile))[:, None, None]  # [batch, 1, tile, wide]
+                out[g, ids] = F.scaled_dot_product_attention(
+                    qt[g, ids], kt.expand(shape), vt.expand(shape), attn_mask=allowed
+                )
+            b0 = b1
+        work += pairs * group
     # [KV head, tile, group head, row, D] -> [rows, query heads, D]
     out = out.permute(1, 3, 0, 2, 4).reshape(tiles * tile, hq, d)
     return out[:n].contiguous(), work

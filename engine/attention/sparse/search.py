@@ -18,7 +18,7 @@ import torch
 from ...model.llama import Attention, Llama, apply_rope, prompt_logits
 from .config import HeadPattern
 from .estimate import LOCAL, SINKS
-from .prefill import BLOCK, SLASH_GROUP, TILE, GroupSelection, key_matrix, select_group, visited_pairs
+from .prefill import BLOCK, DENSE_ABOVE, SLASH_GROUP, TILE, GroupSelection, key_matrix, select_group, visited_pairs
 
 
 def calibration_text(min_chars: int) -> str:
@@ -106,9 +106,13 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, tile: int = TILE) -> torch.Tenso
 
 
 def recall_of(mass: torch.Tensor, sel: GroupSelection, n: int) -> tuple[float, int]:
-    """(recall, causal pairs visited) of a selection for a whole prompt of n tokens, from tile_mass."""
+    """(recall, causal pairs visited) of a selection for a whole prompt of n tokens, from tile_mass, as the engine
+    attends (a selection above DENSE_ABOVE of the pairs runs dense)."""
     keep = key_matrix(sel, 0, n, TILE)
-    return float((mass * keep).sum()) / n, visited_pairs(keep, 0, n, TILE)
+    pairs, causal = visited_pairs(keep, 0, n, TILE), n * (n + 1) // 2
+    if pairs > DENSE_ABOVE * causal:  # the engine runs such a group dense: all the mass, at dense cost
+        return 1.0, causal
+    return float((mass * keep).sum()) / n, pairs
 
 
 @dataclass
