@@ -65,7 +65,7 @@ def test_full_budgets_reproduce_dense(
     q = q[q_start:]
     # tile 96 with small batches: tiles of several widths share a batch (front padding), a partial last tile
     out, work = sparse_prefill_attention(
-        q, k, v, q_start, [pattern] * 6, tile=96, max_keys=800, dense_above=dense_above
+        q, k, v, q_start, [pattern] * 6, tile=96, max_keys=800, dense_above=dense_above, dense_up_to=0
     )
     torch.testing.assert_close(out, dense(q, k, v, q_start), rtol=1e-4, atol=1e-5)
     causal_pairs = sum(q_start + i + 1 for i in range(n))
@@ -83,7 +83,7 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
         HeadPattern("block_sparse", 2, 0),
     ]
     patterns += [HeadPattern("a_shape", 8, 64)] * 3
-    out, work = sparse_prefill_attention(q, k, v, q_start, patterns, tile=64, max_keys=4096)
+    out, work = sparse_prefill_attention(q, k, v, q_start, patterns, tile=64, max_keys=4096, dense_up_to=0)
     rows = torch.arange(q_start, q_start + n)
     visible = torch.arange(q_start + n)[None, :] <= rows[:, None]
     visited = 0
@@ -140,6 +140,22 @@ def test_work_shrinks_with_the_budget_and_chunk_estimation_uses_the_prefix() -> 
     # a chunk at the end of the prompt, with the rest as cached prefix, attends to the prefix too
     _, work = sparse_prefill_attention(q[2816:], k, v, 2816, [HeadPattern("a_shape", 64, 64)] * 6)
     assert work > 6 * 256 * (64 + 64)  # sinks and dynamic verticals from the prefix on top of the window
+
+
+def test_chunks_seeing_few_keys_and_groups_above_the_dense_switch_run_dense() -> None:
+    small = [HeadPattern("vertical_slash", 30, 100)] * 6
+    q, k, v = qkv(1000, seed=2)  # under DENSE_UP_TO keys: dense whatever the patterns
+    out, work = sparse_prefill_attention(q, k, v, 0, small)
+    torch.testing.assert_close(out, dense(q, k, v, 0), rtol=1e-4, atol=1e-5)
+    assert work == 6 * 1000 * 1001 // 2
+    # the same chunk forced through selection: far less work, so it really was the size rule above
+    assert sparse_prefill_attention(q, k, v, 0, small, dense_up_to=0)[1] < work * DENSE_ABOVE
+    # a group whose selection is nearly everything runs dense; the other stays sparse
+    q, k, v = qkv(3000, seed=4)
+    wide = [HeadPattern("vertical_slash", 2900, 3000)] * 3 + small[:3]
+    out, work = sparse_prefill_attention(q, k, v, 0, wide)
+    torch.testing.assert_close(out[:, :3], dense(q, k, v, 0)[:, :3], rtol=1e-4, atol=1e-5)
+    assert 3 * 3000 * 3001 // 2 < work < 6 * 3000 * 3001 // 2 * DENSE_ABOVE
 
 
 def test_bad_shapes_are_refused() -> None:
