@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from optimist.engine.attention.sparse import prefill
 from optimist.engine.attention.sparse.config import HeadPattern
 from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
-from optimist.engine.attention.sparse import prefill
 from optimist.engine.attention.sparse.prefill import (
     DENSE_ABOVE,
     NEEDLE_VERTICALS,
