@@ -172,8 +172,8 @@ def sparse_prefill_attention(
     A chunk seeing at most `dense_up_to` keys runs dense (on CPU, estimation and gathers cost what sparsity saves
     there: the first 2K chunk of a 7K prompt took 1.7 s sparse, 1.4 s dense). Per KV group: a group with a dense
     head, or whose selection visits more than `dense_above` of the causal pairs, runs dense (gathering nearly every
-    key per tile costs more than computing the rest). Otherwise tiles run in
-    batches of similar width (sorted by kept-key count, so little padding), one fused attention call per batch.
+    key per tile costs more than computing the rest). Otherwise tiles run in batches of similar width (sorted by
+    kept-key count, so little padding), one fused attention call per batch.
     Each tile's kept keys are gathered in ascending order, so they end with the tile's own diagonal block (always
     kept: the local window covers it) and a bottom-right-aligned causal mask is exactly right; tiles are
     front-padded to the batch's width with a zero key that an additive mask over the unmasked part hides, and a
@@ -227,7 +227,7 @@ def sparse_prefill_attention(
             shift = wide - total[ids]
             src = torch.arange(wide, device=dev)[None, :] - shift[:, None]
             real = (src >= 0) & (src < counts[ids, None])
-            picked = cols[(first[ids, None] + src).clamp(0, max(0, cols.shape[0] - 1))] if cols.numel() else src
+            picked = cols[(first[ids, None] + src).clamp(0, cols.shape[0] - 1)]  # every tile keeps its diagonal
             ix = torch.where(real, picked, length).flatten()
             kt = kh[g].index_select(0, ix).view(b1 - b0, 1, wide, d)
             vt = vh[g].index_select(0, ix).view(b1 - b0, 1, wide, d)
