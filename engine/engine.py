@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,9 +23,10 @@ from .config import ConfigError, EngineConfig
 from .kv_cache import BlockAllocator, allocate_cache
 from .malloc import keep_freed_memory
 from .metrics import EngineStats
+from .model import native
 from .model.llama import Llama
 from .model.loader import ProgressFn, load_model
-from .model.quant import fp16_available, int4_available
+from .model.quant import fp16_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
 from .runner import ModelRunner
@@ -123,18 +125,10 @@ class Engine:
             torch.set_num_threads(config.threads)
         if self.device.type == "cpu":
             keep_freed_memory()  # steps reuse warm heap pages instead of page-faulting fresh ones (malloc.py)
-        weights = config.weights
-        if weights == "auto":  # float16 weights where that is fast and keeps float32 arithmetic, else exact
-            cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
-            weights = "fp16" if cpu32 and fp16_available() else "float"
-        self.weights = weights
-        if weights == "int4" and (self.device.type != "cpu" or not int4_available()):
-            raise ConfigError("weights=int4 needs the CPU device and torch's int4 CPU kernel (torch >= 2.6)")
-        if weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
-            raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
+        weights = self._weights_mode(config)
         if config.kv_cache_memory_fraction and self.device.type != "cuda":
             raise ConfigError("kv_cache_memory_fraction needs a CUDA device; use kv_cache_tokens on CPU")
-        loaded = load_model(config.model_path(), progress=progress, keep_int4=weights == "int4")
+        loaded = load_model(config.model_path(), progress=progress, keep_blocks=weights == "int4")
         self.model_config = loaded.config
         if config.max_model_len:
             if config.max_model_len > loaded.config.context_length:
@@ -147,15 +141,22 @@ class Engine:
         model = Llama(loaded.config)
         model.load_weights(loaded.weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        if weights == "int4" and self.model.use_int4(loaded.int4) == 0:
-            raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
-        if weights == "fp16":
+        if weights == "int4":
+            # Layers without blocks, and calls of many rows, get float16 weights where fbgemm has them.
+            if self.model.use_native(loaded.blocks, fp16_available()) == 0:
+                if config.weights == "int4":
+                    raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
+                weights = "fp16" if fp16_available() else "float"  # auto, on a file with no such blocks
+        elif weights == "fp16":
             self.model.use_fp16()
+        self.weights = weights
         del loaded
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
         kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
+        if weights == "int4":
+            self.model.attach_native(kv)  # decode steps of a few sequences: all layers in one C call
         patterns = None
         if config.sparse_prefill_threshold:
             patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)
@@ -165,6 +166,25 @@ class Engine:
         )
         self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
+
+    def _weights_mode(self, config: EngineConfig) -> str:
+        """The weight mode to load with: the configured one, checked, or what `auto` picks here."""
+        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if config.weights == "auto":
+            # The file's own blocks where the native kernels run (exact weights, float32 arithmetic); else float16
+            # weights with float32 arithmetic where fbgemm has them; else exact float32.
+            if cpu32 and Path(config.model_path()).suffix == ".gguf" and native.unavailable_reason() is None:
+                return "int4"
+            return "fp16" if cpu32 and fp16_available() else "float"
+        if config.weights == "int4":
+            if self.device.type != "cpu" or self.dtype != torch.float32:
+                raise ConfigError("weights=int4 needs the CPU device and dtype float32 (its kernels are CPU ones)")
+            reason = native.unavailable_reason()
+            if reason is not None:
+                raise ConfigError(f"weights=int4: {reason}")
+        if config.weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
+            raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
+        return config.weights
 
     # ------------------------------------------------------------------------------------- public API
 

@@ -84,7 +84,7 @@ class ModelRunner:
             if min(lengths) != max_len:
                 lens = self._tensor(lengths)
                 mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
-            groups.append(DecodeGroup(first, len(tokens), table.to(self.device), mask))
+            groups.append(DecodeGroup(first, len(tokens), table.to(self.device), mask, lengths))
         meta = AttentionMeta(
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),

@@ -17,7 +17,8 @@ from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
-from .quant import Fp16Linear, Int4Linear, Int4Part, concat_rows
+from .native import NativeDecoder, NativeLinear, NativeWeight
+from .quant import Fp16Linear
 
 _HEAD_CHUNK = 1024
 
@@ -43,6 +44,7 @@ class DecodeGroup:
     end: int
     slots: torch.Tensor  # [B, Lmax] context slots of each sequence (padding points anywhere; it is masked)
     mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where the slot is part of the context; None = no padding
+    lengths: list[int] | None = None  # context length of each sequence (None: all Lmax)
 
 
 @dataclass
@@ -241,11 +243,15 @@ class Llama(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.head_fast: Int4Linear | Fp16Linear | None = None  # set by use_int4 / use_fp16
+        self.head_fast: NativeLinear | Fp16Linear | None = None  # set by use_native / use_fp16
+        self.native_decoder: NativeDecoder | None = None  # set by attach_native
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def blocks(self) -> list[Block]:
+        return [b for b in self.layers if isinstance(b, Block)]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Takes the loader's parameter names and fuses wq/wk/wv into one matmul."""
@@ -278,28 +284,45 @@ class Llama(nn.Module):
             raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         param.copy_(value)
 
-    def use_int4(self, int4: dict[str, list[Int4Part]], head: bool = True, max_rows: int = 16) -> int:
-        """Swaps linear layers for int4 ones where the file held exact int4 forms; returns how many.
-
-        The float weights stay as the fallback for calls with more than `max_rows` rows (see Int4Linear).
-        """
+    def use_native(self, blocks: dict[str, NativeWeight], fp16: bool) -> int:
+        """Linear layers stored as Q4_0/Q4_1/Q8_0 read those blocks with the native kernels (native.py) in calls of
+        a few rows; larger calls (prefill chunks, big decode batches) use float16 weights if `fp16`, else the
+        float32 ones. Returns how many layers read their blocks (QKV counts once; it is fused only if all three
+        are stored as blocks of one kind)."""
         swapped = 0
         for i, block in enumerate(self.layers):
             assert isinstance(block, Block)
             key = f"layers.{i}."
-            if all(key + n in int4 for n in ("wq", "wk", "wv")):
-                fused = concat_rows([int4[key + n] for n in ("wq", "wk", "wv")])
-                block.attn.wqkv = Int4Linear(fused, block.attn.wqkv.weight, max_rows)  # type: ignore[assignment]
-                swapped += 1
-            for owner, attr in block.linears()[1:]:  # wqkv above: three GGUF tensors fused
-                if key + attr in int4:
-                    setattr(owner, attr, Int4Linear(int4[key + attr], getattr(owner, attr).weight, max_rows))
+            for owner, attr in block.linears():
+                weight = getattr(owner, attr).weight
+                if attr == "wqkv":
+                    parts = [blocks.get(key + n) for n in ("wq", "wk", "wv")]
+                    native = None
+                    if all(p is not None for p in parts) and len({p.kind for p in parts if p is not None}) == 1:
+                        native = NativeWeight.concat([p for p in parts if p is not None])
+                else:
+                    native = blocks.get(key + attr)
+                if native is not None:
+                    setattr(owner, attr, NativeLinear(native, self._fallback(weight, fp16)))
                     swapped += 1
+                elif fp16:
+                    setattr(owner, attr, Fp16Linear(weight))
+        head = self.lm_head if self.lm_head is not None else self.embed
         name = "lm_head" if self.lm_head is not None else "embed"
-        if head and name in int4:
-            self.head_fast = Int4Linear(int4[name], None)
+        if name in blocks:
+            self.head_fast = NativeLinear(blocks[name], self._fallback(head.weight, fp16))
             swapped += 1
+        elif fp16:
+            self.head_fast = Fp16Linear(head.weight)
         return swapped
+
+    @staticmethod
+    def _fallback(weight: torch.Tensor, fp16: bool) -> nn.Module:
+        if fp16:
+            return Fp16Linear(weight)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return linear
 
     def use_fp16(self) -> None:
         """Swaps every linear layer and the vocabulary projection for float16-weight ones (CPU; see Fp16Linear)."""
@@ -309,6 +332,28 @@ class Llama(nn.Module):
                 setattr(owner, attr, Fp16Linear(getattr(owner, attr).weight))
         head = self.lm_head if self.lm_head is not None else self.embed
         self.head_fast = Fp16Linear(head.weight)
+
+    def attach_native(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Decode steps of a few sequences over `kv_cache` run all layers in one native call where every linear
+        layer reads native blocks (after use_native and init_rope); returns whether they will."""
+        self.native_decoder = NativeDecoder(self, kv_cache) if NativeDecoder.supports(self) else None
+        return self.native_decoder is not None
+
+    def _native_layers(
+        self, x: torch.Tensor, meta: AttentionMeta, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """The hidden states after the last layer from the native decoder, or None where it does not apply."""
+        decoder = self.native_decoder
+        if decoder is None or kv_cache is not decoder.kv_cache or meta.prefills or x.shape[0] > decoder.max_rows:
+            return None
+        if len(meta.decodes) == 1 and meta.decodes[0].lengths is None:
+            slots = meta.decodes[0].slots
+            lens = torch.full((x.shape[0],), slots.shape[1], dtype=torch.int64)
+        else:
+            width = max(g.slots.shape[1] for g in meta.decodes)
+            slots = torch.cat([F.pad(g.slots, (0, width - g.slots.shape[1])) for g in meta.decodes])
+            lens = torch.tensor([n for g in meta.decodes for n in (g.lengths or [g.slots.shape[1]] * g.slots.shape[0])])
+        return decoder.run(x, meta.positions, meta.slot_mapping, slots.contiguous(), lens)
 
     def init_rope(self) -> None:
         """Computes the rotary tables on the model's device and dtype (call after .to())."""
@@ -320,14 +365,18 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """tokens: [T]; returns logits [len(meta.logits_rows), vocab] in float32."""
         x = self.embed(tokens)
-        cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
-        sin = self.rope_sin[meta.positions].unsqueeze(1)
-        for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
-            assert isinstance(block, Block)
-            x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
-            x = x + block.mlp(block.ffn_norm(x))
+        native = self._native_layers(x, meta, kv_cache)
+        if native is not None:
+            x = native
+        else:
+            cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
+            sin = self.rope_sin[meta.positions].unsqueeze(1)
+            for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+                assert isinstance(block, Block)
+                x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
+                x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
-        if self.head_fast is not None and x.shape[0] <= self.head_fast.max_rows:
+        if self.head_fast is not None:
             return self.head_fast(x).float()
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
         if x.device.type != "cpu":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .quant import Int4Part, parts_from_gguf, supported_type
+from .native import NativeWeight, supported_type
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 
@@ -31,17 +31,17 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
-    # Exact int4 forms of the GGUF tensors stored as Q4_0/Q4_1/Q8_0 (only when asked for), by our names.
-    int4: dict[str, list[Int4Part]] = field(default_factory=dict)
+    # The GGUF tensors stored as Q4_0/Q4_1/Q8_0 in the native kernels' layout (only when asked for), by our names.
+    blocks: dict[str, NativeWeight] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[int, int], None]
 
 
-def load_model(path: Path, progress: ProgressFn | None = None, keep_int4: bool = False) -> LoadedModel:
+def load_model(path: Path, progress: ProgressFn | None = None, keep_blocks: bool = False) -> LoadedModel:
     """Loads a `.gguf` file or a folder with `config.json` and `*.safetensors`.
 
-    With `keep_int4`, GGUF tensors stored as Q4_0/Q4_1/Q8_0 are also returned in exact int4 form (`quant.py`).
+    With `keep_blocks`, GGUF tensors stored as Q4_0/Q4_1/Q8_0 are also returned as their blocks (`native.py`).
     """
     path = Path(path)
     if not path.exists():
@@ -51,7 +51,7 @@ def load_model(path: Path, progress: ProgressFn | None = None, keep_int4: bool =
             return _load_hf_dir(path, progress)
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
-        return _load_gguf(path, progress, keep_int4)
+        return _load_gguf(path, progress, keep_blocks)
     except ModelLoadError:
         raise
     except Exception as exc:  # a malformed file can fail anywhere inside the readers
@@ -89,7 +89,7 @@ def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def _load_gguf(path: Path, progress: ProgressFn | None, keep_int4: bool) -> LoadedModel:
+def _load_gguf(path: Path, progress: ProgressFn | None, keep_blocks: bool) -> LoadedModel:
     import gguf
 
     try:
@@ -122,14 +122,14 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_int4: bool) -> Load
     config.validate()
 
     weights: dict[str, torch.Tensor] = {}
-    int4: dict[str, list[Int4Part]] = {}
+    blocks: dict[str, NativeWeight] = {}
     for i, (name, tensor) in enumerate(tensors.items()):
         shape = [int(d) for d in reversed(tensor.shape)]
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = np.asarray(array, dtype=np.float32).reshape(shape)
         packed = None
-        if keep_int4 and len(shape) == 2 and supported_type(int(tensor.tensor_type)):
-            packed = parts_from_gguf(tensor.data, int(tensor.tensor_type), shape[0], shape[1])
+        if keep_blocks and len(shape) == 2 and supported_type(int(tensor.tensor_type)):
+            packed = NativeWeight.from_gguf(tensor.data, int(tensor.tensor_type), shape[0], shape[1])
         parts = name.split(".")
         if parts[0] == "blk":
             layer, kind = int(parts[1]), parts[2]
@@ -139,7 +139,7 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_int4: bool) -> Load
             if heads is not None:
                 array = _unpermute_rope(array, heads)
                 if packed is not None:
-                    packed = [p.map_rows(functools.partial(_unpermute_rope, n_head=heads)) for p in packed]
+                    packed = packed.map_rows(functools.partial(_unpermute_rope, n_head=heads))
             key = f"layers.{layer}.{_GGUF_NAMES[kind]}"
         elif name == "token_embd.weight":
             key = "embed"
@@ -153,11 +153,11 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_int4: bool) -> Load
             raise ModelLoadError(f"{path}: unexpected tensor {name}")
         weights[key] = torch.from_numpy(array.copy())
         if packed is not None:
-            int4[key] = packed
+            blocks[key] = packed
         if progress is not None:
             progress(i + 1, len(tensors))
     tokenizer = tokenizer_from_gguf(reader, path)
-    return LoadedModel(config, weights, tokenizer, int4)
+    return LoadedModel(config, weights, tokenizer, blocks)
 
 
 # ------------------------------------------------------------------------------------------ safetensors

@@ -1,0 +1,342 @@
+/* CPU kernels for decode steps over GGUF's own 4- and 8-bit weight blocks (see native.py).
+
+   y[m, n] = x[m, k] @ W[n, k].T for a few rows m, with W kept as the file's blocks of 32 weights:
+     q4: w = d * q + z, q in 0..15 (GGUF Q4_1; Q4_0 is z = -8 d), one float d and z per block;
+     q8: w = d * q, q in -128..127 (GGUF Q8_0), one float d per block.
+   Activations, products and sums stay float32: the weights are exactly the file's, so results differ from the
+   float32 path only by the order of the sums. A block's 32 weights are stored in the order that makes widening
+   them to floats cheap (planar: no shuffles), and converted once for all m rows.
+
+   Built at run time by native.py with the machine's C compiler (-O3 -march=native -fopenmp); the OpenMP runtime
+   is the one torch has already loaded, so the kernels share torch's thread team. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NATIVE_SIMD 1
+#else
+#define NATIVE_SIMD 0
+#endif
+
+#define QK 32  /* weights per block */
+#define MAXR 4 /* activation rows computed together over one pass of the weights */
+
+int native_simd(void) { return NATIVE_SIMD; }
+
+/* Planar element order inside a block (the packing in native.py must match):
+   q4: 16 bytes as 4 little-endian dwords; element 8*v + lane is nibble 2*v + lane/4 of dword lane%4.
+   q8: 32 bytes as 8 dwords; element 8*v + lane is byte v of dword lane. */
+
+#if NATIVE_SIMD
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+static inline void widen_q4(const uint8_t *q, __m256 w[4]) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+  const __m256i lo = _mm256_set1_epi32(0xF);
+  w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), lo));
+  w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(8, 8, 8, 8, 12, 12, 12, 12)), lo));
+  w[2] = _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(16, 16, 16, 16, 20, 20, 20, 20)), lo));
+  w[3] = _mm256_cvtepi32_ps(
+      _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(24, 24, 24, 24, 28, 28, 28, 28)), lo));
+}
+
+static inline void widen_q8(const int8_t *q, __m256 w[4]) {
+  const __m256i v = _mm256_loadu_si256((const __m256i *)q);
+  w[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+  w[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+  w[2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+  w[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+}
+
+static inline __m256 dot32(const __m256 w[4], const float *x) {
+  __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+  p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), p);
+  p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), p);
+  return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), p);
+}
+
+/* One weight row against r <= MAXR activation rows; s[i * nb + b] is the sum of row i's block b (q4's zeros). */
+static inline __attribute__((always_inline)) void row_dot(const int kind, const uint8_t *q, const float *d, const float *z, const float *x,
+                           const float *s, float *y, int64_t nb, int64_t k, int64_t n, int r) {
+  __m256 acc[MAXR];
+  float zs[MAXR];
+  for (int i = 0; i < r; i++) {
+    acc[i] = _mm256_setzero_ps();
+    zs[i] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; b++) {
+    __m256 w[4];
+    if (kind == 4) widen_q4(q + 16 * b, w);
+    else widen_q8((const int8_t *)q + 32 * b, w);
+    const __m256 db = _mm256_broadcast_ss(d + b);
+    for (int i = 0; i < r; i++) {
+      acc[i] = _mm256_fmadd_ps(dot32(w, x + i * k + QK * b), db, acc[i]);
+      if (kind == 4) zs[i] += z[b] * s[i * nb + b];
+    }
+  }
+  for (int i = 0; i < r; i++) y[i * n] = hsum(acc[i]) + zs[i];
+}
+#else
+static inline float widen(int kind, const uint8_t *q, int e) {
+  int v = e / 8, lane = e % 8;
+  if (kind == 4) return (float)((q[4 * (lane % 4) + v] >> (4 * (lane / 4))) & 0xF);
+  return (float)((const int8_t *)q)[4 * lane + v];
+}
+
+static inline __attribute__((always_inline)) void row_dot(const int kind, const uint8_t *q, const float *d, const float *z, const float *x,
+                           const float *s, float *y, int64_t nb, int64_t k, int64_t n, int r) {
+  const int64_t bytes = kind == 4 ? 16 : 32;
+  for (int i = 0; i < r; i++) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+      float p = 0.f;
+      for (int e = 0; e < QK; e++) p += widen(kind, q + bytes * b, e) * x[i * k + QK * b + e];
+      acc += p * d[b] + (kind == 4 ? z[b] * s[i * nb + b] : 0.f);
+    }
+    y[i * n] = acc;
+  }
+}
+#endif
+
+static void block_sums(const float *x, float *s, int64_t count) {
+  for (int64_t b = 0; b < count; b++) {
+    float t = 0.f;
+    for (int e = 0; e < QK; e++) t += x[QK * b + e];
+    s[b] = t;
+  }
+}
+
+/* kind 4 (q4: q is [n, k/2] bytes, z [n, k/32]) or 8 (q8: q is [n, k] bytes, z unused); d [n, k/32];
+   scratch: m * k / 32 floats (q4 only). */
+void native_linear(int kind, const uint8_t *q, const float *d, const float *z, const float *x, float *y, int64_t m,
+                   int64_t n, int64_t k, float *scratch) {
+  const int64_t nb = k / QK, row_bytes = kind == 4 ? k / 2 : k;
+  if (kind == 4) block_sums(x, scratch, m * nb);
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < n; j++) {
+    for (int64_t r0 = 0; r0 < m; r0 += MAXR) {
+      const int r = m - r0 < MAXR ? (int)(m - r0) : MAXR;
+      const uint8_t *qj = q + j * row_bytes;
+      const float *dj = d + j * nb, *zj = kind == 4 ? z + j * nb : NULL;
+      const float *xr = x + r0 * k, *sr = kind == 4 ? scratch + r0 * nb : NULL;
+      float *yr = y + r0 * n + j;
+      /* constant kinds and row counts let the compiler keep the accumulators in registers */
+#define ROWS(KIND)                                                                  \
+  switch (r) {                                                                      \
+    case 1: row_dot(KIND, qj, dj, zj, xr, sr, yr, nb, k, n, 1); break;             \
+    case 2: row_dot(KIND, qj, dj, zj, xr, sr, yr, nb, k, n, 2); break;             \
+    case 3: row_dot(KIND, qj, dj, zj, xr, sr, yr, nb, k, n, 3); break;             \
+    default: row_dot(KIND, qj, dj, zj, xr, sr, yr, nb, k, n, MAXR); break;         \
+  }
+      if (kind == 4) {
+        ROWS(4)
+      } else {
+        ROWS(8)
+      }
+#undef ROWS
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   A whole decode step of a Llama-family model for a few sequences, one call for all layers.
+
+   At batch 1 the ~20 torch operators of a layer (norms, rotary, cache writes, the K/V gathers, attention,
+   residuals) cost more than its matmuls: each is a dispatch, an allocation and an OpenMP fork for a few
+   hundred floats. Here a layer is its five matmuls (native_linear's kernels) and plain loops between them. */
+
+typedef struct {
+  int64_t kind; /* 4 or 8 */
+  const uint8_t *q;
+  const float *d, *z;
+  int64_t n, k;
+} qweight;
+
+typedef struct {
+  const float *attn_norm, *ffn_norm;
+  qweight wqkv, wo, gate, up, down;
+  float *k_cache, *v_cache; /* [slots, n_kv, head_dim] */
+} layer_t;
+
+typedef struct {
+  int64_t n_layers, hidden, inter, n_heads, n_kv, head_dim;
+  float eps;
+  const float *rope_cos, *rope_sin; /* [context, head_dim]; the sine's first half negated (llama.py) */
+  const layer_t *layers;
+} model_t;
+
+static void linear(const qweight *w, const float *x, float *y, int64_t m, float *sums) {
+  native_linear((int)w->kind, w->q, w->d, w->z, x, y, m, w->n, w->k, sums);
+}
+
+#if NATIVE_SIMD
+/* e^x for x <= 0 (softmax, silu of negative arguments), float32 to ~2 ulp: 2^n * p(r), |r| <= ln2 / 2 */
+static inline __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* y[i] = exp(y[i] - mx) over n floats; returns their sum */
+static inline float exp_shifted(float *y, int64_t n, float mx) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vm = _mm256_set1_ps(mx);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(y + i), vm));
+    _mm256_storeu_ps(y + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float s = hsum(acc);
+  for (; i < n; i++) {
+    y[i] = expf(y[i] - mx);
+    s += y[i];
+  }
+  return s;
+}
+
+/* y += a * x over n floats */
+static inline void axpy(float *y, float a, const float *x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+static inline void silu_mul(float *g, const float *u, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(g + i);
+    /* silu(v) = v / (1 + e^-v), with e^-|v| only (no overflow): v >= 0: v / (1 + t); v < 0: v t / (1 + t) */
+    const __m256 t = exp_ps(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)));
+    const __m256 num = _mm256_blendv_ps(v, _mm256_mul_ps(v, t), _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(one, t)), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+#else
+static inline float dot(const float *a, const float *b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+static inline float exp_shifted(float *y, int64_t n, float mx) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; i++) {
+    y[i] = expf(y[i] - mx);
+    s += y[i];
+  }
+  return s;
+}
+
+static inline void axpy(float *y, float a, const float *x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static inline void silu_mul(float *g, const float *u, int64_t n) {
+  for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+#endif
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t n, float eps) {
+  for (int64_t r = 0; r < m; r++) {
+    const float *xr = x + r * n;
+    const float scale = 1.f / sqrtf(dot(xr, xr, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[r * n + i] = xr[i] * scale * w[i];
+  }
+}
+
+/* x * cos + roll(x, D/2) * sin over one head vector, in place */
+static inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
+  float t[512];
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < dim; i++) t[i] = x[i] * cos[i] + x[(i + half) % dim] * sin[i];
+  memcpy(x, t, (size_t)dim * sizeof(float));
+}
+
+/* floats of workspace native_decode needs for m rows attending to at most max_len keys */
+int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
+  const int64_t qkv = (md->n_heads + 2 * md->n_kv) * md->head_dim;
+  const int64_t widest = md->inter > md->hidden ? md->inter : md->hidden;
+  return m * (md->hidden + qkv + md->n_heads * md->head_dim + 2 * md->inter + widest / QK + md->n_heads * max_len);
+}
+
+/* x [m, hidden]: the rows' embeddings in, their last hidden states out (before the final norm).
+   positions [m], slot_mapping [m] (cache slot of each row's new K/V), slots [m, max_len] (each row's context
+   slots, the new token's last), lens [m]. Returns 0, or -1 for a shape the kernels do not take. */
+int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positions, const int64_t *slot_mapping,
+                  const int64_t *slots, const int64_t *lens, int64_t max_len, float *work) {
+  const int64_t H = md->hidden, I = md->inter, nh = md->n_heads, nkv = md->n_kv, D = md->head_dim;
+  const int64_t qkv_n = (nh + 2 * nkv) * D, rep = nh / nkv;
+  if (D > 512 || H % QK || I % QK || nh % nkv) return -1;
+  float *h = work, *qkv = h + m * H, *att = qkv + m * qkv_n, *g = att + m * nh * D, *u = g + m * I;
+  float *sums = u + m * I, *scores = sums + m * ((I > H ? I : H) / QK);
+  const float scale = 1.f / sqrtf((float)D);
+  for (int64_t l = 0; l < md->n_layers; l++) {
+    const layer_t *ly = md->layers + l;
+    rms_norm(x, ly->attn_norm, h, m, H, md->eps);
+    linear(&ly->wqkv, h, qkv, m, sums);
+    for (int64_t r = 0; r < m; r++) {
+      float *row = qkv + r * qkv_n;
+      const float *cs = md->rope_cos + positions[r] * D, *sn = md->rope_sin + positions[r] * D;
+      for (int64_t hd = 0; hd < nh + nkv; hd++) rope(row + hd * D, cs, sn, D);
+      memcpy(ly->k_cache + slot_mapping[r] * nkv * D, row + nh * D, (size_t)(nkv * D) * sizeof(float));
+      memcpy(ly->v_cache + slot_mapping[r] * nkv * D, row + (nh + nkv) * D, (size_t)(nkv * D) * sizeof(float));
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t rh = 0; rh < m * nh; rh++) {
+      const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, len = lens[r];
+      const float *q = qkv + r * qkv_n + hd * D;
+      const int64_t *sl = slots + r * max_len;
+      float *s = scores + rh * max_len, *o = att + r * nh * D + hd * D;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; j++) {
+        s[j] = dot(q, ly->k_cache + (sl[j] * nkv + kv) * D, D) * scale;
+        if (s[j] > mx) mx = s[j];
+      }
+      const float inv = 1.f / exp_shifted(s, len, mx);
+      memset(o, 0, (size_t)D * sizeof(float));
+      for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, ly->v_cache + (sl[j] * nkv + kv) * D, D);
+    }
+    linear(&ly->wo, att, h, m, sums);
+    for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
+    rms_norm(x, ly->ffn_norm, h, m, H, md->eps);
+    linear(&ly->gate, h, g, m, sums);
+    linear(&ly->up, h, u, m, sums);
+    for (int64_t r = 0; r < m; r++) silu_mul(g + r * I, u + r * I, I);
+    linear(&ly->down, g, h, m, sums);
+    for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
+  }
+  return 0;
+}

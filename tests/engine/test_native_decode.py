@@ -1,0 +1,145 @@
+"""The native decoder (one C call for all layers of a decode step) computes what the torch layers compute."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from optimist.engine.config import ModelConfig
+from optimist.engine.kv_cache import allocate_cache
+from optimist.engine.model import native
+from optimist.engine.model.llama import AttentionMeta, DecodeGroup, Llama
+from optimist.engine.model.native import NativeDecoder, NativeWeight
+
+pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
+
+CONFIG = ModelConfig(
+    name="tiny-quantized",
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=160,  # 5 blocks: an odd count
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    context_length=512,
+    tie_embeddings=True,
+)
+# one block type per matrix, all three kinds in use (Q, K and V share one: they are fused)
+TYPES = {"wq": T.Q4_1, "wk": T.Q4_1, "wv": T.Q4_1, "wo": T.Q4_0, "w_gate": T.Q4_1, "w_up": T.Q8_0, "w_down": T.Q4_0}
+
+
+def quantized_model(seed: int = 0) -> Llama:
+    """A random model whose float weights are exactly its GGUF blocks' values, with the native kernels swapped in."""
+    rng = np.random.default_rng(seed)
+    c = CONFIG
+    shapes = {
+        "wq": (c.q_size, c.hidden_size),
+        "wk": (c.kv_size, c.hidden_size),
+        "wv": (c.kv_size, c.hidden_size),
+        "wo": (c.hidden_size, c.q_size),
+        "w_gate": (c.intermediate_size, c.hidden_size),
+        "w_up": (c.intermediate_size, c.hidden_size),
+        "w_down": (c.hidden_size, c.intermediate_size),
+    }
+    weights: dict[str, torch.Tensor] = {}
+    blocks: dict[str, NativeWeight] = {}
+
+    def add(key: str, shape: tuple[int, int], qtype: T, scale: float) -> None:
+        raw = gguf.quants.quantize((rng.standard_normal(shape) * scale).astype(np.float32), qtype)
+        weights[key] = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(shape).copy())
+        blocks[key] = NativeWeight.from_gguf(raw, int(qtype), *shape)
+
+    add("embed", (c.vocab_size, c.hidden_size), T.Q8_0, 1.0)
+    weights["norm"] = torch.from_numpy(1 + 0.1 * rng.standard_normal(c.hidden_size).astype(np.float32))
+    for i in range(c.num_layers):
+        for name, shape in shapes.items():
+            add(f"layers.{i}.{name}", shape, TYPES[name], 0.3)
+        for name in ("attn_norm", "ffn_norm"):
+            weights[f"layers.{i}.{name}"] = torch.from_numpy(
+                1 + 0.1 * rng.standard_normal(c.hidden_size).astype(np.float32)
+            )
+    model = Llama(c)
+    model.load_weights(weights)
+    model.eval()
+    model.init_rope()
+    # No float16 fallback: calls of more rows use the float32 weights, exactly the blocks' values.
+    assert model.use_native(blocks, fp16=False) == 5 * c.num_layers + 1  # five matmuls per layer, and the head
+    return model
+
+
+def decode_meta(lengths: list[int], num_slots: int, seed: int) -> tuple[torch.Tensor, AttentionMeta]:
+    """One decode row per context length (equal lengths adjacent, one group each, as the runner groups them),
+    each sequence on scattered cache slots, its new token in its last slot."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_slots, generator=g)
+    ends = np.cumsum(lengths).tolist()
+    slots_of_row = [perm[end - n : end] for n, end in zip(lengths, ends, strict=True)]
+    groups = []
+    i = 0
+    while i < len(lengths):
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        groups.append(DecodeGroup(i, j, torch.stack(slots_of_row[i:j]), None, lengths[i:j]))
+        i = j
+    positions = torch.tensor([n - 1 for n in lengths])
+    slot_mapping = torch.stack([s[-1] for s in slots_of_row])
+    tokens = torch.randint(0, CONFIG.vocab_size, (len(lengths),), generator=g)
+    return tokens, AttentionMeta(positions, slot_mapping, [], groups, torch.arange(len(lengths)))
+
+
+def filled_cache(num_slots: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cache = allocate_cache(CONFIG, num_slots // 16, 16, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in cache:
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    return cache
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[1], [37], [300], [9, 9], [40, 12, 12], [5, 130, 130, 64]],
+    ids=["first-token", "one", "long", "two-equal", "three-mixed", "four-mixed"],
+)
+def test_native_decode_step_matches_the_torch_layers(lengths: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantized_model()
+    num_slots = 1024
+    native_cache, torch_cache = filled_cache(num_slots, 1), filled_cache(num_slots, 1)
+    assert model.attach_native(native_cache)
+    tokens, meta = decode_meta(lengths, num_slots, seed=len(lengths))
+    calls = []
+    run = NativeDecoder.run
+    monkeypatch.setattr(NativeDecoder, "run", lambda self, *a: calls.append(1) or run(self, *a))
+    with torch.inference_mode():
+        got = model(tokens, meta, native_cache)
+        assert calls, "the native decoder did not run"
+        expected = model(tokens, meta, torch_cache)  # another cache: the torch layers
+    assert len(calls) == 1
+    assert got.shape == expected.shape == (len(lengths), CONFIG.vocab_size)
+    # float32 arithmetic on the same weights in another order: agreement to rounding, and the same argmax
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    # the step wrote its new K/V where the torch layers write them (to rounding), and nothing else
+    others = torch.ones(num_slots, dtype=torch.bool)
+    others[meta.slot_mapping] = False
+    for (kn, vn), (kt, vt) in zip(native_cache, torch_cache, strict=True):
+        assert torch.allclose(kn, kt, rtol=1e-4, atol=1e-4) and torch.allclose(vn, vt, rtol=1e-4, atol=1e-4)
+        assert torch.equal(kn[others], kt[others]) and torch.equal(vn[others], vt[others])
+
+
+def test_native_decoder_leaves_other_steps_to_the_torch_layers() -> None:
+    model = quantized_model()
+    cache = filled_cache(1024, 2)
+    assert model.attach_native(cache)
+    tokens, meta = decode_meta([7, 7, 7, 7, 7], 1024, seed=3)  # more rows than the decoder takes
+    assert model._native_layers(model.embed(tokens), meta, cache) is None
+    tokens, meta = decode_meta([7], 1024, seed=3)
+    assert model._native_layers(model.embed(tokens), meta, filled_cache(1024, 2)) is None  # a scratch cache
+    assert model._native_layers(model.embed(tokens), meta, cache) is not None
