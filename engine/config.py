@@ -70,8 +70,9 @@ class EngineConfig:
     model: Path | None = None  # None = the built-in default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | float16 | bfloat16
-    # auto (fp16 on an x86 CPU with float32 activations, else float) | float (exact) | fp16 (CPU: float16 weights,
-    # float32 arithmetic) | int4 (CPU: GGUF Q4/Q8 blocks, bf16 activations)
+    # auto (on CPU with float32 activations: int4 for GGUF models where the native kernels build, else fp16 where
+    # fbgemm has it; else float) | float (exact) | fp16 (CPU: float16 weights, float32 arithmetic) | int4 (CPU: the
+    # GGUF's Q4_0/Q4_1/Q8_0 blocks read by native C kernels, float32 arithmetic; model/native.py)
     weights: str = "auto"
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)

@@ -104,8 +104,9 @@ def _model() -> Schema:
             ),
             "format": _str("weights format", enum=["gguf", "safetensors"], default="gguf"),
             "weights": _str(
-                "auto: fp16 on CPU pods, float on GPU pods; float: dequantize at load; fp16: float16 weights, "
-                "float32 math (CPU only, ~1.3-1.7x faster decode); int4: keep GGUF 4-bit blocks (CPU only)",
+                "auto: int4 (GGUF) or fp16 on CPU pods, float on GPU pods; float: dequantize at load; fp16: float16 "
+                "weights, float32 math (CPU only); int4: GGUF Q4/Q8 blocks read by native kernels, float32 math "
+                "(CPU only)",
                 enum=["auto", "float", "fp16", "int4"],
                 default="auto",
             ),
