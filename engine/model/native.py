@@ -294,11 +294,16 @@ def _qweight(layer: nn.Module) -> _QWeight:
 class NativeDecoder:
     """Runs the layers of a decode step of up to `max_rows` sequences in one C call (`native_decode`).
 
+    At batch 1 the ~20 torch operators of a layer cost more than its matmuls; measured with the default model on a
+    2-core CPU, a single stream decodes ~3x faster than with torch's layers over the same kernels.
+
     Built over a model whose linear layers are all NativeLinear and over the engine's KV cache (float32, CPU): the
     C side holds raw pointers to both, so this object keeps them alive and must be rebuilt if either changes.
     """
 
-    max_rows = 4
+    # Measured on a 2-core AVX2 CPU with the default model, tokens/s against the torch layers (fp16 GEMMs): 1.5x at
+    # 8 concurrent streams, 1.16x at 12, even at 16, 0.87x at 32 (the kernels read the weights once per 4 rows).
+    max_rows = 12
 
     def __init__(self, model: Llama, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.lib = library()

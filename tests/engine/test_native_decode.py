@@ -105,8 +105,8 @@ def filled_cache(num_slots: int, seed: int) -> list[tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize(
     "lengths",
-    [[1], [37], [300], [9, 9], [40, 12, 12], [5, 130, 130, 64]],
-    ids=["first-token", "one", "long", "two-equal", "three-mixed", "four-mixed"],
+    [[1], [37], [300], [9, 9], [40, 12, 12], [5, 130, 130, 64], [3] * 3 + [50] * 6],
+    ids=["first-token", "one", "long", "two-equal", "three-mixed", "four-mixed", "nine"],
 )
 def test_native_decode_step_matches_the_torch_layers(lengths: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantized_model()
@@ -138,7 +138,7 @@ def test_native_decoder_leaves_other_steps_to_the_torch_layers() -> None:
     model = quantized_model()
     cache = filled_cache(1024, 2)
     assert model.attach_native(cache)
-    tokens, meta = decode_meta([7, 7, 7, 7, 7], 1024, seed=3)  # more rows than the decoder takes
+    tokens, meta = decode_meta([7] * (NativeDecoder.max_rows + 1), 1024, seed=3)  # more rows than it takes
     assert model._native_layers(model.embed(tokens), meta, cache) is None
     tokens, meta = decode_meta([7], 1024, seed=3)
     assert model._native_layers(model.embed(tokens), meta, filled_cache(1024, 2)) is None  # a scratch cache
