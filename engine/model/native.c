@@ -178,7 +178,7 @@ static void linear(const qweight *w, const float *x, float *y, int64_t m, float 
 }
 
 #if NATIVE_SIMD
-/* e^x for x <= 0 (softmax, silu of negative arguments), float32 to ~2 ulp: 2^n * p(r), |r| <= ln2 / 2 */
+/* e^x in float32 to a few ulp (arguments clamped to the float range): 2^n * p(r), |r| <= ln2 / 2 */
 static inline __m256 exp_ps(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
   x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));

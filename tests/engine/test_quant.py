@@ -96,6 +96,7 @@ def test_int4_engine_answers_like_the_float_engine(engine: Engine, model_path: P
     try:
         assert fast.weights == "int4"  # what auto picks for a GGUF of Q4_1/Q8_0 blocks where the kernels build
         assert isinstance(fast.model.head_fast, NativeLinear)
+        assert fast.model.native_decoder is not None  # decode steps of a few sequences: one C call
         assert all(isinstance(m, NativeLinear) for b in fast.model.layers for m in (b.attn.wqkv, b.mlp.w_down))
         prompts = ["The capital of France is", "def fibonacci(n):", "1, 1, 2, 3, 5,"]
         prompts.append(fast.tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}]))
