@@ -44,7 +44,7 @@ class DecodeGroup:
     end: int
     slots: torch.Tensor  # [B, Lmax] context slots of each sequence (padding points anywhere; it is masked)
     mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where the slot is part of the context; None = no padding
-    lengths: list[int] | None = None  # context length of each sequence (None: all Lmax)
+    lengths: list[int]  # context length of each sequence
 
 
 @dataclass
@@ -296,10 +296,9 @@ class Llama(nn.Module):
             for owner, attr in block.linears():
                 weight = getattr(owner, attr).weight
                 if attr == "wqkv":
-                    parts = [blocks.get(key + n) for n in ("wq", "wk", "wv")]
-                    native = None
-                    if all(p is not None for p in parts) and len({p.kind for p in parts if p is not None}) == 1:
-                        native = NativeWeight.concat([p for p in parts if p is not None])
+                    qkv = [blocks[key + n] for n in ("wq", "wk", "wv") if key + n in blocks]
+                    fusable = len(qkv) == 3 and len({w.kind for w in qkv}) == 1
+                    native = NativeWeight.concat(qkv) if fusable else None
                 else:
                     native = blocks.get(key + attr)
                 if native is not None:
@@ -346,14 +345,10 @@ class Llama(nn.Module):
         decoder = self.native_decoder
         if decoder is None or kv_cache is not decoder.kv_cache or meta.prefills or x.shape[0] > decoder.max_rows:
             return None
-        if len(meta.decodes) == 1 and meta.decodes[0].lengths is None:
-            slots = meta.decodes[0].slots
-            lens = torch.full((x.shape[0],), slots.shape[1], dtype=torch.int64)
-        else:
-            width = max(g.slots.shape[1] for g in meta.decodes)
-            slots = torch.cat([F.pad(g.slots, (0, width - g.slots.shape[1])) for g in meta.decodes])
-            lens = torch.tensor([n for g in meta.decodes for n in (g.lengths or [g.slots.shape[1]] * g.slots.shape[0])])
-        return decoder.run(x, meta.positions, meta.slot_mapping, slots.contiguous(), lens)
+        width = max(g.slots.shape[1] for g in meta.decodes)
+        slots = torch.cat([F.pad(g.slots, (0, width - g.slots.shape[1])) for g in meta.decodes])
+        lens = torch.tensor([n for g in meta.decodes for n in g.lengths])
+        return decoder.run(x, meta.positions, meta.slot_mapping, slots, lens)
 
     def init_rope(self) -> None:
         """Computes the rotary tables on the model's device and dtype (call after .to())."""

@@ -115,6 +115,10 @@ def library() -> ctypes.CDLL:
     lib.native_linear.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p]
     lib.native_linear.restype = None
     lib.native_simd.restype = ctypes.c_int
+    lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p]
+    lib.native_decode.restype = ctypes.c_int
+    lib.native_decode_workspace.argtypes = [p, i64, i64]
+    lib.native_decode_workspace.restype = i64
     return lib
 
 
@@ -307,10 +311,6 @@ class NativeDecoder:
 
     def __init__(self, model: Llama, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.lib = library()
-        self.lib.native_decode.argtypes = [_p, _p, _i64, _p, _p, _p, _p, _i64, _p]
-        self.lib.native_decode.restype = ctypes.c_int
-        self.lib.native_decode_workspace.argtypes = [_p, _i64, _i64]
-        self.lib.native_decode_workspace.restype = _i64
         config = model.config
         self.kv_cache = kv_cache
         self.model = model
