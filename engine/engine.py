@@ -155,8 +155,9 @@ class Engine:
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
         kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
-        if weights == "int4":
-            self.model.attach_native(kv)  # decode steps of a few sequences: all layers in one C call
+        if self.device.type == "cpu" and self.dtype == torch.float32 and native.unavailable_reason() is None:
+            # Decode attention in C; with int4 weights, decode steps of a few sequences run as one C call.
+            self.model.attach_native(kv)
         patterns = None
         if config.sparse_prefill_threshold:
             patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)

@@ -6,6 +6,7 @@ one matmul; attention is the only part that looks at sequence boundaries (see `A
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
-from .native import NativeDecoder, NativeLinear, NativeWeight
+from .native import NativeDecoder, NativeLinear, NativeWeight, decode_attention
 from .quant import Fp16Linear
 
 _HEAD_CHUNK = 1024
@@ -55,6 +56,15 @@ class AttentionMeta:
     decodes: list[DecodeGroup]
     logits_rows: torch.Tensor  # rows whose next-token logits are wanted
     sparse_patterns: list[list[HeadPattern]] | None = None  # per layer, per query head; used by sparse spans
+    # All decode rows' context slots [B, Lmax] and lengths [B], for the native decode attention (set by Llama)
+    decode_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def build_decode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode groups' slots padded to one width and their lengths; the groups must be the batch's last rows."""
+        assert all(a.end == b.start for a, b in itertools.pairwise(self.decodes)), "decode rows must be contiguous"
+        width = max(g.slots.shape[1] for g in self.decodes)
+        slots = torch.cat([F.pad(g.slots, (0, width - g.slots.shape[1])) for g in self.decodes])
+        return slots, torch.tensor([n for g in self.decodes for n in g.lengths])
 
 
 class RMSNorm(nn.Module):
@@ -126,6 +136,10 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
 
+        if not meta.prefills and meta.decode_table is not None:  # a decode step, attention in C (native.py)
+            att = torch.empty((t, self.n_heads, self.head_dim))
+            decode_attention(q, k_cache, v_cache, *meta.decode_table, att)
+            return self.wo(att.view(t, self.q_size))
         if not meta.prefills and len(meta.decodes) == 1 and meta.decodes[0].mask is None:  # the common decode step
             return self.wo(self._decode(q, k_cache, v_cache, meta.decodes[0]).reshape(t, self.q_size))
         out = torch.empty_like(q)
@@ -163,8 +177,12 @@ class Attention(nn.Module):
                 enable_gqa=True,
             )
             out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
-        for group in meta.decodes:
-            out[group.start : group.end] = self._decode(q, k_cache, v_cache, group)
+        if meta.decode_table is not None:
+            first = meta.decodes[0].start
+            decode_attention(q[first:], k_cache, v_cache, *meta.decode_table, out[first:])
+        else:
+            for group in meta.decodes:
+                out[group.start : group.end] = self._decode(q, k_cache, v_cache, group)
         return self.wo(out.reshape(t, self.q_size))
 
     def _decode(
@@ -245,6 +263,7 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.head_fast: NativeLinear | Fp16Linear | None = None  # set by use_native / use_fp16
         self.native_decoder: NativeDecoder | None = None  # set by attach_native
+        self.native_attention = False  # set by attach_native
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -333,8 +352,15 @@ class Llama(nn.Module):
         self.head_fast = Fp16Linear(head.weight)
 
     def attach_native(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Decode steps of a few sequences over `kv_cache` run all layers in one native call where every linear
-        layer reads native blocks (after use_native and init_rope); returns whether they will."""
+        """Native kernels over `kv_cache` (call after init_rope, where native.library() loads): decode attention
+        reads the float32 CPU cache in C, and decode steps of a few sequences run all layers in one C call where
+        every linear layer reads native blocks (after use_native). Returns whether the latter will."""
+        self.native_attention = (
+            all(
+                t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for kv in kv_cache for t in kv
+            )
+            and self.config.num_heads % self.config.num_kv_heads == 0
+        )
         self.native_decoder = NativeDecoder(self, kv_cache) if NativeDecoder.supports(self) else None
         return self.native_decoder is not None
 
@@ -345,9 +371,7 @@ class Llama(nn.Module):
         decoder = self.native_decoder
         if decoder is None or kv_cache is not decoder.kv_cache or meta.prefills or x.shape[0] > decoder.max_rows:
             return None
-        width = max(g.slots.shape[1] for g in meta.decodes)
-        slots = torch.cat([F.pad(g.slots, (0, width - g.slots.shape[1])) for g in meta.decodes])
-        lens = torch.tensor([n for g in meta.decodes for n in g.lengths])
+        slots, lens = meta.build_decode_table()
         return decoder.run(x, meta.positions, meta.slot_mapping, slots, lens)
 
     def init_rope(self) -> None:
@@ -364,6 +388,7 @@ class Llama(nn.Module):
         if native is not None:
             x = native
         else:
+            meta.decode_table = meta.build_decode_table() if self.native_attention and meta.decodes else None
             cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
             sin = self.rope_sin[meta.positions].unsqueeze(1)
             for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):

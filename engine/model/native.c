@@ -285,6 +285,42 @@ static inline void rope(float *x, const float *cos, const float *sin, int64_t di
   memcpy(x, t, (size_t)dim * sizeof(float));
 }
 
+/* Attention of m single-token queries over the paged cache: row r's query heads at q + r * q_stride (nh heads of
+   D floats), its keys and values at slots[r, :lens[r]] of k_cache / v_cache ([slots, nkv, D]); query head h reads
+   KV head h / (nh / nkv). Out: row r's heads at out + r * o_stride. scores: m * nh * max_len floats. */
+static void decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
+                             int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens,
+                             int64_t max_len, float *out, int64_t o_stride, float *scores) {
+  const int64_t rep = nh / nkv;
+  const float scale = 1.f / sqrtf((float)D);
+#pragma omp parallel for schedule(static)
+  for (int64_t rh = 0; rh < m * nh; rh++) {
+    const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, len = lens[r];
+    const float *qr = q + r * q_stride + hd * D;
+    const int64_t *sl = slots + r * max_len;
+    float *s = scores + rh * max_len, *o = out + r * o_stride + hd * D;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+      s[j] = dot(qr, k_cache + (sl[j] * nkv + kv) * D, D) * scale;
+      if (s[j] > mx) mx = s[j];
+    }
+    const float inv = 1.f / exp_shifted(s, len, mx);
+    memset(o, 0, (size_t)D * sizeof(float));
+    for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, v_cache + (sl[j] * nkv + kv) * D, D);
+  }
+}
+
+/* decode_attention for the torch layers' decode rows (llama.py); returns -1 for shapes it does not take */
+int native_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
+                     int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens, int64_t max_len,
+                     float *out, int64_t o_stride, float *scores) {
+  if (nkv <= 0 || nh % nkv) return -1;
+  for (int64_t r = 0; r < m; r++)
+    if (lens[r] < 1 || lens[r] > max_len) return -1;
+  decode_attention(q, q_stride, k_cache, v_cache, m, nh, nkv, D, slots, lens, max_len, out, o_stride, scores);
+  return 0;
+}
+
 /* floats of workspace native_decode needs for m rows attending to at most max_len keys */
 int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
   const int64_t qkv = (md->n_heads + 2 * md->n_kv) * md->head_dim;
@@ -298,11 +334,10 @@ int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
 int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positions, const int64_t *slot_mapping,
                   const int64_t *slots, const int64_t *lens, int64_t max_len, float *work) {
   const int64_t H = md->hidden, I = md->inter, nh = md->n_heads, nkv = md->n_kv, D = md->head_dim;
-  const int64_t qkv_n = (nh + 2 * nkv) * D, rep = nh / nkv;
+  const int64_t qkv_n = (nh + 2 * nkv) * D;
   if (D > 512 || H % QK || I % QK || nh % nkv) return -1;
   float *h = work, *qkv = h + m * H, *att = qkv + m * qkv_n, *g = att + m * nh * D, *u = g + m * I;
   float *sums = u + m * I, *scores = sums + m * ((I > H ? I : H) / QK);
-  const float scale = 1.f / sqrtf((float)D);
   for (int64_t l = 0; l < md->n_layers; l++) {
     const layer_t *ly = md->layers + l;
     rms_norm(x, ly->attn_norm, h, m, H, md->eps);
@@ -314,21 +349,7 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
       memcpy(ly->k_cache + slot_mapping[r] * nkv * D, row + nh * D, (size_t)(nkv * D) * sizeof(float));
       memcpy(ly->v_cache + slot_mapping[r] * nkv * D, row + (nh + nkv) * D, (size_t)(nkv * D) * sizeof(float));
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t rh = 0; rh < m * nh; rh++) {
-      const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, len = lens[r];
-      const float *q = qkv + r * qkv_n + hd * D;
-      const int64_t *sl = slots + r * max_len;
-      float *s = scores + rh * max_len, *o = att + r * nh * D + hd * D;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < len; j++) {
-        s[j] = dot(q, ly->k_cache + (sl[j] * nkv + kv) * D, D) * scale;
-        if (s[j] > mx) mx = s[j];
-      }
-      const float inv = 1.f / exp_shifted(s, len, mx);
-      memset(o, 0, (size_t)D * sizeof(float));
-      for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, ly->v_cache + (sl[j] * nkv + kv) * D, D);
-    }
+    decode_attention(qkv, qkv_n, ly->k_cache, ly->v_cache, m, nh, nkv, D, slots, lens, max_len, att, nh * D, scores);
     linear(&ly->wo, att, h, m, sums);
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
     rms_norm(x, ly->ffn_norm, h, m, H, md->eps);

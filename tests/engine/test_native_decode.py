@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from optimist.engine.config import ModelConfig
 from optimist.engine.kv_cache import allocate_cache
 from optimist.engine.model import native
-from optimist.engine.model.llama import AttentionMeta, DecodeGroup, Llama
+from optimist.engine.model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
 from optimist.engine.model.native import NativeDecoder, NativeWeight
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
@@ -120,7 +120,8 @@ def test_native_decode_step_matches_the_torch_layers(lengths: list[int], monkeyp
     with torch.inference_mode():
         got = model(tokens, meta, native_cache)
         assert calls, "the native decoder did not run"
-        expected = model(tokens, meta, torch_cache)  # another cache: the torch layers
+        model.native_attention = False
+        expected = model(tokens, meta, torch_cache)  # another cache: the torch layers, torch's attention
     assert len(calls) == 1
     assert got.shape == expected.shape == (len(lengths), CONFIG.vocab_size)
     # float32 arithmetic on the same weights in another order: agreement to rounding, and the same argmax
@@ -143,3 +144,90 @@ def test_native_decoder_leaves_other_steps_to_the_torch_layers() -> None:
     tokens, meta = decode_meta([7], 1024, seed=3)
     assert model._native_layers(model.embed(tokens), meta, filled_cache(1024, 2)) is None  # a scratch cache
     assert model._native_layers(model.embed(tokens), meta, cache) is not None
+
+
+def reference_attention(q, k_cache, v_cache, slots, lens):  # type: ignore[no-untyped-def]
+    """float64 softmax attention of each row's query heads over its context slots (GQA: head h reads h // rep)."""
+    m, heads, dim = q.shape
+    rep = heads // k_cache.shape[1]
+    out = torch.zeros(m, heads, dim, dtype=torch.float64)
+    for r in range(m):
+        keys = k_cache[slots[r, : lens[r]]].double()  # [L, kv, D]
+        values = v_cache[slots[r, : lens[r]]].double()
+        for h in range(heads):
+            p = torch.softmax(keys[:, h // rep] @ q[r, h].double() / dim**0.5, 0)
+            out[r, h] = p @ values[:, h // rep]
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (9, 3, 64), (2, 2, 20)])
+def test_decode_attention_matches_softmax_attention(heads: int, kv_heads: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(heads * dim)
+    num_slots, lens = 700, torch.tensor([1, 300, 17, 299, 64])
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    slots = torch.stack([torch.randperm(num_slots, generator=g)[:300] for _ in lens])  # past lens[r]: padding
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, dim, generator=g) * 3  # q as the layers have it: a view
+    q = qkv[:, :heads]
+    out = torch.full((len(lens), heads + 1, dim), 7.0)[:, 1:]  # a strided view; the column before stays put
+    native.decode_attention(q, k_cache, v_cache, slots, lens, out)
+    expected = reference_attention(q, k_cache, v_cache, slots, lens)
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out._base[:, 0], torch.full((len(lens), dim), 7.0))  # type: ignore[index]
+
+
+def test_decode_attention_rejects_what_it_cannot_take() -> None:
+    cache = torch.zeros(64, 2, 16)
+    q, out, slots = torch.zeros(2, 4, 16), torch.zeros(2, 4, 16), torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="length"):
+        native.decode_attention(q, cache, cache, slots, torch.tensor([0, 3]), out)  # an empty context
+    with pytest.raises(ValueError, match="length"):
+        native.decode_attention(q, cache, cache, slots, torch.tensor([9, 3]), out)  # more keys than slots
+    with pytest.raises(ValueError, match="float32"):
+        native.decode_attention(q.half(), cache, cache, slots, torch.tensor([1, 3]), out)
+    with pytest.raises(ValueError, match="rows"):
+        native.decode_attention(q, cache, cache, slots[:1], torch.tensor([1]), out)
+    with pytest.raises(ValueError, match="KV heads"):
+        native.decode_attention(torch.zeros(2, 3, 16), cache, cache, slots, torch.tensor([1, 3]), torch.zeros(2, 3, 16))
+
+
+def with_prefill(
+    meta: AttentionMeta, tokens: torch.Tensor, n: int, slots: torch.Tensor
+) -> tuple[torch.Tensor, AttentionMeta]:
+    """`meta`'s decode step with a fresh sequence's n-token prefill (on `slots`) packed before its rows."""
+    for group in meta.decodes:
+        group.start += n
+        group.end += n
+    return torch.cat([torch.arange(n) % CONFIG.vocab_size, tokens]), AttentionMeta(
+        torch.cat([torch.arange(n), meta.positions]),
+        torch.cat([slots, meta.slot_mapping]),
+        [PrefillSpan(0, n, None, n)],
+        meta.decodes,
+        torch.cat([torch.tensor([n - 1]), meta.logits_rows + n]),
+    )
+
+
+@pytest.mark.parametrize("prefill", [0, 23], ids=["decode-only", "with-a-prefill"])
+def test_torch_layers_with_native_attention_match_torch_attention(prefill: int) -> None:
+    """Steps the native decoder does not take (too many rows, or a prefill among them) still attend in C."""
+    model = quantized_model()
+    num_slots = 1024
+    native_cache, torch_cache = filled_cache(num_slots, 4), filled_cache(num_slots, 4)
+    assert model.attach_native(native_cache) and model.native_attention
+    lengths = [90] * 5 + [40] * 6 + [2] * 3  # 14 rows, more than the native decoder takes
+    tokens, meta = decode_meta(lengths, num_slots, seed=5)
+    if prefill:
+        used = torch.cat([g.slots.flatten() for g in meta.decodes])
+        free = torch.ones(num_slots, dtype=torch.bool)
+        free[used] = False
+        tokens, meta = with_prefill(meta, tokens, prefill, free.nonzero().flatten()[:prefill])
+    with torch.inference_mode():
+        got = model(tokens, meta, native_cache)
+        assert meta.decode_table is not None  # the C attention was used
+        model.native_attention = False
+        expected = model(tokens, meta, torch_cache)
+        assert meta.decode_table is None
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    for (kn, vn), (kt, vt) in zip(native_cache, torch_cache, strict=True):
+        assert torch.allclose(kn, kt, rtol=1e-5, atol=1e-5) and torch.allclose(vn, vt, rtol=1e-5, atol=1e-5)
