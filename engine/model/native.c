@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -22,6 +23,9 @@
 
 #define QK 32  /* weights per block */
 #define MAXR 4 /* activation rows computed together over one pass of the weights */
+#ifndef PANEL_ROWS
+#define PANEL_ROWS 4 /* calls of more rows widen each weight row once into a panel (linear_panel) */
+#endif
 
 int native_simd(void) { return NATIVE_SIMD; }
 
@@ -114,10 +118,136 @@ static void block_sums(const float *x, float *s, int64_t count) {
   }
 }
 
+/* ---- calls of more rows: each weight row is widened to floats once, into a small per-thread panel, and every
+   activation row reads it from L1. Tiles of PR activation rows x PN weight rows keep 12 vector sums in registers;
+   each step loads PR + PN vectors for PR * PN multiply-adds, so the loop runs near the FMA units' rate. */
+
+#ifndef PN
+#define PN 4 /* weight rows per panel */
+#endif
+#ifndef PR
+#define PR 3 /* activation rows per tile */
+#endif
+#ifndef X_BLOCK_BYTES
+#define X_BLOCK_BYTES (128 * 1024)
+#endif
+
+#if NATIVE_SIMD
+/* panel[0..k) = weight row j as floats: w = d * q + z per block (q4), d * q (q8); exactly the file's values */
+static void widen_row(int kind, const uint8_t *q, const float *d, const float *z, int64_t nb, float *panel) {
+  for (int64_t b = 0; b < nb; b++) {
+    __m256 w[4];
+    if (kind == 4) widen_q4(q + 16 * b, w);
+    else widen_q8((const int8_t *)q + 32 * b, w);
+    const __m256 db = _mm256_broadcast_ss(d + b), zb = kind == 4 ? _mm256_broadcast_ss(z + b) : _mm256_setzero_ps();
+    for (int v = 0; v < 4; v++) _mm256_storeu_ps(panel + QK * b + 8 * v, _mm256_fmadd_ps(w[v], db, zb));
+  }
+}
+
+#ifndef NOKEEP
+/* a value loaded once and used by several multiply-adds stays in a register: without this, gcc folds the load
+   into each of them, and the loop runs at the load ports' rate instead of the FMA units' */
+#define KEEP(v) __asm__("" : "+x"(v))
+#else
+#define KEEP(v)
+#endif
+
+/* y[i * n + j] = x[i] . panel[j] over k for i < r, j < c */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *panel, float *y, int64_t k,
+                                                        int64_t n, int r, int c) {
+  __m256 acc[PR][PN];
+  for (int i = 0; i < r; i++)
+    for (int j = 0; j < c; j++) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < k; e += 8) {
+    __m256 xv[PR];
+    for (int i = 0; i < r; i++) {
+      xv[i] = _mm256_loadu_ps(x + i * k + e);
+      KEEP(xv[i]);
+    }
+    for (int j = 0; j < c; j++) {
+      __m256 w = _mm256_loadu_ps(panel + j * k + e);
+      KEEP(w);
+      for (int i = 0; i < r; i++) acc[i][j] = _mm256_fmadd_ps(xv[i], w, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < r; i++)
+    for (int j = 0; j < c; j++) y[i * n + j] = hsum(acc[i][j]);
+}
+#else
+static void widen_row(int kind, const uint8_t *q, const float *d, const float *z, int64_t nb, float *panel) {
+  const int64_t bytes = kind == 4 ? 16 : 32;
+  for (int64_t b = 0; b < nb; b++)
+    for (int e = 0; e < QK; e++) panel[QK * b + e] = widen(kind, q + bytes * b, e) * d[b] + (kind == 4 ? z[b] : 0.f);
+}
+
+static inline void tile(const float *x, const float *panel, float *y, int64_t k, int64_t n, int r, int c) {
+  for (int i = 0; i < r; i++)
+    for (int j = 0; j < c; j++) {
+      float acc = 0.f;
+      for (int64_t e = 0; e < k; e++) acc += x[i * k + e] * panel[j * k + e];
+      y[i * n + j] = acc;
+    }
+}
+#endif
+
+static void panel_rows(int r, const float *x, const float *panel, float *y, int64_t k, int64_t n, int c) {
+  /* constant tile shapes let the compiler keep the sums in registers */
+#define COLS(R)                                   \
+  switch (c) {                                    \
+    case 1: tile(x, panel, y, k, n, R, 1); break; \
+    case 2: tile(x, panel, y, k, n, R, 2); break; \
+    case 3: tile(x, panel, y, k, n, R, 3); break; \
+    default: tile(x, panel, y, k, n, R, PN); break; \
+  }
+  if (r == 1) {
+    COLS(1)
+  } else if (r == 2) {
+    COLS(2)
+  } else {
+    COLS(PR)
+  }
+#undef COLS
+}
+
+static int linear_panel(int kind, const uint8_t *q, const float *d, const float *z, const float *x, float *y,
+                        int64_t m, int64_t n, int64_t k) {
+  const int64_t nb = k / QK, row_bytes = kind == 4 ? k / 2 : k;
+  /* activation rows per pass over the weights: a block of them stays in L2 while every panel reads it */
+  int64_t mb = X_BLOCK_BYTES / (k * (int64_t)sizeof(float)) / PR * PR;
+  if (mb < PR) mb = PR;
+  int failed = 0;
+#pragma omp parallel
+  {
+    float *panel = malloc((size_t)(PN * k) * sizeof(float));
+    if (!panel) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    for (int64_t m0 = 0; m0 < m; m0 += mb) {
+      const int64_t m1 = m0 + mb < m ? m0 + mb : m;
+#pragma omp for schedule(static)
+      for (int64_t j0 = 0; j0 < n; j0 += PN) {
+        if (!panel) continue;
+        const int c = n - j0 < PN ? (int)(n - j0) : PN;
+        for (int j = 0; j < c; j++)
+          widen_row(kind, q + (j0 + j) * row_bytes, d + (j0 + j) * nb, kind == 4 ? z + (j0 + j) * nb : NULL, nb,
+                    panel + j * k);
+        for (int64_t i0 = m0; i0 < m1; i0 += PR) {
+          const int r = m1 - i0 < PR ? (int)(m1 - i0) : PR;
+          panel_rows(r, x + i0 * k, panel, y + i0 * n + j0, k, n, c);
+        }
+      }
+    }
+    free(panel);
+  }
+  return failed ? -1 : 0;
+}
+
 /* kind 4 (q4: q is [n, k/2] bytes, z [n, k/32]) or 8 (q8: q is [n, k] bytes, z unused); d [n, k/32];
-   scratch: m * k / 32 floats (q4 only). */
-void native_linear(int kind, const uint8_t *q, const float *d, const float *z, const float *x, float *y, int64_t m,
-                   int64_t n, int64_t k, float *scratch) {
+   scratch: m * k / 32 floats (q4 only). Returns 0, or -1 where memory for the panels ran out. */
+int native_linear(int kind, const uint8_t *q, const float *d, const float *z, const float *x, float *y, int64_t m,
+                  int64_t n, int64_t k, float *scratch) {
+  if (m > PANEL_ROWS) return linear_panel(kind, q, d, z, x, y, m, n, k);
   const int64_t nb = k / QK, row_bytes = kind == 4 ? k / 2 : k;
   if (kind == 4) block_sums(x, scratch, m * nb);
 #pragma omp parallel for schedule(static)
@@ -144,6 +274,7 @@ void native_linear(int kind, const uint8_t *q, const float *d, const float *z, c
 #undef ROWS
     }
   }
+  return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -173,8 +304,8 @@ typedef struct {
   const layer_t *layers;
 } model_t;
 
-static void linear(const qweight *w, const float *x, float *y, int64_t m, float *sums) {
-  native_linear((int)w->kind, w->q, w->d, w->z, x, y, m, w->n, w->k, sums);
+static int linear(const qweight *w, const float *x, float *y, int64_t m, float *sums) {
+  return native_linear((int)w->kind, w->q, w->d, w->z, x, y, m, w->n, w->k, sums);
 }
 
 #if NATIVE_SIMD
@@ -330,7 +461,7 @@ int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
 
 /* x [m, hidden]: the rows' embeddings in, their last hidden states out (before the final norm).
    positions [m], slot_mapping [m] (cache slot of each row's new K/V), slots [m, max_len] (each row's context
-   slots, the new token's last), lens [m]. Returns 0, or -1 for a shape the kernels do not take. */
+   slots, the new token's last), lens [m]. Returns 0, -1 for a shape the kernels do not take, -2 where memory ran out. */
 int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positions, const int64_t *slot_mapping,
                   const int64_t *slots, const int64_t *lens, int64_t max_len, float *work) {
   const int64_t H = md->hidden, I = md->inter, nh = md->n_heads, nkv = md->n_kv, D = md->head_dim;
@@ -341,7 +472,7 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
   for (int64_t l = 0; l < md->n_layers; l++) {
     const layer_t *ly = md->layers + l;
     rms_norm(x, ly->attn_norm, h, m, H, md->eps);
-    linear(&ly->wqkv, h, qkv, m, sums);
+    if (linear(&ly->wqkv, h, qkv, m, sums)) return -2;
     for (int64_t r = 0; r < m; r++) {
       float *row = qkv + r * qkv_n;
       const float *cs = md->rope_cos + positions[r] * D, *sn = md->rope_sin + positions[r] * D;
@@ -350,13 +481,13 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
       memcpy(ly->v_cache + slot_mapping[r] * nkv * D, row + (nh + nkv) * D, (size_t)(nkv * D) * sizeof(float));
     }
     decode_attention(qkv, qkv_n, ly->k_cache, ly->v_cache, m, nh, nkv, D, slots, lens, max_len, att, nh * D, scores);
-    linear(&ly->wo, att, h, m, sums);
+    if (linear(&ly->wo, att, h, m, sums)) return -2;
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
     rms_norm(x, ly->ffn_norm, h, m, H, md->eps);
-    linear(&ly->gate, h, g, m, sums);
-    linear(&ly->up, h, u, m, sums);
+    if (linear(&ly->gate, h, g, m, sums)) return -2;
+    if (linear(&ly->up, h, u, m, sums)) return -2;
     for (int64_t r = 0; r < m; r++) silu_mul(g + r * I, u + r * I, I);
-    linear(&ly->down, g, h, m, sums);
+    if (linear(&ly->down, g, h, m, sums)) return -2;
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
   }
   return 0;

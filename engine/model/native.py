@@ -4,7 +4,7 @@ A decode step of a few sequences reads every weight once and does little arithme
 bytes read and by the work of widening them. torch has no CPU kernel that reads 4-bit weights with float32
 activations (its int4 kernel takes bfloat16 ones), so the float16 path reads 2 bytes per weight where the file
 holds 5/8 (Q4_1) or 17/16 (Q8_0). `native.c` reads the blocks as they are, widens each block once for up to four
-activation rows, and keeps activations, products and sums in float32: the weights are exactly the file's, and the
+activation rows (for more, each weight row once per call into a panel that all rows read), and keeps activations, products and sums in float32: the weights are exactly the file's, and the
 result differs from the float32 path only by the order of the sums.
 
 The library is compiled on first use with the machine's C compiler (gcc or clang, `-O3 -march=native -fopenmp`)
@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL:
         raise NativeUnavailable(f"cannot load the native CPU kernels from {path}: {exc}") from exc
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.native_linear.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p]
-    lib.native_linear.restype = None
+    lib.native_linear.restype = ctypes.c_int
     lib.native_simd.restype = ctypes.c_int
     lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p]
     lib.native_decode.restype = ctypes.c_int
@@ -262,8 +262,11 @@ class NativeWeight:
 class NativeLinear(nn.Module):
     """y = x @ W.T over W's blocks for calls of up to `native_rows` rows (decode steps), `fallback` above that.
 
-    The kernel reads W once per four rows; measured on a 2-core AVX2 CPU with SmolLM2's shapes, it takes 0.5x the
-    time of fbgemm's float16 GEMM at one row, 0.65x at four and 1.1x at eight, where torch's GEMMs take over.
+    Up to four rows, each block is widened once for all of them; more rows widen each weight row once into a small
+    float panel that every row reads from L1 (native.c). Measured on a 2-core AVX2 CPU with SmolLM2's shapes against
+    fbgemm's float16 GEMM: 0.5-0.65x its time at one row, ~0.75x at four and eight, even at 12 to 64, 1.1x at 2,048.
+    The engine's decode steps run in the native decoder; this layer serves the torch layers (prefill chunks and
+    mixed steps), so calls above four rows go to the fallback by default.
     """
 
     def __init__(self, weight: NativeWeight, fallback: nn.Module | None = None, native_rows: int = 4) -> None:
@@ -285,7 +288,7 @@ class NativeLinear(nn.Module):
             return self.forward(x.float().contiguous()).to(x.dtype)
         y = torch.empty((m, self.out_features), dtype=torch.float32)
         scratch = torch.empty(m * self.in_features // GROUP, dtype=torch.float32) if self.kind == 4 else None
-        self.lib.native_linear(
+        rc = self.lib.native_linear(
             self.kind,
             self.q.data_ptr(),
             self.d.data_ptr(),
@@ -297,6 +300,8 @@ class NativeLinear(nn.Module):
             self.in_features,
             None if scratch is None else scratch.data_ptr(),
         )
+        if rc != 0:
+            raise MemoryError("native_linear: no memory for its weight panels")
         return y
 
 
@@ -354,9 +359,10 @@ class NativeDecoder:
     C side holds raw pointers to both, so this object keeps them alive and must be rebuilt if either changes.
     """
 
-    # Measured on a 2-core AVX2 CPU with the default model, tokens/s against the torch layers (fp16 GEMMs): 1.5x at
-    # 8 concurrent streams, 1.16x at 12, even at 16, 0.87x at 32 (the kernels read the weights once per 4 rows).
-    max_rows = 12
+    # Measured on a 2-core AVX2 CPU with the default model, time of a decode step at 120 tokens of context against
+    # the torch layers (fbgemm's float16 GEMMs, decode attention in C): 0.57-0.65x at 8-12 sequences, 0.77x at 32,
+    # 0.86x at 64, even at 128. The engine runs at most max_num_seqs (default 64) sequences per step.
+    max_rows = 64
 
     def __init__(self, model: Llama, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.lib = library()
@@ -425,6 +431,8 @@ class NativeDecoder:
             max_len,
             work.data_ptr(),
         )
+        if rc == -2:
+            raise MemoryError("native_decode: no memory for its weight panels")
         if rc != 0:
             raise ValueError("the native decoder does not take this model's shapes")
         return x

@@ -105,8 +105,8 @@ def filled_cache(num_slots: int, seed: int) -> list[tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize(
     "lengths",
-    [[1], [37], [300], [9, 9], [40, 12, 12], [5, 130, 130, 64], [3] * 3 + [50] * 6],
-    ids=["first-token", "one", "long", "two-equal", "three-mixed", "four-mixed", "nine"],
+    [[1], [37], [300], [9, 9], [40, 12, 12], [5, 130, 130, 64], [3] * 3 + [50] * 6, [2] * 20 + [30] * 20],
+    ids=["first-token", "one", "long", "two-equal", "three-mixed", "four-mixed", "nine", "forty"],
 )
 def test_native_decode_step_matches_the_torch_layers(lengths: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     model = quantized_model()
@@ -214,7 +214,7 @@ def test_torch_layers_with_native_attention_match_torch_attention(prefill: int) 
     num_slots = 1024
     native_cache, torch_cache = filled_cache(num_slots, 4), filled_cache(num_slots, 4)
     assert model.attach_native(native_cache) and model.native_attention
-    lengths = [90] * 5 + [40] * 6 + [2] * 3  # 14 rows, more than the native decoder takes
+    lengths = [60] * 10 + [9] * 31 + [2] * 30  # 71 rows, more than the native decoder takes
     tokens, meta = decode_meta(lengths, num_slots, seed=5)
     if prefill:
         used = torch.cat([g.slots.flatten() for g in meta.decodes])

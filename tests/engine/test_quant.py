@@ -51,10 +51,10 @@ def test_unsupported_block_types_are_refused() -> None:
 
 @needs_native
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 11, 33, 150])  # >4: the panel kernel; 150: two row blocks
 def test_native_kernel_is_float_arithmetic_on_the_files_weights(qtype: T, rows: int) -> None:
     rng = np.random.default_rng(rows)
-    n, k = 72, 224  # k: 7 blocks (odd, so no pairing of blocks is assumed)
+    n, k = 74, 224  # k: 7 blocks (odd, so no pairing of blocks is assumed); n: not a whole number of panels
     raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     w = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).copy())
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
