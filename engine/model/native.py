@@ -4,8 +4,9 @@ A decode step of a few sequences reads every weight once and does little arithme
 bytes read and by the work of widening them. torch has no CPU kernel that reads 4-bit weights with float32
 activations (its int4 kernel takes bfloat16 ones), so the float16 path reads 2 bytes per weight where the file
 holds 5/8 (Q4_1) or 17/16 (Q8_0). `native.c` reads the blocks as they are, widens each block once for up to four
-activation rows (for more, each weight row once per call into a panel that all rows read), and keeps activations, products and sums in float32: the weights are exactly the file's, and the
-result differs from the float32 path only by the order of the sums.
+activation rows (for more, each weight row once per call into a panel that all rows read), and keeps activations,
+products and sums in float32: the weights are exactly the file's, and the result differs from the float32 path
+only by the order of the sums.
 
 The library is compiled on first use with the machine's C compiler (gcc or clang, `-O3 -march=native -fopenmp`)
 into a cache folder keyed by the source, the compiler and the CPU, and loaded with ctypes; torch must be imported
