@@ -256,6 +256,25 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     tokenizer = load_model(model_path).tokenizer
     prompts = prompt_set(tokenizer)
     rows: list[Result] = []
+    baselines = set(args.baselines)
+
+    def llama_cpp(when: str) -> None:
+        # Measured before and after our rows: this machine's speed drifts over the minutes between them.
+        if "llamacpp" not in baselines:
+            return
+        try:
+            result = run_llama_cpp(
+                model_path, prompts[: args.single_requests], args.max_tokens, torch.get_num_threads(),
+                tokenizer.eos_ids[0],
+            )  # fmt: skip
+        except ImportError:
+            print("bench: llama-cpp-python is not installed; llama.cpp baseline skipped", file=sys.stderr)
+            baselines.discard("llamacpp")
+            return
+        result.system = f"llama.cpp (one at a time, {when})"
+        rows.append(result)
+
+    llama_cpp("before")
 
     # A running server was started with its own weights: measure it once, under its address.
     for weights in [args.server] if args.server else args.weights:
@@ -275,7 +294,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
 
-    baselines = set(args.baselines)
     if "transformers" in baselines:
         print("bench: transformers (loading)", file=sys.stderr)
         model = load_transformers(model_path)
@@ -283,16 +301,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         big = max(args.concurrency)
         rows.append(run_transformers_batch(model, [prompts[i % len(prompts)] for i in range(big)], args.max_tokens))
         del model
-    if "llamacpp" in baselines:
-        try:
-            rows.append(
-                run_llama_cpp(
-                    model_path, prompts[: args.single_requests], args.max_tokens, torch.get_num_threads(),
-                    tokenizer.eos_ids[0],
-                )
-            )  # fmt: skip
-        except ImportError:
-            print("bench: llama-cpp-python is not installed; llama.cpp baseline skipped", file=sys.stderr)
+    llama_cpp("after")
 
     summaries = [r.summary() for r in rows]
     table = format_table(summaries)

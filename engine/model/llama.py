@@ -353,7 +353,7 @@ class Llama(nn.Module):
 
     def attach_native(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Native kernels over `kv_cache` (call after init_rope, where native.library() loads): decode attention
-        reads the float32 CPU cache in C, and decode steps of a few sequences run all layers in one C call where
+        reads the float32 CPU cache in C, and decode steps of up to 64 sequences run all layers in one C call where
         every linear layer reads native blocks (after use_native). Returns whether the latter will."""
         self.native_attention = (
             all(
