@@ -23,9 +23,7 @@
 
 #define QK 32  /* weights per block */
 #define MAXR 4 /* activation rows computed together over one pass of the weights */
-#ifndef PANEL_ROWS
 #define PANEL_ROWS 4 /* calls of more rows widen each weight row once into a panel (linear_panel) */
-#endif
 
 int native_simd(void) { return NATIVE_SIMD; }
 
@@ -122,15 +120,9 @@ static void block_sums(const float *x, float *s, int64_t count) {
    activation row reads it from L1. Tiles of PR activation rows x PN weight rows keep 12 vector sums in registers;
    each step loads PR + PN vectors for PR * PN multiply-adds, so the loop runs near the FMA units' rate. */
 
-#ifndef PN
-#define PN 4 /* weight rows per panel */
-#endif
-#ifndef PR
-#define PR 3 /* activation rows per tile */
-#endif
-#ifndef X_BLOCK_BYTES
-#define X_BLOCK_BYTES (128 * 1024)
-#endif
+#define PN 4 /* weight rows per panel (panel_rows' switch spells out 1..PN) */
+#define PR 3 /* activation rows per tile (and 1..PR) */
+#define X_BLOCK_BYTES (128 * 1024) /* activation rows per pass over the weights: about half of L2 */
 
 #if NATIVE_SIMD
 /* panel[0..k) = weight row j as floats: w = d * q + z per block (q4), d * q (q8); exactly the file's values */
@@ -144,13 +136,9 @@ static void widen_row(int kind, const uint8_t *q, const float *d, const float *z
   }
 }
 
-#ifndef NOKEEP
 /* a value loaded once and used by several multiply-adds stays in a register: without this, gcc folds the load
    into each of them, and the loop runs at the load ports' rate instead of the FMA units' */
 #define KEEP(v) __asm__("" : "+x"(v))
-#else
-#define KEEP(v)
-#endif
 
 /* y[i * n + j] = x[i] . panel[j] over k for i < r, j < c */
 static inline __attribute__((always_inline)) void tile(const float *x, const float *panel, float *y, int64_t k,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
+from optimist.engine.attention.sparse.reference import masked_attention
 from optimist.engine.config import ModelConfig
 from optimist.engine.kv_cache import allocate_cache
 from optimist.engine.model import native
@@ -148,16 +149,13 @@ def test_native_decoder_leaves_other_steps_to_the_torch_layers() -> None:
 
 def reference_attention(q, k_cache, v_cache, slots, lens):  # type: ignore[no-untyped-def]
     """float64 softmax attention of each row's query heads over its context slots (GQA: head h reads h // rep)."""
-    m, heads, dim = q.shape
-    rep = heads // k_cache.shape[1]
-    out = torch.zeros(m, heads, dim, dtype=torch.float64)
-    for r in range(m):
-        keys = k_cache[slots[r, : lens[r]]].double()  # [L, kv, D]
-        values = v_cache[slots[r, : lens[r]]].double()
-        for h in range(heads):
-            p = torch.softmax(keys[:, h // rep] @ q[r, h].double() / dim**0.5, 0)
-            out[r, h] = p @ values[:, h // rep]
-    return out
+    rows = []
+    for r in range(q.shape[0]):
+        keys = k_cache[slots[r, : lens[r]]].transpose(0, 1)  # [kv, L, D]
+        values = v_cache[slots[r, : lens[r]]].transpose(0, 1)
+        everything = torch.ones(q.shape[1], 1, int(lens[r]), dtype=torch.bool)
+        rows.append(masked_attention(q[r].double().unsqueeze(1), keys, values, everything).squeeze(1))
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (9, 3, 64), (2, 2, 20)])
