@@ -9,12 +9,13 @@ import torch
 
 triton = pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
 
-from optimist.engine.attention.sparse.estimate import estimate_vertical_slash  # noqa: E402
+from optimist.engine.attention.sparse.estimate import SINKS, estimate_vertical_slash  # noqa: E402
 from optimist.engine.attention.sparse.index import (  # noqa: E402
     build_a_shape_index,
     build_block_sparse_index,
     build_vertical_slash_index,
 )
+from optimist.engine.attention.sparse.prefill import NEEDLE_VERTICALS  # noqa: E402
 from optimist.engine.attention.sparse.reference import masked_attention  # noqa: E402
 from optimist.engine.attention.sparse.triton_kernels import (  # noqa: E402
     block_sparse_attention,
@@ -133,7 +134,15 @@ def test_block_sparse_kernel_matches_the_reference_for_a_subset_of_heads(q_start
             picks = own + others
             kept[h, b, : len(picks)] = torch.tensor(picks)
             counts[h, b] = len(picks)
-    index = build_block_sparse_index(kept, counts, q_start, n)
+    # extra columns per head: sinks, some inside kept blocks (visited once), some right of early query blocks
+    columns = torch.stack([torch.cat([torch.arange(4), torch.randperm(length, generator=g)[:20]]) for _ in range(2)])
+    index = build_block_sparse_index(kept, counts, q_start, n, columns=columns)
+    assert int(index.col_skip.sum()) > 0 and int((index.col_count < columns.shape[1]).sum()) > 0
+    for h in range(2):
+        mask = index.mask(h)
+        block_start = q_start + torch.arange(n) // 64 * 64
+        for c in columns[h].tolist():  # a column is seen by every query block right of it
+            assert bool(mask[block_start > c, c].all())
     heads = torch.tensor([1, 3])  # the other two heads keep what `out` held
     out = torch.full((n, hq, d), 7.0)
     got = block_sparse_attention(*on_device(q, k, v), _to(index), heads=heads.to(DEVICE), out=out.to(DEVICE)).cpu()
@@ -199,9 +208,11 @@ def test_gpu_path_matches_the_reference_on_its_own_plan(block: int) -> None:
     causal = (q_start + rows + 1).float().mean()
     # the small budgets stay sparse even on random inputs (head 3's generous one may cover every key there)
     assert bool((seen[:3] < causal).all()), "the heads with small budgets attend to fewer keys than dense"
-    # A-shape: sinks, window and the estimated columns; block-sparse: at most 3 blocks of 64 keys per row
+    # A-shape: sinks, window and the estimated columns; block-sparse: at most 3 blocks of 64 keys per row and the
+    # estimated columns (the first SINKS of them forced)
     assert bool(masks[1, :, :16].logical_or(torch.arange(16)[None, :] > (q_start + rows)[:, None]).all())
-    assert int(masks[2].sum(dim=1).max()) <= 3 * 64
+    assert int(masks[2].sum(dim=1).max()) <= 3 * 64 + NEEDLE_VERTICALS
+    assert bool(masks[2, :, :SINKS].all())
 
 
 def _plan_to(sparse):  # type: ignore[no-untyped-def]
@@ -235,8 +246,9 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     for r in rows.values():
         assert 0.3 < r["recall"] <= 1.0 + 1e-6
         assert r["sparse_ms"] == pytest.approx(r["estimate_index_ms"] + r["kernel_ms"], abs=0.02)
-    # the structured input's slash lines and verticals are what vertical-slash estimation finds
-    assert rows["vertical_slash"]["recall"] > rows["a_shape"]["recall"]
+    # the structured input's slash lines and verticals are what vertical-slash estimation finds (at this size the
+    # other patterns' 256 estimated columns cover most keys too, so no ranking between them is asserted)
+    assert rows["vertical_slash"]["recall"] >= 0.95
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optimist.engine.api import engine_pb2 as pb
@@ -247,7 +248,9 @@ def test_duplicate_running_request_id_is_rejected(stub: pb_grpc.EngineStub) -> N
 def test_model_info_and_reflection(server: ServerThread, stub: pb_grpc.EngineStub) -> None:
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.context_length, info.vocab_size, list(info.eos_token_ids)) == (8192, 49152, [2])
-    assert info.has_chat_template and info.kv_block_size == 16 and info.device == "cpu"
+    assert info.has_chat_template and info.kv_block_size == 16
+    # the device the engine chose (device "auto": CUDA where present)
+    assert torch.device(info.device).type == ("cuda" if torch.cuda.is_available() else "cpu")
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     with grpc.insecure_channel(server.address) as channel:

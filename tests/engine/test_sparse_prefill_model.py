@@ -40,6 +40,32 @@ def test_bundled_patterns_keep_95_percent_of_the_attention_mass(engine: Engine, 
     assert density < 0.6, f"the patterns visit {density:.0%} of the causal pairs: hardly sparse"
 
 
+def test_gpu_plan_keeps_95_percent_of_the_attention_mass(engine: Engine, model_path: Path) -> None:
+    """The CUDA path chooses per head (`gpu.plan`), not per KV group as the CPU path and the search do: its own
+    choices keep the mass too. The plan is tensor code, so this runs wherever the suite does."""
+    import torch
+
+    from optimist.engine.attention.sparse.gpu import plan
+    from optimist.engine.attention.sparse.search import capture_qk
+    from optimist.engine.bench.sparse_attention import recall
+
+    path = bundled_pattern_file(model_path)
+    assert path is not None
+    mc = engine.model_config
+    patterns = load_pattern_config(path, mc.num_layers, mc.num_heads)
+    ids = engine.tokenizer.encode(passkey_prompt(repeats_for(4096)))
+    n = len(ids)
+    rows = torch.linspace(n // 8, n - 1, 64).long().unique()
+    kept, visited = [], 0
+    for layer, (q, k) in enumerate(capture_qk(engine.model, ids)):
+        sparse = plan(q, k, 0, patterns[layer])
+        visited += sum(int(sparse.rows_mask(h, rows).sum()) for h in range(mc.num_heads))
+        kept.append(recall(q.transpose(0, 1), k.transpose(0, 1), sparse.rows_mask, rows))
+    density = visited / (mc.num_layers * mc.num_heads * int((rows + 1).sum()))
+    assert sum(kept) / len(kept) >= 0.95, f"recall {sum(kept) / len(kept):.4f} at density {density:.3f}"
+    assert density < 0.6, f"the plan visits {density:.0%} of the sampled rows' causal pairs: hardly sparse"
+
+
 def _greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
     out, _, final = engine.generate(engine.new_request(ids, SamplingParams(temperature=0.0, max_tokens=n)))
     assert final.reason.value in ("length", "eos", "stop")

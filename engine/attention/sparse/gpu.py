@@ -12,7 +12,8 @@ heads, into one output. Same choices as the CPU path, per head rather than per K
 - dense (an A-shape head whose sinks cover the whole context, as `search-patterns` writes for heads that need
   everything): every diagonal, no columns.
 - block-sparse: mean-pooled 64-query blocks of the chunk against 64-key blocks, causal at block level, the top k_v
-  key blocks per query block (those holding the block's own rows always).
+  key blocks per query block (those holding the block's own rows always), plus 256 estimated columns (as A-shape:
+  without them a passkey prompt's answer changes, measured on the default model).
 """
 
 from __future__ import annotations
@@ -61,12 +62,28 @@ def _topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, counts: torch.
     return torch.where(rank < counts[:, None], picked, -1)
 
 
-def _vertical_slash_index(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int], block: int
-) -> VerticalSlashIndex:
+def _scores(q: torch.Tensor, k: torch.Tensor, heads: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash scores [len(heads), L] of the chunk's last LAST_Q queries (zeros where not `needs`); the
+    heads of one KV group share its keys: one estimate for those of them that need it."""
     n, hq, _ = q.shape
     length, hkv, _ = k.shape
     group = hq // hkv
+    vertical = torch.zeros((len(heads), length), device=q.device)
+    slash = torch.zeros((len(heads), length), device=q.device)
+    m = min(LAST_Q, n)
+    for g in range(hkv):
+        rows = [i for i, h in enumerate(heads) if h // group == g and needs[i]]
+        if rows:
+            members = [heads[i] for i in rows]
+            vertical[rows], slash[rows] = vertical_slash_scores(q[n - m :, members].transpose(0, 1), k[:, g])
+    return vertical, slash
+
+
+def _vertical_slash_index(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int], block: int
+) -> VerticalSlashIndex:
+    n = q.shape[0]
+    length = k.shape[0]
     device = q.device
 
     def budget(p: HeadPattern) -> tuple[int, int, int, int]:
@@ -82,15 +99,8 @@ def _vertical_slash_index(
         return tuple(min(x, length) for x in (c_forced, c_count, o_forced, o_count))  # type: ignore[return-value]
 
     budgets = torch.tensor([budget(patterns[h]) for h in heads], device=device)
-    vertical = torch.zeros((len(heads), length), device=device)
-    slash = torch.zeros((len(heads), length), device=device)
-    m = min(LAST_Q, n)
-    for g in range(hkv):  # heads of one KV group share its keys: one estimate for the ones that need it
-        rows = [i for i, h in enumerate(heads) if h // group == g and int(budgets[i, 1]) > int(budgets[i, 0])]
-        if rows:
-            members = [heads[i] for i in rows]
-            v_g, s_g = vertical_slash_scores(q[n - m :, members].transpose(0, 1), k[:, g])
-            vertical[rows], slash[rows] = v_g, s_g
+    needs = [int(budgets[i, 1]) > int(budgets[i, 0]) for i in range(len(heads))]
+    vertical, slash = _scores(q, k, heads, needs)
     columns = _topk_with_forced(vertical, budgets[:, 0], budgets[:, 1]) if int(budgets[:, 1].max()) else None
     offsets = _topk_with_forced(slash, budgets[:, 2], budgets[:, 3])
     if columns is None:
@@ -133,7 +143,10 @@ def _block_sparse_index(
         scores = scores.masked_fill(~visible, float("-inf")).masked_fill(own, float("inf"))
         kept[i] = scores.topk(width, dim=1).indices
         counts[i] = visible.sum(dim=1).clamp(max=min(patterns[h].a, width))
-    return build_block_sparse_index(kept, counts, q_start, n, BLOCK)
+    vertical, _ = _scores(q, k, heads, [True] * len(heads))
+    forced = torch.full((len(heads),), min(SINKS, length), device=device)
+    columns = _topk_with_forced(vertical, forced, torch.full_like(forced, min(NEEDLE_VERTICALS, length)))
+    return build_block_sparse_index(kept, counts, q_start, n, BLOCK, columns)
 
 
 def plan(

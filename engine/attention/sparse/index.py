@@ -16,7 +16,9 @@ is a superset of the exact vertical-or-slash mask; columns lie left of the block
 A-shape is the static case (sinks as columns, the window as diagonals 0 .. n_local - 1).
 
 Block-sparse (`BlockSparseIndex`): per query block, the kept key blocks (aligned to absolute positions, `block`
-keys each), sorted, with their count.
+keys each), sorted, with their count; and optionally per head a few kept columns (the dynamic verticals every
+non-dense head keeps, see `prefill.NEEDLE_VERTICALS`), visited for a query block when they lie left of its first
+row and in none of its kept key blocks (`col_skip`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,9 @@ class BlockSparseIndex:
     n: int
     blocks: torch.Tensor  # int32 [H, query blocks, K]: kept key blocks, sorted, padding BIG at the end
     count: torch.Tensor  # int32 [H, query blocks]
+    columns: torch.Tensor  # int32 [H, C]: kept columns, sorted, padded with BIG (C >= 1)
+    col_count: torch.Tensor  # int32 [H, query blocks]: columns left of each block's first row
+    col_skip: torch.Tensor  # uint8 [H, query blocks, C]: 1 where the column lies in one of the block's kept blocks
 
     @property
     def length(self) -> int:
@@ -187,6 +192,12 @@ class BlockSparseIndex:
         hit = torch.zeros((len(rows), nk + 1), dtype=torch.bool, device=device)
         hit.scatter_(1, torch.where(valid, kept.clamp(max=nk), nk), True)
         out = hit[:, torch.arange(length, device=device) // self.block]
+        cols = self.columns[head].long()
+        visits = torch.arange(len(cols), device=device)[None, :] < self.col_count[head, b][:, None]
+        visits &= self.col_skip[head, b] == 0
+        extra = torch.zeros((len(rows), length + 1), dtype=torch.bool, device=device)
+        extra.scatter_(1, torch.where(visits, cols[None, :].clamp(max=length), length), True)
+        out |= extra[:, :length]
         return out & (torch.arange(length, device=device)[None, :] <= (self.q_start + rows)[:, None])
 
     def mask(self, head: int) -> torch.Tensor:
@@ -195,9 +206,34 @@ class BlockSparseIndex:
 
 
 def build_block_sparse_index(
-    kept: torch.Tensor, counts: torch.Tensor, q_start: int, n: int, block: int = 64
+    kept: torch.Tensor,
+    counts: torch.Tensor,
+    q_start: int,
+    n: int,
+    block: int = 64,
+    columns: torch.Tensor | None = None,
+    column_counts: torch.Tensor | None = None,
 ) -> BlockSparseIndex:
-    """kept [H, query blocks, K] key-block ids (the first counts[h, b] valid, distinct): sorted and padded."""
-    rank = torch.arange(kept.shape[2], device=kept.device)[None, None, :]
+    """kept [H, query blocks, K] key-block ids (the first counts[h, b] valid, distinct): sorted and padded.
+    columns [H, C] (any order, distinct per head; the first column_counts[h] when given; negative ones ignored):
+    extra keys each head keeps for every query block they lie left of."""
+    device = kept.device
+    heads, nq = kept.shape[0], kept.shape[1]
+    rank = torch.arange(kept.shape[2], device=device)[None, None, :]
     blocks = torch.where(rank < counts[..., None], kept.long(), BIG).sort(dim=2).values
-    return BlockSparseIndex(block, q_start, n, blocks.clamp(max=BIG).to(torch.int32), counts.to(torch.int32))
+    if columns is None:
+        columns = torch.full((heads, 1), -1, dtype=torch.long, device=device)
+    cols = _pad_sorted(columns, column_counts)
+    starts = q_start + block * torch.arange(nq, device=device)
+    col_count = torch.searchsorted(cols, starts[None, :].expand(heads, -1).contiguous())
+    # a column inside a kept key block of the query block is attended to there: one lookup per (block, column)
+    skip = torch.empty((heads, nq, cols.shape[1]), dtype=torch.uint8, device=device)
+    for h in range(heads):  # one head at a time: [nq, C] int64 temporaries (33 MB at 1M tokens)
+        col_block = (cols[h] // block)[None, :].expand(nq, -1).contiguous()
+        pos = torch.searchsorted(blocks[h], col_block).clamp(max=blocks.shape[2] - 1)
+        skip[h] = blocks[h].gather(1, pos) == col_block
+    i32 = torch.int32
+    return BlockSparseIndex(
+        block, q_start, n, blocks.clamp(max=BIG).to(i32), counts.to(i32),
+        cols.clamp(max=BIG).to(i32), col_count.to(i32), skip,
+    )  # fmt: skip

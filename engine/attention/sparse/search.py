@@ -95,8 +95,8 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, tile: int = TILE) -> torch.Tenso
     (tile_mass * key_matrix).sum() / n, without an [n, n] mask per candidate."""
     n, d = q.shape
     tiles = -(-n // tile)
-    out = torch.zeros((tiles, n))
-    i = torch.arange(n)
+    out = torch.zeros((tiles, n), device=q.device)
+    i = torch.arange(n, device=q.device)
     for t in range(tiles):
         rows = slice(t * tile, min(n, (t + 1) * tile))
         scores = (q[rows] @ k.T) / d**0.5

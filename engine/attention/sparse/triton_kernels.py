@@ -6,7 +6,7 @@
   time. Both feed one FlashAttention-style online softmax in fp32 (exp2, with log2(e) folded into the query
   scale). A-shape runs here too: sinks are columns, the window is diagonals.
 - `block_sparse_attention`: one program per (query block, head), looping over its kept key blocks with a causal
-  mask.
+  mask, then over the head's kept columns left of the block that no kept block holds (as loop 2 above).
 
 Inputs keep the engine's packed layout (q [n, Hq, D], k/v [L, Hkv, D]; any strides with a unit last one); grouped
 query heads read their KV head's keys (no copies). `heads` picks which query heads a launch covers (heads of
@@ -149,10 +149,10 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
 @triton.jit
 def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
-    blocks, count,
+    blocks, count, columns, col_count, col_skip,
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    max_blocks, num_blocks,
+    max_blocks, num_blocks, max_col,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
@@ -179,6 +179,17 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
         visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
         m_i, l_i, acc = _attend(
             q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
+        )
+    n_cols = tl.load(col_count + meta)
+    for c in range(0, n_cols, KEY_BLOCK):
+        offs = c + tl.arange(0, KEY_BLOCK)
+        col_ok = offs < n_cols
+        keys = tl.load(columns + h * max_col + offs, mask=col_ok, other=0)
+        # a column inside one of the block's kept key blocks was attended to there already
+        col_ok = col_ok & (tl.load(col_skip + meta * max_col + offs, mask=col_ok, other=1) == 0)
+        visible = col_ok[None, :]  # columns lie left of the block: no causal mask
+        m_i, l_i, acc = _attend(
+            q, k_base, v_base, keys, col_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
         )
     _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims)
 
@@ -259,10 +270,10 @@ def block_sparse_attention(
     num_blocks = index.blocks.shape[1]
     grid = (num_blocks, len(heads))
     args = (
-        q, k, v, out, heads, index.blocks, index.count,
+        q, k, v, out, heads, index.blocks, index.count, index.columns, index.col_count, index.col_skip,
         index.n, index.q_start, group, scale,
         *strides, out.stride(0), out.stride(1),
-        index.blocks.shape[2], num_blocks,
+        index.blocks.shape[2], num_blocks, index.columns.shape[1],
     )  # fmt: skip
     consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block, "IEEE": ieee}
     if INTERPRET or not q.is_cuda:
