@@ -71,6 +71,7 @@ def recall(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> f
 
     hq, n, d = q.shape
     group = hq // k.shape[0]
+    rows = rows.to(q.device)
     kept = []
     for h in range(hq):
         scores = (q[h, rows].float() @ k[h // group].float().T) / math.sqrt(d)

@@ -49,3 +49,26 @@ def test_a_loading_failure_reaches_the_caller(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"missing\.gguf"):
         Engine(EngineConfig(model=str(missing)))
     assert _engine_threads() == before  # the failed engines' threads have ended
+
+
+@pytest.mark.gpu
+def test_gpu_steps_leave_cudnn_attention_out(tiny_gguf: Path) -> None:
+    """cuDNN attention builds a plan per shape and decode shapes change every step (see runner.GPU_ATTENTION):
+    model forwards on CUDA run with it disabled, and the rest of the process keeps its own choice."""
+    import torch
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), device="cuda", kv_cache_tokens=256))
+    seen: list[bool] = []
+    forward = engine.model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording  # type: ignore[method-assign]
+    try:
+        ids, _, _ = engine.generate(engine.new_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+    finally:
+        engine.shutdown()
+    assert len(ids) == 4 and len(seen) == 4 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
