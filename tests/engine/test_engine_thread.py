@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,24 @@ import pytest
 
 from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine
+from optimist.engine.outputs import Finished
 from optimist.engine.request import SamplingParams
+
+
+def _generate_recording(engine: Engine, record: Callable[[], object]) -> tuple[list[int], Finished]:
+    """Four greedy tokens with `record()` called at every model forward; shuts the engine down."""
+    forward = engine.model.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        record()
+        return forward(*args, **kwargs)
+
+    engine.model.forward = recording  # type: ignore[method-assign]
+    try:
+        ids, _, final = engine.generate(engine.new_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+    finally:
+        engine.shutdown()
+    return ids, final
 
 
 def test_loading_and_steps_run_on_the_engine_thread(tiny_gguf: Path) -> None:
@@ -22,17 +40,7 @@ def test_loading_and_steps_run_on_the_engine_thread(tiny_gguf: Path) -> None:
 
     engine = Engine(EngineConfig(model=str(tiny_gguf), kv_cache_tokens=256), progress)
     stepping: set[str] = set()
-    forward = engine.model.forward
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        stepping.add(threading.current_thread().name)
-        return forward(*args, **kwargs)
-
-    engine.model.forward = recording  # type: ignore[method-assign]
-    try:
-        ids, _, final = engine.generate(engine.new_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
-    finally:
-        engine.shutdown()
+    ids, final = _generate_recording(engine, lambda: stepping.add(threading.current_thread().name))
     assert len(ids) == final.completion_tokens == 4
     assert loading == stepping == {"optimist-engine"}
 
@@ -59,16 +67,6 @@ def test_gpu_steps_leave_cudnn_attention_out(tiny_gguf: Path) -> None:
 
     engine = Engine(EngineConfig(model=str(tiny_gguf), device="cuda", kv_cache_tokens=256))
     seen: list[bool] = []
-    forward = engine.model.forward
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return forward(*args, **kwargs)
-
-    engine.model.forward = recording  # type: ignore[method-assign]
-    try:
-        ids, _, _ = engine.generate(engine.new_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
-    finally:
-        engine.shutdown()
+    ids, _ = _generate_recording(engine, lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     assert len(ids) == 4 and len(seen) == 4 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
