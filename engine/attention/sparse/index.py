@@ -30,6 +30,13 @@ import torch
 BIG = 1 << 30  # padding for column and offset lists: sorts last, lies right of every block
 
 
+def _column_hits(cols: torch.Tensor, visits: torch.Tensor, length: int) -> torch.Tensor:
+    """bool [R, L]: row r hits key cols[c] where visits[r, c] (cols [C] key indices, visits bool [R, C])."""
+    hit = torch.zeros((visits.shape[0], length + 1), dtype=torch.bool, device=visits.device)
+    hit.scatter_(1, torch.where(visits, cols[None, :].clamp(max=length), length), True)
+    return hit[:, :length]
+
+
 @dataclass
 class VerticalSlashIndex:
     block: int
@@ -85,9 +92,7 @@ class VerticalSlashIndex:
         visits = torch.arange(len(cols), device=device)[None, :] < self.col_count[head, rows // self.block][:, None]
         dist = (s[:, None] - cols[None, :]).clamp(min=0, max=length)
         visits &= self.covered[head][dist] == 0
-        hit = torch.zeros((len(rows), length + 1), dtype=torch.bool, device=device)
-        hit.scatter_(1, torch.where(visits, cols[None, :].clamp(max=length), length), True)
-        out |= hit[:, :length]
+        out |= _column_hits(cols, visits, length)
         return out & (torch.arange(length, device=device)[None, :] <= (self.q_start + rows)[:, None])
 
     def mask(self, head: int) -> torch.Tensor:
@@ -195,9 +200,7 @@ class BlockSparseIndex:
         cols = self.columns[head].long()
         visits = torch.arange(len(cols), device=device)[None, :] < self.col_count[head, b][:, None]
         visits &= self.col_skip[head, b] == 0
-        extra = torch.zeros((len(rows), length + 1), dtype=torch.bool, device=device)
-        extra.scatter_(1, torch.where(visits, cols[None, :].clamp(max=length), length), True)
-        out |= extra[:, :length]
+        out |= _column_hits(cols, visits, length)
         return out & (torch.arange(length, device=device)[None, :] <= (self.q_start + rows)[:, None])
 
     def mask(self, head: int) -> torch.Tensor:
