@@ -122,6 +122,8 @@ def library() -> ctypes.CDLL:
     lib.native_decode_workspace.restype = i64
     lib.native_attention.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, p, i64, p, i64, p]
     lib.native_attention.restype = ctypes.c_int
+    lib.native_prefill_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, p, i64, p]
+    lib.native_prefill_attention.restype = ctypes.c_int
     return lib
 
 
@@ -170,6 +172,27 @@ def decode_attention(
     )
     if rc != 0:
         raise ValueError("decode_attention: heads not a multiple of KV heads, or a length outside 1..slots")
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+    """Causal attention of a prefill chunk in C: q [n, heads, D] at the last n of the L positions of k/v
+    [L, kv heads, D] (query i sees keys 0 .. L - n + i; query head h reads KV head h // (heads / kv heads)),
+    written into out [n, heads, D]. float32 CPU tensors with contiguous heads; rows may be strided (views of a
+    packed QKV). Returns False, touching nothing, for what the kernel does not take (no AVX2; a head size not a
+    multiple of 8 or above 512; more than 12 query heads per KV head), so the caller can fall back."""
+    n, heads, dim = q.shape
+    length, kv_heads = k.shape[0], k.shape[1]
+    for t in (q, k, v, out):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
+            return False
+    if out.shape != q.shape or v.shape != k.shape or k.shape[2] != dim or not 0 < n <= length:
+        return False
+    scratch = torch.empty(kv_heads * dim * (-(-length // 16) * 16), dtype=torch.float32)
+    rc = library().native_prefill_attention(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, length, heads,
+        kv_heads, dim, out.data_ptr(), out.stride(0), scratch.data_ptr(),
+    )  # fmt: skip
+    return rc == 0
 
 
 def unavailable_reason() -> str | None:

@@ -193,6 +193,43 @@ def test_decode_attention_rejects_what_it_cannot_take() -> None:
         native.decode_attention(torch.zeros(2, 3, 16), cache, cache, slots, torch.tensor([1, 3]), torch.zeros(2, 3, 16))
 
 
+# (query heads, KV heads, head size, chunk, context): a fresh prompt and chunks after a cached prefix; one
+# query row, row counts that leave a partial block, key counts that leave partial tiles; head sizes of a multiple
+# of 16 and of only 8; up to 12 query heads per KV head
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "n", "length"),
+    [(9, 3, 64, 71, 71), (9, 3, 64, 13, 200), (9, 3, 64, 1, 1), (8, 2, 32, 130, 130), (4, 4, 16, 33, 90),
+     (12, 1, 24, 17, 17), (32, 8, 128, 40, 150)],
+)  # fmt: skip
+def test_prefill_attention_matches_causal_softmax_attention(
+    heads: int, kv_heads: int, dim: int, n: int, length: int
+) -> None:
+    g = torch.Generator().manual_seed(n * dim + length)
+    qkv = torch.randn(n, heads + 2 * kv_heads, dim, generator=g) * 2  # the layers' packed projection: row views
+    q = qkv[:, :heads]
+    if n == length:  # a fresh prompt: keys and values are the chunk's own, views of the same rows
+        k, v = qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    else:
+        k, v = torch.randn(length, kv_heads, dim, generator=g), torch.randn(length, kv_heads, dim, generator=g)
+    out = torch.full((n, heads + 1, dim), 7.0)[:, 1:]
+    assert native.prefill_attention(q, k, v, out)
+    causal = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # [n, L]
+    expected = masked_attention(q.double().transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal)
+    assert torch.allclose(out.double(), expected.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out._base[:, 0], torch.full((n, dim), 7.0))  # type: ignore[index]
+
+
+def test_prefill_attention_declines_what_it_cannot_take() -> None:
+    q, kv, out = torch.randn(4, 2, 20), torch.randn(4, 1, 20), torch.zeros(4, 2, 20)
+    assert not native.prefill_attention(q, kv, kv, out)  # a head size not a multiple of 8
+    q, kv, out = torch.randn(4, 13, 16), torch.randn(4, 1, 16), torch.zeros(4, 13, 16)
+    assert not native.prefill_attention(q, kv, kv, out)  # 13 query heads on one KV head
+    q, kv, out = torch.randn(5, 2, 16), torch.randn(4, 1, 16), torch.zeros(5, 2, 16)
+    assert not native.prefill_attention(q, kv, kv, out)  # more queries than keys
+    assert not native.prefill_attention(q.double(), kv.double(), kv.double(), out.double())
+    assert torch.equal(out, torch.zeros(5, 2, 16))
+
+
 def with_prefill(
     meta: AttentionMeta, tokens: torch.Tensor, n: int, slots: torch.Tensor
 ) -> tuple[torch.Tensor, AttentionMeta]:
@@ -225,10 +262,10 @@ def test_torch_layers_with_native_attention_match_torch_attention(prefill: int) 
         tokens, meta = with_prefill(meta, tokens, prefill, free.nonzero().flatten()[:prefill])
     with torch.inference_mode():
         got = model(tokens, meta, native_cache)
-        assert meta.decode_table is not None  # the C attention was used
+        assert meta.decode_table is not None and meta.native_prefill  # the C attention was used
         model.native_attention = False
         expected = model(tokens, meta, torch_cache)
-        assert meta.decode_table is None
+        assert meta.decode_table is None and not meta.native_prefill
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     for (kn, vn), (kt, vt) in zip(native_cache, torch_cache, strict=True):
