@@ -400,7 +400,9 @@ static void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_
 static inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
   float t[512];
   const int64_t half = dim / 2;
-  for (int64_t i = 0; i < dim; i++) t[i] = x[i] * cos[i] + x[(i + half) % dim] * sin[i];
+  /* two halves without a modulo, so that the compiler vectorizes them */
+  for (int64_t i = 0; i < half; i++) t[i] = x[i] * cos[i] + x[i + half] * sin[i];
+  for (int64_t i = half; i < dim; i++) t[i] = x[i] * cos[i] + x[i - half] * sin[i];
   memcpy(x, t, (size_t)dim * sizeof(float));
 }
 
@@ -717,6 +719,7 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
     const layer_t *ly = md->layers + l;
     rms_norm(x, ly->attn_norm, h, m, H, md->eps);
     if (linear(&ly->wqkv, h, qkv, m, sums)) return -2;
+#pragma omp parallel for schedule(static) if (m > 4)
     for (int64_t r = 0; r < m; r++) {
       float *row = qkv + r * qkv_n;
       const float *cs = md->rope_cos + positions[r] * D, *sn = md->rope_sin + positions[r] * D;
@@ -730,6 +733,7 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
     rms_norm(x, ly->ffn_norm, h, m, H, md->eps);
     if (linear(&ly->gate, h, g, m, sums)) return -2;
     if (linear(&ly->up, h, u, m, sums)) return -2;
+#pragma omp parallel for schedule(static) if (m > 4)
     for (int64_t r = 0; r < m; r++) silu_mul(g + r * I, u + r * I, I);
     if (linear(&ly->down, g, h, m, sums)) return -2;
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
