@@ -232,7 +232,9 @@ class Attention(nn.Module):
         patterns = meta.sparse_patterns[self.layer]
         if q.is_cuda:  # Triton kernels over device-built indices
             return sparse_prefill_attention_triton(q[span.start : span.end], ks, vs, span.context_len - n, patterns)
-        out, _ = sparse_prefill_attention(q[span.start : span.end], ks, vs, span.context_len - n, patterns)
+        out, _ = sparse_prefill_attention(
+            q[span.start : span.end], ks, vs, span.context_len - n, patterns, native=meta.native_prefill
+        )
         return out
 
 

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define NATIVE_SIMD 1
@@ -559,9 +560,13 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
 #define PQ 12   /* query vectors per task */
 #define PKEYS 64 /* keys per softmax step */
 
-static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, int64_t lpad, const float *v,
-                            int64_t v_stride, int64_t n, int64_t L, int64_t rep, int64_t D, float scale, int64_t g,
-                            int64_t row0, int64_t rows, float *out, int64_t o_stride) {
+/* Rows row0 .. row0 + rows - 1 of the chunk (at positions L - n + row), KV group g. Key p: ktg holds the keys
+   transposed ([D][lpad] floats), vg + p * v_stride its value (D floats). With keys == NULL, key p is position p
+   and the rows see keys 0 .. their own; else key p is position keys[p] (ascending, nkeys of them) and a row sees
+   those at or before it. */
+static void prefill_task(const float *q, int64_t q_stride, const float *ktg, int64_t lpad, const float *vg,
+                         int64_t v_stride, const int64_t *keys, int64_t nkeys, int64_t n, int64_t L, int64_t rep,
+                         int64_t D, float scale, int64_t g, int64_t row0, int64_t rows, float *out, int64_t o_stride) {
   float qb[PQ * 512] __attribute__((aligned(32))), o[PQ * 512] __attribute__((aligned(32)));
   float sc[PQ * PKEYS] __attribute__((aligned(32)));
   float m[PQ], l[PQ];
@@ -575,8 +580,11 @@ static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, i
     l[i] = 0.f;
   }
   memset(o, 0, sizeof(float) * (size_t)(PQ * D));
-  const int64_t first = L - n + row0, end = first + rows; /* keys 0 .. end - 1 are visible to some row */
-  const float *ktg = kt + g * D * lpad;
+  const int64_t first = L - n + row0, last = first + rows - 1;
+  int64_t end = last + 1; /* keys 0 .. end - 1 are visible to some row */
+  if (keys) /* the list's keys at or before the last row */
+    for (end = nkeys; end > 0 && keys[end - 1] > last; end--) {
+    }
   for (int64_t j0 = 0; j0 < end; j0 += PKEYS) {
     const int64_t jn = end - j0 < PKEYS ? end - j0 : PKEYS, chunks = (jn + 15) / 16 * 2; /* even: see below */
     /* 16 keys (two vectors) for half the query vectors at a time: 8 loads per 12 multiply-adds */
@@ -602,7 +610,10 @@ static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, i
     for (int i = 0; i < nq; i++) {
       float *s = sc + i * PKEYS;
       /* keys past the row (causal) or past the chunk (padding) get no weight */
-      for (int64_t j = pos[i] + 1 - j0 > 0 ? pos[i] + 1 - j0 : 0; j < width; j++) s[j] = -INFINITY;
+      if (!keys)
+        for (int64_t j = pos[i] + 1 - j0 > 0 ? pos[i] + 1 - j0 : 0; j < width; j++) s[j] = -INFINITY;
+      else
+        for (int64_t j = width; j > 0 && (j > jn || keys[j0 + j - 1] > pos[i]); j--) s[j - 1] = -INFINITY;
       float mx = m[i];
       for (int64_t j = 0; j < width; j++) mx = s[j] > mx ? s[j] : mx;
       const float alpha = expf(m[i] - mx); /* key 0 is visible to every row: mx is finite from the first step */
@@ -629,7 +640,7 @@ static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, i
             acc[i][1] = _mm256_load_ps(o + (i0 + i) * D + e + 8);
           }
           for (int64_t j = 0; j < jn; j++) {
-            const float *vr = v + (j0 + j) * v_stride + g * D + e;
+            const float *vr = vg + (j0 + j) * v_stride + e;
             const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
             for (int i = 0; i < PQ / 2; i++) {
               const __m256 p = _mm256_broadcast_ss(sc + (i0 + i) * PKEYS + j);
@@ -647,7 +658,7 @@ static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, i
         __m256 acc[PQ];
         for (int i = 0; i < PQ; i++) acc[i] = _mm256_load_ps(o + i * D + e);
         for (int64_t j = 0; j < jn; j++) {
-          const __m256 vv = _mm256_loadu_ps(v + (j0 + j) * v_stride + g * D + e);
+          const __m256 vv = _mm256_loadu_ps(vg + (j0 + j) * v_stride + e);
           for (int i = 0; i < PQ; i++) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + i * PKEYS + j), vv, acc[i]);
         }
         for (int i = 0; i < PQ; i++) _mm256_store_ps(o + i * D + e, acc[i]);
@@ -659,7 +670,6 @@ static int64_t prefill_task(const float *q, int64_t q_stride, const float *kt, i
     const float inv = 1.f / l[i];
     for (int64_t e = 0; e < D; e++) out[(row0 + r) * o_stride + h * D + e] = o[i * D + e] * inv;
   }
-  return 0;
 }
 #endif
 
@@ -686,7 +696,7 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nkv * blocks; t++) {
       const int64_t b = blocks - 1 - t / nkv, g = t % nkv, row0 = b * rows;
-      prefill_task(q, q_stride, kt, lpad, v, v_stride, n, L, rep, D, scale, g, row0,
+      prefill_task(q, q_stride, kt + g * D * lpad, lpad, v + g * D, v_stride, NULL, 0, n, L, rep, D, scale, g, row0,
                    n - row0 < rows ? n - row0 : rows, out, o_stride);
     }
   }
@@ -694,6 +704,76 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
 #else
   (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)n, (void)L, (void)nh, (void)nkv;
   (void)D, (void)out, (void)o_stride, (void)kt;
+  return -1;
+#endif
+}
+
+/* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
+static inline void transpose8(const float *const src[8], int64_t e0, float *dst, int64_t stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src[i] + e0);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  /* r[0..3] hold rows 0-3 and r[4..7] rows 4-7 of columns (0,4), (1,5), (2,6), (3,7) in their two halves */
+  const int col[4] = {0, 1, 2, 3};
+  for (int c = 0; c < 4; c++) {
+    _mm256_storeu_ps(dst + col[c] * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+    _mm256_storeu_ps(dst + (col[c] + 4) * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+  }
+}
+
+/* Sparse prefill attention of one KV group g (the CPU path of attention/sparse/prefill.py): query rows in tiles of
+   `tile` (tile t: rows t * tile .. of the chunk, at positions L - n + row), tile t visiting the keys
+   keys[start[t] .. start[t] + count[t]) (positions, ascending, each before the tile's end), causally masked.
+   q, k, v, out as native_prefill_attention; scratch: scratch_per_thread >= 2 * D * round_up(max count, 16) floats
+   for each of `threads` threads. Returns 0, or -1 for shapes it does not take (as native_prefill_attention). */
+int native_sparse_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                            int64_t v_stride, int64_t n, int64_t L, int64_t nh, int64_t nkv, int64_t D, float *out,
+                            int64_t o_stride, int64_t g, int64_t tile, const int64_t *start, const int64_t *count,
+                            const int64_t *keys, float *scratch, int64_t scratch_per_thread, int threads) {
+#if NATIVE_SIMD
+  if (nkv <= 0 || nh % nkv || D % 8 || D > 512 || nh / nkv > PQ || n < 1 || n > L || g < 0 || g >= nkv || tile < 1 ||
+      threads < 1)
+    return -1;
+  const int64_t rep = nh / nkv, rows = PQ / rep, tiles = (n + tile - 1) / tile;
+  const float scale = 1.f / sqrtf((float)D);
+  static const float zeros[512]; /* the padding keys' row */
+  for (int64_t t = 0; t < tiles; t++)
+    if (2 * D * ((count[t] + 15) / 16 * 16) > scratch_per_thread) return -1;
+#pragma omp parallel num_threads(threads)
+  {
+    float *kt = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t *tk = keys + start[t], nk = count[t], lpad = (nk + 15) / 16 * 16;
+      /* the tile's keys transposed (kt[e][p] = k[tk[p]][g][e], zeros past nk) and its values gathered in order:
+         read many times over, they stream from this thread's cache instead of scattered rows of the chunk's */
+      float *vt = kt + D * lpad;
+      for (int64_t p0 = 0; p0 < lpad; p0 += 8) {
+        const float *src[8];
+        for (int i = 0; i < 8; i++) src[i] = p0 + i < nk ? k + tk[p0 + i] * k_stride + g * D : zeros;
+        for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + e0 * lpad + p0, lpad);
+      }
+      for (int64_t p = 0; p < nk; p++) memcpy(vt + p * D, v + tk[p] * v_stride + g * D, sizeof(float) * (size_t)D);
+      const int64_t r1 = (t + 1) * tile < n ? (t + 1) * tile : n;
+      for (int64_t row0 = t * tile; row0 < r1; row0 += rows)
+        prefill_task(q, q_stride, kt, lpad, vt, D, tk, nk, n, L, rep, D, scale, g, row0,
+                     r1 - row0 < rows ? r1 - row0 : rows, out, o_stride);
+    }
+  }
+  return 0;
+#else
+  (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)n, (void)L, (void)nh, (void)nkv;
+  (void)D, (void)out, (void)o_stride, (void)g, (void)tile, (void)start, (void)count, (void)keys, (void)scratch;
+  (void)scratch_per_thread, (void)threads;
   return -1;
 #endif
 }

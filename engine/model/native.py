@@ -124,6 +124,9 @@ def library() -> ctypes.CDLL:
     lib.native_attention.restype = ctypes.c_int
     lib.native_prefill_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, p, i64, p]
     lib.native_prefill_attention.restype = ctypes.c_int
+    lib.native_sparse_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, p, i64, i64, i64, p, p,
+                                            p, p, i64, ctypes.c_int]  # fmt: skip
+    lib.native_sparse_attention.restype = ctypes.c_int
     return lib
 
 
@@ -191,6 +194,42 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     rc = library().native_prefill_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, length, heads,
         kv_heads, dim, out.data_ptr(), out.stride(0), scratch.data_ptr(),
+    )  # fmt: skip
+    return rc == 0
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    group: int,
+    tile: int,
+    keys: torch.Tensor,
+    counts: torch.Tensor,
+) -> bool:
+    """Sparse prefill attention of KV head `group`'s query heads in C: q/k/v/out as `prefill_attention`; the chunk's
+    rows in tiles of `tile`, tile t attending to the key positions keys[first[t] : first[t] + counts[t]] (first the
+    running sum of counts; ascending, each before the tile's end) with causal masking, written into out's rows for
+    those heads. Returns False, touching nothing, for what the kernel does not take."""
+    n, heads, dim = q.shape
+    length, kv_heads = k.shape[0], k.shape[1]
+    for t in (q, k, v, out):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
+            return False
+    if out.shape != q.shape or v.shape != k.shape or k.shape[2] != dim or not 0 < n <= length:
+        return False
+    if counts.shape != (-(-n // tile),) or int(counts.sum()) != keys.shape[0]:
+        return False
+    keys, counts = keys.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
+    first = (torch.cumsum(counts, 0) - counts).contiguous()
+    threads = torch.get_num_threads()
+    per_thread = 2 * dim * (-(-int(counts.max()) // 16) * 16)  # a tile's keys transposed, then its values
+    scratch = torch.empty(threads * per_thread, dtype=torch.float32)
+    rc = library().native_sparse_attention(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, length, heads,
+        kv_heads, dim, out.data_ptr(), out.stride(0), group, tile, first.data_ptr(), counts.data_ptr(),
+        keys.data_ptr(), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     return rc == 0
 

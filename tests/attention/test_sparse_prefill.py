@@ -24,6 +24,7 @@ from optimist.engine.attention.sparse.reference import (
     masked_attention,
     vertical_slash_mask,
 )
+from optimist.engine.model import native
 
 
 def qkv(n: int, hq: int = 6, hkv: int = 2, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -46,26 +47,31 @@ FULL = [
 ]
 
 
-@pytest.fixture(params=["fused-cpu", "sdpa-mask"])
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways the path runs its batches: torch's fused CPU attention (CPU) and SDPA with an explicit mask (the
-    path other devices take), the latter forced here on CPU."""
+@pytest.fixture(params=["fused-cpu", "sdpa-mask", "native"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """The ways the path runs its tiles, as keyword arguments for sparse_prefill_attention: torch's fused CPU
+    attention over gathered batches (CPU), SDPA with an explicit mask (the path other devices take, forced here on
+    CPU), and the C kernels (what the engine runs on CPU)."""
     if request.param == "sdpa-mask":
         monkeypatch.setattr(prefill, "_fused_cpu", lambda device: False)
-    return str(request.param)
+    if request.param == "native":
+        if native.unavailable_reason() is not None:
+            pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+        return {"native": True}
+    return {}
 
 
 @pytest.mark.parametrize("pattern", FULL, ids=lambda p: p.kind)
 @pytest.mark.parametrize(("n", "q_start"), [(300, 0), (257, 400), (64, 1000)])
 @pytest.mark.parametrize("dense_above", [1.01, DENSE_ABOVE], ids=["gathered", "dense-switch"])
 def test_full_budgets_reproduce_dense(
-    pattern: HeadPattern, n: int, q_start: int, dense_above: float, kernel: str
+    pattern: HeadPattern, n: int, q_start: int, dense_above: float, kernel: dict[str, bool]
 ) -> None:
     q, k, v = qkv(q_start + n)
     q = q[q_start:]
     # tile 96 with small batches: tiles of several widths share a batch (front padding), a partial last tile
     out, work = sparse_prefill_attention(
-        q, k, v, q_start, [pattern] * 6, tile=96, max_keys=800, dense_above=dense_above, dense_up_to=0
+        q, k, v, q_start, [pattern] * 6, tile=96, max_keys=800, dense_above=dense_above, dense_up_to=0, **kernel
     )
     torch.testing.assert_close(out, dense(q, k, v, q_start), rtol=1e-4, atol=1e-5)
     causal_pairs = sum(q_start + i + 1 for i in range(n))
@@ -73,7 +79,7 @@ def test_full_budgets_reproduce_dense(
 
 
 @pytest.mark.parametrize(("n", "q_start"), [(1600, 0), (300, 1500)])
-def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int, kernel: str) -> None:
+def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int, kernel: dict[str, bool]) -> None:
     """Mixed patterns below the dense switch: every row attends to exactly its tile's selected keys left of it."""
     q, k, v = qkv(q_start + n, seed=7)
     q = q[q_start:]
@@ -83,7 +89,7 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
         HeadPattern("block_sparse", 2, 0),
     ]
     patterns += [HeadPattern("a_shape", 8, 64)] * 3
-    out, work = sparse_prefill_attention(q, k, v, q_start, patterns, tile=64, max_keys=4096, dense_up_to=0)
+    out, work = sparse_prefill_attention(q, k, v, q_start, patterns, tile=64, max_keys=4096, dense_up_to=0, **kernel)
     rows = torch.arange(q_start, q_start + n)
     visible = torch.arange(q_start + n)[None, :] <= rows[:, None]
     visited = 0

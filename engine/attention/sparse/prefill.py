@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from ...model.native import prefill_attention, sparse_attention
 from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
 from .estimate import estimate_block_sparse_mask, pick_vertical_slash, vertical_slash_scores
@@ -30,6 +31,7 @@ TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept d
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
 DENSE_ABOVE = 0.75  # a KV group visiting more of the causal pairs than this runs dense (cheaper than gathering)
 DENSE_UP_TO = 2048  # a chunk seeing at most this many keys runs dense: estimating its pattern costs more than it saves
+NATIVE_DENSE_KEYS = 4096  # with `native`, dense groups of up to this many keys run in C (as the engine's dense path)
 
 
 @dataclass
@@ -143,8 +145,12 @@ def _fused_cpu(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool = False) -> torch.Tensor:
     """Every visible key for one KV group: q [n, G, D], k/v [L, D] -> [G, n, D] (bottom-right causal)."""
+    if native and k.shape[0] <= NATIVE_DENSE_KEYS:
+        out = torch.empty_like(q)
+        if prefill_attention(q, k[:, None], v[:, None], out):
+            return out.transpose(0, 1)
     qg, kg, vg = q.transpose(0, 1)[None], k[None, None], v[None, None]
     if _fused_cpu(q.device):
         return bottom_right_causal_attention(qg, kg, vg)[0]
@@ -165,6 +171,7 @@ def sparse_prefill_attention(
     max_keys: int = 1 << 15,
     dense_above: float = DENSE_ABOVE,
     dense_up_to: int = DENSE_UP_TO,
+    native: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D]. Returns (out [n, Hq, D], (row, key) pairs
     attended summed over heads: the work done, to compare with dense's).
@@ -177,7 +184,11 @@ def sparse_prefill_attention(
     Each tile's kept keys are gathered in ascending order, so they end with the tile's own diagonal block (always
     kept: the local window covers it) and a bottom-right-aligned causal mask is exactly right; tiles are
     front-padded to the batch's width with a zero key that an additive mask over the unmasked part hides, and a
-    partial last tile gets zero keys behind its diagonal (only its padding rows see them) to keep that alignment."""
+    partial last tile gets zero keys behind its diagonal (only its padding rows see them) to keep that alignment.
+
+    native (float32 on CPU, where the C kernels build; the engine passes it as its dense path uses them): each
+    group's tiles run in C instead (`native.sparse_attention`: no gathers into padded batches; a tile's keys are
+    read once for all its rows and heads), and dense groups of up to NATIVE_DENSE_KEYS keys too."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     if length != q_start + n:
@@ -207,11 +218,19 @@ def sparse_prefill_attention(
             keep = key_matrix(sel, q_start, n, tile)  # [T, L]
             pairs = visited_pairs(keep, q_start, n, tile)
         if keep is None or pairs > dense_above * causal_pairs:
-            dense = F.pad(_dense_group(q[:, heads], k[:, g], v[:, g]), (0, 0, 0, tiles * tile - n))
+            dense = F.pad(_dense_group(q[:, heads], k[:, g], v[:, g], native), (0, 0, 0, tiles * tile - n))
             out[g] = dense.view(group, tiles, tile, d).transpose(0, 1)
             work += causal_pairs * group
             continue
         counts = keep.sum(dim=1)
+        if native:
+            rows = torch.empty((n, group, d), dtype=dt, device=dev)
+            if sparse_attention(
+                q[:, heads], k[:, g : g + 1], v[:, g : g + 1], rows, 0, tile, keep.nonzero()[:, 1], counts
+            ):
+                out[g] = F.pad(rows, (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, group, d).transpose(1, 2)
+                work += pairs * group
+                continue
         total = counts + tail
         cols = keep.nonzero()[:, 1]  # kept key indices, tile by tile, ascending within each
         first = torch.cumsum(counts, 0) - counts  # where each tile's keys start in `cols`
