@@ -230,6 +230,20 @@ def test_prefill_attention_declines_what_it_cannot_take() -> None:
     assert torch.equal(out, torch.zeros(5, 2, 16))
 
 
+def test_sparse_attention_declines_what_it_cannot_take() -> None:
+    """What it takes is checked against the reference through sparse_prefill_attention (tests/attention); here, the
+    calls it must refuse without touching the output."""
+    q, kv, out = torch.randn(70, 3, 16), torch.randn(70, 1, 16), torch.zeros(70, 3, 16)
+    keys, counts = torch.cat([torch.arange(64), torch.arange(70)]), torch.tensor([64, 70])
+    assert not native.sparse_attention(q, kv, kv, out, 0, 64, keys, counts[:1])  # a count per tile is missing
+    assert not native.sparse_attention(q, kv, kv, out, 0, 64, keys[:-1], counts)  # counts and keys disagree
+    assert not native.sparse_attention(q[..., :12], kv[..., :12], kv[..., :12], out[..., :12], 0, 64, keys, counts)
+    assert not native.sparse_attention(q.double(), kv.double(), kv.double(), out.double(), 0, 64, keys, counts)
+    assert torch.equal(out, torch.zeros(70, 3, 16))
+    assert native.sparse_attention(q, kv, kv, out, 0, 64, keys, counts)  # the same call, well formed
+    assert out.abs().sum() > 0
+
+
 def with_prefill(
     meta: AttentionMeta, tokens: torch.Tensor, n: int, slots: torch.Tensor
 ) -> tuple[torch.Tensor, AttentionMeta]:
