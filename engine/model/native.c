@@ -560,6 +560,30 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
 #define PQ 12   /* query vectors per task */
 #define PKEYS 64 /* keys per softmax step */
 
+/* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
+static const float zeros[512]; /* a padding key's row */
+
+static inline void transpose8(const float *const src[8], int64_t e0, float *dst, int64_t stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src[i] + e0);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  /* r[0..3] hold rows 0-3 and r[4..7] rows 4-7 of columns (0,4), (1,5), (2,6), (3,7) in their two halves */
+  const int col[4] = {0, 1, 2, 3};
+  for (int c = 0; c < 4; c++) {
+    _mm256_storeu_ps(dst + col[c] * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
+    _mm256_storeu_ps(dst + (col[c] + 4) * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
+  }
+}
+
 /* Rows row0 .. row0 + rows - 1 of the chunk (at positions L - n + row), KV group g. Key p: ktg holds the keys
    transposed ([D][lpad] floats), vg + p * v_stride its value (D floats). With keys == NULL, key p is position p
    and the rows see keys 0 .. their own; else key p is position keys[p] (ascending, nkeys of them) and a row sees
@@ -689,8 +713,9 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
 #pragma omp for schedule(static)
     for (int64_t gj = 0; gj < nkv * (lpad / 8); gj++) { /* kt[g][e][j] = k[j][g][e]; zeros past L */
       const int64_t g = gj / (lpad / 8), j0 = gj % (lpad / 8) * 8;
-      for (int64_t j = j0; j < j0 + 8; j++)
-        for (int64_t e = 0; e < D; e++) kt[(g * D + e) * lpad + j] = j < L ? k[j * k_stride + g * D + e] : 0.f;
+      const float *src[8];
+      for (int i = 0; i < 8; i++) src[i] = j0 + i < L ? k + (j0 + i) * k_stride + g * D : zeros;
+      for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + (g * D + e0) * lpad + j0, lpad);
     }
     /* the last rows see the most keys: hand them out first */
 #pragma omp for schedule(dynamic, 1)
@@ -708,28 +733,6 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
 #endif
 }
 
-/* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
-static inline void transpose8(const float *const src[8], int64_t e0, float *dst, int64_t stride) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src[i] + e0);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  /* r[0..3] hold rows 0-3 and r[4..7] rows 4-7 of columns (0,4), (1,5), (2,6), (3,7) in their two halves */
-  const int col[4] = {0, 1, 2, 3};
-  for (int c = 0; c < 4; c++) {
-    _mm256_storeu_ps(dst + col[c] * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x20));
-    _mm256_storeu_ps(dst + (col[c] + 4) * stride, _mm256_permute2f128_ps(r[c], r[c + 4], 0x31));
-  }
-}
-
 /* Sparse prefill attention of one KV group g (the CPU path of attention/sparse/prefill.py): query rows in tiles of
    `tile` (tile t: rows t * tile .. of the chunk, at positions L - n + row), tile t visiting the keys
    keys[start[t] .. start[t] + count[t]) (positions, ascending, each before the tile's end), causally masked.
@@ -745,7 +748,6 @@ int native_sparse_attention(const float *q, int64_t q_stride, const float *k, in
     return -1;
   const int64_t rep = nh / nkv, rows = PQ / rep, tiles = (n + tile - 1) / tile;
   const float scale = 1.f / sqrtf((float)D);
-  static const float zeros[512]; /* the padding keys' row */
   for (int64_t t = 0; t < tiles; t++)
     if (2 * D * ((count[t] + 15) / 16 * 16) > scratch_per_thread) return -1;
 #pragma omp parallel num_threads(threads)

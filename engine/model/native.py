@@ -219,7 +219,9 @@ def sparse_attention(
             return False
     if out.shape != q.shape or v.shape != k.shape or k.shape[2] != dim or not 0 < n <= length:
         return False
-    if counts.shape != (-(-n // tile),) or int(counts.sum()) != keys.shape[0]:
+    if tile < 1 or not 0 <= group < kv_heads or counts.shape != (-(-n // tile),) or int(counts.sum()) != len(keys):
+        return False
+    if len(keys) and not (int(keys.min()) >= 0 and int(keys.max()) < length):  # the kernel reads where they point
         return False
     keys, counts = keys.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
     first = (torch.cumsum(counts, 0) - counts).contiguous()

@@ -239,6 +239,9 @@ def test_sparse_attention_declines_what_it_cannot_take() -> None:
     assert not native.sparse_attention(q, kv, kv, out, 0, 64, keys[:-1], counts)  # counts and keys disagree
     assert not native.sparse_attention(q[..., :12], kv[..., :12], kv[..., :12], out[..., :12], 0, 64, keys, counts)
     assert not native.sparse_attention(q.double(), kv.double(), kv.double(), out.double(), 0, 64, keys, counts)
+    assert not native.sparse_attention(q, kv, kv, out, 0, 64, keys + 1, counts)  # key 70 lies past the keys
+    assert not native.sparse_attention(q, kv, kv, out, 0, 0, keys, counts)  # no tile size
+    assert not native.sparse_attention(q, kv, kv, out, 1, 64, keys, counts)  # no KV head 1
     assert torch.equal(out, torch.zeros(70, 3, 16))
     assert native.sparse_attention(q, kv, kv, out, 0, 64, keys, counts)  # the same call, well formed
     assert out.abs().sum() > 0
