@@ -45,6 +45,23 @@ def test_vertical_slash_index_covers_the_exact_mask_and_keeps_columns_left(seed:
             assert not bool(((starts <= c) & (c < ends)).any()), "a column inside a range is listed twice"
 
 
+def test_vertical_slash_index_joins_diagonal_runs_up_to_the_merge_gap() -> None:
+    """Runs of kept diagonals up to block + block / 2 apart share one key range per query block (the gap's keys
+    join it: a superset); farther apart they stay two."""
+    local = torch.arange(64)
+    near = torch.cat([local, torch.arange(159, 170)])  # 159 - 63 = 96 apart: one segment
+    far = torch.cat([local, torch.arange(160, 170)])  # 97 apart: two
+    for offsets, segments in ((near, 1), (far, 2)):
+        index = build_vertical_slash_index(torch.tensor([0]), offsets, 0, 1000, block=64)
+        assert int(index.seg_count[0]) == segments
+        exact = vertical_slash_mask(1000, torch.tensor([0]), offsets)
+        assert bool((index.mask(0) | ~exact).all())
+    plain = build_vertical_slash_index(torch.tensor([0]), near, 0, 1000, block=64, merge=64)
+    assert int(plain.seg_count[0]) == 2
+    with pytest.raises(ValueError, match="merge"):
+        build_vertical_slash_index(torch.tensor([0]), near, 0, 1000, block=64, merge=32)
+
+
 def test_index_refuses_offsets_without_the_local_window() -> None:
     with pytest.raises(ValueError, match="nearest 64 diagonals"):
         build_vertical_slash_index(torch.tensor([0, 5]), torch.tensor([0, 1, 2]), 0, 200, block=64)
