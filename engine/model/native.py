@@ -177,6 +177,16 @@ def decode_attention(
         raise ValueError("decode_attention: heads not a multiple of KV heads, or a length outside 1..slots")
 
 
+def _chunk_tensors_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
+    """What the prefill kernels take: float32 CPU tensors with contiguous heads (rows may be strided), out shaped
+    like q [n, heads, D], k and v alike [L, kv heads, D] with 0 < n <= L."""
+    dim = q.shape[2]
+    for t in (q, k, v, out):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
+            return False
+    return out.shape == q.shape and v.shape == k.shape and k.shape[2] == dim and 0 < q.shape[0] <= k.shape[0]
+
+
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
     """Causal attention of a prefill chunk in C: q [n, heads, D] at the last n of the L positions of k/v
     [L, kv heads, D] (query i sees keys 0 .. L - n + i; query head h reads KV head h // (heads / kv heads)),
@@ -185,10 +195,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     multiple of 8 or above 512; more than 12 query heads per KV head), so the caller can fall back."""
     n, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
-    for t in (q, k, v, out):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
-            return False
-    if out.shape != q.shape or v.shape != k.shape or k.shape[2] != dim or not 0 < n <= length:
+    if not _chunk_tensors_ok(q, k, v, out):
         return False
     scratch = torch.empty(kv_heads * dim * (-(-length // 16) * 16), dtype=torch.float32)
     rc = library().native_prefill_attention(
@@ -214,10 +221,7 @@ def sparse_attention(
     those heads. Returns False, touching nothing, for what the kernel does not take."""
     n, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
-    for t in (q, k, v, out):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
-            return False
-    if out.shape != q.shape or v.shape != k.shape or k.shape[2] != dim or not 0 < n <= length:
+    if not _chunk_tensors_ok(q, k, v, out):
         return False
     if tile < 1 or not 0 <= group < kv_heads or counts.shape != (-(-n // tile),) or int(counts.sum()) != len(keys):
         return False
