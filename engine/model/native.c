@@ -550,18 +550,31 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
 /* ------------------------------------------------------------------------------------------------------------
    Causal attention of a prefill chunk (FlashAttention's scheme on AVX2).
 
-   n queries at positions L - n .. L - 1 of a sequence of L keys (query i sees keys 0 .. L - n + i). A task is a
-   KV group and a block of rows: its PQ = rep x rows query vectors (at most 12) meet each key once, 64 keys at a
-   time: scores as 8-key vectors (keys transposed once per call, so a score vector is D multiply-adds that
-   broadcast query elements), an online softmax per query vector, and the output accumulated 8 dimensions at a
-   time over the 64 keys. torch's CPU flash kernel runs ~35-80 GFLOPS on SmolLM2's heads (64 dimensions, 3 query
-   heads per KV head) at 128-2048 tokens and costs a fixed ~0.1 ms a call; this runs ~1.5-2x that. */
+   n queries at positions L - n .. L - 1 of a sequence of L keys (query i sees keys 0 .. L - n + i). A query block
+   is PQ = rep x rows query vectors (at most 12) of one KV group; they meet each key once, 64 keys at a time:
+   scores as 8-key vectors (keys transposed once per call into 16-key panels, so a score vector is D multiply-adds
+   that broadcast query elements), an online softmax per query vector, and the output accumulated 16 dimensions at
+   a time over the 64 keys. A task is up to QBLOCKS query blocks that take the keys in chunks of KCHUNK together
+   (see prefill_task). ~110 GFLOPS on SmolLM2's heads (64 dimensions, 3 query heads per KV head) on 2 cores at any
+   context (scores and weighted values about 40% of the time each, the softmax a fifth); torch's CPU flash kernel runs
+   ~35-80 GFLOPS at 128-2048 tokens with a fixed ~0.1 ms a call, ~100-120 at 6K-32K keys. */
 #if NATIVE_SIMD
-#define PQ 12   /* query vectors per task */
+#define PQ 12   /* query vectors per block */
 #define PKEYS 64 /* keys per softmax step */
 
 /* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
 static const float zeros[512]; /* a padding key's row */
+
+static inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* Transposed keys are stored in panels of 16 keys: [keys / 16][D][16] floats, so a score step reads one panel
+   front to back (a [D][keys] layout strides by the key count, which at 2K, 4K or 6K keys maps every dimension's
+   line to one L1 set). PANEL(p, e, D): where key p's dimension e lies. */
+#define PANEL(p, e, D) (((p) / 16 * (D) + (e)) * 16 + (p) % 16)
 
 static inline void transpose8(const float *const src[8], int64_t e0, float *dst, int64_t stride) {
   __m256 r[8], t[8];
@@ -584,41 +597,54 @@ static inline void transpose8(const float *const src[8], int64_t e0, float *dst,
   }
 }
 
-/* Rows row0 .. row0 + rows - 1 of the chunk (at positions L - n + row), KV group g. Key p: ktg holds the keys
-   transposed ([D][lpad] floats), vg + p * v_stride its value (D floats). With keys == NULL, key p is position p
-   and the rows see keys 0 .. their own; else key p is position keys[p] (ascending, nkeys of them) and a row sees
-   those at or before it. */
-static void prefill_task(const float *q, int64_t q_stride, const float *ktg, int64_t lpad, const float *vg,
-                         int64_t v_stride, const int64_t *keys, int64_t nkeys, int64_t n, int64_t L, int64_t rep,
-                         int64_t D, float scale, int64_t g, int64_t row0, int64_t rows, float *out, int64_t o_stride) {
-  float qb[PQ * 512] __attribute__((aligned(32))), o[PQ * 512] __attribute__((aligned(32)));
-  float sc[PQ * PKEYS] __attribute__((aligned(32)));
+/* The running softmax of one query block: PQ query vectors (rows x rep heads of KV group g, rows at positions
+   L - n + row), the keys so far folded in. Key p: ktg holds the keys transposed (16-key panels, see PANEL), vg + p * v_stride
+   its value (D floats). With keys == NULL, key p is position p and the rows see keys 0 .. their own; else key p is
+   position keys[p] (ascending, nkeys of them) and a row sees those at or before it. */
+typedef struct {
+  float *qb, *o; /* [PQ][D]: scaled queries, unnormalized outputs (32-byte aligned) */
   float m[PQ], l[PQ];
   int64_t pos[PQ];
-  const int nq = (int)(rows * rep);
+  int nq;
+  int64_t end; /* keys 0 .. end - 1 are visible to some of its rows */
+} qblock;
+
+static void qblock_init(qblock *s, const float *q, int64_t q_stride, const int64_t *keys, int64_t nkeys, int64_t n,
+                        int64_t L, int64_t rep, int64_t D, float scale, int64_t g, int64_t row0, int64_t rows) {
+  s->nq = (int)(rows * rep);
   for (int i = 0; i < PQ; i++) {
     const int64_t r = i / rep, h = g * rep + i % rep;
-    pos[i] = i < nq ? L - n + row0 + r : -1;
-    for (int64_t e = 0; e < D; e++) qb[i * D + e] = i < nq ? q[(row0 + r) * q_stride + h * D + e] * scale : 0.f;
-    m[i] = -INFINITY;
-    l[i] = 0.f;
+    s->pos[i] = i < s->nq ? L - n + row0 + r : -1;
+    for (int64_t e = 0; e < D; e++) s->qb[i * D + e] = i < s->nq ? q[(row0 + r) * q_stride + h * D + e] * scale : 0.f;
+    s->m[i] = -INFINITY;
+    s->l[i] = 0.f;
   }
-  memset(o, 0, sizeof(float) * (size_t)(PQ * D));
-  const int64_t first = L - n + row0, last = first + rows - 1;
-  int64_t end = last + 1; /* keys 0 .. end - 1 are visible to some row */
+  memset(s->o, 0, sizeof(float) * (size_t)(PQ * D));
+  const int64_t last = L - n + row0 + rows - 1;
+  s->end = last + 1;
   if (keys) /* the list's keys at or before the last row */
-    for (end = nkeys; end > 0 && keys[end - 1] > last; end--) {
+    for (s->end = nkeys; s->end > 0 && keys[s->end - 1] > last; s->end--) {
     }
-  for (int64_t j0 = 0; j0 < end; j0 += PKEYS) {
-    const int64_t jn = end - j0 < PKEYS ? end - j0 : PKEYS, chunks = (jn + 15) / 16 * 2; /* even: see below */
+}
+
+/* Folds keys j0 .. j1 - 1 (j0 a multiple of PKEYS; those past s->end skipped) into the block's softmax */
+static void qblock_keys(qblock *s, const float *ktg, const float *vg, int64_t v_stride,
+                        const int64_t *keys, int64_t D, int64_t j0, int64_t j1) {
+  float sc[PQ * PKEYS] __attribute__((aligned(32)));
+  const float *qb = s->qb;
+  float *o = s->o;
+  const int nq = s->nq;
+  if (j1 > s->end) j1 = s->end;
+  for (; j0 < j1; j0 += PKEYS) {
+    const int64_t jn = j1 - j0 < PKEYS ? j1 - j0 : PKEYS, chunks = (jn + 15) / 16 * 2; /* even: see below */
     /* 16 keys (two vectors) for half the query vectors at a time: 8 loads per 12 multiply-adds */
     for (int64_t c = 0; c < chunks; c += 2)
       for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
         __m256 acc[PQ / 2][2];
         for (int i = 0; i < PQ / 2; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-        const float *kc = ktg + j0 + 8 * c;
+        const float *kc = ktg + (j0 + 8 * c) * D; /* the panel of keys j0 + 8c .. + 15 */
         for (int64_t e = 0; e < D; e++) {
-          const __m256 k0 = _mm256_loadu_ps(kc + e * lpad), k1 = _mm256_loadu_ps(kc + e * lpad + 8);
+          const __m256 k0 = _mm256_load_ps(kc + e * 16), k1 = _mm256_load_ps(kc + e * 16 + 8);
           for (int i = 0; i < PQ / 2; i++) {
             const __m256 qv = _mm256_broadcast_ss(qb + (i0 + i) * D + e);
             acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
@@ -632,25 +658,27 @@ static void prefill_task(const float *q, int64_t q_stride, const float *ktg, int
       }
     const int64_t width = 8 * chunks;
     for (int i = 0; i < nq; i++) {
-      float *s = sc + i * PKEYS;
+      float *sv = sc + i * PKEYS;
+      const int64_t pos = s->pos[i];
       /* keys past the row (causal) or past the chunk (padding) get no weight */
       if (!keys)
-        for (int64_t j = pos[i] + 1 - j0 > 0 ? pos[i] + 1 - j0 : 0; j < width; j++) s[j] = -INFINITY;
+        for (int64_t j = pos + 1 - j0 > 0 ? pos + 1 - j0 : 0; j < width; j++) sv[j] = -INFINITY;
       else
-        for (int64_t j = width; j > 0 && (j > jn || keys[j0 + j - 1] > pos[i]); j--) s[j - 1] = -INFINITY;
-      float mx = m[i];
-      for (int64_t j = 0; j < width; j++) mx = s[j] > mx ? s[j] : mx;
-      const float alpha = expf(m[i] - mx); /* key 0 is visible to every row: mx is finite from the first step */
+        for (int64_t j = width; j > 0 && (j > jn || keys[j0 + j - 1] > pos); j--) sv[j - 1] = -INFINITY;
+      __m256 top = _mm256_set1_ps(s->m[i]);
+      for (int64_t j = 0; j < width; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(sv + j));
+      const float mx = hmax(top);
+      const float alpha = expf(s->m[i] - mx); /* key 0 is visible to every row: mx is finite from the first step */
       const __m256 vm = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
       __m256 sum = _mm256_setzero_ps();
       for (int64_t j = 0; j < width; j += 8) {
-        const __m256 x = _mm256_load_ps(s + j);
+        const __m256 x = _mm256_load_ps(sv + j);
         const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp_ps(_mm256_sub_ps(x, vm)));
-        _mm256_store_ps(s + j, e);
+        _mm256_store_ps(sv + j, e);
         sum = _mm256_add_ps(sum, e);
       }
-      l[i] = l[i] * alpha + hsum(sum);
-      m[i] = mx;
+      s->l[i] = s->l[i] * alpha + hsum(sum);
+      s->m[i] = mx;
       if (alpha != 1.f)
         for (int64_t e = 0; e < D; e++) o[i * D + e] *= alpha;
     }
@@ -689,16 +717,51 @@ static void prefill_task(const float *q, int64_t q_stride, const float *ktg, int
       }
     }
   }
-  for (int i = 0; i < nq; i++) {
-    const int64_t r = i / rep, h = g * rep + i % rep;
-    const float inv = 1.f / l[i];
-    for (int64_t e = 0; e < D; e++) out[(row0 + r) * o_stride + h * D + e] = o[i * D + e] * inv;
+}
+
+#define QBLOCKS 8     /* query blocks per task */
+#define KCHUNK 256    /* keys per pass over a task's query blocks */
+#define TASK_FLOATS(D) (2 * PQ * (D) * QBLOCKS) /* a task's queries and outputs */
+
+/* per-thread task memory for `threads` threads (NULL if it cannot be had: the callers then decline the call) */
+static float *task_memory(int64_t D, int threads) {
+  return aligned_alloc(32, sizeof(float) * (size_t)(TASK_FLOATS(D) * threads));
+}
+
+/* Rows row0 .. row0 + nrows - 1 (nrows <= QBLOCKS * PQ / rep) in query blocks of PQ / rep rows, keys as qblock's.
+   The keys go by in chunks of KCHUNK, each chunk folded into every block before the next: the chunk's transposed
+   keys and values (64 KB each at D = 64) stay in this core's L2 for all the blocks, where one block at a time
+   would stream every key from L3 or memory once per PQ query vectors (at 7K keys: 3.6 MB a pass). Each block sees
+   its keys in the same order and steps either way, so the results do not depend on the chunking. mem: this
+   thread's TASK_FLOATS(D) floats, 32-byte aligned. */
+static void prefill_task(const float *q, int64_t q_stride, const float *ktg, const float *vg, int64_t v_stride,
+                         const int64_t *keys, int64_t nkeys, int64_t n, int64_t L, int64_t rep, int64_t D, float scale,
+                         int64_t g, int64_t row0, int64_t nrows, float *out, int64_t o_stride, float *mem) {
+  const int64_t rows = PQ / rep, nb = (nrows + rows - 1) / rows;
+  qblock blk[QBLOCKS];
+  int64_t end = 0;
+  for (int64_t b = 0; b < nb; b++) {
+    blk[b].qb = mem + 2 * PQ * D * b;
+    blk[b].o = blk[b].qb + PQ * D;
+    const int64_t r0 = row0 + b * rows;
+    qblock_init(&blk[b], q, q_stride, keys, nkeys, n, L, rep, D, scale, g, r0, row0 + nrows - r0 < rows ? row0 + nrows - r0 : rows);
+    end = blk[b].end > end ? blk[b].end : end;
+  }
+  for (int64_t c0 = 0; c0 < end; c0 += KCHUNK)
+    for (int64_t b = 0; b < nb; b++) qblock_keys(&blk[b], ktg, vg, v_stride, keys, D, c0, c0 + KCHUNK);
+  for (int64_t b = 0; b < nb; b++) {
+    const qblock *s = &blk[b];
+    for (int i = 0; i < s->nq; i++) {
+      const int64_t r = row0 + b * rows + i / rep, h = g * rep + i % rep;
+      const float inv = 1.f / s->l[i];
+      for (int64_t e = 0; e < D; e++) out[r * o_stride + h * D + e] = s->o[i * D + e] * inv;
+    }
   }
 }
 #endif
 
 /* q: n rows of nh heads x D floats (row stride q_stride); k, v: L rows of nkv heads x D floats (row strides
-   k_stride, v_stride); out like q (row stride o_stride); kt: scratch of nkv * D * round_up(L, 16) floats.
+   k_stride, v_stride); out like q (row stride o_stride); kt: scratch of nkv * D * round_up(L, 16) floats, 32-byte aligned.
    Returns 0, or -1 for shapes it does not take (without AVX2; D not a multiple of 8 or above 512; more than 12
    query heads per KV head; n > L). */
 int native_prefill_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
@@ -706,25 +769,34 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
                              int64_t o_stride, float *kt) {
 #if NATIVE_SIMD
   if (nkv <= 0 || nh % nkv || D % 8 || D > 512 || nh / nkv > PQ || n < 1 || n > L) return -1;
+  if ((uintptr_t)kt % 32) return -1; /* panels are read with aligned loads */
   const int64_t rep = nh / nkv, rows = PQ / rep, lpad = (L + 15) / 16 * 16, blocks = (n + rows - 1) / rows;
   const float scale = 1.f / sqrtf((float)D);
-#pragma omp parallel
+  /* query blocks per task: up to QBLOCKS, while every thread still gets about four tasks */
+  int64_t per = nkv * blocks / (4 * omp_get_max_threads());
+  per = per < 1 ? 1 : per > QBLOCKS ? QBLOCKS : per;
+  const int64_t span = per * rows, tasks = (n + span - 1) / span;
+  const int threads = omp_get_max_threads();
+  float *mem = task_memory(D, threads);
+  if (!mem) return -1;
+#pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t gj = 0; gj < nkv * (lpad / 8); gj++) { /* kt[g][e][j] = k[j][g][e]; zeros past L */
+    for (int64_t gj = 0; gj < nkv * (lpad / 8); gj++) { /* group g's panels: key j's dimension e; zeros past L */
       const int64_t g = gj / (lpad / 8), j0 = gj % (lpad / 8) * 8;
       const float *src[8];
       for (int i = 0; i < 8; i++) src[i] = j0 + i < L ? k + (j0 + i) * k_stride + g * D : zeros;
-      for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + (g * D + e0) * lpad + j0, lpad);
+      for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + g * D * lpad + PANEL(j0, e0, D), 16);
     }
     /* the last rows see the most keys: hand them out first */
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < nkv * blocks; t++) {
-      const int64_t b = blocks - 1 - t / nkv, g = t % nkv, row0 = b * rows;
-      prefill_task(q, q_stride, kt + g * D * lpad, lpad, v + g * D, v_stride, NULL, 0, n, L, rep, D, scale, g, row0,
-                   n - row0 < rows ? n - row0 : rows, out, o_stride);
+    for (int64_t t = 0; t < nkv * tasks; t++) {
+      const int64_t b = tasks - 1 - t / nkv, g = t % nkv, row0 = b * span;
+      prefill_task(q, q_stride, kt + g * D * lpad, v + g * D, v_stride, NULL, 0, n, L, rep, D, scale, g, row0,
+                   n - row0 < span ? n - row0 : span, out, o_stride, mem + TASK_FLOATS(D) * omp_get_thread_num());
     }
   }
+  free(mem);
   return 0;
 #else
   (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)n, (void)L, (void)nh, (void)nkv;
@@ -737,7 +809,7 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
    `tile` (tile t: rows t * tile .. of the chunk, at positions L - n + row), tile t visiting the keys
    keys[start[t] .. start[t] + count[t]) (positions, ascending, each before the tile's end), causally masked.
    q, k, v, out as native_prefill_attention; scratch: scratch_per_thread >= 2 * D * round_up(max count, 16) floats
-   for each of `threads` threads. Returns 0, or -1 for shapes it does not take (as native_prefill_attention). */
+   for each of `threads` threads (32-byte aligned). Returns 0, or -1 for shapes it does not take (as native_prefill_attention). */
 int native_sparse_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                             int64_t v_stride, int64_t n, int64_t L, int64_t nh, int64_t nkv, int64_t D, float *out,
                             int64_t o_stride, int64_t g, int64_t tile, const int64_t *start, const int64_t *count,
@@ -748,29 +820,34 @@ int native_sparse_attention(const float *q, int64_t q_stride, const float *k, in
     return -1;
   const int64_t rep = nh / nkv, rows = PQ / rep, tiles = (n + tile - 1) / tile;
   const float scale = 1.f / sqrtf((float)D);
+  if ((uintptr_t)scratch % 32 || scratch_per_thread % 8) return -1; /* panels are read with aligned loads */
   for (int64_t t = 0; t < tiles; t++)
     if (2 * D * ((count[t] + 15) / 16 * 16) > scratch_per_thread) return -1;
+  float *mem = task_memory(D, threads);
+  if (!mem) return -1;
 #pragma omp parallel num_threads(threads)
   {
     float *kt = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
+    float *task = mem + TASK_FLOATS(D) * omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tiles; t++) {
       const int64_t *tk = keys + start[t], nk = count[t], lpad = (nk + 15) / 16 * 16;
-      /* the tile's keys transposed (kt[e][p] = k[tk[p]][g][e], zeros past nk) and its values gathered in order:
+      /* the tile's keys transposed (panels of k[tk[p]][g], zeros past nk) and its values gathered in order:
          read many times over, they stream from this thread's cache instead of scattered rows of the chunk's */
       float *vt = kt + D * lpad;
       for (int64_t p0 = 0; p0 < lpad; p0 += 8) {
         const float *src[8];
         for (int i = 0; i < 8; i++) src[i] = p0 + i < nk ? k + tk[p0 + i] * k_stride + g * D : zeros;
-        for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + e0 * lpad + p0, lpad);
+        for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + PANEL(p0, e0, D), 16);
       }
       for (int64_t p = 0; p < nk; p++) memcpy(vt + p * D, v + tk[p] * v_stride + g * D, sizeof(float) * (size_t)D);
       const int64_t r1 = (t + 1) * tile < n ? (t + 1) * tile : n;
-      for (int64_t row0 = t * tile; row0 < r1; row0 += rows)
-        prefill_task(q, q_stride, kt, lpad, vt, D, tk, nk, n, L, rep, D, scale, g, row0,
-                     r1 - row0 < rows ? r1 - row0 : rows, out, o_stride);
+      for (int64_t row0 = t * tile; row0 < r1; row0 += QBLOCKS * rows)
+        prefill_task(q, q_stride, kt, vt, D, tk, nk, n, L, rep, D, scale, g, row0,
+                     r1 - row0 < QBLOCKS * rows ? r1 - row0 : QBLOCKS * rows, out, o_stride, task);
     }
   }
+  free(mem);
   return 0;
 #else
   (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)n, (void)L, (void)nh, (void)nkv;

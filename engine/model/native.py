@@ -177,6 +177,12 @@ def decode_attention(
         raise ValueError("decode_attention: heads not a multiple of KV heads, or a length outside 1..slots")
 
 
+# Longest context for which the engine runs a dense prefill chunk's attention in C (`prefill_attention`; the sparse
+# path's dense groups too): measured on a 2-core AVX2 CPU against torch's flash kernel (bottom-right causal split),
+# 2-3x at up to 512 tokens, 1.4-1.6x at 2,048, 1.05-1.2x at 4-8K, even at 16-32K.
+PREFILL_KEYS = 8192
+
+
 def _chunk_tensors_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
     """What the prefill kernels take: float32 CPU tensors with contiguous heads (rows may be strided), out shaped
     like q [n, heads, D], k and v alike [L, kv heads, D] with 0 < n <= L."""

@@ -195,11 +195,12 @@ def test_decode_attention_rejects_what_it_cannot_take() -> None:
 
 # (query heads, KV heads, head size, chunk, context): a fresh prompt and chunks after a cached prefix; one
 # query row, row counts that leave a partial block, key counts that leave partial tiles; head sizes of a multiple
-# of 16 and of only 8; up to 12 query heads per KV head
+# of 16 and of only 8; up to 12 query heads per KV head; contexts of several 256-key chunks (the kernel folds each
+# chunk into all of a task's query blocks before the next)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "n", "length"),
     [(9, 3, 64, 71, 71), (9, 3, 64, 13, 200), (9, 3, 64, 1, 1), (8, 2, 32, 130, 130), (4, 4, 16, 33, 90),
-     (12, 1, 24, 17, 17), (32, 8, 128, 40, 150)],
+     (12, 1, 24, 17, 17), (32, 8, 128, 40, 150), (9, 3, 64, 301, 777), (8, 2, 32, 530, 530)],
 )  # fmt: skip
 def test_prefill_attention_matches_causal_softmax_attention(
     heads: int, kv_heads: int, dim: int, n: int, length: int

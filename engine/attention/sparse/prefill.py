@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ...model.native import prefill_attention, sparse_attention
+from ...model.native import PREFILL_KEYS, prefill_attention, sparse_attention
 from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
 from .estimate import estimate_block_sparse_mask, pick_vertical_slash, vertical_slash_scores
@@ -31,7 +31,6 @@ TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept d
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
 DENSE_ABOVE = 0.75  # a KV group visiting more of the causal pairs than this runs dense (cheaper than gathering)
 DENSE_UP_TO = 2048  # a chunk seeing at most this many keys runs dense: estimating its pattern costs more than it saves
-NATIVE_DENSE_KEYS = 4096  # with `native`, dense groups of up to this many keys run in C (as the engine's dense path)
 
 
 @dataclass
@@ -147,7 +146,7 @@ def _fused_cpu(device: torch.device) -> bool:
 
 def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool = False) -> torch.Tensor:
     """Every visible key for one KV group: q [n, G, D], k/v [L, D] -> [G, n, D] (bottom-right causal)."""
-    if native and k.shape[0] <= NATIVE_DENSE_KEYS:
+    if native and k.shape[0] <= PREFILL_KEYS:
         out = torch.empty_like(q)
         if prefill_attention(q, k[:, None], v[:, None], out):
             return out.transpose(0, 1)
@@ -188,7 +187,7 @@ def sparse_prefill_attention(
 
     native (float32 on CPU, where the C kernels build; the engine passes it as its dense path uses them): each
     group's tiles run in C instead (`native.sparse_attention`: no gathers into padded batches; a tile's keys are
-    read once for all its rows and heads), and dense groups of up to NATIVE_DENSE_KEYS keys too."""
+    read once for all its rows and heads), and dense groups of up to PREFILL_KEYS keys too."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     if length != q_start + n:
