@@ -9,25 +9,48 @@ SINKS = 30  # first key columns always kept (attention sinks)
 LOCAL = 100  # nearest diagonals always kept (local window)
 
 
-def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Heads sharing keys: q_last [H, m, d] are the queries at the last m positions of k [L, d]. Their causal
-    softmax (fp32) summed per column (vertical scores [H, L]) and per diagonal offset i - j (slash scores [H, L])."""
-    h, m, d = q_last.shape
+def _last_rows_softmax(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q_last [H, m, d] are the queries at the last m positions of k [L, d]: their causal softmax (fp32) [H, m, L]."""
+    m, d = q_last.shape[1], q_last.shape[2]
     length = k.shape[0]
     scores = (q_last.float() * d**-0.5) @ k.float().T  # [H, m, L] (scaling the m queries, not the m x L scores)
     # causality only bites in the last m columns: query i (position L - m + i) cannot see those right of it
     tail = torch.ones((m, m), dtype=torch.bool, device=k.device).triu(diagonal=1)
     scores[:, :, length - m :].masked_fill_(tail, float("-inf"))
-    # m columns of -inf in front: after the softmax they are zeros that the slash sums below read as padding
-    probs = torch.nn.functional.pad(scores, (m, 0), value=float("-inf")).softmax(dim=-1)  # [H, m, m + L]
-    vertical = probs[:, :, m:].sum(dim=1)
-    # Slash: S[o] = sum_i P[i, (L - m + i) - o] = sum_i padded[i, L + i - o]. Reading `padded` with row stride
-    # (m + L) + 1 lines each row's entries up with the previous row's shifted by one: view[i, u] = padded[i, i + u
-    # + 1], so S[o] = sum_i view[i, L - 1 - o], one sum and a flip of the [H, L] result.
-    width = m + length
-    skewed = probs.as_strided((h, m, length), (m * width, width + 1, 1), storage_offset=probs.storage_offset() + 1)
-    slash = skewed.sum(dim=1).flip(-1)
-    return vertical, slash
+    return scores.softmax(dim=-1)
+
+
+def vertical_scores(q_last: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Heads sharing keys: q_last [H, m, d] are the queries at the last m positions of k [L, d]. Their causal
+    softmax (fp32) summed per column: [H, L]."""
+    return _last_rows_softmax(q_last, k).sum(dim=1)
+
+
+def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `vertical_scores`, and the softmax summed per diagonal offset i - j too (slash scores [H, L])."""
+    h, m = q_last.shape[0], q_last.shape[1]
+    length = k.shape[0]
+    probs = _last_rows_softmax(q_last, k)
+    vertical = probs.sum(dim=1)
+    # Slash: S[o] = sum_i P[i, L - m + i - o]. Read with row stride L + 1, the rows line up along diagonals:
+    # view[i, u] = P[i, i + u], so S[o] = sum_i view[i, L - m - o] for o <= L - m (every such entry lies inside
+    # row i). The last m - 1 offsets reach left of key 0 for the first rows; they only touch the first m columns,
+    # summed the same way over a copy of those with m zero columns in front.
+    width = length - m + 1
+    skewed = probs.as_strided((h, m, width), (m * length, length + 1, 1), storage_offset=probs.storage_offset())
+    near = skewed.sum(dim=1).flip(-1)  # offsets 0 .. L - m
+    # offset L - m + t (t = 1 .. m - 1) is sum_i P[i, i - t] = sum_i head[i, m + i - t] = sum_i far[i, m - 1 - t]
+    head = torch.nn.functional.pad(probs[:, :, :m], (m, 0))  # [H, m, 2m]: column c of the first m at m + c
+    far = head.as_strided((h, m, m - 1), (2 * m * m, 2 * m + 1, 1), storage_offset=head.storage_offset() + 1)
+    return vertical, torch.cat([near, far.sum(dim=1).flip(-1)], dim=1)
+
+
+def top_columns(vertical: torch.Tensor, k_v: int, sinks: int = SINKS) -> torch.Tensor:
+    """One head's kept columns (sorted) from its vertical scores [L]: the top k_v, the first `sinks` forced."""
+    n = vertical.shape[0]
+    vertical = vertical.clone()
+    vertical[: min(sinks, n)] = float("inf")
+    return vertical.topk(min(max(k_v, sinks), n)).indices.sort().values
 
 
 def pick_vertical_slash(
@@ -44,10 +67,9 @@ def pick_vertical_slash(
     many neighbouring offsets (the best-scoring runs, about k_s offsets in all): the CPU path attends to a run as
     one band of keys, where scattered single diagonals would each cost a tile-wide range."""
     n = vertical.shape[0]
-    vertical, slash = vertical.clone(), slash.clone()
-    vertical[: min(sinks, n)] = float("inf")
+    columns = top_columns(vertical, k_v, sinks)
+    slash = slash.clone()
     slash[: min(local, n)] = float("inf")
-    columns = vertical.topk(min(max(k_v, sinks), n)).indices.sort().values
     if slash_group <= 1:
         return columns, slash.topk(min(max(k_s, local), n)).indices.sort().values
     runs = -(-n // slash_group)
@@ -76,25 +98,35 @@ def estimate_vertical_slash(
 
 
 def estimate_block_sparse_mask(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> torch.Tensor:
-    """One head: mean-pool q and k over `block`-token blocks, score block pairs (causal at block level), keep the
-    `top` key blocks per query block (the diagonal block always). Returns bool [query blocks, key blocks]."""
+    """One head: mean-pool q and k over `block`-token blocks (aligned to positions), score block pairs (causal at
+    block level), keep the `top` key blocks per query block (the diagonal block always). q [n, d] holds the last n
+    positions of k [L, d] (a prefill chunk after a cached prefix; n = L for a whole prompt). Returns bool
+    [query blocks the chunk touches, key blocks]."""
     n, d = q.shape
-    nb = -(-n // block)
-    pad = nb * block - n
-    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(nb, block, d)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(nb, block, d)
-    counts = torch.full((nb,), float(block), device=q.device)
-    counts[-1] = block - pad
-    qm, km = qp.sum(dim=1) / counts[:, None], kp.sum(dim=1) / counts[:, None]
-    scores = qm @ km.T
-    b = torch.arange(nb, device=q.device)
-    scores = scores.masked_fill(b[None, :] > b[:, None], float("-inf"))
-    scores[b, b] = float("inf")
-    picked = scores.topk(min(top, nb), dim=1).indices  # row r: its first min(top, r + 1) picks are causal
+    length = k.shape[0]
+    nk = -(-length // block)
+    first = (length - n) // block  # the chunk's first query block
+    front = length - n - first * block  # rows of that block before the chunk
+    back = nk * block - length
+
+    def pooled(x: torch.Tensor, lead: int) -> torch.Tensor:
+        """Block means of x's rows (x starting `lead` rows into its first block)."""
+        blocks = x.new_ones((x.shape[0],), dtype=torch.float32)
+        padded = torch.nn.functional.pad(x.float(), (0, 0, lead, back)).view(-1, block, d)
+        rows = torch.nn.functional.pad(blocks, (lead, back)).view(-1, block).sum(dim=1)
+        return padded.sum(dim=1) / rows[:, None]
+
+    qm, km = pooled(q, front), pooled(k, 0)
+    scores = qm @ km.T  # [query blocks, key blocks]
+    b = first + torch.arange(nk - first, device=q.device)  # each query block's position
+    kb = torch.arange(nk, device=q.device)
+    scores = scores.masked_fill(kb[None, :] > b[:, None], float("-inf"))
+    scores[torch.arange(nk - first, device=q.device), b] = float("inf")
+    picked = scores.topk(min(top, nk), dim=1).indices  # row r: its first min(top, b + 1) picks are causal
     valid = torch.arange(picked.shape[1], device=q.device)[None, :] < (b + 1).clamp(max=top)[:, None]
-    mask = torch.zeros((nb, nb + 1), dtype=torch.bool, device=q.device)
-    mask.scatter_(1, torch.where(valid, picked, nb), True)
-    return mask[:, :nb]
+    mask = torch.zeros((nk - first, nk + 1), dtype=torch.bool, device=q.device)
+    mask.scatter_(1, torch.where(valid, picked, nk), True)
+    return mask[:, :nk]
 
 
 def estimate_block_sparse(q: torch.Tensor, k: torch.Tensor, block: int = 64, top: int = 100) -> list[torch.Tensor]:

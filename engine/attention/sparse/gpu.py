@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import HeadPattern
-from .estimate import LOCAL, SINKS, vertical_slash_scores
+from .estimate import LOCAL, SINKS, vertical_scores, vertical_slash_scores
 from .index import BlockSparseIndex, VerticalSlashIndex, build_block_sparse_index, build_vertical_slash_index
 from .prefill import NEEDLE_VERTICALS
 
@@ -62,9 +62,12 @@ def _topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, counts: torch.
     return torch.where(rank < counts[:, None], picked, -1)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, heads: list[int], needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and slash scores [len(heads), L] of the chunk's last LAST_Q queries (zeros where not `needs`); the
-    heads of one KV group share its keys: one estimate for those of them that need it."""
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, heads: list[int], needs: list[bool], slashes: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical and slash scores [len(heads), L] of the chunk's last LAST_Q queries (zeros where not `needs`; slash
+    scores all zeros without `slashes`); the heads of one KV group share its keys: one estimate for those of them
+    that need it."""
     n, hq, _ = q.shape
     length, hkv, _ = k.shape
     group = hq // hkv
@@ -74,8 +77,11 @@ def _scores(q: torch.Tensor, k: torch.Tensor, heads: list[int], needs: list[bool
     for g in range(hkv):
         rows = [i for i, h in enumerate(heads) if h // group == g and needs[i]]
         if rows:
-            members = [heads[i] for i in rows]
-            vertical[rows], slash[rows] = vertical_slash_scores(q[n - m :, members].transpose(0, 1), k[:, g])
+            q_last = q[n - m :, [heads[i] for i in rows]].transpose(0, 1)
+            if slashes:
+                vertical[rows], slash[rows] = vertical_slash_scores(q_last, k[:, g])
+            else:
+                vertical[rows] = vertical_scores(q_last, k[:, g])
     return vertical, slash
 
 
@@ -143,7 +149,7 @@ def _block_sparse_index(
         scores = scores.masked_fill(~visible, float("-inf")).masked_fill(own, float("inf"))
         kept[i] = scores.topk(width, dim=1).indices
         counts[i] = visible.sum(dim=1).clamp(max=min(patterns[h].a, width))
-    vertical, _ = _scores(q, k, heads, [True] * len(heads))
+    vertical, _ = _scores(q, k, heads, [True] * len(heads), slashes=False)
     forced = torch.full((len(heads),), min(SINKS, length), device=device)
     columns = _topk_with_forced(vertical, forced, torch.full_like(forced, min(NEEDLE_VERTICALS, length)))
     return build_block_sparse_index(kept, counts, q_start, n, BLOCK, columns)

@@ -23,7 +23,13 @@ from torch.nn.attention.bias import causal_lower_right
 from ...model.native import PREFILL_KEYS, prefill_attention, sparse_attention
 from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
-from .estimate import estimate_block_sparse_mask, pick_vertical_slash, vertical_slash_scores
+from .estimate import (
+    estimate_block_sparse_mask,
+    pick_vertical_slash,
+    top_columns,
+    vertical_scores,
+    vertical_slash_scores,
+)
 
 BLOCK = 64  # block-sparse granularity
 NEEDLE_VERTICALS = 256  # dynamic columns every non-dense head keeps (see select_group)
@@ -40,14 +46,6 @@ class GroupSelection:
     columns: torch.Tensor  # bool [L]: always-visible keys (left of the tile; causality decides the rest)
     offsets: torch.Tensor  # bool [L]: kept diagonal offsets (row - key)
     blocks: torch.Tensor | None  # bool [query blocks of the chunk, key blocks]: block-sparse choices, or None
-
-
-def _estimate_chunk_blocks(q: torch.Tensor, k: torch.Tensor, q_start: int, top: int) -> torch.Tensor:
-    """Block-sparse for a chunk: query blocks of the chunk (aligned to absolute positions) against all key blocks."""
-    length = k.shape[0]
-    qq = torch.zeros((length, q.shape[1]), dtype=q.dtype, device=q.device)
-    qq[q_start:] = q
-    return estimate_block_sparse_mask(qq, k, BLOCK, top)[q_start // BLOCK :]
 
 
 def _is_dense(pattern: HeadPattern, length: int) -> bool:
@@ -67,21 +65,26 @@ def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tens
     scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length)]
     if scored:
         m = min(64, n)
-        vertical, slash = vertical_slash_scores(q[n - m :, scored].transpose(0, 1), k)
+        q_last = q[n - m :, scored].transpose(0, 1)
+        if any(patterns[h].kind == "vertical_slash" for h in scored):
+            vertical, slash = vertical_slash_scores(q_last, k)
+        else:  # no diagonals to score
+            vertical, slash = vertical_scores(q_last, k), None
         for i, h in enumerate(scored):
             p = patterns[h]
-            k_v = max(p.a, NEEDLE_VERTICALS) if p.kind == "vertical_slash" else NEEDLE_VERTICALS
-            k_s = p.b if p.kind == "vertical_slash" else 0
-            c, o = pick_vertical_slash(vertical[i], slash[i], k_v, k_s, slash_group=SLASH_GROUP)
-            cols[c] = True
-            if p.kind == "vertical_slash":
+            if p.kind == "vertical_slash" and slash is not None:
+                k_v = max(p.a, NEEDLE_VERTICALS)
+                c, o = pick_vertical_slash(vertical[i], slash[i], k_v, p.b, slash_group=SLASH_GROUP)
                 offs[o] = True
+            else:
+                c = top_columns(vertical[i], NEEDLE_VERTICALS)
+            cols[c] = True
     for h, pattern in enumerate(patterns):
         if pattern.kind == "a_shape":
             cols[: min(pattern.a, length)] = True
             offs[: min(max(pattern.b, 1), length)] = True
         elif pattern.kind == "block_sparse":
-            b = _estimate_chunk_blocks(q[:, h], k, q_start, pattern.a)
+            b = estimate_block_sparse_mask(q[:, h], k, BLOCK, pattern.a)  # the chunk's query blocks
             blocks = b if blocks is None else blocks | b
         elif pattern.kind != "vertical_slash":
             raise ValueError(f"unknown sparse pattern {pattern.kind!r}")
