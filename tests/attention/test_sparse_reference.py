@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimist.engine.attention.sparse.estimate import estimate_block_sparse, estimate_vertical_slash
+from optimist.engine.attention.sparse.estimate import (
+    estimate_block_sparse,
+    estimate_block_sparse_mask,
+    estimate_vertical_slash,
+    vertical_scores,
+    vertical_slash_scores,
+)
 from optimist.engine.attention.sparse.index import build_vertical_slash_index
 from optimist.engine.attention.sparse.reference import (
     a_shape_mask,
@@ -96,6 +102,39 @@ def test_vertical_slash_estimator_recovers_planted_columns_and_diagonals() -> No
     assert set(range(30)) <= set(columns.tolist()), "sinks are always kept"
     assert set(range(100)) <= set(offsets.tolist()), "the local window is always kept"
     assert len(columns) == 40 and len(offsets) == 110
+
+
+@pytest.mark.parametrize(("m", "length"), [(64, 300), (64, 64), (17, 200), (1, 40), (5, 5)])
+def test_vertical_and_slash_scores_sum_the_last_rows_causal_softmax(m: int, length: int) -> None:
+    """Column and diagonal sums against a brute-force softmax of the last m queries (positions L - m ..)."""
+    g = torch.Generator().manual_seed(m * length)
+    q, k = torch.randn(2, m, 16, generator=g) * 2, torch.randn(length, 16, generator=g)
+    rows = torch.arange(length - m, length)
+    keys = torch.arange(length)
+    scores = (q @ k.T / 4.0).masked_fill(keys[None, None, :] > rows[None, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).double()  # [2, m, L]
+    offset = rows[:, None] - keys[None, :]  # row - key
+    expected_slash = torch.zeros((2, length), dtype=torch.float64)
+    for o in range(length):
+        expected_slash[:, o] = (probs * (offset == o)).sum(dim=(1, 2))
+    vertical, slash = vertical_slash_scores(q, k)
+    torch.testing.assert_close(vertical.double(), probs.sum(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slash.double(), expected_slash, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vertical_scores(q, k), vertical)
+
+
+@pytest.mark.parametrize(("q_start", "top"), [(0, 3), (640, 4), (700, 2), (1023, 5)])
+def test_block_sparse_estimate_of_a_chunk_matches_the_whole_prompts_rows(q_start: int, top: int) -> None:
+    """A chunk's query blocks (after a cached prefix) choose the key blocks the whole prompt's estimate does for
+    those blocks; a block the chunk only partly holds pools its own rows (same choice when they score alike)."""
+    q, k = planted_column(n=1100, column=300)
+    whole = estimate_block_sparse_mask(q, k, 64, top)
+    chunk = estimate_block_sparse_mask(q[q_start:], k, 64, top)
+    first = q_start // 64
+    assert chunk.shape == (whole.shape[0] - first, whole.shape[1])
+    aligned = 1 if q_start % 64 else 0  # a partly held first block pools fewer rows: compare the rest exactly
+    assert torch.equal(chunk[aligned:], whole[first + aligned :])
+    assert bool(chunk[torch.arange(chunk.shape[0]), first + torch.arange(chunk.shape[0])].all()), "own block kept"
 
 
 def test_block_sparse_estimator_keeps_the_diagonal_block_and_the_planted_one() -> None:
