@@ -154,16 +154,18 @@ def _one_length(
         heads = [pattern] * hq
         plan_ms = timer(partial(plan, qe, ke, 0, heads, block), repeats)
         sparse = plan(qe, ke, 0, heads, block)
-        kernel_ms = timer(partial(run, qe, ke, ve, sparse), repeats)
         kept = recall(q, k, sparse.rows_mask, rows)
-        total = plan_ms + kernel_ms
-        row = {"tokens": n, "pattern": name, "block": BLOCK if pattern.kind == "block_sparse" else block,
-               "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2), "dense_backend": backend,
-               "estimate_index_ms": round(plan_ms, 2), "kernel_ms": round(kernel_ms, 2),
-               "sparse_ms": round(total, 2), "speedup": round(dense_ms / total, 2),
-               "recall": round(kept, 4)}  # fmt: skip
-        print(f"bench: {row}", file=sys.stderr)
-        out.append(row)
+        # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
+        for loop in args.loops if pattern.kind != "block_sparse" else ["-"]:
+            kernel_ms = timer(partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop), repeats)
+            total = plan_ms + kernel_ms
+            row = {"tokens": n, "pattern": name, "block": BLOCK if pattern.kind == "block_sparse" else block,
+                   "loop": loop, "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2),
+                   "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2),
+                   "kernel_ms": round(kernel_ms, 2), "sparse_ms": round(total, 2),
+                   "speedup": round(dense_ms / total, 2), "recall": round(kept, 4)}  # fmt: skip
+            print(f"bench: {row}", file=sys.stderr)
+            out.append(row)
     return out
 
 
@@ -204,13 +206,13 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
         finally:
             if cuda:
                 torch.cuda.empty_cache()
-    headers = ["tokens", "pattern", "block", "budget", "SDPA ms", "estimate+index ms", "kernel ms", "sparse ms",
-               "speed-up", "recall"]  # fmt: skip
+    headers = ["tokens", "pattern", "block", "loop", "budget", "SDPA ms", "estimate+index ms", "kernel ms",
+               "sparse ms", "speed-up", "recall"]  # fmt: skip
     table = markdown_table(
         headers,
         [
-            [r["tokens"], r["pattern"], r.get("block", ""), r.get("budget", ""), r.get("dense_ms", ""),
-             r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
+            [r["tokens"], r["pattern"], r.get("block", ""), r.get("loop", ""), r.get("budget", ""),
+             r.get("dense_ms", ""), r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
              r.get("speedup", r.get("error", "")), r.get("recall", "")]
             for r in results
         ],
@@ -245,6 +247,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--a-shape", type=ints, default=[1024, 4096], help="A-shape sinks,window")
     p.add_argument("--block-sparse", type=int, default=100, help="key blocks kept per query block")
     p.add_argument("--blocks", type=ints, default=[64, 128], help="query rows per vertical-slash program to try")
+    p.add_argument(
+        "--loops",
+        type=lambda s: s.split(","),
+        default=["nested", "flat"],
+        help="the vertical-slash kernel's range loops to time (nested: one loop per segment; flat: one tile list)",
+    )
     p.add_argument("--recall-rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="use the interpreter even when a GPU is present")

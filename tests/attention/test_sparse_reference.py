@@ -68,6 +68,42 @@ def test_vertical_slash_index_joins_diagonal_runs_up_to_the_merge_gap() -> None:
         build_vertical_slash_index(torch.tensor([0]), near, 0, 1000, block=64, merge=32)
 
 
+@pytest.mark.parametrize(
+    ("q_start", "block", "tile_n", "merge"), [(0, 64, 64, None), (100, 64, 32, 64), (300, 128, 64, None)]
+)
+def test_tile_table_lists_each_blocks_range_keys_once(q_start: int, block: int, tile_n: int, merge: int | None) -> None:
+    """The flat loop's tiles, from each block's first listed one on, visit exactly the keys of the block's ranges
+    (clipped to the sequence), none twice; the tiles it skips lie wholly left of key 0."""
+    g = torch.Generator().manual_seed(q_start + block)
+    n = 900
+    length = q_start + n
+    offsets = torch.stack(
+        [torch.cat([torch.arange(block), block + torch.randperm(length - block, generator=g)[:60]]) for h in range(2)]
+    )
+    columns = torch.randperm(length, generator=g)[:20][None].expand(2, -1)
+    index = build_vertical_slash_index(columns, offsets, q_start, n, block, merge=merge)
+    table = index.tile_table(tile_n)
+    for h in range(2):
+        count = int(table.count[h])
+        for b in range(index.num_blocks):
+            s = q_start + b * block
+            starts, ends = index.ranges(h, b)
+            expected = torch.cat([torch.arange(int(a), int(e)) for a, e in zip(starts, ends, strict=True)])
+            first = int(table.first[h, b])
+            got = []
+            for i in range(count):
+                a = s + int(table.start[h, i])
+                e = min(a + tile_n, s + int(table.end[h, i]), length)
+                keys = torch.arange(max(a, 0), max(e, a, 0))  # empty past the sequence's end
+                if i < first:
+                    assert e <= 0, f"head {h} block {b}: skipped tile {i} holds keys"
+                else:
+                    got.append(keys)
+            got_keys = torch.cat(got)
+            assert len(got_keys) == len(got_keys.unique()), "a key visited twice"
+            assert torch.equal(got_keys.sort().values, expected.sort().values)
+
+
 def test_index_refuses_offsets_without_the_local_window() -> None:
     with pytest.raises(ValueError, match="nearest 64 diagonals"):
         build_vertical_slash_index(torch.tensor([0, 5]), torch.tensor([0, 1, 2]), 0, 200, block=64)

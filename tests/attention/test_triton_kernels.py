@@ -55,7 +55,8 @@ def on_device(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> lis
         (256, 0, 2, 2, 32, torch.float16),
     ],
 )
-def test_vertical_slash_kernel_matches_the_reference(n, q_start, hq, hkv, d, dtype) -> None:
+@pytest.mark.parametrize(("loop", "tile_n"), [("nested", 64), ("flat", 64), ("flat", 32)])
+def test_vertical_slash_kernel_matches_the_reference(n, q_start, hq, hkv, d, dtype, loop, tile_n) -> None:
     q, k, v = qkv(n, q_start, hq, hkv, d, seed=n + q_start)
     length = q_start + n
     columns, offsets = [], []
@@ -70,7 +71,7 @@ def test_vertical_slash_kernel_matches_the_reference(n, q_start, hq, hkv, d, dty
     offs = torch.stack([torch.nn.functional.pad(o, (0, width_o - len(o)), value=-1) for o in offsets])
     index = build_vertical_slash_index(cols, offs, q_start, n)
     masks = torch.stack([index.mask(h) for h in range(hq)])
-    got = vertical_slash_attention(*on_device(q, k, v, dtype=dtype), _to(index))
+    got = vertical_slash_attention(*on_device(q, k, v, dtype=dtype), _to(index), loop=loop, tile_n=tile_n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), reference(q, k, v, masks).float(), atol=tol, rtol=tol)
     assert length > index.block  # the test covers more than one block
@@ -82,7 +83,8 @@ def _to(index):  # type: ignore[no-untyped-def]
     return type(index)(**fields)
 
 
-def test_full_budgets_reproduce_dense_attention() -> None:
+@pytest.mark.parametrize("loop", ["nested", "flat"])
+def test_full_budgets_reproduce_dense_attention(loop: str) -> None:
     for n, q_start in ((192, 0), (130, 100)):
         q, k, v = qkv(n, q_start, 2, 1, 16, seed=1)
         length = q_start + n
@@ -92,7 +94,7 @@ def test_full_budgets_reproduce_dense_attention() -> None:
         causal = (torch.arange(length)[None, :] <= qpos[:, None]).expand(2, -1, -1)
         assert torch.equal(torch.stack([index.mask(h) for h in range(2)]), causal)
         dense = reference(q, k, v, causal)
-        got = vertical_slash_attention(*on_device(q, k, v), _to(index)).cpu()
+        got = vertical_slash_attention(*on_device(q, k, v), _to(index), loop=loop).cpu()
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
         nb, nk = -(-n // 64), -(-length // 64)
         kept = torch.arange(nk)[None, None].expand(2, nb, -1)
@@ -104,7 +106,8 @@ def test_full_budgets_reproduce_dense_attention() -> None:
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
-def test_a_shape_runs_on_the_vertical_slash_kernel() -> None:
+@pytest.mark.parametrize("loop", ["nested", "flat"])
+def test_a_shape_runs_on_the_vertical_slash_kernel(loop: str) -> None:
     n, d = 320, 16
     q, k, v = qkv(n, 0, 2, 2, d, seed=7)
     index = build_a_shape_index(2, 0, n, n_init=16, n_local=100)
@@ -113,7 +116,7 @@ def test_a_shape_runs_on_the_vertical_slash_kernel() -> None:
     mask = index.mask(0)
     assert bool((mask | ~exact).all()), "the index covers the exact A-shape mask"
     assert int(mask.sum(dim=1).max()) <= 16 + 100 + 63, "and no row sees more than sinks, window and a block"
-    got = vertical_slash_attention(*on_device(q, k, v), _to(index)).cpu()
+    got = vertical_slash_attention(*on_device(q, k, v), _to(index), loop=loop).cpu()
     torch.testing.assert_close(got, reference(q, k, v, torch.stack([mask, mask])), atol=1e-4, rtol=1e-4)
 
 
@@ -160,6 +163,11 @@ def test_kernels_refuse_shapes_they_cannot_run() -> None:
     q, k, v = qkv(64, 0, 2, 1, 24, seed=0)
     with pytest.raises(ValueError, match="power of two"):
         vertical_slash_attention(q, k, v, build_a_shape_index(2, 0, 64, 4, 64))
+    q, k, v = qkv(64, 0, 2, 1, 16, seed=0)
+    with pytest.raises(ValueError, match="unknown loop"):
+        vertical_slash_attention(q, k, v, build_a_shape_index(2, 0, 64, 4, 64), loop="spiral")
+    with pytest.raises(ValueError, match="tile width 48"):
+        vertical_slash_attention(q, k, v, build_a_shape_index(2, 0, 64, 4, 64), tile_n=48)
 
 
 # ------------------------------------------------------------------ the CUDA path: estimation, indices, kernels
@@ -241,14 +249,16 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     )  # fmt: skip
     assert args.func(args) == 0
     report = json.loads(out.read_text())
-    rows = {r["pattern"]: r for r in report["results"]}
-    assert set(rows) == {"vertical_slash", "a_shape", "block_sparse"}
+    # the vertical-slash kernel's two range loops for the patterns it runs; block-sparse has its own kernel
+    rows = {(r["pattern"], r["loop"]): r for r in report["results"]}
+    assert set(rows) == {("vertical_slash", "nested"), ("vertical_slash", "flat"), ("a_shape", "nested"),
+                         ("a_shape", "flat"), ("block_sparse", "-")}  # fmt: skip
     for r in rows.values():
         assert 0.3 < r["recall"] <= 1.0 + 1e-6
         assert r["sparse_ms"] == pytest.approx(r["estimate_index_ms"] + r["kernel_ms"], abs=0.02)
     # the structured input's slash lines and verticals are what vertical-slash estimation finds (at this size the
     # other patterns' 256 estimated columns cover most keys too, so no ranking between them is asserted)
-    assert rows["vertical_slash"]["recall"] >= 0.95
+    assert rows[("vertical_slash", "flat")]["recall"] >= 0.95
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
 
 

@@ -180,13 +180,14 @@ def plan(
     return SparsePlan(ids(vs_heads), vs, ids(bs_heads), bs)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparsePlan) -> torch.Tensor:
-    """Attention of the chunk over the plan's indices: [n, Hq, D]."""
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparsePlan, loop: str = "nested") -> torch.Tensor:
+    """Attention of the chunk over the plan's indices: [n, Hq, D]. loop: the vertical-slash kernel's range loop
+    (see `vertical_slash_attention`)."""
     from .triton_kernels import block_sparse_attention, vertical_slash_attention
 
     out = torch.empty_like(q)
     if sparse.vs is not None:
-        vertical_slash_attention(q, k, v, sparse.vs, heads=sparse.vs_heads, out=out)
+        vertical_slash_attention(q, k, v, sparse.vs, heads=sparse.vs_heads, out=out, loop=loop)
     if sparse.bs is not None:
         block_sparse_attention(q, k, v, sparse.bs, heads=sparse.bs_heads, out=out)
     return out

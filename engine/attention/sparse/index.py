@@ -38,6 +38,21 @@ def _column_hits(cols: torch.Tensor, visits: torch.Tensor, length: int) -> torch
 
 
 @dataclass
+class TileTable:
+    """A vertical-slash index's key ranges as one flat list of key tiles per head, the same for every query block
+    (the flat-loop kernel's input): tile i of head h covers keys [s + start[h, i], s + min(start[h, i] + tile_n,
+    end[h, i])) for the block whose first row is s, clipped to [0, L). Tiles of a range are tile_n keys wide, the
+    last one ending at the range's end; ranges come in ascending key order. first[h, b]: tiles lying wholly left
+    of key 0 for block b (a prefix of the list), which the kernel skips."""
+
+    tile_n: int
+    start: torch.Tensor  # int32 [H, T]: first key of each tile, relative to the block's first row
+    end: torch.Tensor  # int32 [H, T]: end of the tile's range, relative likewise
+    count: torch.Tensor  # int32 [H]: tiles of each head
+    first: torch.Tensor  # int32 [H, blocks]
+
+
+@dataclass
 class VerticalSlashIndex:
     block: int
     q_start: int
@@ -66,6 +81,33 @@ class VerticalSlashIndex:
         ends = (s + self.block - lo).clamp(max=self.length)
         keep = ends > starts
         return starts[keep].flip(0), ends[keep].flip(0)
+
+    def tile_table(self, tile_n: int) -> TileTable:
+        """The key tiles of every block's ranges as one flat list per head (see TileTable)."""
+        device = self.seg_lo.device
+        heads, segs = self.seg_lo.shape
+        real = torch.arange(segs, device=device)[None, :] < self.seg_count[:, None].long()
+        # segments in descending offset order: their key ranges come in ascending key order
+        lo = self.seg_lo.long().flip(1)
+        hi = self.seg_hi.long().flip(1)
+        real = real.flip(1)
+        per_seg = torch.where(real, (hi - lo + self.block + tile_n - 1) // tile_n, 0)  # tiles of each range
+        ends = per_seg.cumsum(dim=1)  # [H, S]: tiles up to and including each segment
+        count = ends[:, -1]
+        width = max(1, int(count.max()))
+        i = torch.arange(width, device=device)[None, :].expand(heads, -1).contiguous()
+        seg = torch.searchsorted(ends, i, right=True).clamp(max=segs - 1)  # each tile's segment
+        t = i - (ends.gather(1, seg) - per_seg.gather(1, seg))  # its place in the segment's range
+        valid = i < count[:, None]
+        start = torch.where(valid, t * tile_n - hi.gather(1, seg), 0)
+        end = torch.where(valid, self.block - lo.gather(1, seg), 0)
+        # a tile's keys end (relative to a block's first row) at min(start + tile_n, end), non-decreasing along the
+        # list (segments are at least a block apart): the tiles left of key 0 for a block are a prefix
+        stop = torch.where(valid, torch.minimum(start + tile_n, end), BIG)
+        s0 = self.q_start + self.block * torch.arange(self.num_blocks, device=device)
+        first = torch.searchsorted(stop, (-s0)[None, :].expand(heads, -1).contiguous(), right=True)
+        i32 = torch.int32
+        return TileTable(tile_n, start.to(i32), end.to(i32), count.to(i32), first.to(i32))
 
     def block_columns(self, head: int, b: int) -> torch.Tensor:
         """The columns the kernel visits for block b: left of it and in none of its ranges."""

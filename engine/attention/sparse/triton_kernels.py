@@ -4,7 +4,10 @@
   ranges (one per segment of kept diagonals, computed from the segment and the block's first row) in BLOCK_N
   tiles with a causal mask; loop 2 gathers the block's kept columns left of it that no range covers, BLOCK_N at a
   time. Both feed one FlashAttention-style online softmax in fp32 (exp2, with log2(e) folded into the query
-  scale). A-shape runs here too: sinks are columns, the window is diagonals.
+  scale). A-shape runs here too: sinks are columns, the window is diagonals. `loop="flat"` runs loop 1 as a
+  single loop over the head's list of key tiles (`index.TileTable`: the same tiles for every block, offset by its
+  first row; the block skips those left of key 0), so loads can run ahead across ranges, where most segments
+  are a loop of one or two tiles of their own (MInference's kernel walks a per-block list of tile starts).
 - `block_sparse_attention`: one program per (query block, head), looping over its kept key blocks with a causal
   mask, then over the head's kept columns left of the block that no kept block holds (as loop 2 above).
 
@@ -13,7 +16,8 @@ query heads read their KV head's keys (no copies). `heads` picks which query hea
 other patterns run in another launch), and the index's head h describes query head heads[h].
 
 Launch configurations: fixed under the interpreter (TRITON_INTERPRET=1 on CPU tensors, where autotuning cannot
-run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size, query block, precision);
+run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size, query block, precision; the flat loop
+over warps and stages, its tile width being the table's);
 `tuned_configs()` reports the choices. float32 inputs multiply in full float32 (not Triton's default TF32), so a
 float32 engine on a GPU keeps float32 attention.
 Set TRITON_INTERPRET before this module is imported to run on CPU tensors.
@@ -93,12 +97,15 @@ def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):
 @triton.jit
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
-    seg_lo, seg_hi, seg_count, columns, col_count, covered,
+    range_lo, range_hi, range_count, range_first, columns, col_count, covered,
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    max_seg, max_col, num_blocks, cov_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    max_range, max_col, num_blocks, cov_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
+    """Ranges: without FLAT, range_lo/hi/count are the index's segments (seg_lo, seg_hi, seg_count; range_first
+    unused) and each segment's key range is its own loop; with FLAT they are a TileTable's start, end, count and
+    first, and every range's tiles run in one loop (loads run ahead across ranges: most are one or two tiles)."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     head = tl.load(heads + h).to(tl.int64)  # 64-bit offsets: at 1M tokens x 32 heads x 128 they pass 2^31
@@ -116,19 +123,31 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
 
-    n_seg = tl.load(seg_count + h)
-    for r in range(0, n_seg):
-        lo = tl.load(seg_lo + h * max_seg + r)
-        hi = tl.load(seg_hi + h * max_seg + r)
-        start = tl.maximum(s0 - hi, 0)
-        end = tl.minimum(s0 + BLOCK_M - lo, length)
-        for tile in range(start, end, BLOCK_N):
-            keys = tile + tl.arange(0, BLOCK_N)
-            key_ok = keys < end
+    if FLAT:
+        first = tl.load(range_first + h * num_blocks + block)
+        for i in range(first, tl.load(range_count + h)):
+            start = s0 + tl.load(range_lo + h * max_range + i)
+            end = tl.minimum(s0 + tl.load(range_hi + h * max_range + i), length)
+            keys = start + tl.arange(0, BLOCK_N)
+            key_ok = (keys >= 0) & (keys < end)
             visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
             m_i, l_i, acc = _attend(
                 q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
             )
+    else:
+        n_seg = tl.load(range_count + h)
+        for r in range(0, n_seg):
+            lo = tl.load(range_lo + h * max_range + r)
+            hi = tl.load(range_hi + h * max_range + r)
+            start = tl.maximum(s0 - hi, 0)
+            end = tl.minimum(s0 + BLOCK_M - lo, length)
+            for tile in range(start, end, BLOCK_N):
+                keys = tile + tl.arange(0, BLOCK_N)
+                key_ok = keys < end
+                visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
+                m_i, l_i, acc = _attend(
+                    q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
+                )
 
     n_cols = tl.load(col_count + h * num_blocks + block)
     for c in range(0, n_cols, BLOCK_N):
@@ -199,13 +218,21 @@ _TUNE_VS = [
 ]
 _TUNE_BS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
 _vertical_slash_tuned = triton.autotune(_TUNE_VS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_vertical_slash_kernel)
+# the flat loop's tile width is the tile table's (built for one width): warps and stages only
+_vertical_slash_flat_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "IEEE"])(
+    _vertical_slash_kernel
+)
 _block_sparse_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_block_sparse_kernel)
 
 
 def tuned_configs() -> dict[str, str]:
     """The launch configurations autotuning chose so far (GPU), by kernel."""
     out = {}
-    for name, kernel in (("vertical_slash", _vertical_slash_tuned), ("block_sparse", _block_sparse_tuned)):
+    for name, kernel in (
+        ("vertical_slash", _vertical_slash_tuned),
+        ("vertical_slash_flat", _vertical_slash_flat_tuned),
+        ("block_sparse", _block_sparse_tuned),
+    ):
         for key, config in getattr(kernel, "cache", {}).items():
             out[f"{name}{key}"] = str(config)
     return out
@@ -234,24 +261,40 @@ def vertical_slash_attention(
     index: VerticalSlashIndex,
     heads: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    loop: str = "nested",
+    tile_n: int = 64,
 ) -> torch.Tensor:
     """q [n, Hq, D] (positions index.q_start ..), k/v [q_start + n, Hkv, D]. Writes the rows of `heads` (default:
-    all; index head h is query head heads[h]) into `out` ([n, Hq, D], new if None) and returns it."""
+    all; index head h is query head heads[h]) into `out` ([n, Hq, D], new if None) and returns it.
+
+    loop: "nested" walks each segment's key range in its own loop; "flat" runs every block's ranges as one loop
+    over the head's tile list (`index.tile_table(tile_n)`, tile_n keys a tile). Same keys, same result."""
     heads, group, scale, strides = _common(q, k, v, heads)
     ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
     grid = (index.num_blocks, len(heads))
+    if loop not in ("nested", "flat"):
+        raise ValueError(f"unknown loop {loop!r} (nested or flat)")
+    if tile_n < 16 or tile_n & (tile_n - 1):
+        raise ValueError(f"tile width {tile_n} must be a power of two of at least 16")
+    if loop == "flat":
+        table = index.tile_table(tile_n)
+        ranges = (table.start, table.end, table.count, table.first)
+    else:
+        ranges = (index.seg_lo, index.seg_hi, index.seg_count, index.seg_count)  # the last one unused
     args = (
-        q, k, v, out, heads,
-        index.seg_lo, index.seg_hi, index.seg_count, index.columns, index.col_count, index.covered,
+        q, k, v, out, heads, *ranges, index.columns, index.col_count, index.covered,
         index.n, index.q_start, group, scale,
         *strides, out.stride(0), out.stride(1),
-        index.seg_lo.shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
+        ranges[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
     )  # fmt: skip
+    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "IEEE": ieee, "FLAT": loop == "flat"}
     if INTERPRET or not q.is_cuda:
-        _vertical_slash_kernel[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, BLOCK_N=64, IEEE=ieee)
+        _vertical_slash_kernel[grid](*args, BLOCK_N=tile_n, **consts)
+    elif loop == "flat":
+        _vertical_slash_flat_tuned[grid](*args, BLOCK_N=tile_n, **consts)
     else:
-        _vertical_slash_tuned[grid](*args, HEAD_DIM=q.shape[2], BLOCK_M=index.block, IEEE=ieee)
+        _vertical_slash_tuned[grid](*args, **consts)
     return out
 
 
