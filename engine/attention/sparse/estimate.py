@@ -111,9 +111,9 @@ def estimate_block_sparse_mask(q: torch.Tensor, k: torch.Tensor, block: int = 64
 
     def pooled(x: torch.Tensor, lead: int) -> torch.Tensor:
         """Block means of x's rows (x starting `lead` rows into its first block)."""
-        blocks = x.new_ones((x.shape[0],), dtype=torch.float32)
+        present = x.new_ones((x.shape[0],), dtype=torch.float32)
         padded = torch.nn.functional.pad(x.float(), (0, 0, lead, back)).view(-1, block, d)
-        rows = torch.nn.functional.pad(blocks, (lead, back)).view(-1, block).sum(dim=1)
+        rows = torch.nn.functional.pad(present, (lead, back)).view(-1, block).sum(dim=1)  # rows each block holds
         return padded.sum(dim=1) / rows[:, None]
 
     qm, km = pooled(q, front), pooled(k, 0)
