@@ -40,6 +40,12 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
+static inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
 static inline void widen_q4(const uint8_t *q, __m256 w[4]) {
   const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
   const __m256i lo = _mm256_set1_epi32(0xF);
@@ -556,20 +562,14 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
    that broadcast query elements), an online softmax per query vector, and the output accumulated 16 dimensions at
    a time over the 64 keys. A task is up to QBLOCKS query blocks that take the keys in chunks of KCHUNK together
    (see prefill_task). ~110 GFLOPS on SmolLM2's heads (64 dimensions, 3 query heads per KV head) on 2 cores at any
-   context (scores and weighted values about 40% of the time each, the softmax a fifth); torch's CPU flash kernel runs
-   ~35-80 GFLOPS at 128-2048 tokens with a fixed ~0.1 ms a call, ~100-120 at 6K-32K keys. */
+   context (scores and weighted values about 40% of the time each, the softmax a fifth); torch's CPU flash kernel
+   runs ~35-80 GFLOPS at 128-2048 tokens with a fixed ~0.1 ms a call, ~100-120 at 6K-32K keys. */
 #if NATIVE_SIMD
 #define PQ 12   /* query vectors per block */
 #define PKEYS 64 /* keys per softmax step */
 
 /* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
 static const float zeros[512]; /* a padding key's row */
-
-static inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
 
 /* Transposed keys are stored in panels of 16 keys: [keys / 16][D][16] floats, so a score step reads one panel
    front to back (a [D][keys] layout strides by the key count, which at 2K, 4K or 6K keys maps every dimension's
@@ -598,9 +598,9 @@ static inline void transpose8(const float *const src[8], int64_t e0, float *dst,
 }
 
 /* The running softmax of one query block: PQ query vectors (rows x rep heads of KV group g, rows at positions
-   L - n + row), the keys so far folded in. Key p: ktg holds the keys transposed (16-key panels, see PANEL), vg + p * v_stride
-   its value (D floats). With keys == NULL, key p is position p and the rows see keys 0 .. their own; else key p is
-   position keys[p] (ascending, nkeys of them) and a row sees those at or before it. */
+   L - n + row), the keys so far folded in. Key p: ktg holds the keys transposed (16-key panels, see PANEL),
+   vg + p * v_stride its value (D floats). With keys == NULL, key p is position p and the rows see keys 0 .. their
+   own; else key p is position keys[p] (ascending, nkeys of them) and a row sees those at or before it. */
 typedef struct {
   float *qb, *o; /* [PQ][D]: scaled queries, unnormalized outputs (32-byte aligned) */
   float m[PQ], l[PQ];
@@ -744,7 +744,8 @@ static void prefill_task(const float *q, int64_t q_stride, const float *ktg, con
     blk[b].qb = mem + 2 * PQ * D * b;
     blk[b].o = blk[b].qb + PQ * D;
     const int64_t r0 = row0 + b * rows;
-    qblock_init(&blk[b], q, q_stride, keys, nkeys, n, L, rep, D, scale, g, r0, row0 + nrows - r0 < rows ? row0 + nrows - r0 : rows);
+    const int64_t left = row0 + nrows - r0;
+    qblock_init(&blk[b], q, q_stride, keys, nkeys, n, L, rep, D, scale, g, r0, left < rows ? left : rows);
     end = blk[b].end > end ? blk[b].end : end;
   }
   for (int64_t c0 = 0; c0 < end; c0 += KCHUNK)
@@ -761,7 +762,8 @@ static void prefill_task(const float *q, int64_t q_stride, const float *ktg, con
 #endif
 
 /* q: n rows of nh heads x D floats (row stride q_stride); k, v: L rows of nkv heads x D floats (row strides
-   k_stride, v_stride); out like q (row stride o_stride); kt: scratch of nkv * D * round_up(L, 16) floats, 32-byte aligned.
+   k_stride, v_stride); out like q (row stride o_stride); kt: scratch of nkv * D * round_up(L, 16) floats,
+   32-byte aligned.
    Returns 0, or -1 for shapes it does not take (without AVX2; D not a multiple of 8 or above 512; more than 12
    query heads per KV head; n > L). */
 int native_prefill_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
@@ -809,7 +811,8 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
    `tile` (tile t: rows t * tile .. of the chunk, at positions L - n + row), tile t visiting the keys
    keys[start[t] .. start[t] + count[t]) (positions, ascending, each before the tile's end), causally masked.
    q, k, v, out as native_prefill_attention; scratch: scratch_per_thread >= 2 * D * round_up(max count, 16) floats
-   for each of `threads` threads (32-byte aligned). Returns 0, or -1 for shapes it does not take (as native_prefill_attention). */
+   for each of `threads` threads (32-byte aligned). Returns 0, or -1 for shapes it does not take (as
+   native_prefill_attention). */
 int native_sparse_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                             int64_t v_stride, int64_t n, int64_t L, int64_t nh, int64_t nkv, int64_t D, float *out,
                             int64_t o_stride, int64_t g, int64_t tile, const int64_t *start, const int64_t *count,
