@@ -245,7 +245,8 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        # in place: no two more [rows, inter] tensors to allocate and fault in (a prefill chunk's are 12 MB each)
+        return self.w_down(F.silu(self.w_gate(x), inplace=True).mul_(self.w_up(x)))
 
 
 class Block(nn.Module):

@@ -597,6 +597,41 @@ static inline void transpose8(const float *const src[8], int64_t e0, float *dst,
   }
 }
 
+/* sc[i * stride + t] = qb_i . key t for the PQ query vectors at qb ([PQ][D]) and the 16 keys of panel kp (see
+   PANEL): two key vectors for half the query vectors at a time, 8 loads per 12 multiply-adds. sc and stride are
+   32-byte aligned. */
+static inline __attribute__((always_inline)) void panel_scores(const float *qb, const float *kp, int64_t D, float *sc,
+                                                                 int64_t stride) {
+  for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
+    __m256 acc[PQ / 2][2];
+    for (int i = 0; i < PQ / 2; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < D; e++) {
+      const __m256 k0 = _mm256_load_ps(kp + e * 16), k1 = _mm256_load_ps(kp + e * 16 + 8);
+      for (int i = 0; i < PQ / 2; i++) {
+        const __m256 qv = _mm256_broadcast_ss(qb + (i0 + i) * D + e);
+        acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < PQ / 2; i++) {
+      _mm256_store_ps(sc + (i0 + i) * stride, acc[i][0]);
+      _mm256_store_ps(sc + (i0 + i) * stride + 8, acc[i][1]);
+    }
+  }
+}
+
+/* The L keys of one KV head (key j at k + j * k_stride, D floats) into 16-key panels at kt, zeros past L. Called
+   inside a parallel region: the threads share the work (an omp for, with its barrier). */
+static void transpose_keys(const float *k, int64_t k_stride, int64_t L, int64_t D, float *kt) {
+  const int64_t lpad = (L + 15) / 16 * 16;
+#pragma omp for schedule(static)
+  for (int64_t j0 = 0; j0 < lpad; j0 += 8) {
+    const float *src[8];
+    for (int i = 0; i < 8; i++) src[i] = j0 + i < L ? k + (j0 + i) * k_stride : zeros;
+    for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + PANEL(j0, e0, D), 16);
+  }
+}
+
 /* The running softmax of one query block: PQ query vectors (rows x rep heads of KV group g, rows at positions
    L - n + row), the keys so far folded in. Key p: ktg holds the keys transposed (16-key panels, see PANEL),
    vg + p * v_stride its value (D floats). With keys == NULL, key p is position p and the rows see keys 0 .. their
@@ -637,25 +672,8 @@ static void qblock_keys(qblock *s, const float *ktg, const float *vg, int64_t v_
   if (j1 > s->end) j1 = s->end;
   for (; j0 < j1; j0 += PKEYS) {
     const int64_t jn = j1 - j0 < PKEYS ? j1 - j0 : PKEYS, chunks = (jn + 15) / 16 * 2; /* even: see below */
-    /* 16 keys (two vectors) for half the query vectors at a time: 8 loads per 12 multiply-adds */
-    for (int64_t c = 0; c < chunks; c += 2)
-      for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
-        __m256 acc[PQ / 2][2];
-        for (int i = 0; i < PQ / 2; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-        const float *kc = ktg + (j0 + 8 * c) * D; /* the panel of keys j0 + 8c .. + 15 */
-        for (int64_t e = 0; e < D; e++) {
-          const __m256 k0 = _mm256_load_ps(kc + e * 16), k1 = _mm256_load_ps(kc + e * 16 + 8);
-          for (int i = 0; i < PQ / 2; i++) {
-            const __m256 qv = _mm256_broadcast_ss(qb + (i0 + i) * D + e);
-            acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
-          }
-        }
-        for (int i = 0; i < PQ / 2; i++) {
-          _mm256_store_ps(sc + (i0 + i) * PKEYS + 8 * c, acc[i][0]);
-          _mm256_store_ps(sc + (i0 + i) * PKEYS + 8 * c + 8, acc[i][1]);
-        }
-      }
+    for (int64_t c = 0; c < chunks; c += 2) /* the panel of keys j0 + 8c .. + 15 */
+      panel_scores(qb, ktg + (j0 + 8 * c) * D, D, sc + 8 * c, PKEYS);
     const int64_t width = 8 * chunks;
     for (int i = 0; i < nq; i++) {
       float *sv = sc + i * PKEYS;
@@ -783,13 +801,7 @@ int native_prefill_attention(const float *q, int64_t q_stride, const float *k, i
   if (!mem) return -1;
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t gj = 0; gj < nkv * (lpad / 8); gj++) { /* group g's panels: key j's dimension e; zeros past L */
-      const int64_t g = gj / (lpad / 8), j0 = gj % (lpad / 8) * 8;
-      const float *src[8];
-      for (int i = 0; i < 8; i++) src[i] = j0 + i < L ? k + (j0 + i) * k_stride + g * D : zeros;
-      for (int64_t e0 = 0; e0 < D; e0 += 8) transpose8(src, e0, kt + g * D * lpad + PANEL(j0, e0, D), 16);
-    }
+    for (int64_t g = 0; g < nkv; g++) transpose_keys(k + g * D, k_stride, L, D, kt + g * D * lpad);
     /* the last rows see the most keys: hand them out first */
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < nkv * tasks; t++) {
@@ -856,6 +868,74 @@ int native_sparse_attention(const float *q, int64_t q_stride, const float *k, in
   (void)q, (void)q_stride, (void)k, (void)k_stride, (void)v, (void)v_stride, (void)n, (void)L, (void)nh, (void)nkv;
   (void)D, (void)out, (void)o_stride, (void)g, (void)tile, (void)start, (void)count, (void)keys, (void)scratch;
   (void)scratch_per_thread, (void)threads;
+  return -1;
+#endif
+}
+
+/* Pattern estimation's scores (attention/sparse/estimate.py: vertical_slash_scores): the causal softmax of H query
+   heads' vectors at the last m of L positions over the L keys of their KV head, summed per key (vertical[h * L + j])
+   and per diagonal offset o = position - key (slash[h * L + o]; slash NULL: not wanted). Query i of head h (at
+   position L - m + i) is at q + h * q_head_stride + i * q_row_stride, key j at k + j * k_stride (D floats each);
+   kt: scratch of D * round_up(L, 16) floats, 32-byte aligned. A task is up to PQ query vectors of one head: their
+   scores against every key panel (panel_scores), then per vector the softmax and two sums into its thread's
+   accumulators, the slash ones kept per diagonal d = key - i + m - 1 so that a vector's probabilities add
+   contiguously (offset o is d = L - 1 - o). Tasks go to threads statically, so the sums' order is fixed. Returns
+   0, or -1 for what it does not take (no AVX2, D not a multiple of 8 or above 512, m outside 1 .. L, no memory). */
+int native_estimate_scores(const float *q, int64_t q_head_stride, int64_t q_row_stride, const float *k,
+                           int64_t k_stride, int64_t H, int64_t m, int64_t L, int64_t D, float *vertical, float *slash,
+                           float *kt) {
+#if NATIVE_SIMD
+  if (H < 1 || D % 8 || D > 512 || m < 1 || m > L || (uintptr_t)kt % 32) return -1;
+  const int64_t lpad = (L + 15) / 16 * 16, blocks = (m + PQ - 1) / PQ, sums = slash ? 2 : 1;
+  const int threads = omp_get_max_threads();
+  /* per thread: the block's queries [PQ][D], its scores [PQ][lpad], then the vertical and diagonal sums [H][lpad] */
+  const int64_t per = PQ * D + PQ * lpad + sums * H * lpad;
+  float *mem = aligned_alloc(32, sizeof(float) * (size_t)(per * threads));
+  if (!mem) return -1;
+  const float scale = 1.f / sqrtf((float)D);
+#pragma omp parallel num_threads(threads)
+  {
+    transpose_keys(k, k_stride, L, D, kt);
+    float *qb = mem + per * omp_get_thread_num(), *sc = qb + PQ * D, *acc = sc + PQ * lpad;
+    memset(acc, 0, sizeof(float) * (size_t)(sums * H * lpad));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < H * blocks; t++) {
+      const int64_t h = t / blocks, r0 = t % blocks * PQ, nq = m - r0 < PQ ? m - r0 : PQ;
+      for (int64_t i = 0; i < PQ; i++) {
+        const float *qi = q + h * q_head_stride + (r0 + i) * q_row_stride;
+        for (int64_t e = 0; e < D; e++) qb[i * D + e] = i < nq ? qi[e] * scale : 0.f;
+      }
+      for (int64_t p0 = 0; p0 < lpad; p0 += 16) panel_scores(qb, kt + p0 * D, D, sc + p0, lpad);
+      for (int64_t i = 0; i < nq; i++) {
+        const int64_t r = r0 + i, seen = L - m + r + 1; /* keys 0 .. its position */
+        float *row = sc + i * lpad;
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
+        float mx = hmax(top);
+        for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
+        const float inv = 1.f / exp_shifted(row, seen, mx);
+        axpy(acc + h * lpad, inv, row, seen);
+        if (slash) axpy(acc + (H + h) * lpad + m - 1 - r, inv, row, seen);
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t j = 0; j < L; j++) {
+      float v = 0.f, d = 0.f;
+      for (int th = 0; th < threads; th++) {
+        const float *acc = mem + per * th + PQ * D + PQ * lpad;
+        v += acc[h * lpad + j];
+        if (slash) d += acc[(H + h) * lpad + L - 1 - j];
+      }
+      vertical[h * L + j] = v;
+      if (slash) slash[h * L + j] = d;
+    }
+  free(mem);
+  return 0;
+#else
+  (void)q, (void)q_head_stride, (void)q_row_stride, (void)k, (void)k_stride, (void)H, (void)m, (void)L, (void)D;
+  (void)vertical, (void)slash, (void)kt;
   return -1;
 #endif
 }

@@ -127,6 +127,8 @@ def library() -> ctypes.CDLL:
     lib.native_sparse_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, p, i64, i64, i64, p, p,
                                             p, p, i64, ctypes.c_int]  # fmt: skip
     lib.native_sparse_attention.restype = ctypes.c_int
+    lib.native_estimate_scores.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, p, p, p]
+    lib.native_estimate_scores.restype = ctypes.c_int
     return lib
 
 
@@ -244,6 +246,33 @@ def sparse_attention(
         keys.data_ptr(), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     return rc == 0
+
+
+def estimate_scores(
+    q_last: torch.Tensor, k: torch.Tensor, slashes: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`estimate.vertical_slash_scores` (slashes) or `estimate.vertical_scores` in C: q_last [H, m, D] are H query
+    heads' vectors at the last m positions of k [L, D] (one KV head); returns (vertical [H, L], slash [H, L] or
+    None). float32 CPU tensors with contiguous vectors (strided heads, rows and keys are fine). None, touching
+    nothing, for what the kernel does not take, so the caller can fall back.
+
+    The torch way materializes the [H, m, L] scores and probabilities (5.5 MB per call at 7K keys; three passes
+    over them plus the diagonal sums): ~7-9 ms per KV group and chunk at 7K on 2 cores, about 2.5x this."""
+    heads, m, dim = q_last.shape
+    length = k.shape[0]
+    for t in (q_last, k):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            return None
+    if k.shape[1] != dim or not 0 < m <= length:
+        return None
+    vertical = torch.empty((heads, length), dtype=torch.float32)
+    slash = torch.empty((heads, length), dtype=torch.float32) if slashes else None
+    scratch = torch.empty(dim * (-(-length // 16) * 16), dtype=torch.float32)
+    rc = library().native_estimate_scores(
+        q_last.data_ptr(), q_last.stride(0), q_last.stride(1), k.data_ptr(), k.stride(0), heads, m, length, dim,
+        vertical.data_ptr(), None if slash is None else slash.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+    return (vertical, slash) if rc == 0 else None
 
 
 def unavailable_reason() -> str | None:

@@ -231,6 +231,41 @@ def test_prefill_attention_declines_what_it_cannot_take() -> None:
     assert torch.equal(out, torch.zeros(5, 2, 16))
 
 
+# (query heads, query rows, keys, head size): SmolLM2's group at 7K keys, rows that leave a partial block of 12,
+# as many rows as keys, one row, a head size of only 8, keys that leave a partial 16-key panel
+@pytest.mark.parametrize(
+    ("heads", "m", "length", "dim"),
+    [(3, 64, 2100, 64), (2, 64, 64, 64), (4, 17, 1000, 24), (1, 5, 5, 8), (3, 1, 33, 64), (5, 30, 301, 128)],
+)
+def test_estimate_scores_match_the_torch_estimate(heads: int, m: int, length: int, dim: int) -> None:
+    from optimist.engine.attention.sparse.estimate import vertical_scores, vertical_slash_scores
+
+    g = torch.Generator().manual_seed(m * length + dim)
+    k = torch.randn(length, 3, dim, generator=g)[:, 1]  # one KV head's keys: a strided view, as the engine has them
+    q_last = torch.randn(m, heads, dim, generator=g).transpose(0, 1) * 2  # [heads, m, D] with strided rows
+    got = native.estimate_scores(q_last, k)
+    assert got is not None and got[1] is not None
+    vertical, slash = vertical_slash_scores(q_last, k)
+    assert torch.allclose(got[0], vertical, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(got[1], slash, rtol=1e-4, atol=1e-6)
+    # every row's probabilities sum to one, once per column and once per diagonal
+    assert torch.allclose(got[0].sum(dim=1), torch.full((heads,), float(m)), rtol=1e-5)
+    assert torch.allclose(got[1].sum(dim=1), torch.full((heads,), float(m)), rtol=1e-5)
+    only = native.estimate_scores(q_last, k, slashes=False)
+    assert only is not None and only[1] is None
+    assert torch.equal(only[0], got[0])
+    assert torch.allclose(only[0], vertical_scores(q_last, k), rtol=1e-4, atol=1e-6)
+
+
+def test_estimate_scores_decline_what_they_cannot_take() -> None:
+    q_last, k = torch.randn(3, 8, 64), torch.randn(100, 64)
+    assert native.estimate_scores(q_last[..., :20], k[:, :20]) is None  # a head size not a multiple of 8
+    assert native.estimate_scores(q_last.double(), k.double()) is None
+    assert native.estimate_scores(q_last, k[:5]) is None  # more query rows than keys
+    assert native.estimate_scores(q_last, k[:, :32]) is None  # keys of another head size
+    assert native.estimate_scores(q_last, k) is not None
+
+
 def test_sparse_attention_declines_what_it_cannot_take() -> None:
     """What it takes is checked against the reference through sparse_prefill_attention (tests/attention); here, the
     calls it must refuse without touching the output."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ...model.native import PREFILL_KEYS, prefill_attention, sparse_attention
+from ...model.native import PREFILL_KEYS, estimate_scores, prefill_attention, sparse_attention
 from ..cpu import bottom_right_causal_attention
 from .config import HeadPattern
 from .estimate import (
@@ -52,9 +52,12 @@ def _is_dense(pattern: HeadPattern, length: int) -> bool:
     return pattern.kind == "a_shape" and pattern.a >= length
 
 
-def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tensor, q_start: int) -> GroupSelection:
+def select_group(
+    patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tensor, q_start: int, native: bool = False
+) -> GroupSelection:
     """Union of the keys the group's heads keep. q [n, Hg, D] (the group's query heads, positions q_start ..),
-    k [L, D]. Vertical-slash heads are estimated together from the chunk's last 64 queries against every key."""
+    k [L, D]. Vertical-slash heads are estimated together from the chunk's last 64 queries against every key
+    (native: their scores in C, as `native.estimate_scores`)."""
     length, n = k.shape[0], q.shape[0]
     cols = torch.zeros(length, dtype=torch.bool, device=q.device)
     offs = torch.zeros(length, dtype=torch.bool, device=q.device)
@@ -66,9 +69,13 @@ def select_group(patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tens
     if scored:
         m = min(64, n)
         q_last = q[n - m :, scored].transpose(0, 1)
-        if any(patterns[h].kind == "vertical_slash" for h in scored):
+        slashes = any(patterns[h].kind == "vertical_slash" for h in scored)  # else no diagonals to score
+        scores = estimate_scores(q_last, k, slashes) if native else None
+        if scores is not None:
+            vertical, slash = scores
+        elif slashes:
             vertical, slash = vertical_slash_scores(q_last, k)
-        else:  # no diagonals to score
+        else:
             vertical, slash = vertical_scores(q_last, k), None
         for i, h in enumerate(scored):
             p = patterns[h]
@@ -147,20 +154,20 @@ def _fused_cpu(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool = False) -> torch.Tensor:
-    """Every visible key for one KV group: q [n, G, D], k/v [L, D] -> [G, n, D] (bottom-right causal)."""
-    if native and k.shape[0] <= PREFILL_KEYS:
-        out = torch.empty_like(q)
-        if prefill_attention(q, k[:, None], v[:, None], out):
-            return out.transpose(0, 1)
+def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, native: bool = False) -> None:
+    """Every visible key for one KV group (bottom-right causal): q [n, G, D], k/v [L, D], into out [n, G, D]."""
+    if native and k.shape[0] <= PREFILL_KEYS and prefill_attention(q, k[:, None], v[:, None], out):
+        return
     qg, kg, vg = q.transpose(0, 1)[None], k[None, None], v[None, None]
     if _fused_cpu(q.device):
-        return bottom_right_causal_attention(qg, kg, vg)[0]
-    n, length = q.shape[0], k.shape[0]
-    shape = (1, q.shape[1], length, k.shape[1])
-    return F.scaled_dot_product_attention(
-        qg, kg.expand(shape), vg.expand(shape), attn_mask=causal_lower_right(n, length)
-    )[0]
+        o = bottom_right_causal_attention(qg, kg, vg)
+    else:
+        n, length = q.shape[0], k.shape[0]
+        shape = (1, q.shape[1], length, k.shape[1])
+        o = F.scaled_dot_product_attention(
+            qg, kg.expand(shape), vg.expand(shape), attn_mask=causal_lower_right(n, length)
+        )
+    out.copy_(o[0].transpose(0, 1))
 
 
 def sparse_prefill_attention(
@@ -201,38 +208,36 @@ def sparse_prefill_attention(
     tiles = -(-n // tile)
     dev, dt = q.device, q.dtype
     causal_pairs = n * q_start + n * (n + 1) // 2
-    # queries padded to whole tiles: [KV head, tile, group head, row, D]
-    qt = F.pad(q, (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, hkv, group, d).permute(2, 0, 3, 1, 4)
-    # per KV head, contiguous keys and values plus a zero row (index `length`) for padding
-    kh = torch.cat([k, k.new_zeros((1, hkv, d))]).transpose(0, 1).contiguous()
-    vh = torch.cat([v, v.new_zeros((1, hkv, d))]).transpose(0, 1).contiguous()
     tail = torch.zeros(tiles, dtype=torch.long, device=dev)
     tail[-1] = tiles * tile - n  # zero keys behind the partial last tile's diagonal
     hide = torch.finfo(dt).min / 2  # additive mask on front padding: finite, so an all-padding prefix is no NaN
-    out = torch.empty((hkv, tiles, group, tile, d), dtype=dt, device=dev)
+    out = torch.empty((n, hq, d), dtype=dt, device=dev)
+    padded: list[torch.Tensor] = []  # keys and values per KV head plus a zero row (index `length`); torch path only
     work = 0
     for g in range(hkv):
         heads = slice(g * group, (g + 1) * group)
         if length <= dense_up_to or any(_is_dense(p, length) for p in patterns[heads]):
             keep = None
         else:
-            sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start)
+            sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start, native)
             keep = key_matrix(sel, q_start, n, tile)  # [T, L]
             pairs = visited_pairs(keep, q_start, n, tile)
         if keep is None or pairs > dense_above * causal_pairs:
-            dense = F.pad(_dense_group(q[:, heads], k[:, g], v[:, g], native), (0, 0, 0, tiles * tile - n))
-            out[g] = dense.view(group, tiles, tile, d).transpose(0, 1)
+            _dense_group(q[:, heads], k[:, g], v[:, g], out[:, heads], native)
             work += causal_pairs * group
             continue
         counts = keep.sum(dim=1)
-        if native:
-            rows = torch.empty((n, group, d), dtype=dt, device=dev)
-            if sparse_attention(
-                q[:, heads], k[:, g : g + 1], v[:, g : g + 1], rows, 0, tile, keep.nonzero()[:, 1], counts
-            ):
-                out[g] = F.pad(rows, (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, group, d).transpose(1, 2)
-                work += pairs * group
-                continue
+        work += pairs * group
+        if native and sparse_attention(
+            q[:, heads], k[:, g : g + 1], v[:, g : g + 1], out[:, heads], 0, tile, keep.nonzero()[:, 1], counts
+        ):
+            continue
+        if not padded:
+            padded = [torch.cat([t, t.new_zeros((1, hkv, d))]).transpose(0, 1).contiguous() for t in (k, v)]
+        kh, vh = padded
+        # the group's queries and outputs in whole tiles: [tile, group head, row, D]
+        qt = F.pad(q[:, heads], (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, group, d).transpose(1, 2)
+        ot = torch.empty((tiles, group, tile, d), dtype=dt, device=dev)
         total = counts + tail
         cols = keep.nonzero()[:, 1]  # kept key indices, tile by tile, ascending within each
         first = torch.cumsum(counts, 0) - counts  # where each tile's keys start in `cols`
@@ -255,16 +260,12 @@ def sparse_prefill_attention(
             pad = src[:, : wide - tile] < 0  # front padding lies in the part every row sees
             if _fused_cpu(dev):  # the kept keys, then the tile's own diagonal block: no causal mask to build
                 mask = torch.zeros(pad.shape, dtype=dt, device=dev).masked_fill_(pad, hide)[:, None, None]
-                out[g, ids] = bottom_right_causal_attention(qt[g, ids], kt, vt, prefix_mask=mask)
+                ot[ids] = bottom_right_causal_attention(qt[ids], kt, vt, prefix_mask=mask)
             else:
                 shape = (b1 - b0, group, wide, d)
                 causal = torch.ones((tile, wide), dtype=torch.bool, device=dev).tril(wide - tile)
                 allowed = causal & ~F.pad(pad, (0, tile))[:, None, None]  # [batch, 1, tile, wide]
-                out[g, ids] = F.scaled_dot_product_attention(
-                    qt[g, ids], kt.expand(shape), vt.expand(shape), attn_mask=allowed
-                )
+                ot[ids] = F.scaled_dot_product_attention(qt[ids], kt.expand(shape), vt.expand(shape), attn_mask=allowed)
             b0 = b1
-        work += pairs * group
-    # [KV head, tile, group head, row, D] -> [rows, query heads, D]
-    out = out.permute(1, 3, 0, 2, 4).reshape(tiles * tile, hq, d)
-    return out[:n].contiguous(), work
+        out[:, heads] = ot.transpose(1, 2).reshape(tiles * tile, group, d)[:n]
+    return out, work
