@@ -901,10 +901,9 @@ int native_estimate_scores(const float *q, int64_t q_head_stride, int64_t q_row_
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < H * blocks; t++) {
       const int64_t h = t / blocks, r0 = t % blocks * PQ, nq = m - r0 < PQ ? m - r0 : PQ;
-      for (int64_t i = 0; i < PQ; i++) {
-        const float *qi = q + h * q_head_stride + (r0 + i) * q_row_stride;
-        for (int64_t e = 0; e < D; e++) qb[i * D + e] = i < nq ? qi[e] * scale : 0.f;
-      }
+      memset(qb, 0, sizeof(float) * (size_t)(PQ * D));
+      for (int64_t i = 0; i < nq; i++)
+        for (int64_t e = 0; e < D; e++) qb[i * D + e] = q[h * q_head_stride + (r0 + i) * q_row_stride + e] * scale;
       for (int64_t p0 = 0; p0 < lpad; p0 += 16) panel_scores(qb, kt + p0 * D, D, sc + p0, lpad);
       for (int64_t i = 0; i < nq; i++) {
         const int64_t r = r0 + i, seen = L - m + r + 1; /* keys 0 .. its position */
