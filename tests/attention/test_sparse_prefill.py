@@ -14,6 +14,7 @@ from optimist.engine.attention.sparse.prefill import (
     NEEDLE_VERTICALS,
     SLASH_GROUP,
     key_matrix,
+    last_rows_scores,
     select_group,
     sparse_prefill_attention,
     tile_keys,
@@ -94,7 +95,7 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
     visible = torch.arange(q_start + n)[None, :] <= rows[:, None]
     visited = 0
     for g in range(2):
-        sel = select_group(patterns[3 * g : 3 * g + 3], q[:, 3 * g : 3 * g + 3], k[:, g], q_start)
+        sel = select_group(patterns[3 * g : 3 * g + 3], q[:, 3 * g : 3 * g + 3], k[:, g], q_start, **kernel)
         mask = key_matrix(sel, q_start, n, 64).repeat_interleave(64, dim=0)[:n] & visible
         assert bool(mask.sum() < visible.sum() * DENSE_ABOVE)  # the gathered path ran, not the dense switch
         heads = slice(3 * g, 3 * g + 3)
@@ -103,6 +104,31 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
         torch.testing.assert_close(out[:, heads], ref, rtol=1e-4, atol=1e-5)
         visited += 3 * int(mask.sum())
     assert work == visited
+
+
+def test_selection_from_precomputed_scores_is_the_same() -> None:
+    """The search scores a group once and selects for many pattern lists: that must select what select_group does
+    when it scores by itself, for every pattern kind and with the C scores too."""
+    q, k, _ = qkv(2000, seed=3)
+    q = q[:, :3]
+    patterns = [
+        [HeadPattern("vertical_slash", 40, 120)] * 3,
+        # heads taking different numbers of columns: each must score with its own row
+        [HeadPattern("vertical_slash", 700, 300), HeadPattern("block_sparse", 3, 0), HeadPattern("a_shape", 16, 64)],
+        [HeadPattern("block_sparse", 2, 0)] * 3,
+    ]
+    ways = [False] + ([True] if native.unavailable_reason() is None else [])
+    for use_native in ways:
+        scores = last_rows_scores(q, k[:, 0], native=use_native)
+        for group in patterns:
+            alone = select_group(group, q, k[:, 0], 0, use_native)
+            shared = select_group(group, q, k[:, 0], 0, scores=scores)
+            assert torch.equal(alone.columns, shared.columns)
+            assert torch.equal(alone.offsets, shared.offsets)
+            assert (alone.blocks is None) == (shared.blocks is None)
+            assert alone.blocks is None or torch.equal(alone.blocks, shared.blocks)
+    with pytest.raises(ValueError, match="slash scores"):
+        select_group(patterns[0], q, k[:, 0], 0, scores=last_rows_scores(q, k[:, 0], slashes=False))
 
 
 def test_a_shape_keys_are_exactly_sinks_and_window_plus_tile_slack() -> None:

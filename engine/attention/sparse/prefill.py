@@ -37,6 +37,7 @@ TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept d
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
 DENSE_ABOVE = 0.75  # a KV group visiting more of the causal pairs than this runs dense (cheaper than gathering)
 DENSE_UP_TO = 2048  # a chunk seeing at most this many keys runs dense: estimating its pattern costs more than it saves
+LAST_QUERIES = 64  # a chunk's last queries whose attention estimates its pattern (MInference's last_q)
 
 
 @dataclass
@@ -52,13 +53,34 @@ def _is_dense(pattern: HeadPattern, length: int) -> bool:
     return pattern.kind == "a_shape" and pattern.a >= length
 
 
+def last_rows_scores(
+    q: torch.Tensor, k: torch.Tensor, slashes: bool = True, native: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Vertical (and, with `slashes`, slash) scores [Hg, L] of q's heads (q [n, Hg, D], its rows the last n
+    positions of k [L, D]) from their last 64 queries: `native.estimate_scores` in C where native and it takes
+    them, else `estimate.vertical_slash_scores` / `estimate.vertical_scores`."""
+    n = q.shape[0]
+    m = min(LAST_QUERIES, n)
+    q_last = q[n - m :].transpose(0, 1)
+    scores = estimate_scores(q_last, k, slashes) if native else None
+    if scores is not None:
+        return scores
+    return vertical_slash_scores(q_last, k) if slashes else (vertical_scores(q_last, k), None)
+
+
 def select_group(
-    patterns: Sequence[HeadPattern], q: torch.Tensor, k: torch.Tensor, q_start: int, native: bool = False
+    patterns: Sequence[HeadPattern],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    native: bool = False,
+    scores: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> GroupSelection:
     """Union of the keys the group's heads keep. q [n, Hg, D] (the group's query heads, positions q_start ..),
     k [L, D]. Vertical-slash heads are estimated together from the chunk's last 64 queries against every key
-    (native: their scores in C, as `native.estimate_scores`)."""
-    length, n = k.shape[0], q.shape[0]
+    (`last_rows_scores`; native: in C). `scores`: those of all Hg heads, computed once by a caller that selects for
+    several pattern lists over the same q and k (the search); their slash half is needed for vertical-slash heads."""
+    length = k.shape[0]
     cols = torch.zeros(length, dtype=torch.bool, device=q.device)
     offs = torch.zeros(length, dtype=torch.bool, device=q.device)
     blocks: torch.Tensor | None = None
@@ -67,16 +89,14 @@ def select_group(
     # which keys a later question will need (a passkey, a name), and static patterns would drop them.
     scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length)]
     if scored:
-        m = min(64, n)
-        q_last = q[n - m :, scored].transpose(0, 1)
         slashes = any(patterns[h].kind == "vertical_slash" for h in scored)  # else no diagonals to score
-        scores = estimate_scores(q_last, k, slashes) if native else None
-        if scores is not None:
-            vertical, slash = scores
-        elif slashes:
-            vertical, slash = vertical_slash_scores(q_last, k)
+        if scores is None:
+            vertical, slash = last_rows_scores(q[-LAST_QUERIES:, scored], k, slashes, native)
         else:
-            vertical, slash = vertical_scores(q_last, k), None
+            if slashes and scores[1] is None:
+                raise ValueError("select_group: vertical-slash heads need slash scores")
+            vertical = scores[0][scored]
+            slash = scores[1][scored] if slashes and scores[1] is not None else None
         for i, h in enumerate(scored):
             p = patterns[h]
             if p.kind == "vertical_slash" and slash is not None:

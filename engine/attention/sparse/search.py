@@ -16,9 +16,20 @@ from dataclasses import dataclass
 import torch
 
 from ...model.llama import Attention, Llama, apply_rope, prompt_logits
+from ...model.native import unavailable_reason
 from .config import HeadPattern
 from .estimate import LOCAL, SINKS
-from .prefill import BLOCK, DENSE_ABOVE, SLASH_GROUP, TILE, GroupSelection, key_matrix, select_group, visited_pairs
+from .prefill import (
+    BLOCK,
+    DENSE_ABOVE,
+    SLASH_GROUP,
+    TILE,
+    GroupSelection,
+    key_matrix,
+    last_rows_scores,
+    select_group,
+    visited_pairs,
+)
 
 
 def calibration_text(min_chars: int) -> str:
@@ -105,14 +116,20 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, tile: int = TILE) -> torch.Tenso
     return out
 
 
-def recall_of(mass: torch.Tensor, sel: GroupSelection, n: int) -> tuple[float, int]:
-    """(recall, causal pairs visited) of a selection for a whole prompt of n tokens, from tile_mass, as the engine
-    attends (a selection above DENSE_ABOVE of the pairs runs dense)."""
+def recall_of(masses: list[torch.Tensor], sel: GroupSelection, n: int) -> tuple[list[float], int]:
+    """(recall per head, causal pairs visited per head) of a group's selection for a whole prompt of n tokens, from
+    its heads' tile_mass, as the engine attends (a selection above DENSE_ABOVE of the pairs runs dense)."""
     keep = key_matrix(sel, 0, n, TILE)
     pairs, causal = visited_pairs(keep, 0, n, TILE), n * (n + 1) // 2
     if pairs > DENSE_ABOVE * causal:  # the engine runs such a group dense: all the mass, at dense cost
-        return 1.0, causal
-    return float((mass * keep).sum()) / n, pairs
+        return [1.0] * len(masses), causal
+    kept = keep.to(masses[0].dtype)
+    return [float((mass * kept).sum()) / n for mass in masses], pairs
+
+
+def _native_here(q: torch.Tensor) -> bool:
+    """Whether the estimation's scores can run in C for tensors like q (CPU float32, the kernels built)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and unavailable_reason() is None
 
 
 @dataclass
@@ -159,11 +176,11 @@ def search(
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
             masses = [tile_mass(q[:, h], k[:, g]) for h in hs]
+            scores = last_rows_scores(q[:, hs], k[:, g], native=_native_here(q))  # the same for every candidate
             options = []
             for cand in [c for scale in scales for c in candidates(max(64, round(budget * scale)))] + [dense]:
-                sel = select_group([cand] * group, q[:, hs], k[:, g], 0)
-                scored = [recall_of(mass, sel, n) for mass in masses]
-                options.append(_Option(cand, [r for r, _ in scored], scored[0][1]))
+                sel = select_group([cand] * group, q[:, hs], k[:, g], 0, scores=scores)
+                options.append(_Option(cand, *recall_of(masses, sel, n)))
             menus.append(_frontier(options))
         if progress is not None:
             progress(layer + 1, len(captured))
@@ -215,10 +232,9 @@ def evaluate(model: Llama, tokens: list[int], patterns: list[list[HeadPattern]])
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
             # the engine selects keys for the whole query group at once (union of its heads' patterns)
-            sel = select_group([patterns[layer][h] for h in hs], q[:, hs], k[:, g], 0)
-            for h in hs:
-                score, pairs = recall_of(tile_mass(q[:, h], k[:, g]), sel, n)
-                total += score
-                visited += pairs
-                heads += 1
+            sel = select_group([patterns[layer][h] for h in hs], q[:, hs], k[:, g], 0, _native_here(q))
+            recalls, pairs = recall_of([tile_mass(q[:, h], k[:, g]) for h in hs], sel, n)
+            total += sum(recalls)
+            visited += pairs * len(hs)
+            heads += len(hs)
     return total / heads, visited / (n * (n + 1) // 2 * heads)
