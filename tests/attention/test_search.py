@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from optimist.engine.attention.sparse.config import load_pattern_config
-from optimist.engine.attention.sparse.search import candidates, evaluate, search
+from optimist.engine.attention.sparse.search import candidates, evaluate, search, tile_masses
+from optimist.engine.model import native
 from optimist.engine.model.llama import Llama
 from optimist.engine.model.loader import load_model
 
@@ -71,3 +73,21 @@ def test_candidates_span_the_patterns() -> None:
     assert kinds.count("vertical_slash") == 5 and "a_shape" in kinds and "block_sparse" in kinds
     verticals = [c.a for c in candidates(512) if c.kind == "vertical_slash"]
     assert verticals == sorted(verticals)  # from all-slash to all-vertical
+
+
+@pytest.mark.parametrize("n", [64, 200, 333])  # whole tiles; a partial last tile
+def test_tile_masses_are_each_tiles_softmax_column_sums(n: int) -> None:
+    """Against the [n, n] causal softmax directly: tile t's row is the column sums of its rows' probabilities; the
+    C way (where it builds) gives the same."""
+    g = torch.Generator().manual_seed(n)
+    q, k = torch.randn(n, 3, 32, generator=g) * 2, torch.randn(n, 2, 32, generator=g)[:, 1]  # strided, as captured
+    scores = torch.einsum("ihd,jd->hij", q.double(), k.double()) / 32**0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [3, n, n]
+    tiles = -(-n // 64)
+    expected = torch.stack([probs[:, t * 64 : (t + 1) * 64].sum(dim=1) for t in range(tiles)], dim=1)
+    ways = [False] + ([True] if native.unavailable_reason() is None else [])
+    for use_native in ways:
+        got = tile_masses(q, k, 64, native=use_native)
+        assert got.shape == (3, tiles, n)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)

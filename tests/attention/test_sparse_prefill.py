@@ -10,14 +10,17 @@ from optimist.engine.attention.sparse import prefill
 from optimist.engine.attention.sparse.config import HeadPattern
 from optimist.engine.attention.sparse.estimate import estimate_vertical_slash
 from optimist.engine.attention.sparse.prefill import (
+    BLOCK,
     DENSE_ABOVE,
     NEEDLE_VERTICALS,
     SLASH_GROUP,
+    GroupSelection,
     key_matrix,
     last_rows_scores,
     select_group,
     sparse_prefill_attention,
     tile_keys,
+    visited_pairs,
 )
 from optimist.engine.attention.sparse.reference import (
     a_shape_mask,
@@ -104,6 +107,41 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
         torch.testing.assert_close(out[:, heads], ref, rtol=1e-4, atol=1e-5)
         visited += 3 * int(mask.sum())
     assert work == visited
+
+
+@pytest.mark.parametrize(
+    ("length", "n", "tile", "with_blocks"),
+    [(300, 300, 64, False), (500, 137, 64, True), (257, 257, 96, True), (130, 5, 7, False), (64, 64, 64, True)],
+)
+def test_key_matrix_and_visited_pairs_follow_their_definitions(
+    length: int, n: int, tile: int, with_blocks: bool
+) -> None:
+    """Against the definitions, key by key: tile t (rows [a, b) of a chunk at positions length - n ..) visits key j
+    if j < b and j is a kept column, or some kept offset o puts it on row r's diagonal (j = r - o for a row r of
+    the tile), or its block is kept for one of the tile's query blocks; pairs count (row, key) with key <= row."""
+    g = torch.Generator().manual_seed(length + n + tile)
+    q_start = length - n
+    columns, offsets = torch.rand(length, generator=g) < 0.05, torch.rand(length, generator=g) < 0.05
+    blocks = None
+    if with_blocks:
+        key_blocks = -(-length // BLOCK)
+        blocks = torch.rand(key_blocks - q_start // BLOCK, key_blocks, generator=g) < 0.2
+    keep = key_matrix(GroupSelection(columns, offsets, blocks), q_start, n, tile)
+    tiles = -(-n // tile)
+    assert keep.shape == (tiles, length)
+    pairs = 0
+    for t in range(tiles):
+        a, b = q_start + t * tile, min(q_start + n, q_start + (t + 1) * tile)
+        expected = torch.zeros(length, dtype=torch.bool)
+        for j in range(b):
+            on_diagonal = any(bool(offsets[r - j]) for r in range(max(a, j), b))
+            in_block = blocks is not None and any(
+                bool(blocks[r // BLOCK - q_start // BLOCK, j // BLOCK]) for r in range(a, b)
+            )
+            expected[j] = bool(columns[j]) or on_diagonal or in_block
+        assert torch.equal(keep[t], expected), t
+        pairs += sum(int(expected[: r + 1].sum()) for r in range(a, b))
+    assert visited_pairs(keep, q_start, n, tile) == pairs
 
 
 def test_selection_from_precomputed_scores_is_the_same() -> None:

@@ -119,29 +119,46 @@ def select_group(
     return GroupSelection(cols, offs, blocks)
 
 
+def _diagonal_ranges(offsets: torch.Tensor, q_start: int, n: int, tile: int) -> torch.Tensor:
+    """bool [tiles, L]: key j lies on a kept diagonal's range for tile t's rows [a, b), i.e. some kept offset o has
+    a - o <= j < b - o (o in [a - j, b - 1 - j]: a prefix-sum lookup). For whole tiles that depends on x = a - j
+    alone, so one window lookup over every x serves all tiles: tile t's row is a slice of it (a strided view, rows
+    `tile` apart); a partial last tile gets its own row."""
+    length = offsets.shape[0]
+    device = offsets.device
+    tiles = -(-n // tile)
+    prefix = torch.zeros(length + 1, dtype=torch.int32, device=device)
+    prefix[1:] = torch.cumsum(offsets.to(torch.int32), dim=0)
+    top = q_start + (tiles - 1) * tile  # the last tile's first row
+    # x = top - w for w = 0 .. (tiles - 1) * tile + L - 1; tile t, key j has w = (tiles - 1 - t) * tile + j
+    x = torch.arange(top, q_start - length, -1, device=device)
+    window = (prefix[(x + tile).clamp(0, length)] - prefix[x.clamp(0, length)]) > 0
+    out = window.unfold(0, length, tile).flip(0)  # row s of the view is tile tiles - 1 - s; flip copies
+    last = q_start + n - top
+    if last < tile:
+        j = torch.arange(length, device=device)
+        out[-1] = (prefix[(top + last - j).clamp(0, length)] - prefix[(top - j).clamp(0, length)]) > 0
+    return out
+
+
 def key_matrix(sel: GroupSelection, q_start: int, n: int, tile: int = TILE) -> torch.Tensor:
-    """bool [tiles, L]: the keys each tile of query rows visits (before causal masking). Key j is on a kept
-    diagonal's range for tile rows [a, b) if some kept offset o has a - o <= j < b - o, i.e. o in
-    [a - j, b - 1 - j]: a prefix-sum lookup."""
+    """bool [tiles, L]: the keys each tile of query rows visits (before causal masking within the tile; none at or
+    right of its end): its kept diagonals' ranges, the kept columns, the kept key blocks of its query blocks."""
     length = sel.columns.shape[0]
     device = sel.columns.device
     starts = q_start + torch.arange(0, n, tile, device=device)
     ends = (starts + tile).clamp(max=q_start + n)
-    j = torch.arange(length, device=device)
-    prefix = torch.zeros(length + 1, dtype=torch.int32, device=device)
-    prefix[1:] = torch.cumsum(sel.offsets.to(torch.int32), dim=0)
-    hi = (ends[:, None] - j[None, :]).clamp(min=0, max=length)
-    lo = (starts[:, None] - j[None, :]).clamp(min=0, max=length)
-    keep = ((prefix[hi] - prefix[lo]) > 0) | sel.columns[None, :]
+    keep = _diagonal_ranges(sel.offsets, q_start, n, tile)
+    keep |= sel.columns[None, :]
     if sel.blocks is not None:
         # block-sparse: the tile's query blocks' kept key blocks, expanded to keys
         first = q_start // BLOCK
         last_row = sel.blocks.shape[0] - 1
         r1 = (starts // BLOCK - first).clamp(0, last_row)
         r2 = ((ends - 1) // BLOCK - first).clamp(0, last_row)
-        kept = (sel.blocks[r1] | sel.blocks[r2]).repeat_interleave(BLOCK, dim=1)[:, :length]
-        keep |= kept
-    return keep & (j[None, :] < ends[:, None])
+        keep |= (sel.blocks[r1] | sel.blocks[r2]).repeat_interleave(BLOCK, dim=1)[:, :length]
+    keep &= torch.arange(length, device=device)[None, :] < ends[:, None]
+    return keep
 
 
 def tile_keys(sel: GroupSelection, a: int, b: int) -> torch.Tensor:
@@ -160,13 +177,16 @@ def keys_for_tile(sel: GroupSelection, a: int, b: int, q_start: int) -> torch.Te
 
 
 def visited_pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
-    """(row, key) pairs with key <= row that tiles visit, from the [T, L] key matrix (one head)."""
+    """(row, key) pairs with key <= row that tiles visit, from key_matrix's [T, L] (one head). A key left of tile
+    [a, b) is seen by all its b - a rows, key j inside it by the b - j rows at or after it: every kept key counts
+    b - a, less j - a for those inside."""
     device = keep.device
     starts = q_start + torch.arange(0, n, tile, device=device)
     ends = (starts + tile).clamp(max=q_start + n)
-    j = torch.arange(keep.shape[1], device=device)
-    rows_seeing = (ends[:, None] - torch.maximum(j[None, :], starts[:, None])).clamp(min=0)
-    return int((rows_seeing * keep).sum())
+    step = torch.arange(tile, device=device)
+    inner = starts[:, None] + step[None, :]  # [T, tile]: each tile's own rows' keys
+    inside = keep.gather(1, inner.clamp(max=keep.shape[1] - 1)) & (inner < ends[:, None])
+    return int(((ends - starts) * keep.sum(dim=1)).sum()) - int((inside * step[None, :]).sum())
 
 
 def _fused_cpu(device: torch.device) -> bool:
