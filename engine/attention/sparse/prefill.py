@@ -36,7 +36,7 @@ NEEDLE_VERTICALS = 256  # dynamic columns every non-dense head keeps (see select
 TILE = 64  # query rows per step of the CPU path: larger tiles widen each kept diagonal's key range
 SLASH_GROUP = 16  # the CPU path keeps diagonals in runs of this many offsets (see estimate_vertical_slash)
 DENSE_ABOVE = 0.75  # a KV group visiting more of the causal pairs than this runs dense (cheaper than gathering)
-DENSE_UP_TO = 2048  # a chunk seeing at most this many keys runs dense: estimating its pattern costs more than it saves
+DENSE_UP_TO = 2048  # a chunk seeing at most this many keys runs dense: sparsity saves little there (see below)
 LAST_QUERIES = 64  # a chunk's last queries whose attention estimates its pattern (MInference's last_q)
 
 
@@ -225,8 +225,9 @@ def sparse_prefill_attention(
     """q [n, Hq, D] (positions q_start ..), k/v [q_start + n, Hkv, D]. Returns (out [n, Hq, D], (row, key) pairs
     attended summed over heads: the work done, to compare with dense's).
 
-    A chunk seeing at most `dense_up_to` keys runs dense (on CPU, estimation and gathers cost what sparsity saves
-    there: the first 2K chunk of a 7K prompt took 1.7 s sparse, 1.4 s dense). Per KV group: a group with a dense
+    A chunk seeing at most `dense_up_to` keys runs dense (on CPU, estimation and gathers cost about what sparsity
+    saves there: the first 2K chunk of a 7K prompt took 1.7 s sparse, 1.4 s dense with torch's estimation and
+    batches; 1.20-1.39 s against 1.27-1.42 in C, within the noise). Per KV group: a group with a dense
     head, or whose selection visits more than `dense_above` of the causal pairs, runs dense (gathering nearly every
     key per tile costs more than computing the rest). Otherwise tiles run in batches of similar width (sorted by
     kept-key count, so little padding), one fused attention call per batch.
