@@ -51,6 +51,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     import torch
 
     from ..attention.sparse.config import pattern_config_for
+    from ..attention.sparse.prefill import TILE
     from ..attention.sparse.search import evaluate
     from ..config import EngineConfig
     from ..engine import Engine
@@ -98,17 +99,21 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
                     "sparse_vs_transformers": round(t_sparse / t_hf, 2)}  # fmt: skip
         recall, density = evaluate(sparse.model, ids, patterns)
         row |= {"recall": round(recall, 4), "density": round(density, 3)}
+        if args.chunk % TILE == 0:  # as the engine ran it: its chunks, its dense switches
+            recall, density = evaluate(sparse.model, ids, patterns, chunk=args.chunk)
+            row |= {"recall_as_run": round(recall, 4), "density_as_run": round(density, 3)}
         rows.append(row)
         print(row, file=sys.stderr)
     dense.shutdown()
     sparse.shutdown()
     headers = ["tokens", "dense s", "sparse s", "speed-up", "per pair", "transformers s", "sparse / transformers",
-               "recall", "keys visited", "answers (dense / sparse / transformers)"]  # fmt: skip
+               "recall", "keys visited", "as run: recall, keys", "answers (dense / sparse / transformers)"]  # fmt: skip
     table = markdown_table(
         headers,
         [
             [r["tokens"], r["dense_s"], r["sparse_s"], r["speedup"], r["speedup_range"], r.get("transformers_s", "-"),
              r.get("sparse_vs_transformers", "-"), r["recall"], r["density"],
+             f"{r['recall_as_run']}, {r['density_as_run']}" if "recall_as_run" in r else "-",
              " / ".join(repr(r[k].strip()) for k in ("dense_answer", "sparse_answer", "transformers_answer")
                         if k in r)]
             for r in rows

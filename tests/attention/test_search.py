@@ -68,6 +68,29 @@ def test_budget_buys_recall_and_is_respected(tiny_gguf: Path, monkeypatch: pytes
     assert abs(density_small - small.density) < 1e-6  # evaluate measures what search priced
 
 
+def test_evaluation_as_the_engine_chunks_the_prompt(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate(chunk=)` measures what the engine's chunked prefill computes: a prompt whose chunks all see at most
+    DENSE_UP_TO keys runs dense (all the mass, every pair); with that switch off, one chunk covering the prompt is
+    the whole-prompt measure, and chunks estimate their own patterns, which the measure follows."""
+    from optimist.engine.attention.sparse import prefill
+    from optimist.engine.attention.sparse import search as search_module
+
+    monkeypatch.setattr(prefill, "NEEDLE_VERTICALS", 16)  # scaled to the tiny model's 256-token context
+    model, loaded = _model(tiny_gguf)
+    tokens = loaded.tokenizer.encode("a tiny model reads this sentence again and again. " * 8)[:250]  # type: ignore[attr-defined]
+    patterns = search(model, tokens, budget=64).patterns
+    assert evaluate(model, tokens, patterns, chunk=128) == (1.0, 1.0)  # 250 tokens: below the dense switch
+    whole = evaluate(model, tokens, patterns)
+    assert whole[0] < 1.0 and whole[1] < 0.9
+    monkeypatch.setattr(search_module, "DENSE_UP_TO", 0)
+    one = evaluate(model, tokens, patterns, chunk=256)
+    assert one[0] == pytest.approx(whole[0], abs=1e-6) and one[1] == pytest.approx(whole[1], abs=1e-9)
+    chunked = evaluate(model, tokens, patterns, chunk=64)
+    assert 0.0 < chunked[0] <= 1.0 and 0.0 < chunked[1] <= 1.0 and chunked != one
+    with pytest.raises(ValueError, match="multiple of 64"):
+        evaluate(model, tokens, patterns, chunk=100)
+
+
 def test_candidates_span_the_patterns() -> None:
     kinds = [c.kind for c in candidates(512)]
     assert kinds.count("vertical_slash") == 5 and "a_shape" in kinds and "block_sparse" in kinds

@@ -22,6 +22,7 @@ from .estimate import LOCAL, SINKS
 from .prefill import (
     BLOCK,
     DENSE_ABOVE,
+    DENSE_UP_TO,
     SLASH_GROUP,
     TILE,
     GroupSelection,
@@ -127,15 +128,23 @@ def tile_masses(q: torch.Tensor, k: torch.Tensor, tile: int = TILE, native: bool
     return out
 
 
-def recall_of(masses: list[torch.Tensor], sel: GroupSelection, n: int) -> tuple[list[float], int]:
-    """(recall per head, causal pairs visited per head) of a group's selection for a whole prompt of n tokens, from
-    its heads' tile_masses, as the engine attends (a selection above DENSE_ABOVE of the pairs runs dense)."""
-    keep = key_matrix(sel, 0, n, TILE)
-    pairs, causal = visited_pairs(keep, 0, n, TILE), n * (n + 1) // 2
-    if pairs > DENSE_ABOVE * causal:  # the engine runs such a group dense: all the mass, at dense cost
-        return [1.0] * len(masses), causal
-    kept = keep.to(masses[0].dtype)
-    return [float((mass * kept).sum()) / n for mass in masses], pairs
+def _kept_mass(masses: torch.Tensor, sel: GroupSelection, q_start: int, n: int) -> tuple[list[float], int]:
+    """(mass kept per head, summed over the chunk's rows; causal pairs visited per head) of a group's selection for
+    a chunk of n rows at q_start, from its heads' tile_masses over those rows' tiles ([Hg, tiles, keys]), as the
+    engine attends: a selection above DENSE_ABOVE of the chunk's pairs runs dense (all the mass, at dense cost)."""
+    keep = key_matrix(sel, q_start, n, TILE)
+    pairs, causal = visited_pairs(keep, q_start, n, TILE), n * q_start + n * (n + 1) // 2
+    if pairs > DENSE_ABOVE * causal:
+        return [float(n)] * masses.shape[0], causal
+    kept = keep.to(masses.dtype)
+    return [float((mass[:, : keep.shape[1]] * kept).sum()) for mass in masses], pairs
+
+
+def recall_of(masses: torch.Tensor, sel: GroupSelection, n: int) -> tuple[list[float], int]:
+    """(recall per head, causal pairs visited per head) of a group's selection for a whole prompt of n tokens as one
+    chunk, from its heads' tile_masses [Hg, tiles, n]."""
+    kept, pairs = _kept_mass(masses, sel, 0, n)
+    return [m / n for m in kept], pairs
 
 
 def _native_here(q: torch.Tensor) -> bool:
@@ -187,7 +196,7 @@ def search(
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
             native = _native_here(q)
-            masses = list(tile_masses(q[:, hs], k[:, g], native=native))
+            masses = tile_masses(q[:, hs], k[:, g], native=native)
             scores = last_rows_scores(q[:, hs], k[:, g], native=native)  # the same for every candidate
             options = []
             for cand in [c for scale in scales for c in candidates(max(64, round(budget * scale)))] + [dense]:
@@ -234,20 +243,36 @@ def _frontier(options: list[_Option]) -> list[_Option]:
     return out
 
 
-def evaluate(model: Llama, tokens: list[int], patterns: list[list[HeadPattern]]) -> tuple[float, float]:
-    """(mean recall, density) of `patterns` on `tokens`, as the engine's sparse path would attend."""
+def evaluate(
+    model: Llama, tokens: list[int], patterns: list[list[HeadPattern]], chunk: int | None = None
+) -> tuple[float, float]:
+    """(mean recall, density) of `patterns` on `tokens`, as the engine's sparse path attends: the whole prompt as
+    one prefill chunk (the patterns' own measure, as the search scores them), or with `chunk` as the engine's
+    chunked prefill runs it: chunks of that many tokens, each estimating its own pattern from its last queries
+    against the keys it sees; a chunk seeing at most DENSE_UP_TO keys, and a group with a dense head or visiting
+    more than DENSE_ABOVE of its chunk's pairs, run dense (all their mass)."""
+    if chunk is not None and (chunk < TILE or chunk % TILE):
+        raise ValueError(f"chunk must be a positive multiple of {TILE} tokens, got {chunk}")
     captured = capture_qk(model, tokens)
     n = len(tokens)
+    spans = [(0, n)] if chunk is None else [(c, min(n, c + chunk)) for c in range(0, n, chunk)]
     group = model.config.num_heads // model.config.num_kv_heads
-    total, visited, heads = 0.0, 0, 0
+    kept, visited = 0.0, 0
     for layer, (q, k) in enumerate(captured):
         for g in range(k.shape[1]):
             hs = list(range(g * group, (g + 1) * group))
-            # the engine selects keys for the whole query group at once (union of its heads' patterns)
             native = _native_here(q)
-            sel = select_group([patterns[layer][h] for h in hs], q[:, hs], k[:, g], 0, native)
-            recalls, pairs = recall_of(list(tile_masses(q[:, hs], k[:, g], native=native)), sel, n)
-            total += sum(recalls)
-            visited += pairs * len(hs)
-            heads += len(hs)
-    return total / heads, visited / (n * (n + 1) // 2 * heads)
+            masses = tile_masses(q[:, hs], k[:, g], native=native)
+            for c0, c1 in spans:
+                rows = c1 - c0
+                if chunk is not None and c1 <= DENSE_UP_TO:
+                    kept += rows * len(hs)
+                    visited += (rows * c0 + rows * (rows + 1) // 2) * len(hs)
+                    continue
+                # the engine selects keys for the whole query group at once (union of its heads' patterns)
+                sel = select_group([patterns[layer][h] for h in hs], q[c0:c1, hs], k[:c1, g], c0, native)
+                got, pairs = _kept_mass(masses[:, c0 // TILE : -(-c1 // TILE)], sel, c0, rows)
+                kept += sum(got)
+                visited += pairs * len(hs)
+    heads = len(captured) * model.config.num_heads
+    return kept / (n * heads), visited / (n * (n + 1) // 2 * heads)
