@@ -216,7 +216,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_search_patterns(args: argparse.Namespace) -> int:
     from .attention.sparse.config import save_pattern_config
-    from .attention.sparse.search import calibration_text, evaluate, search
+    from .attention.sparse.search import calibration_text, evaluate, records_text, search
     from .model.llama import Llama
     from .model.loader import load_model
 
@@ -234,15 +234,22 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
     model.load_weights(loaded.weights)
     model.eval()
     model.init_rope()
-    text = args.prompt_file.read_text() if args.prompt_file else calibration_text(args.length * 4)
-    tokens = loaded.tokenizer.encode(text)[: min(args.length, loaded.config.context_length)]
-    if len(tokens) < 128:
-        raise ConfigError(f"the calibration prompt has {len(tokens)} tokens; give at least 128")
-    print(f"search-patterns: {len(tokens)} calibration tokens, budget {args.budget} keys per row", file=sys.stderr)
-    result = search(model, tokens, args.budget, progress=_Progress("layers searched"), target_recall=args.target_recall)
+    if args.prompt_file:
+        texts = [f.read_text() for f in args.prompt_file]
+    else:  # prose and structured records: heads whose attention follows the prompt show on the pair
+        texts = [calibration_text(args.length * 4), records_text(args.length * 4)]
+    prompts = [loaded.tokenizer.encode(t)[: min(args.length, loaded.config.context_length)] for t in texts]
+    for prompt, text in zip(prompts, args.prompt_file or ["the built-in calibration text"], strict=False):
+        if len(prompt) < 128:
+            raise ConfigError(f"{text}: the calibration prompt has {len(prompt)} tokens; give at least 128")
+    tokens = prompts[0]
+    print(f"search-patterns: {' + '.join(str(len(p)) for p in prompts)} calibration tokens, budget {args.budget} "
+          "keys per row", file=sys.stderr)  # fmt: skip
+    result = search(model, tokens, args.budget, progress=_Progress("layers searched"),
+                    target_recall=args.target_recall, also=prompts[1:])  # fmt: skip
     save_pattern_config(args.output, result.patterns)
     scores = [p.score for layer in result.patterns for p in layer]
-    summary = {"output": str(args.output), "tokens": len(tokens), "budget": args.budget,
+    summary = {"output": str(args.output), "tokens": [len(p) for p in prompts], "budget": args.budget,
                "target_recall": args.target_recall,
                "density": round(result.density, 4), "mean_recall": round(sum(scores) / len(scores), 4),
                "min_recall": min(scores)}  # fmt: skip
@@ -310,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("search-patterns", help="choose each head's sparse-prefill pattern on a calibration prompt")
     sp.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2)")
     sp.add_argument("--output", type=Path, required=True, help="pattern file to write (MInference's JSON format)")
-    sp.add_argument("--prompt-file", type=Path, default=None, help="calibration text (default: built-in long text)")
+    sp.add_argument(
+        "--prompt-file",
+        type=Path,
+        action="append",
+        help="calibration text; repeat for several (default: built-in prose and a built-in structured log)",
+    )
     sp.add_argument("--length", type=int, default=4096, help="calibration tokens (the prompt is cut to this)")
     sp.add_argument("--budget", type=int, default=1024, help="keys per query row every candidate may visit")
     sp.add_argument(

@@ -28,9 +28,11 @@ def test_reads_published_names_and_defaults_uncovered_heads(tmp_path: Path) -> N
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    patterns = [[HeadPattern("a_shape", 64, 1024, 0.2), HeadPattern("vertical_slash", 30, 2048, 0.9)]]
+    patterns = [[HeadPattern("a_shape", 64, 1024, 0.2), HeadPattern("vertical_slash", 30, 2048, 0.9)],
+                [HeadPattern("coverage", 800, 950, 0.97), HeadPattern("block_sparse", 8, 0, 0.5)]]  # fmt: skip
     save_pattern_config(tmp_path / "p.json", patterns)
-    assert load_pattern_config(tmp_path / "p.json", 1, 2) == patterns
+    assert load_pattern_config(tmp_path / "p.json", 2, 2) == patterns
+    assert json.loads((tmp_path / "p.json").read_text())[1]["0"] == ["vertical_and_slash_coverage", 800, 950, 0.97]
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,8 @@ def test_round_trip(tmp_path: Path) -> None:
         ('[{"0": ["dense", 1, 2, 0.1]}]', "layer 0, head 0: unknown pattern 'dense'"),
         ('[{"7": ["vertical_and_slash", 1, 2, 0.1]}]', "layer 0, head 7: head index outside 0..1"),
         ('[{"1": ["vertical_and_slash", -1, 2, 0.1]}]', "layer 0, head 1: budgets must be non-negative"),
+        ('[{"0": ["vertical_and_slash_coverage", 800, 1200, 0.1]}]', "layer 0, head 0: coverage must be per mille"),
+        ('[{"0": ["vertical_and_slash_coverage", 0, 900]}]', "layer 0, head 0: coverage must be per mille"),
         ("[{}, {}, {}]", "3 layers, the model has 2"),
         ("not json", "cannot read pattern config"),
     ],

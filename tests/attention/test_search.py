@@ -40,12 +40,12 @@ def test_search_patterns_cli_writes_a_loadable_file(tiny_gguf: Path, tmp_path: P
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["tokens"] == 240 and summary["budget"] == 96
+    assert summary["tokens"] == [240] and summary["budget"] == 96
     assert 0.0 < summary["mean_recall"] <= 1.0 and 0.0 < summary["density"] <= 1.0
     assert 0.0 < summary["eval_recall"] <= 1.0
     model, _ = _model(tiny_gguf)
     patterns = load_pattern_config(out, model.config.num_layers, model.config.num_heads)
-    assert all(p.kind in {"vertical_slash", "a_shape", "block_sparse"} for layer in patterns for p in layer)
+    assert all(p.kind in {"vertical_slash", "a_shape", "block_sparse", "coverage"} for layer in patterns for p in layer)
     raw = json.loads(out.read_text())  # MInference's format: a list of {head: [pattern, a, b, score]}
     assert len(raw) == model.config.num_layers and set(raw[0]) == {str(h) for h in range(model.config.num_heads)}
 
@@ -66,6 +66,25 @@ def test_budget_buys_recall_and_is_respected(tiny_gguf: Path, monkeypatch: pytes
     recall_small, density_small = evaluate(model, tokens, small.patterns)
     assert recall_small < 1.0 and density_small < 0.9
     assert abs(density_small - small.density) < 1e-6  # evaluate measures what search priced
+
+
+def test_search_over_several_prompts_scores_their_mean(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `also`, an option's recall is its mean over the prompts and its cost their pairs summed: the same
+    prompt twice changes nothing; two prompts give each head the mean of its recalls there, as evaluated."""
+    from optimist.engine.attention.sparse import prefill
+
+    monkeypatch.setattr(prefill, "NEEDLE_VERTICALS", 16)  # scaled to the tiny model's 256-token context
+    model, loaded = _model(tiny_gguf)
+    first = loaded.tokenizer.encode("a tiny model reads this sentence again and again. " * 8)[:250]  # type: ignore[attr-defined]
+    second = loaded.tokenizer.encode("numbers 12 34 56 and letters x y z, over and over; " * 9)[:230]  # type: ignore[attr-defined]
+    alone = search(model, first, budget=96)
+    assert search(model, first, budget=96, also=[first]) == alone
+    both = search(model, first, budget=96, also=[second])
+    (r1, d1), (r2, d2) = evaluate(model, first, both.patterns), evaluate(model, second, both.patterns)
+    scores = [p.score for layer in both.patterns for p in layer]
+    assert sum(scores) / len(scores) == pytest.approx((r1 + r2) / 2, abs=1e-3)  # scores are rounded to 4 places
+    c1, c2 = 250 * 251 // 2, 230 * 231 // 2
+    assert both.density == pytest.approx((d1 * c1 + d2 * c2) / (c1 + c2), abs=1e-9)
 
 
 def test_evaluation_as_the_engine_chunks_the_prompt(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

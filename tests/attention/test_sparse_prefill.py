@@ -48,6 +48,7 @@ FULL = [
     HeadPattern("a_shape", 10_000, 10_000),
     HeadPattern("vertical_slash", 10_000, 10_000),
     HeadPattern("block_sparse", 10_000, 0),
+    HeadPattern("coverage", 1000, 1000),
 ]
 
 
@@ -198,6 +199,26 @@ def test_vertical_slash_selection_is_a_superset_of_its_estimate() -> None:
         row_keys = torch.zeros(n, dtype=torch.bool)
         row_keys[tile_keys(sel, a, b)] = True
         assert bool((row_keys[None, :] | ~exact[a:b]).all())
+
+
+def test_coverage_selection_is_a_superset_of_its_estimate_and_adapts_its_size() -> None:
+    from optimist.engine.attention.sparse.estimate import pick_coverage, vertical_slash_scores
+
+    n = 600
+    q, k, _ = qkv(n, hq=1, hkv=1, seed=3)
+    pattern = HeadPattern("coverage", 700, 800)
+    sel = select_group([pattern], q, k[:, 0], 0)
+    vertical, slash = vertical_slash_scores(q[-64:, 0][None], k[:, 0])
+    columns, offsets = pick_coverage(vertical[0], slash[0], 0.7, 0.8, slash_group=SLASH_GROUP)
+    assert sel.columns.nonzero().squeeze(1).tolist() == columns.tolist()  # no dynamic verticals added
+    assert sel.offsets.nonzero().squeeze(1).tolist() == offsets.tolist()
+    exact = vertical_slash_mask(n, columns, offsets)
+    for a in range(0, n, 128):
+        row_keys = torch.zeros(n, dtype=torch.bool)
+        row_keys[tile_keys(sel, a, min(n, a + 128))] = True
+        assert bool((row_keys[None, :] | ~exact[a : a + 128]).all())
+    wider = select_group([HeadPattern("coverage", 950, 950)], q, k[:, 0], 0)
+    assert bool((wider.columns >= sel.columns).all()) and int(wider.columns.sum()) > int(sel.columns.sum())
 
 
 def test_work_shrinks_with_the_budget_and_chunk_estimation_uses_the_prefix() -> None:

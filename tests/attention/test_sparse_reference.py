@@ -140,6 +140,36 @@ def test_vertical_slash_estimator_recovers_planted_columns_and_diagonals() -> No
     assert len(columns) == 40 and len(offsets) == 110
 
 
+def test_covering_count_takes_the_fewest_largest_entries_reaching_the_share() -> None:
+    from optimist.engine.attention.sparse.estimate import covering_count
+
+    scores = torch.tensor([[5.0, 1.0, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert covering_count(scores, 0.7).tolist() == [2, 3]  # 5 + 3 reach 7 of 10; three quarters reach 2.8 of 4
+    assert covering_count(scores, 0.5).tolist() == [1, 2]
+    assert covering_count(scores, 1.0).tolist() == [4, 4]  # everything, whatever the rounding of the sums
+
+
+def test_coverage_budgets_follow_the_prompt_and_keep_planted_lines() -> None:
+    """Coverage picks as many columns and diagonals as the estimated mass needs: a head whose queries all look at
+    one key keeps few, a head with diffuse attention many; the planted lines, sinks and window are always in."""
+    from optimist.engine.attention.sparse.estimate import pick_coverage, vertical_slash_scores
+
+    def pick(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vertical, slash = vertical_slash_scores(q[-64:][None], k)
+        return pick_coverage(vertical[0], slash[0], 0.8, 0.8)
+
+    q, k = planted_column(column=300)
+    columns, offsets = pick(q, k)
+    assert 300 in columns.tolist()
+    assert set(range(30)) <= set(columns.tolist()) and set(range(100)) <= set(offsets.tolist())
+    g = torch.Generator().manual_seed(1)
+    diffuse_columns, diffuse_offsets = pick(torch.randn(512, 32, generator=g) * 0.1, torch.randn(512, 32, generator=g))
+    assert len(columns) < 40 < len(diffuse_columns), "concentrated: sinks and the planted column; diffuse: many"
+    q, k = planted_diagonal(offset=150)
+    columns, offsets = pick(q, k)
+    assert 150 in offsets.tolist() and len(offsets) < len(diffuse_offsets)
+
+
 @pytest.mark.parametrize(("m", "length"), [(64, 300), (64, 64), (17, 200), (1, 40), (5, 5)])
 def test_vertical_and_slash_scores_sum_the_last_rows_causal_softmax(m: int, length: int) -> None:
     """Column and diagonal sums against a brute-force softmax of the last m queries (positions L - m ..)."""

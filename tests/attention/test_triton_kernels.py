@@ -173,7 +173,8 @@ def test_kernels_refuse_shapes_they_cannot_run() -> None:
 # ------------------------------------------------------------------ the CUDA path: estimation, indices, kernels
 
 
-def test_gpu_path_reproduces_dense_attention_for_dense_heads_and_full_budgets() -> None:
+@pytest.mark.parametrize("fourth", ["sinks", "coverage"])
+def test_gpu_path_reproduces_dense_attention_for_dense_heads_and_full_budgets(fourth: str) -> None:
     from optimist.engine.attention.sparse.config import HeadPattern
     from optimist.engine.attention.sparse.gpu import sparse_prefill_attention_triton
 
@@ -187,14 +188,15 @@ def test_gpu_path_reproduces_dense_attention_for_dense_heads_and_full_budgets() 
             HeadPattern("a_shape", 10_000, 10_000),  # dense
             HeadPattern("vertical_slash", 10_000, 10_000),
             HeadPattern("block_sparse", 10_000, 0),
-            HeadPattern("a_shape", length, 64),  # sinks cover everything: dense too
+            # sinks cover everything: dense too; or all the estimated mass of columns and diagonals
+            HeadPattern("a_shape", length, 64) if fourth == "sinks" else HeadPattern("coverage", 1000, 1000),
         ]
         got = sparse_prefill_attention_triton(*on_device(q, k, v), q_start, patterns).cpu()
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block", [64, 128])
-def test_gpu_path_matches_the_reference_on_its_own_plan(block: int) -> None:
+@pytest.mark.parametrize(("block", "fourth"), [(64, "vertical_slash"), (128, "vertical_slash"), (64, "coverage")])
+def test_gpu_path_matches_the_reference_on_its_own_plan(block: int, fourth: str) -> None:
     from optimist.engine.attention.sparse.config import HeadPattern
     from optimist.engine.attention.sparse.gpu import plan, run
 
@@ -204,7 +206,7 @@ def test_gpu_path_matches_the_reference_on_its_own_plan(block: int) -> None:
         HeadPattern("vertical_slash", 40, 120),
         HeadPattern("a_shape", 16, 64),
         HeadPattern("block_sparse", 3, 0),
-        HeadPattern("vertical_slash", 120, 150),
+        HeadPattern("vertical_slash", 120, 150) if fourth == "vertical_slash" else HeadPattern("coverage", 600, 700),
     ]
     sparse = plan(q, k, q_start, patterns, block)
     assert sparse.vs is not None and sparse.vs.block == block

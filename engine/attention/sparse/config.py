@@ -2,7 +2,13 @@
 a list with one object per layer mapping the head index (a string) to `[pattern, a, b, score]`, where pattern is
 "vertical_and_slash" (a = k_v columns, b = k_s diagonals), "stream_llm" or "a_shape" (a = n_init sink columns,
 b = n_local window) or "block_sparse" (a = key blocks kept per query block). Heads a file does not cover get the
-spec's default: vertical-slash with k_v = 1000, k_s = 6096."""
+spec's default: vertical-slash with k_v = 1000, k_s = 6096.
+
+Ours, beyond MInference's names: "vertical_and_slash_coverage" (a, b in per mille, at most 1000): vertical-slash
+whose budgets adapt to each prompt, as FlexPrefill's cumulative threshold: the fewest columns whose estimated
+attention mass reaches a/1000 of the head's, and the fewest diagonals whose mass reaches b/1000 (sinks and the
+local window always kept). A fixed k_v, k_s fits the text a search calibrated on; on a prompt whose attention is
+more (or less) concentrated, coverage keeps the same share of it."""
 
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ from pathlib import Path
 from ...config import ModelConfig
 
 _KINDS = {"vertical_and_slash": "vertical_slash", "stream_llm": "a_shape", "a_shape": "a_shape",
-          "block_sparse": "block_sparse"}  # fmt: skip
-_NAMES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm", "block_sparse": "block_sparse"}
+          "block_sparse": "block_sparse", "vertical_and_slash_coverage": "coverage"}  # fmt: skip
+_NAMES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm", "block_sparse": "block_sparse",
+          "coverage": "vertical_and_slash_coverage"}  # fmt: skip
+PER_MILLE = 1000  # coverage patterns' a and b: shares of the estimated mass, in thousandths
 
 
 class PatternConfigError(ValueError):
@@ -23,7 +31,7 @@ class PatternConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HeadPattern:
-    kind: str  # vertical_slash | a_shape | block_sparse
+    kind: str  # vertical_slash | a_shape | block_sparse | coverage (vertical-slash, budgets by mass: a, b per mille)
     a: int
     b: int
     score: float = 0.0
@@ -57,6 +65,8 @@ def load_pattern_config(path: Path, num_layers: int, num_heads: int) -> list[lis
             a, b = entry[1], entry[2]
             if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b)):
                 raise PatternConfigError(f"{where}: budgets must be non-negative integers, got {a!r}, {b!r}")
+            if kind == "coverage" and not (0 < a <= PER_MILLE and 0 < b <= PER_MILLE):
+                raise PatternConfigError(f"{where}: coverage must be per mille in 1..{PER_MILLE}, got {a!r}, {b!r}")
             score = float(entry[3]) if len(entry) > 3 else 0.0
             out[layer][int(key)] = HeadPattern(kind, a, b, score)
     return out

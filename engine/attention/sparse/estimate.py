@@ -79,6 +79,36 @@ def pick_vertical_slash(
     return columns, diagonals[diagonals < n].sort().values
 
 
+def covering_count(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Per row of scores [..., L] (non-negative): how many of its largest entries it takes for their sum to reach
+    `share` of the row's total (at least 1; every entry for a share of 1 or more): [...] long."""
+    if share >= 1:
+        return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
+    ranked = scores.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+    return ((ranked < share * ranked[..., -1:]).sum(dim=-1) + 1).clamp(max=scores.shape[-1])
+
+
+def pick_coverage(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    vertical_share: float,
+    slash_share: float,
+    sinks: int = SINKS,
+    local: int = LOCAL,
+    slash_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As pick_vertical_slash, with budgets from the scores themselves: the fewest columns whose scores reach
+    `vertical_share` of the head's total, and the fewest diagonals (runs of `slash_group`) whose scores reach
+    `slash_share` (the first `sinks` columns and nearest `local` offsets kept besides)."""
+    n = vertical.shape[0]
+    k_v = int(covering_count(vertical, vertical_share))
+    runs = -(-n // slash_group)
+    pooled = torch.nn.functional.pad(slash, (0, runs * slash_group - n)).view(runs, slash_group).sum(dim=1)
+    k_s = int(covering_count(pooled, slash_share)) * slash_group
+    columns, offsets = pick_vertical_slash(vertical, slash, k_v + sinks, k_s + local, sinks, local, slash_group)
+    return columns, offsets
+
+
 def estimate_vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,6 +9,8 @@ heads, into one output. Same choices as the CPU path, per head rather than per K
   (the first 30 forced) and the top max(k_s, 100) diagonals (the nearest 100 forced), as MInference keeps them.
 - A-shape: the first k_v columns and the nearest max(k_s, 64) diagonals, plus 256 estimated columns (as the CPU
   path adds: a passkey or a name a later question needs is a column that no static pattern holds).
+- coverage (vertical-slash with budgets from the scores): the first 30 columns and nearest 100 diagonals, then
+  the fewest further columns and diagonals whose scores reach the head's shares (per mille) of its totals.
 - dense (an A-shape head whose sinks cover the whole context, as `search-patterns` writes for heads that need
   everything): every diagonal, no columns.
 - block-sparse: mean-pooled 64-query blocks of the chunk against 64-key blocks, causal at block level, the top k_v
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import HeadPattern
-from .estimate import LOCAL, SINKS, vertical_scores, vertical_slash_scores
+from .config import PER_MILLE, HeadPattern
+from .estimate import LOCAL, SINKS, covering_count, vertical_scores, vertical_slash_scores
 from .index import BlockSparseIndex, VerticalSlashIndex, build_block_sparse_index, build_vertical_slash_index
 from .prefill import NEEDLE_VERTICALS
 
@@ -99,6 +101,8 @@ def _vertical_slash_index(
         elif p.kind == "a_shape":
             window = max(p.b, block)
             c_forced, c_count, o_forced, o_count = p.a, p.a + NEEDLE_VERTICALS, window, window
+        elif p.kind == "coverage":  # counts follow the scores (below); estimated like vertical-slash
+            c_forced, c_count, o_forced, o_count = SINKS, SINKS + 1, max(LOCAL, block), max(LOCAL, block)
         else:
             c_forced, c_count = SINKS, max(p.a, NEEDLE_VERTICALS, SINKS)
             o_forced, o_count = max(LOCAL, block), max(p.b, LOCAL, block)
@@ -107,6 +111,11 @@ def _vertical_slash_index(
     budgets = torch.tensor([budget(patterns[h]) for h in heads], device=device)
     needs = [int(budgets[i, 1]) > int(budgets[i, 0]) for i in range(len(heads))]
     vertical, slash = _scores(q, k, heads, needs)
+    for i, h in enumerate(heads):
+        p = patterns[h]
+        if p.kind == "coverage":  # the forced ones, then the fewest that reach the head's share of its scores
+            budgets[i, 1] = (budgets[i, 0] + covering_count(vertical[i], p.a / PER_MILLE)).clamp(max=length)
+            budgets[i, 3] = (budgets[i, 2] + covering_count(slash[i], p.b / PER_MILLE)).clamp(max=length)
     columns = _topk_with_forced(vertical, budgets[:, 0], budgets[:, 1]) if int(budgets[:, 1].max()) else None
     offsets = _topk_with_forced(slash, budgets[:, 2], budgets[:, 3])
     if columns is None:
@@ -166,7 +175,7 @@ def plan(
     if len(patterns) != hq:
         raise ValueError(f"{len(patterns)} head patterns for {hq} query heads")
     for p in patterns:
-        if p.kind not in ("vertical_slash", "a_shape", "block_sparse"):
+        if p.kind not in ("vertical_slash", "a_shape", "block_sparse", "coverage"):
             raise ValueError(f"unknown sparse pattern {p.kind!r}")
     vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
     bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]

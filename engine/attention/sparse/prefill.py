@@ -22,9 +22,10 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ...model.native import PREFILL_KEYS, estimate_scores, prefill_attention, sparse_attention
 from ..cpu import bottom_right_causal_attention
-from .config import HeadPattern
+from .config import PER_MILLE, HeadPattern
 from .estimate import (
     estimate_block_sparse_mask,
+    pick_coverage,
     pick_vertical_slash,
     top_columns,
     vertical_scores,
@@ -86,10 +87,11 @@ def select_group(
     blocks: torch.Tensor | None = None
     # Every head that is not dense gets dynamic verticals: at least NEEDLE_VERTICALS columns its last queries weigh
     # most (for vertical-slash heads, its own k_v when larger). Averaged recall on calibration text cannot show
-    # which keys a later question will need (a passkey, a name), and static patterns would drop them.
+    # which keys a later question will need (a passkey, a name), and static patterns would drop them. Coverage heads
+    # keep the columns holding their share of that estimate instead, however many that takes on this prompt.
     scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length)]
     if scored:
-        slashes = any(patterns[h].kind == "vertical_slash" for h in scored)  # else no diagonals to score
+        slashes = any(patterns[h].kind in ("vertical_slash", "coverage") for h in scored)  # else no diagonals
         if scores is None:
             vertical, slash = last_rows_scores(q[-LAST_QUERIES:, scored], k, slashes, native)
         else:
@@ -103,6 +105,9 @@ def select_group(
                 k_v = max(p.a, NEEDLE_VERTICALS)
                 c, o = pick_vertical_slash(vertical[i], slash[i], k_v, p.b, slash_group=SLASH_GROUP)
                 offs[o] = True
+            elif p.kind == "coverage" and slash is not None:
+                c, o = pick_coverage(vertical[i], slash[i], p.a / PER_MILLE, p.b / PER_MILLE, slash_group=SLASH_GROUP)
+                offs[o] = True
             else:
                 c = top_columns(vertical[i], NEEDLE_VERTICALS)
             cols[c] = True
@@ -113,7 +118,7 @@ def select_group(
         elif pattern.kind == "block_sparse":
             b = estimate_block_sparse_mask(q[:, h], k, BLOCK, pattern.a)  # the chunk's query blocks
             blocks = b if blocks is None else blocks | b
-        elif pattern.kind != "vertical_slash":
+        elif pattern.kind not in ("vertical_slash", "coverage"):
             raise ValueError(f"unknown sparse pattern {pattern.kind!r}")
     offs[: min(TILE, length)] = True  # each tile's own diagonal block: the fused kernel's causal alignment needs it
     return GroupSelection(cols, offs, blocks)

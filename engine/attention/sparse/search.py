@@ -10,7 +10,7 @@ path really visits for the pattern (its tile supersets included), so the score i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,31 @@ def calibration_text(min_chars: int) -> str:
                 break
     text = "".join(parts)[:min_chars]
     return text + "\nQuestion: what is the secret code hidden in the documentation above? Answer: the code is"
+
+
+def records_text(min_chars: int) -> str:
+    """Structured calibration text: a service log of similar records (timestamps, hosts, status, durations), as long
+    prompts often are (logs, tables, code, few-shot examples), with a retrieval question at the end. Attention over
+    repeated structure is far more concentrated than over prose; a search over prose alone cannot see which heads'
+    budgets should follow the prompt. Deterministic (a seeded generator)."""
+    import random
+
+    rng = random.Random(1234)
+    hosts = ["api-1", "api-2", "db-main", "cache-3", "worker-7", "gateway"]
+    actions = ["GET /orders", "POST /login", "GET /search", "PUT /cart", "DELETE /session", "GET /health"]
+    levels = ["INFO", "INFO", "INFO", "WARN", "ERROR"]
+    lines = ["Below is a service log. One record holds the deployment code.\n"]
+    total, i, secret = 0, 0, max(1, min_chars // 140)  # the code's record: about mid-way (~70 characters a record)
+    while total < min_chars:
+        i += 1
+        line = (f"{i:06d} 2026-03-{1 + i // 2000:02d} {rng.randrange(24):02d}:{rng.randrange(60):02d}:"
+                f"{rng.randrange(60):02d} {rng.choice(hosts)} {rng.choice(levels)} {rng.choice(actions)} "
+                f"status={rng.choice((200, 200, 200, 404, 500))} took {rng.randrange(1, 999)} ms\n")  # fmt: skip
+        if i == secret:
+            line = f"{i:06d} 2026-03-01 09:15:00 deploy INFO deployment code is 71604\n"
+        lines.append(line)
+        total += len(line)
+    return "".join(lines)[:min_chars] + "\nQuestion: what is the deployment code in the log above? Answer: it is"
 
 
 def candidates(budget: int) -> list[HeadPattern]:
@@ -170,6 +195,9 @@ class _Option:
 
 
 BUDGET_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+# coverage candidates (vertical, slash shares of the estimated mass, per mille): their cost follows the prompt
+COVERAGES = ((500, 600), (600, 700), (700, 700), (700, 800), (800, 800), (800, 850), (800, 900), (900, 900),
+             (900, 950), (950, 950))  # fmt: skip
 
 
 def search(
@@ -179,34 +207,53 @@ def search(
     progress: Callable[[int, int], None] | None = None,
     scales: tuple[float, ...] = BUDGET_SCALES,
     target_recall: float | None = None,
+    also: Sequence[list[int]] = (),
 ) -> SearchResult:
-    """Per KV group, a pattern for its heads on `tokens` (the whole prompt as one prefill chunk).
+    """Per KV group, a pattern for its heads on `tokens` (the whole prompt as one prefill chunk), and on the
+    prompts `also` holds: an option's recall is then its mean over the prompts, its cost their pairs summed.
 
     Ours, beyond MInference's fixed per-head budget: every group gets candidates at several budgets (`scales` times
-    `budget`, and dense), and the budget is spent where it buys recall. Each group starts at its best cheapest
-    option; then the upgrade with the most recall per extra key visited is taken, again and again, while the mean
-    cost stays within `budget` keys per row, or, with `target_recall`, until the mean recall reaches it (whatever
-    that costs). Concentrated heads stay cheap; diffuse ones (often the first layers) get wide or dense attention."""
-    captured = capture_qk(model, tokens)
-    n = len(tokens)
+    `budget`, coverage candidates whose budgets follow the prompt, and dense), and the budget is spent where it buys
+    recall. Each group starts at its best cheapest option; then the upgrade with the most recall per extra key
+    visited is taken, again and again, while the mean cost stays within `budget` keys per row, or, with
+    `target_recall`, until the mean recall reaches it (whatever that costs). Concentrated heads stay cheap; diffuse
+    ones (often the first layers) get wide or dense attention."""
+    prompts = [tokens, *also]
     group = model.config.num_heads // model.config.num_kv_heads
     dense = HeadPattern("a_shape", 1 << 20, 1 << 20)  # every key, at any prompt length
-    menus: list[list[_Option]] = []  # per (layer, group): options by increasing cost, each better than the last
-    for layer, (q, k) in enumerate(captured):
-        for g in range(k.shape[1]):
-            hs = list(range(g * group, (g + 1) * group))
-            native = _native_here(q)
-            masses = tile_masses(q[:, hs], k[:, g], native=native)
-            scores = last_rows_scores(q[:, hs], k[:, g], native=native)  # the same for every candidate
-            options = []
-            for cand in [c for scale in scales for c in candidates(max(64, round(budget * scale)))] + [dense]:
-                sel = select_group([cand] * group, q[:, hs], k[:, g], 0, scores=scores)
-                options.append(_Option(cand, *recall_of(masses, sel, n)))
-            menus.append(_frontier(options))
-        if progress is not None:
-            progress(layer + 1, len(captured))
+    cands = [c for scale in scales for c in candidates(max(64, round(budget * scale)))]
+    cands += [HeadPattern("coverage", a, b) for a, b in COVERAGES] + [dense]
+    layers = model.config.num_layers
+    # per (layer, group), per candidate: recalls per head and pairs, summed over the prompts
+    found: list[list[tuple[list[float], int]]] = []
+    for p, prompt in enumerate(prompts):
+        n = len(prompt)
+        for layer, (q, k) in enumerate(capture_qk(model, prompt)):
+            for g in range(k.shape[1]):
+                hs = list(range(g * group, (g + 1) * group))
+                native = _native_here(q)
+                masses = tile_masses(q[:, hs], k[:, g], native=native)
+                scores = last_rows_scores(q[:, hs], k[:, g], native=native)  # the same for every candidate
+                got = []
+                for cand in cands:
+                    sel = select_group([cand] * group, q[:, hs], k[:, g], 0, scores=scores)
+                    got.append(recall_of(masses, sel, n))
+                if p == 0:
+                    found.append(got)
+                else:
+                    i = layer * k.shape[1] + g
+                    found[i] = [([a + b for a, b in zip(r0, r1, strict=True)], p0 + p1)
+                                for (r0, p0), (r1, p1) in zip(found[i], got, strict=True)]  # fmt: skip
+            if progress is not None:
+                progress(p * layers + layer + 1, len(prompts) * layers)
+    share = 1 / len(prompts)
+    menus = [
+        _frontier([_Option(c, [r * share for r in rs], pairs) for c, (rs, pairs) in zip(cands, opts, strict=True)])
+        for opts in found
+    ]
+    total = sum(len(prompt) for prompt in prompts)
     choice = [0] * len(menus)
-    limit = budget * n * len(menus) if target_recall is None else float("inf")  # keys per row -> (row, key) pairs
+    limit = budget * total * len(menus) if target_recall is None else float("inf")  # keys per row -> pairs
     spent = sum(m[0].pairs for m in menus)
     while target_recall is None or sum(m[c].recall for m, c in zip(menus, choice, strict=True)) < target_recall * len(
         menus
@@ -224,13 +271,13 @@ def search(
         i = best[1]
         spent += menus[i][choice[i] + 1].pairs - menus[i][choice[i]].pairs
         choice[i] += 1
-    out: list[list[HeadPattern]] = [[] for _ in captured]
+    out: list[list[HeadPattern]] = [[] for _ in range(layers)]
     groups_per_layer = model.config.num_kv_heads
     for i, menu in enumerate(menus):
         opt = menu[choice[i]]
         out[i // groups_per_layer] += [HeadPattern(opt.pattern.kind, opt.pattern.a, opt.pattern.b, round(r, 4))
                                        for r in opt.recalls]  # fmt: skip
-    causal = n * (n + 1) // 2 * len(menus)
+    causal = sum(len(prompt) * (len(prompt) + 1) // 2 for prompt in prompts) * len(menus)
     return SearchResult(out, spent / causal)
 
 
