@@ -939,6 +939,89 @@ int native_estimate_scores(const float *q, int64_t q_head_stride, int64_t q_row_
 #endif
 }
 
+/* Query-aware estimation for a prefill chunk: per tile of `tile` query rows (chunk rows t * tile ..; positions
+   q_start + row, keys 0 .. position), the causal softmax of its last r rows for each of H query heads of one KV group,
+   summed over those rows and heads into out[t][0 .. L) (zeros right of the tile's end). q: row i of head h at
+   q + h * q_head_stride + i * q_row_stride (n rows); k: L = q_start + n keys. kt: scratch as native_estimate_scores.
+   A task is one tile (its own row of out); tasks go to threads dynamically (rows of different tiles see different
+   key counts), the sums within a tile in a fixed order. With `thresholds`, also per tile the largest threshold
+   (to 1/16 of its value: a histogram of the scores' float bits, sign, exponent and 4 mantissa bits) such that the
+   scores at or above it hold at least `share` of the tile's total (a superset of the fewest largest that do).
+   Returns 0, or -1 for what it does not take. */
+#define SHARE_BITS 19 /* float bits below the histogram's resolution */
+int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stride, const float *k, int64_t k_stride,
+                       int64_t H, int64_t n, int64_t q_start, int64_t D, int64_t tile, int64_t r, float *out,
+                       float *kt, float share, float *thresholds) {
+#if NATIVE_SIMD
+  const int64_t L = q_start + n;
+  if (H < 1 || D % 8 || D > 512 || n < 1 || q_start < 0 || tile < 1 || r < 1 || (uintptr_t)kt % 32) return -1;
+  const int64_t lpad = (L + 15) / 16 * 16, tiles = (n + tile - 1) / tile;
+  const int threads = omp_get_max_threads();
+  const int64_t buckets = (int64_t)1 << (31 - SHARE_BITS);
+  /* per thread: a block's queries [PQ][D], its scores [PQ][lpad], the histogram [buckets] */
+  const int64_t per = PQ * D + PQ * lpad + buckets;
+  float *mem = aligned_alloc(32, sizeof(float) * (size_t)(per * threads));
+  if (!mem) return -1;
+  const float scale = 1.f / sqrtf((float)D);
+#pragma omp parallel num_threads(threads)
+  {
+    transpose_keys(k, k_stride, L, D, kt);
+    float *qb = mem + per * omp_get_thread_num(), *sc = qb + PQ * D;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t end = (t + 1) * tile < n ? (t + 1) * tile : n;
+      const int64_t first = end - r > t * tile ? end - r : t * tile, rows = end - first, vecs = H * rows;
+      const int64_t ppad = (q_start + end + 15) / 16 * 16; /* the panels any of the tile's rows sees */
+      float *o = out + t * L;
+      memset(o, 0, sizeof(float) * (size_t)L);
+      for (int64_t v0 = 0; v0 < vecs; v0 += PQ) {
+        const int64_t nq = vecs - v0 < PQ ? vecs - v0 : PQ;
+        memset(qb, 0, sizeof(float) * (size_t)(PQ * D));
+        for (int64_t i = 0; i < nq; i++) {
+          const int64_t h = (v0 + i) / rows, row = first + (v0 + i) % rows;
+          for (int64_t e = 0; e < D; e++) qb[i * D + e] = q[h * q_head_stride + row * q_row_stride + e] * scale;
+        }
+        for (int64_t p0 = 0; p0 < ppad; p0 += 16) panel_scores(qb, kt + p0 * D, D, sc + p0, lpad);
+        for (int64_t i = 0; i < nq; i++) {
+          const int64_t seen = q_start + first + (v0 + i) % rows + 1;
+          float *row = sc + i * lpad;
+          __m256 top = _mm256_set1_ps(-INFINITY);
+          int64_t j = 0;
+          for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
+          float mx = hmax(top);
+          for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
+          axpy(o, 1.f / exp_shifted(row, seen, mx), row, seen);
+        }
+      }
+      if (thresholds) {
+        float *hist = sc + PQ * lpad, total = 0.f;
+        memset(hist, 0, sizeof(float) * (size_t)buckets);
+        for (int64_t j = 0; j < q_start + end; j++) {
+          uint32_t bits;
+          memcpy(&bits, o + j, 4);
+          hist[bits >> SHARE_BITS] += o[j];
+          total += o[j];
+        }
+        float got = 0.f;
+        int64_t b = buckets - 1;
+        for (; b > 0; b--) {
+          got += hist[b];
+          if (got >= share * total) break;
+        }
+        const uint32_t low = (uint32_t)b << SHARE_BITS;
+        memcpy(thresholds + t, &low, 4);
+      }
+    }
+  }
+  free(mem);
+  return 0;
+#else
+  (void)q, (void)q_head_stride, (void)q_row_stride, (void)k, (void)k_stride, (void)H, (void)n, (void)q_start, (void)D;
+  (void)tile, (void)r, (void)out, (void)kt, (void)share, (void)thresholds;
+  return -1;
+#endif
+}
+
 /* floats of workspace native_decode needs for m rows attending to at most max_len keys */
 int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
   const int64_t qkv = (md->n_heads + 2 * md->n_kv) * md->head_dim;

@@ -129,6 +129,8 @@ def library() -> ctypes.CDLL:
     lib.native_sparse_attention.restype = ctypes.c_int
     lib.native_estimate_scores.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, p, p, p]
     lib.native_estimate_scores.restype = ctypes.c_int
+    lib.native_tile_scores.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, ctypes.c_float, p]
+    lib.native_tile_scores.restype = ctypes.c_int
     return lib
 
 
@@ -273,6 +275,32 @@ def estimate_scores(
         vertical.data_ptr(), None if slash is None else slash.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
     return (vertical, slash) if rc == 0 else None
+
+
+def tile_scores(
+    q: torch.Tensor, k: torch.Tensor, tile: int, rows: int, share: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Query-aware estimation in C: q [n, H, D] a prefill chunk's queries (H heads of one KV group, positions
+    L - n ..), k [L, D]: per tile of `tile` rows, its last `rows` rows' causal softmax summed over them and the heads,
+    [tiles, L] float32; with `share`, per tile also a threshold [tiles]: the scores at or above it hold at least that
+    share of the tile's total, and it is within 1/16 of the largest such. None, touching nothing, for what the
+    kernel does not take (as estimate_scores)."""
+    n, heads, dim = q.shape
+    length = k.shape[0]
+    for t in (q, k):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            return None
+    if k.shape[1] != dim or not 0 < n <= length or tile < 1 or rows < 1:
+        return None
+    tiles = -(-n // tile)
+    out = torch.empty((tiles, length), dtype=torch.float32)
+    thresholds = torch.empty(tiles, dtype=torch.float32) if share is not None else None
+    scratch = torch.empty(dim * (-(-length // 16) * 16), dtype=torch.float32)
+    rc = library().native_tile_scores(
+        q.data_ptr(), q.stride(1), q.stride(0), k.data_ptr(), k.stride(0), heads, n, length - n, dim, tile, rows,
+        out.data_ptr(), scratch.data_ptr(), share or 0.0, None if thresholds is None else thresholds.data_ptr(),
+    )  # fmt: skip
+    return (out, thresholds) if rc == 0 else None
 
 
 def unavailable_reason() -> str | None:

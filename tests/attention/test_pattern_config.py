@@ -29,7 +29,7 @@ def test_reads_published_names_and_defaults_uncovered_heads(tmp_path: Path) -> N
 
 def test_round_trip(tmp_path: Path) -> None:
     patterns = [[HeadPattern("a_shape", 64, 1024, 0.2), HeadPattern("vertical_slash", 30, 2048, 0.9)],
-                [HeadPattern("coverage", 800, 950, 0.97), HeadPattern("block_sparse", 8, 0, 0.5)]]  # fmt: skip
+                [HeadPattern("coverage", 800, 950, 0.97), HeadPattern("query_aware", 16, 970, 0.96)]]  # fmt: skip
     save_pattern_config(tmp_path / "p.json", patterns)
     assert load_pattern_config(tmp_path / "p.json", 2, 2) == patterns
     assert json.loads((tmp_path / "p.json").read_text())[1]["0"] == ["vertical_and_slash_coverage", 800, 950, 0.97]
@@ -44,6 +44,8 @@ def test_round_trip(tmp_path: Path) -> None:
         ('[{"1": ["vertical_and_slash", -1, 2, 0.1]}]', "layer 0, head 1: budgets must be non-negative"),
         ('[{"0": ["vertical_and_slash_coverage", 800, 1200, 0.1]}]', "layer 0, head 0: coverage must be per mille"),
         ('[{"0": ["vertical_and_slash_coverage", 0, 900]}]', "layer 0, head 0: coverage must be per mille"),
+        ('[{"1": ["query_aware", 0, 900]}]', "layer 0, head 1: query_aware needs rows >= 1"),
+        ('[{"1": ["query_aware", 16, 1001]}]', "layer 0, head 1: query_aware needs rows >= 1"),
         ("[{}, {}, {}]", "3 layers, the model has 2"),
         ("not json", "cannot read pattern config"),
     ],

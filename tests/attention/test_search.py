@@ -110,6 +110,17 @@ def test_evaluation_as_the_engine_chunks_the_prompt(tiny_gguf: Path, monkeypatch
         evaluate(model, tokens, patterns, chunk=100)
 
 
+def test_query_aware_candidates_are_priced_with_their_estimation() -> None:
+    from optimist.engine.attention.sparse.config import HeadPattern
+    from optimist.engine.attention.sparse.search import QUERY_AWARE, estimation_pairs
+
+    causal = 1000 * 1001 // 2
+    assert estimation_pairs(HeadPattern("query_aware", 16, 970), 1000) == round(causal / 8)  # 16 of 64 rows, half
+    assert estimation_pairs(HeadPattern("query_aware", 999, 970), 1000) == round(causal / 2)  # every row at most
+    assert estimation_pairs(HeadPattern("vertical_slash", 100, 100), 1000) == 0
+    assert all(0 < r <= 64 and 0 < share <= 1000 for r, share in QUERY_AWARE)
+
+
 def test_candidates_span_the_patterns() -> None:
     kinds = [c.kind for c in candidates(512)]
     assert kinds.count("vertical_slash") == 5 and "a_shape" in kinds and "block_sparse" in kinds

@@ -49,6 +49,7 @@ FULL = [
     HeadPattern("vertical_slash", 10_000, 10_000),
     HeadPattern("block_sparse", 10_000, 0),
     HeadPattern("coverage", 1000, 1000),
+    HeadPattern("query_aware", 64, 1000),
 ]
 
 
@@ -219,6 +220,36 @@ def test_coverage_selection_is_a_superset_of_its_estimate_and_adapts_its_size() 
         assert bool((row_keys[None, :] | ~exact[a : a + 128]).all())
     wider = select_group([HeadPattern("coverage", 950, 950)], q, k[:, 0], 0)
     assert bool((wider.columns >= sel.columns).all()) and int(wider.columns.sum()) > int(sel.columns.sum())
+
+
+@pytest.mark.parametrize("native_path", [False, True], ids=["torch", "native"])
+def test_query_aware_tiles_find_their_own_needles(native_path: bool) -> None:
+    """Each 64-row tile's queries look for a different key (a needle per tile, far back): query-aware heads keep
+    every tile's needle from the tile's own rows, where vertical-slash, estimating from the chunk's last rows, finds
+    only the last tile's, and the output follows the needles."""
+    if native_path and native.unavailable_reason() is not None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    n, d, q_start = 512, 32, 1024
+    g = torch.Generator().manual_seed(7)
+    length = q_start + n
+    q = torch.randn(n, 1, d, generator=g) * 0.3
+    k = torch.randn(length, 1, d, generator=g) * 0.3
+    v = torch.randn(length, 1, d, generator=g)
+    needles = [100 + 90 * t for t in range(n // 64)]  # tile t's needle: key 100 + 90 t, in the cached prefix
+    directions = torch.linalg.qr(torch.randn(d, len(needles), generator=g))[0].T * d**0.5  # orthogonal
+    for t, key in enumerate(needles):
+        q[t * 64 : (t + 1) * 64, 0] += 2 * directions[t]
+        k[key, 0] = 3 * directions[t]
+    aware = select_group([HeadPattern("query_aware", 8, 900)], q, k[:, 0], q_start, native_path)
+    keep = key_matrix(aware, q_start, n)
+    assert all(bool(keep[t, key]) for t, key in enumerate(needles))
+    assert int(keep.sum(dim=1).max()) < length // 3, "a sparse choice, not every key"
+    vs = select_group([HeadPattern("vertical_slash", 30, 100)], q, k[:, 0], q_start, native_path)
+    assert sum(bool(key_matrix(vs, q_start, n)[t, key]) for t, key in enumerate(needles)) < len(needles) // 2
+    out, work = sparse_prefill_attention(q, k, v, q_start, [HeadPattern("query_aware", 8, 900)], native=native_path,
+                                         dense_up_to=0)  # fmt: skip
+    torch.testing.assert_close(out, dense(q, k, v, q_start), atol=0.05, rtol=0.05)
+    assert work < 0.5 * (n * q_start + n * (n + 1) // 2)
 
 
 def test_work_shrinks_with_the_budget_and_chunk_estimation_uses_the_prefix() -> None:

@@ -170,6 +170,30 @@ def test_coverage_budgets_follow_the_prompt_and_keep_planted_lines() -> None:
     assert 150 in offsets.tolist() and len(offsets) < len(diffuse_offsets)
 
 
+def test_tile_estimate_sums_each_tiles_last_rows_causal_softmax() -> None:
+    from optimist.engine.attention.sparse.estimate import tile_estimate
+
+    g = torch.Generator().manual_seed(2)
+    n, q_start, tile, rows = 150, 40, 64, 5
+    q, k = torch.randn(n, 2, 16, generator=g), torch.randn(q_start + n, 16, generator=g)
+    got = tile_estimate(q, k, tile, rows)
+    assert got.shape == (3, q_start + n)
+    for t, (a, b) in enumerate([(0, 64), (64, 128), (128, 150)]):
+        expected = torch.zeros(q_start + n)
+        for i in range(max(a, b - rows), b):
+            p = (q[i] @ k[: q_start + i + 1].T / 4).softmax(dim=-1)  # both heads, keys up to the row's position
+            expected[: q_start + i + 1] += p.sum(dim=0)
+        torch.testing.assert_close(got[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_covering_keys_are_the_fewest_largest_reaching_the_share() -> None:
+    from optimist.engine.attention.sparse.estimate import covering_keys
+
+    scores = torch.tensor([[5.0, 1.0, 3.0, 1.0], [0.5, 2.0, 0.0, 7.5]])
+    assert covering_keys(scores, 0.7).tolist() == [[True, False, True, False], [False, False, False, True]]
+    assert bool(covering_keys(scores, 1.0).all())
+
+
 @pytest.mark.parametrize(("m", "length"), [(64, 300), (64, 64), (17, 200), (1, 40), (5, 5)])
 def test_vertical_and_slash_scores_sum_the_last_rows_causal_softmax(m: int, length: int) -> None:
     """Column and diagonal sums against a brute-force softmax of the last m queries (positions L - m ..)."""

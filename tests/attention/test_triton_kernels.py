@@ -195,7 +195,9 @@ def test_gpu_path_reproduces_dense_attention_for_dense_heads_and_full_budgets(fo
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("block", "fourth"), [(64, "vertical_slash"), (128, "vertical_slash"), (64, "coverage")])
+@pytest.mark.parametrize(
+    ("block", "fourth"), [(64, "vertical_slash"), (128, "vertical_slash"), (64, "coverage"), (64, "query_aware")]
+)
 def test_gpu_path_matches_the_reference_on_its_own_plan(block: int, fourth: str) -> None:
     from optimist.engine.attention.sparse.config import HeadPattern
     from optimist.engine.attention.sparse.gpu import plan, run
@@ -206,7 +208,11 @@ def test_gpu_path_matches_the_reference_on_its_own_plan(block: int, fourth: str)
         HeadPattern("vertical_slash", 40, 120),
         HeadPattern("a_shape", 16, 64),
         HeadPattern("block_sparse", 3, 0),
-        HeadPattern("vertical_slash", 120, 150) if fourth == "vertical_slash" else HeadPattern("coverage", 600, 700),
+        {
+            "vertical_slash": HeadPattern("vertical_slash", 120, 150),
+            "coverage": HeadPattern("coverage", 600, 700),
+            "query_aware": HeadPattern("query_aware", 16, 700),
+        }[fourth],  # query-aware runs as coverage on CUDA
     ]
     sparse = plan(q, k, q_start, patterns, block)
     assert sparse.vs is not None and sparse.vs.block == block

@@ -266,6 +266,50 @@ def test_estimate_scores_decline_what_they_cannot_take() -> None:
     assert native.estimate_scores(q_last, k) is not None
 
 
+# (chunk rows, cached prefix, tile, sampled rows, head size): a 7K-key chunk's shape scaled down, a prefix and a
+# partial last tile, one tile sampled whole, tiles shorter than the sample, a partial 16-key panel
+@pytest.mark.parametrize(
+    ("n", "q_start", "tile", "rows", "dim"),
+    [(512, 1500, 64, 16, 64), (130, 77, 64, 8, 64), (64, 1000, 64, 64, 32), (200, 5, 32, 40, 8), (33, 0, 64, 3, 24)],
+)
+def test_tile_scores_match_the_torch_estimate_and_their_thresholds_cover_the_share(
+    n: int, q_start: int, tile: int, rows: int, dim: int
+) -> None:
+    from optimist.engine.attention.sparse.estimate import covering_keys, tile_estimate
+
+    g = torch.Generator().manual_seed(n + q_start + dim)
+    qk = torch.randn(n, 5, dim, generator=g) * 2
+    q = qk[:, :3]  # a group's heads: a column slice of the fused projection, as the engine has them
+    k = torch.randn(q_start + n, 3, dim, generator=g)[:, 1]
+    got = native.tile_scores(q, k, tile, rows, share=0.9)
+    assert got is not None and got[1] is not None
+    scores, thresholds = got
+    expected = tile_estimate(q, k, tile, rows)
+    assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    # each tile's sampled rows' probabilities: one per row and head, none right of the tile's end
+    ends = (torch.arange(1, scores.shape[0] + 1) * tile).clamp(max=n)
+    sampled = (ends - (ends - rows).clamp(min=(ends - 1) // tile * tile)) * 3
+    assert torch.allclose(scores.sum(dim=1), sampled.float(), rtol=1e-5)
+    assert not bool((scores[:, None, :] * (torch.arange(q_start + n) >= q_start + ends[:, None])[:, None]).any())
+    fewest = covering_keys(expected, 0.9)
+    kept = scores >= thresholds[:, None]
+    assert bool((scores * kept).sum(dim=1).ge(0.9 * scores.sum(dim=1) * (1 - 1e-5)).all()), "the share is kept"
+    # a superset of the fewest keys reaching the share, found to 1/16 of the threshold: only a few more
+    assert bool((kept | ~fewest).all())
+    assert bool((scores[kept & ~fewest] >= (thresholds[:, None].expand_as(kept)[kept & ~fewest])).all())
+    assert int(kept.sum()) <= int(fewest.sum()) * 1.5 + 16
+    assert native.tile_scores(q, k, tile, rows)[1] is None  # type: ignore[index]
+
+
+def test_tile_scores_decline_what_they_cannot_take() -> None:
+    q, k = torch.randn(100, 3, 64), torch.randn(150, 64)
+    assert native.tile_scores(q[..., :20], k[:, :20], 64, 8) is None  # a head size not a multiple of 8
+    assert native.tile_scores(q.double(), k.double(), 64, 8) is None
+    assert native.tile_scores(q, k[:50], 64, 8) is None  # fewer keys than rows
+    assert native.tile_scores(q, k, 64, 0) is None
+    assert native.tile_scores(q, k, 64, 8) is not None
+
+
 def test_sparse_attention_declines_what_it_cannot_take() -> None:
     """What it takes is checked against the reference through sparse_prefill_attention (tests/attention); here, the
     calls it must refuse without touching the output."""

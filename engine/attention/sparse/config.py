@@ -8,7 +8,9 @@ Ours, beyond MInference's names: "vertical_and_slash_coverage" (a, b in per mill
 whose budgets adapt to each prompt, as FlexPrefill's cumulative threshold: the fewest columns whose estimated
 attention mass reaches a/1000 of the head's, and the fewest diagonals whose mass reaches b/1000 (sinks and the
 local window always kept). A fixed k_v, k_s fits the text a search calibrated on; on a prompt whose attention is
-more (or less) concentrated, coverage keeps the same share of it."""
+more (or less) concentrated, coverage keeps the same share of it. "query_aware" (a = query rows sampled per 64-row
+tile, b = per mille): each tile of a prefill chunk keeps the fewest keys holding b/1000 of its own last a rows'
+attention (sinks and local window besides): the choice follows each tile's queries, not the chunk's last ones."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from pathlib import Path
 from ...config import ModelConfig
 
 _KINDS = {"vertical_and_slash": "vertical_slash", "stream_llm": "a_shape", "a_shape": "a_shape",
-          "block_sparse": "block_sparse", "vertical_and_slash_coverage": "coverage"}  # fmt: skip
+          "block_sparse": "block_sparse", "vertical_and_slash_coverage": "coverage",
+          "query_aware": "query_aware"}  # fmt: skip
 _NAMES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm", "block_sparse": "block_sparse",
-          "coverage": "vertical_and_slash_coverage"}  # fmt: skip
+          "coverage": "vertical_and_slash_coverage", "query_aware": "query_aware"}  # fmt: skip
 PER_MILLE = 1000  # coverage patterns' a and b: shares of the estimated mass, in thousandths
 
 
@@ -32,6 +35,7 @@ class PatternConfigError(ValueError):
 @dataclass(frozen=True)
 class HeadPattern:
     kind: str  # vertical_slash | a_shape | block_sparse | coverage (vertical-slash, budgets by mass: a, b per mille)
+    # | query_aware (per tile: a rows sampled, b per mille)
     a: int
     b: int
     score: float = 0.0
@@ -67,6 +71,9 @@ def load_pattern_config(path: Path, num_layers: int, num_heads: int) -> list[lis
                 raise PatternConfigError(f"{where}: budgets must be non-negative integers, got {a!r}, {b!r}")
             if kind == "coverage" and not (0 < a <= PER_MILLE and 0 < b <= PER_MILLE):
                 raise PatternConfigError(f"{where}: coverage must be per mille in 1..{PER_MILLE}, got {a!r}, {b!r}")
+            if kind == "query_aware" and not (a > 0 and 0 < b <= PER_MILLE):
+                raise PatternConfigError(f"{where}: query_aware needs rows >= 1 and per mille in 1..{PER_MILLE}, got "
+                                         f"{a!r}, {b!r}")  # fmt: skip
             score = float(entry[3]) if len(entry) > 3 else 0.0
             out[layer][int(key)] = HeadPattern(kind, a, b, score)
     return out

@@ -109,6 +109,33 @@ def pick_coverage(
     return columns, offsets
 
 
+def tile_estimate(q: torch.Tensor, k: torch.Tensor, tile: int, rows: int) -> torch.Tensor:
+    """Query-aware estimation (ours): q [n, H, d] a prefill chunk's queries (heads sharing k [L, d]; positions
+    L - n ..). Per tile of `tile` rows, its last `rows` rows' causal softmax (fp32) summed over those rows and the
+    heads: [tiles, L]. Each tile's own rows say which keys it needs, where vertical-slash extrapolates from the
+    chunk's last queries to all of them."""
+    n, _, d = q.shape
+    length = k.shape[0]
+    tiles = -(-n // tile)
+    ends = (torch.arange(1, tiles + 1, device=q.device) * tile).clamp(max=n)
+    picked = ends[:, None] - rows + torch.arange(rows, device=q.device)[None, :]  # [tiles, rows]
+    valid = picked >= (ends[:, None] - 1) // tile * tile  # within the tile (a short tile has fewer)
+    idx = picked.clamp(min=0)
+    scores = torch.einsum("trhd,ld->thrl", q[idx].float() * d**-0.5, k.float())  # [tiles, H, rows, L]
+    pos = (length - n + idx)[:, None, :, None]
+    scores.masked_fill_(torch.arange(length, device=q.device) > pos, float("-inf"))
+    probs = scores.softmax(dim=-1) * valid[:, None, :, None]
+    return probs.sum(dim=(1, 2))
+
+
+def covering_keys(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """bool [..., L]: per row of scores [..., L], its fewest largest entries reaching `share` of the row's total."""
+    count = covering_count(scores, share)
+    order = scores.argsort(dim=-1, descending=True)
+    rank = torch.arange(scores.shape[-1], device=scores.device) < count[..., None]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, rank)
+
+
 def estimate_vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -11,6 +11,8 @@ heads, into one output. Same choices as the CPU path, per head rather than per K
   path adds: a passkey or a name a later question needs is a column that no static pattern holds).
 - coverage (vertical-slash with budgets from the scores): the first 30 columns and nearest 100 diagonals, then
   the fewest further columns and diagonals whose scores reach the head's shares (per mille) of its totals.
+- query-aware (the CPU path's per-tile choice; the Triton kernels take no per-tile key lists yet): as coverage at
+  its share, for columns and diagonals alike.
 - dense (an A-shape head whose sinks cover the whole context, as `search-patterns` writes for heads that need
   everything): every diagonal, no columns.
 - block-sparse: mean-pooled 64-query blocks of the chunk against 64-key blocks, causal at block level, the top k_v
@@ -175,8 +177,10 @@ def plan(
     if len(patterns) != hq:
         raise ValueError(f"{len(patterns)} head patterns for {hq} query heads")
     for p in patterns:
-        if p.kind not in ("vertical_slash", "a_shape", "block_sparse", "coverage"):
+        if p.kind not in ("vertical_slash", "a_shape", "block_sparse", "coverage", "query_aware"):
             raise ValueError(f"unknown sparse pattern {p.kind!r}")
+    # no per-tile key lists in the Triton kernels yet: query-aware heads run as coverage heads at their share
+    patterns = [HeadPattern("coverage", p.b, p.b) if p.kind == "query_aware" else p for p in patterns]
     vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
     bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
     with torch.no_grad():

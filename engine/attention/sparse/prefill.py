@@ -20,13 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ...model.native import PREFILL_KEYS, estimate_scores, prefill_attention, sparse_attention
+from ...model.native import PREFILL_KEYS, estimate_scores, prefill_attention, sparse_attention, tile_scores
 from ..cpu import bottom_right_causal_attention
 from .config import PER_MILLE, HeadPattern
 from .estimate import (
+    LOCAL,
+    SINKS,
+    covering_keys,
     estimate_block_sparse_mask,
     pick_coverage,
     pick_vertical_slash,
+    tile_estimate,
     top_columns,
     vertical_scores,
     vertical_slash_scores,
@@ -48,6 +52,7 @@ class GroupSelection:
     columns: torch.Tensor  # bool [L]: always-visible keys (left of the tile; causality decides the rest)
     offsets: torch.Tensor  # bool [L]: kept diagonal offsets (row - key)
     blocks: torch.Tensor | None  # bool [query blocks of the chunk, key blocks]: block-sparse choices, or None
+    tiles: torch.Tensor | None = None  # bool [tiles of the chunk, L]: query-aware choices per tile, or None
 
 
 def _is_dense(pattern: HeadPattern, length: int) -> bool:
@@ -69,6 +74,21 @@ def last_rows_scores(
     return vertical_slash_scores(q_last, k) if slashes else (vertical_scores(q_last, k), None)
 
 
+def query_aware_keys(
+    q: torch.Tensor, k: torch.Tensor, tile: int, rows: int, share: float, native: bool
+) -> torch.Tensor:
+    """bool [tiles, L]: per tile of q's chunk (q [n, Hg, D], its rows the last n positions of k [L, D]), the keys
+    holding `share` of its last `rows` rows' attention (summed over the heads): `native.tile_scores` in C where
+    native and it takes them (a threshold within 1/16 of the exact one: a few more keys), else
+    `estimate.tile_estimate` and the exact fewest."""
+    got = tile_scores(q, k, tile, rows, share) if native else None
+    if got is not None:
+        scores, thresholds = got
+        assert thresholds is not None
+        return (scores >= thresholds[:, None]) & (scores > 0)
+    return covering_keys(tile_estimate(q, k, tile, rows), share)
+
+
 def select_group(
     patterns: Sequence[HeadPattern],
     q: torch.Tensor,
@@ -76,11 +96,13 @@ def select_group(
     q_start: int,
     native: bool = False,
     scores: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    tile: int = TILE,
 ) -> GroupSelection:
     """Union of the keys the group's heads keep. q [n, Hg, D] (the group's query heads, positions q_start ..),
     k [L, D]. Vertical-slash heads are estimated together from the chunk's last 64 queries against every key
     (`last_rows_scores`; native: in C). `scores`: those of all Hg heads, computed once by a caller that selects for
-    several pattern lists over the same q and k (the search); their slash half is needed for vertical-slash heads."""
+    several pattern lists over the same q and k (the search); their slash half is needed for vertical-slash heads.
+    Query-aware heads choose per tile of `tile` rows (`query_aware_keys`), with the sinks and local window kept."""
     length = k.shape[0]
     cols = torch.zeros(length, dtype=torch.bool, device=q.device)
     offs = torch.zeros(length, dtype=torch.bool, device=q.device)
@@ -89,7 +111,7 @@ def select_group(
     # most (for vertical-slash heads, its own k_v when larger). Averaged recall on calibration text cannot show
     # which keys a later question will need (a passkey, a name), and static patterns would drop them. Coverage heads
     # keep the columns holding their share of that estimate instead, however many that takes on this prompt.
-    scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length)]
+    scored = [h for h, p in enumerate(patterns) if not _is_dense(p, length) and p.kind != "query_aware"]
     if scored:
         slashes = any(patterns[h].kind in ("vertical_slash", "coverage") for h in scored)  # else no diagonals
         if scores is None:
@@ -111,6 +133,13 @@ def select_group(
             else:
                 c = top_columns(vertical[i], NEEDLE_VERTICALS)
             cols[c] = True
+    tiles: torch.Tensor | None = None
+    for rows, share in sorted({(p.a, p.b) for p in patterns if p.kind == "query_aware"}):
+        heads = [h for h, p in enumerate(patterns) if p.kind == "query_aware" and (p.a, p.b) == (rows, share)]
+        t = query_aware_keys(q[:, heads], k, tile, rows, share / PER_MILLE, native)
+        tiles = t if tiles is None else tiles | t
+        cols[: min(SINKS, length)] = True
+        offs[: min(LOCAL, length)] = True
     for h, pattern in enumerate(patterns):
         if pattern.kind == "a_shape":
             cols[: min(pattern.a, length)] = True
@@ -118,10 +147,10 @@ def select_group(
         elif pattern.kind == "block_sparse":
             b = estimate_block_sparse_mask(q[:, h], k, BLOCK, pattern.a)  # the chunk's query blocks
             blocks = b if blocks is None else blocks | b
-        elif pattern.kind not in ("vertical_slash", "coverage"):
+        elif pattern.kind not in ("vertical_slash", "coverage", "query_aware"):
             raise ValueError(f"unknown sparse pattern {pattern.kind!r}")
     offs[: min(TILE, length)] = True  # each tile's own diagonal block: the fused kernel's causal alignment needs it
-    return GroupSelection(cols, offs, blocks)
+    return GroupSelection(cols, offs, blocks, tiles)
 
 
 def _diagonal_ranges(offsets: torch.Tensor, q_start: int, n: int, tile: int) -> torch.Tensor:
@@ -155,6 +184,10 @@ def key_matrix(sel: GroupSelection, q_start: int, n: int, tile: int = TILE) -> t
     ends = (starts + tile).clamp(max=q_start + n)
     keep = _diagonal_ranges(sel.offsets, q_start, n, tile)
     keep |= sel.columns[None, :]
+    if sel.tiles is not None:
+        if sel.tiles.shape != keep.shape:
+            raise ValueError(f"query-aware choices for {tuple(sel.tiles.shape)} tiles x keys, not {tuple(keep.shape)}")
+        keep |= sel.tiles
     if sel.blocks is not None:
         # block-sparse: the tile's query blocks' kept key blocks, expanded to keys
         first = q_start // BLOCK
@@ -265,7 +298,7 @@ def sparse_prefill_attention(
         if length <= dense_up_to or any(_is_dense(p, length) for p in patterns[heads]):
             keep = None
         else:
-            sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start, native)
+            sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start, native, tile=tile)
             keep = key_matrix(sel, q_start, n, tile)  # [T, L]
             pairs = visited_pairs(keep, q_start, n, tile)
         if keep is None or pairs > dense_above * causal_pairs:

@@ -172,6 +172,15 @@ def recall_of(masses: torch.Tensor, sel: GroupSelection, n: int) -> tuple[list[f
     return [m / n for m in kept], pairs
 
 
+def estimation_pairs(pattern: HeadPattern, n: int) -> int:
+    """What a pattern's per-tile estimation costs on a prompt of n tokens, in visited (row, key) pairs per head:
+    query-aware heads score their sampled rows (pattern.a per TILE) against every key those see, at about half a
+    visited pair each (no values); other patterns estimate from the last 64 rows only (about 64 x n, small)."""
+    if pattern.kind != "query_aware":
+        return 0
+    return round(min(pattern.a, TILE) / TILE * (n * (n + 1) // 2) / 2)
+
+
 def _native_here(q: torch.Tensor) -> bool:
     """Whether the estimation's scores can run in C for tensors like q (CPU float32, the kernels built)."""
     return q.device.type == "cpu" and q.dtype == torch.float32 and unavailable_reason() is None
@@ -187,7 +196,8 @@ class SearchResult:
 class _Option:
     pattern: HeadPattern
     recalls: list[float]  # per head of the group
-    pairs: int  # causal (row, key) pairs visited, per head
+    pairs: int  # its cost: causal (row, key) pairs visited per head, plus its estimation's (`estimation_pairs`)
+    visited: int  # causal (row, key) pairs visited, per head
 
     @property
     def recall(self) -> float:
@@ -198,6 +208,9 @@ BUDGET_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # coverage candidates (vertical, slash shares of the estimated mass, per mille): their cost follows the prompt
 COVERAGES = ((500, 600), (600, 700), (700, 700), (700, 800), (800, 800), (800, 850), (800, 900), (900, 900),
              (900, 950), (950, 950))  # fmt: skip
+# query-aware candidates (query rows sampled per tile, share per mille); priced with their estimation: each sampled
+# row's scores against every key it sees, about half a visited pair each (no values)
+QUERY_AWARE = ((8, 950), (8, 980), (16, 950), (16, 970), (16, 985), (32, 990))
 
 
 def search(
@@ -222,10 +235,11 @@ def search(
     group = model.config.num_heads // model.config.num_kv_heads
     dense = HeadPattern("a_shape", 1 << 20, 1 << 20)  # every key, at any prompt length
     cands = [c for scale in scales for c in candidates(max(64, round(budget * scale)))]
-    cands += [HeadPattern("coverage", a, b) for a, b in COVERAGES] + [dense]
+    cands += [HeadPattern("coverage", a, b) for a, b in COVERAGES]
+    cands += [HeadPattern("query_aware", r, share) for r, share in QUERY_AWARE] + [dense]
     layers = model.config.num_layers
     # per (layer, group), per candidate: recalls per head and pairs, summed over the prompts
-    found: list[list[tuple[list[float], int]]] = []
+    found: list[list[tuple[list[float], int, int]]] = []  # (recalls, visited pairs, estimation's pairs)
     for p, prompt in enumerate(prompts):
         n = len(prompt)
         for layer, (q, k) in enumerate(capture_qk(model, prompt)):
@@ -236,19 +250,20 @@ def search(
                 scores = last_rows_scores(q[:, hs], k[:, g], native=native)  # the same for every candidate
                 got = []
                 for cand in cands:
-                    sel = select_group([cand] * group, q[:, hs], k[:, g], 0, scores=scores)
-                    got.append(recall_of(masses, sel, n))
+                    sel = select_group([cand] * group, q[:, hs], k[:, g], 0, native, scores=scores)
+                    recalls, pairs = recall_of(masses, sel, n)
+                    got.append((recalls, pairs, estimation_pairs(cand, n)))
                 if p == 0:
                     found.append(got)
                 else:
                     i = layer * k.shape[1] + g
-                    found[i] = [([a + b for a, b in zip(r0, r1, strict=True)], p0 + p1)
-                                for (r0, p0), (r1, p1) in zip(found[i], got, strict=True)]  # fmt: skip
+                    found[i] = [([a + b for a, b in zip(r0, r1, strict=True)], p0 + p1, e0 + e1)
+                                for (r0, p0, e0), (r1, p1, e1) in zip(found[i], got, strict=True)]  # fmt: skip
             if progress is not None:
                 progress(p * layers + layer + 1, len(prompts) * layers)
     share = 1 / len(prompts)
     menus = [
-        _frontier([_Option(c, [r * share for r in rs], pairs) for c, (rs, pairs) in zip(cands, opts, strict=True)])
+        _frontier([_Option(c, [r * share for r in rs], v + e, v) for c, (rs, v, e) in zip(cands, opts, strict=True)])
         for opts in found
     ]
     total = sum(len(prompt) for prompt in prompts)
@@ -278,7 +293,7 @@ def search(
         out[i // groups_per_layer] += [HeadPattern(opt.pattern.kind, opt.pattern.a, opt.pattern.b, round(r, 4))
                                        for r in opt.recalls]  # fmt: skip
     causal = sum(len(prompt) * (len(prompt) + 1) // 2 for prompt in prompts) * len(menus)
-    return SearchResult(out, spent / causal)
+    return SearchResult(out, sum(m[c].visited for m, c in zip(menus, choice, strict=True)) / causal)
 
 
 def _frontier(options: list[_Option]) -> list[_Option]:
