@@ -297,12 +297,21 @@ def search(
 
 
 def _frontier(options: list[_Option]) -> list[_Option]:
-    """The options worth having: sorted by cost, each with more recall than every cheaper one."""
+    """The options worth having: sorted by cost, each with more recall than every cheaper one, and each step buying
+    less recall per pair than the step before (the upper concave hull: an option whose step buys more than the one
+    before it would wait behind that poorer step in the greedy upgrade, so the greedy goes to it directly)."""
     out: list[_Option] = []
     for opt in sorted(options, key=lambda o: (o.pairs, -o.recall)):
-        if not out or opt.recall > out[-1].recall:
-            out.append(opt)
+        if out and opt.recall <= out[-1].recall:
+            continue
+        while len(out) >= 2 and _gain(out[-2], out[-1]) <= _gain(out[-1], opt):
+            out.pop()
+        out.append(opt)
     return out
+
+
+def _gain(cheaper: _Option, dearer: _Option) -> float:
+    return (dearer.recall - cheaper.recall) / max(1, dearer.pairs - cheaper.pairs)
 
 
 def evaluate(
