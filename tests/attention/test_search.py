@@ -121,6 +121,17 @@ def test_query_aware_candidates_are_priced_with_their_estimation() -> None:
     assert all(0 < r <= 64 and 0 < share <= 1000 for r, share in QUERY_AWARE)
 
 
+def test_frontier_is_the_upper_concave_hull_of_cost_and_recall() -> None:
+    """The greedy upgrade moves each group one step along its menu: a step that buys little recall per pair in
+    front of one that buys much would stall it there, so the menu keeps only the hull's options."""
+    from optimist.engine.attention.sparse.config import HeadPattern
+    from optimist.engine.attention.sparse.search import _frontier, _Option
+
+    points = [(10, 0.5), (20, 0.55), (30, 0.9), (35, 0.85), (40, 0.95), (60, 0.96)]
+    options = [_Option(HeadPattern("a_shape", i, i), [r], p, p) for i, (p, r) in enumerate(points)]
+    assert [(o.pairs, o.recall) for o in _frontier(options)] == [(10, 0.5), (30, 0.9), (40, 0.95), (60, 0.96)]
+
+
 def test_candidates_span_the_patterns() -> None:
     kinds = [c.kind for c in candidates(512)]
     assert kinds.count("vertical_slash") == 5 and "a_shape" in kinds and "block_sparse" in kinds
