@@ -597,6 +597,16 @@ static inline void transpose8(const float *const src[8], int64_t e0, float *dst,
   }
 }
 
+/* row[0 .. seen) (32-byte aligned) -> exp(row - its max) in place; returns 1 / their sum, the softmax's scale */
+static inline float softmax_scale(float *row, int64_t seen) {
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
+  float mx = hmax(top);
+  for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
+  return 1.f / exp_shifted(row, seen, mx);
+}
+
 /* sc[i * stride + t] = qb_i . key t for the PQ query vectors at qb ([PQ][D]) and the 16 keys of panel kp (see
    PANEL): two key vectors for half the query vectors at a time, 8 loads per 12 multiply-adds. sc and stride are
    32-byte aligned. */
@@ -908,12 +918,7 @@ int native_estimate_scores(const float *q, int64_t q_head_stride, int64_t q_row_
       for (int64_t i = 0; i < nq; i++) {
         const int64_t r = r0 + i, seen = L - m + r + 1; /* keys 0 .. its position */
         float *row = sc + i * lpad;
-        __m256 top = _mm256_set1_ps(-INFINITY);
-        int64_t j = 0;
-        for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
-        float mx = hmax(top);
-        for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
-        const float inv = 1.f / exp_shifted(row, seen, mx);
+        const float inv = softmax_scale(row, seen);
         axpy(acc + h * lpad, inv, row, seen);
         if (slash) axpy(acc + (H + h) * lpad + m - 1 - r, inv, row, seen);
       }
@@ -985,12 +990,7 @@ int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stri
         for (int64_t i = 0; i < nq; i++) {
           const int64_t seen = q_start + first + (v0 + i) % rows + 1;
           float *row = sc + i * lpad;
-          __m256 top = _mm256_set1_ps(-INFINITY);
-          int64_t j = 0;
-          for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
-          float mx = hmax(top);
-          for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
-          axpy(o, 1.f / exp_shifted(row, seen, mx), row, seen);
+          axpy(o, softmax_scale(row, seen), row, seen);
         }
       }
       if (thresholds) {

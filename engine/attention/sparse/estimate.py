@@ -53,6 +53,12 @@ def top_columns(vertical: torch.Tensor, k_v: int, sinks: int = SINKS) -> torch.T
     return vertical.topk(min(max(k_v, sinks), n)).indices.sort().values
 
 
+def _run_sums(slash: torch.Tensor, group: int) -> torch.Tensor:
+    """Slash scores [L] summed over runs of `group` neighbouring offsets: [ceil(L / group)]."""
+    runs = -(-slash.shape[0] // group)
+    return torch.nn.functional.pad(slash, (0, runs * group - slash.shape[0])).view(runs, group).sum(dim=1)
+
+
 def pick_vertical_slash(
     vertical: torch.Tensor,
     slash: torch.Tensor,
@@ -72,9 +78,8 @@ def pick_vertical_slash(
     slash[: min(local, n)] = float("inf")
     if slash_group <= 1:
         return columns, slash.topk(min(max(k_s, local), n)).indices.sort().values
-    runs = -(-n // slash_group)
-    pooled = torch.nn.functional.pad(slash, (0, runs * slash_group - n)).view(runs, slash_group).sum(dim=1)
-    kept_runs = pooled.topk(min(-(-max(k_s, local) // slash_group), runs)).indices
+    pooled = _run_sums(slash, slash_group)
+    kept_runs = pooled.topk(min(-(-max(k_s, local) // slash_group), pooled.shape[0])).indices
     diagonals = (kept_runs[:, None] * slash_group + torch.arange(slash_group, device=slash.device)).flatten()
     return columns, diagonals[diagonals < n].sort().values
 
@@ -100,13 +105,9 @@ def pick_coverage(
     """As pick_vertical_slash, with budgets from the scores themselves: the fewest columns whose scores reach
     `vertical_share` of the head's total, and the fewest diagonals (runs of `slash_group`) whose scores reach
     `slash_share` (the first `sinks` columns and nearest `local` offsets kept besides)."""
-    n = vertical.shape[0]
     k_v = int(covering_count(vertical, vertical_share))
-    runs = -(-n // slash_group)
-    pooled = torch.nn.functional.pad(slash, (0, runs * slash_group - n)).view(runs, slash_group).sum(dim=1)
-    k_s = int(covering_count(pooled, slash_share)) * slash_group
-    columns, offsets = pick_vertical_slash(vertical, slash, k_v + sinks, k_s + local, sinks, local, slash_group)
-    return columns, offsets
+    k_s = int(covering_count(_run_sums(slash, slash_group), slash_share)) * slash_group
+    return pick_vertical_slash(vertical, slash, k_v + sinks, k_s + local, sinks, local, slash_group)
 
 
 def tile_estimate(q: torch.Tensor, k: torch.Tensor, tile: int, rows: int) -> torch.Tensor:

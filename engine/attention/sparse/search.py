@@ -226,10 +226,10 @@ def search(
     prompts `also` holds: an option's recall is then its mean over the prompts, its cost their pairs summed.
 
     Ours, beyond MInference's fixed per-head budget: every group gets candidates at several budgets (`scales` times
-    `budget`, coverage candidates whose budgets follow the prompt, and dense), and the budget is spent where it buys
-    recall. Each group starts at its best cheapest option; then the upgrade with the most recall per extra key
-    visited is taken, again and again, while the mean cost stays within `budget` keys per row, or, with
-    `target_recall`, until the mean recall reaches it (whatever that costs). Concentrated heads stay cheap; diffuse
+    `budget`, coverage and query-aware candidates whose budgets follow the prompt, and dense), and the budget is
+    spent where it buys recall. Each group starts at its best cheapest option; then the upgrade with the most recall
+    per extra key visited is taken, again and again, while the mean cost stays within `budget` keys per row, or,
+    with `target_recall`, until the mean recall reaches it (whatever that costs). Concentrated heads stay cheap; diffuse
     ones (often the first layers) get wide or dense attention."""
     prompts = [tokens, *also]
     group = model.config.num_heads // model.config.num_kv_heads
@@ -278,7 +278,7 @@ def search(
             if choice[i] + 1 < len(menu):
                 cur, nxt = menu[choice[i]], menu[choice[i] + 1]
                 if spent - cur.pairs + nxt.pairs <= limit:
-                    gain = (nxt.recall - cur.recall) / max(1, nxt.pairs - cur.pairs)
+                    gain = _gain(cur, nxt)
                     if best is None or gain > best[0]:
                         best = (gain, i)
         if best is None:
