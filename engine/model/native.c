@@ -21,6 +21,12 @@
 #else
 #define NATIVE_SIMD 0
 #endif
+/* AVX-512: the prefill attention kernels take 16 floats per vector (a key panel is one vector) */
+#if NATIVE_SIMD && defined(__AVX512F__)
+#define WIDE 1
+#else
+#define WIDE 0
+#endif
 
 #define QK 32  /* weights per block */
 #define MAXR 4 /* activation rows computed together over one pass of the weights */
@@ -323,6 +329,27 @@ static inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#if WIDE
+/* exp_ps on 16 floats */
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+#endif
+
 static inline float dot(const float *a, const float *b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -334,15 +361,27 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 
 /* y[i] = exp(y[i] - mx) over n floats; returns their sum */
 static inline float exp_shifted(float *y, int64_t n, float mx) {
+  int64_t i = 0;
+#if WIDE
+  __m512 wide = _mm512_setzero_ps();
+  const __m512 wm = _mm512_set1_ps(mx);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(y + i), wm));
+    _mm512_storeu_ps(y + i, e);
+    wide = _mm512_add_ps(wide, e);
+  }
+  float s = _mm512_reduce_add_ps(wide);
+#else
+  float s = 0.f;
+#endif
   __m256 acc = _mm256_setzero_ps();
   const __m256 vm = _mm256_set1_ps(mx);
-  int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(y + i), vm));
     _mm256_storeu_ps(y + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  float s = hsum(acc);
+  s += hsum(acc);
   for (; i < n; i++) {
     y[i] = expf(y[i] - mx);
     s += y[i];
@@ -352,8 +391,12 @@ static inline float exp_shifted(float *y, int64_t n, float mx) {
 
 /* y += a * x over n floats */
 static inline void axpy(float *y, float a, const float *x, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
   int64_t i = 0;
+#if WIDE
+  const __m512 wa = _mm512_set1_ps(a);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wa, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  const __m256 va = _mm256_set1_ps(a);
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
   for (; i < n; i++) y[i] += a * x[i];
 }
@@ -597,37 +640,108 @@ static inline void transpose8(const float *const src[8], int64_t e0, float *dst,
   }
 }
 
+/* The largest of m and x[0 .. width) (width a multiple of 16) */
+static inline float block_max(const float *x, int64_t width, float m) {
+#if WIDE
+  __m512 top = _mm512_set1_ps(m);
+  for (int64_t j = 0; j < width; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + j));
+  return _mm512_reduce_max_ps(top);
+#else
+  __m256 top = _mm256_set1_ps(m);
+  for (int64_t j = 0; j < width; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(x + j));
+  return hmax(top);
+#endif
+}
+
+/* x[j] = exp(x[j] - mx) over x[0 .. width) (width a multiple of 16), 0 where x[j] is -inf; returns their sum */
+static inline float block_exp(float *x, int64_t width, float mx) {
+#if WIDE
+  const __m512 vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < width; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, ninf, _CMP_NEQ_UQ), exp512(_mm512_sub_ps(v, vm)));
+    _mm512_storeu_ps(x + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  const __m256 vm = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = 0; j < width; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, ninf, _CMP_EQ_OQ), exp_ps(_mm256_sub_ps(v, vm)));
+    _mm256_storeu_ps(x + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum(sum);
+#endif
+}
+
 /* row[0 .. seen) (32-byte aligned) -> exp(row - its max) in place; returns 1 / their sum, the softmax's scale */
 static inline float softmax_scale(float *row, int64_t seen) {
-  __m256 top = _mm256_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(row + j));
-  float mx = hmax(top);
-  for (; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
+  const int64_t whole = seen / 16 * 16;
+  float mx = block_max(row, whole, -INFINITY);
+  for (int64_t j = whole; j < seen; j++) mx = row[j] > mx ? row[j] : mx;
   return 1.f / exp_shifted(row, seen, mx);
 }
 
-/* sc[i * stride + t] = qb_i . key t for the PQ query vectors at qb ([PQ][D]) and the 16 keys of panel kp (see
-   PANEL): two key vectors for half the query vectors at a time, 8 loads per 12 multiply-adds. sc and stride are
-   32-byte aligned. */
-static inline __attribute__((always_inline)) void panel_scores(const float *qb, const float *kp, int64_t D, float *sc,
-                                                                 int64_t stride) {
-  for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
-    __m256 acc[PQ / 2][2];
-    for (int i = 0; i < PQ / 2; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+/* sc[i * stride + 16 p + t] = qb_i . key t of panel p for the PQ query vectors at qb ([PQ][D]) and the np
+   consecutive 16-key panels from kp (see PANEL). sc and stride are 32-byte aligned.
+   AVX-512: a panel is one vector; two panels for all PQ query vectors at a time (24 sums), 14 loads per 24
+   multiply-adds. AVX2: the panel's two key vectors for half the query vectors at a time, 8 loads per 12. */
+static inline __attribute__((always_inline)) void panels_scores(const float *qb, const float *kp, int64_t D,
+                                                                  int64_t np, float *sc, int64_t stride) {
+#if WIDE
+  int64_t p = 0;
+  for (; p + 2 <= np; p += 2) {
+    const float *k0 = kp + p * 16 * D;
+    __m512 acc[PQ][2];
+    for (int i = 0; i < PQ; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t e = 0; e < D; e++) {
-      const __m256 k0 = _mm256_load_ps(kp + e * 16), k1 = _mm256_load_ps(kp + e * 16 + 8);
-      for (int i = 0; i < PQ / 2; i++) {
-        const __m256 qv = _mm256_broadcast_ss(qb + (i0 + i) * D + e);
-        acc[i][0] = _mm256_fmadd_ps(qv, k0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(qv, k1, acc[i][1]);
+      const __m512 a = _mm512_loadu_ps(k0 + e * 16), b = _mm512_loadu_ps(k0 + (D + e) * 16);
+      for (int i = 0; i < PQ; i++) {
+        const __m512 qv = _mm512_set1_ps(qb[i * D + e]);
+        acc[i][0] = _mm512_fmadd_ps(qv, a, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(qv, b, acc[i][1]);
       }
     }
-    for (int i = 0; i < PQ / 2; i++) {
-      _mm256_store_ps(sc + (i0 + i) * stride, acc[i][0]);
-      _mm256_store_ps(sc + (i0 + i) * stride + 8, acc[i][1]);
+    for (int i = 0; i < PQ; i++) {
+      _mm512_storeu_ps(sc + i * stride + p * 16, acc[i][0]);
+      _mm512_storeu_ps(sc + i * stride + p * 16 + 16, acc[i][1]);
     }
   }
+  if (p < np) {
+    const float *k0 = kp + p * 16 * D;
+    __m512 acc[PQ];
+    for (int i = 0; i < PQ; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < D; e++) {
+      const __m512 a = _mm512_loadu_ps(k0 + e * 16);
+      for (int i = 0; i < PQ; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qb[i * D + e]), a, acc[i]);
+    }
+    for (int i = 0; i < PQ; i++) _mm512_storeu_ps(sc + i * stride + p * 16, acc[i]);
+  }
+#else
+  for (int64_t p = 0; p < np; p++) {
+    const float *k0 = kp + p * 16 * D;
+    for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
+      __m256 acc[PQ / 2][2];
+      for (int i = 0; i < PQ / 2; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t e = 0; e < D; e++) {
+        const __m256 a = _mm256_load_ps(k0 + e * 16), b = _mm256_load_ps(k0 + e * 16 + 8);
+        for (int i = 0; i < PQ / 2; i++) {
+          const __m256 qv = _mm256_broadcast_ss(qb + (i0 + i) * D + e);
+          acc[i][0] = _mm256_fmadd_ps(qv, a, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(qv, b, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < PQ / 2; i++) {
+        _mm256_store_ps(sc + (i0 + i) * stride + p * 16, acc[i][0]);
+        _mm256_store_ps(sc + (i0 + i) * stride + p * 16 + 8, acc[i][1]);
+      }
+    }
+  }
+#endif
 }
 
 /* The L keys of one KV head (key j at k + j * k_stride, D floats) into 16-key panels at kt, zeros past L. Called
@@ -672,20 +786,84 @@ static void qblock_init(qblock *s, const float *q, int64_t q_stride, const int64
     }
 }
 
+#if WIDE
+/* block_values' step on AVX-512: dimensions e .. e + 16 C of the PQ outputs, C vectors each */
+static inline __attribute__((always_inline)) void values_wide(const float *sc, const float *vg, int64_t v_stride,
+                                                                int64_t D, int64_t jn, float *o, int64_t e, int C) {
+  __m512 acc[PQ][2];
+  for (int i = 0; i < PQ; i++)
+    for (int c = 0; c < C; c++) acc[i][c] = _mm512_loadu_ps(o + i * D + e + 16 * c);
+  for (int64_t j = 0; j < jn; j++) {
+    const float *vr = vg + j * v_stride + e;
+    __m512 vv[2];
+    for (int c = 0; c < C; c++) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+    for (int i = 0; i < PQ; i++) {
+      const __m512 p = _mm512_set1_ps(sc[i * PKEYS + j]);
+      for (int c = 0; c < C; c++) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < PQ; i++)
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(o + i * D + e + 16 * c, acc[i][c]);
+}
+#endif
+
+/* o[i] += sum_j sc[i * PKEYS + j] * value j for the PQ query vectors (o [PQ][D], 32-byte aligned) and the jn
+   values from vg (v_stride apart) */
+static inline void block_values(const float *sc, const float *vg, int64_t v_stride, int64_t D, int64_t jn, float *o) {
+#if WIDE
+  if (D % 16 == 0) { /* 32 dimensions for all PQ query vectors at a time (24 sums), then 16 if D leaves them */
+    int64_t e = 0;
+    for (; e + 32 <= D; e += 32) values_wide(sc, vg, v_stride, D, jn, o, e, 2);
+    if (e < D) values_wide(sc, vg, v_stride, D, jn, o, e, 1);
+    return;
+  }
+#endif
+  /* 16 dimensions for half the query vectors at a time (D a multiple of 16; else 8 for all of them) */
+  if (D % 16 == 0) {
+    for (int64_t e = 0; e < D; e += 16)
+      for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
+        __m256 acc[PQ / 2][2];
+        for (int i = 0; i < PQ / 2; i++) {
+          acc[i][0] = _mm256_load_ps(o + (i0 + i) * D + e);
+          acc[i][1] = _mm256_load_ps(o + (i0 + i) * D + e + 8);
+        }
+        for (int64_t j = 0; j < jn; j++) {
+          const float *vr = vg + j * v_stride + e;
+          const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+          for (int i = 0; i < PQ / 2; i++) {
+            const __m256 p = _mm256_broadcast_ss(sc + (i0 + i) * PKEYS + j);
+            acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
+          }
+        }
+        for (int i = 0; i < PQ / 2; i++) {
+          _mm256_store_ps(o + (i0 + i) * D + e, acc[i][0]);
+          _mm256_store_ps(o + (i0 + i) * D + e + 8, acc[i][1]);
+        }
+      }
+  } else {
+    for (int64_t e = 0; e < D; e += 8) {
+      __m256 acc[PQ];
+      for (int i = 0; i < PQ; i++) acc[i] = _mm256_load_ps(o + i * D + e);
+      for (int64_t j = 0; j < jn; j++) {
+        const __m256 vv = _mm256_loadu_ps(vg + j * v_stride + e);
+        for (int i = 0; i < PQ; i++) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + i * PKEYS + j), vv, acc[i]);
+      }
+      for (int i = 0; i < PQ; i++) _mm256_store_ps(o + i * D + e, acc[i]);
+    }
+  }
+}
+
 /* Folds keys j0 .. j1 - 1 (j0 a multiple of PKEYS; those past s->end skipped) into the block's softmax */
 static void qblock_keys(qblock *s, const float *ktg, const float *vg, int64_t v_stride,
                         const int64_t *keys, int64_t D, int64_t j0, int64_t j1) {
-  float sc[PQ * PKEYS] __attribute__((aligned(32)));
-  const float *qb = s->qb;
+  float sc[PQ * PKEYS] __attribute__((aligned(64)));
   float *o = s->o;
-  const int nq = s->nq;
   if (j1 > s->end) j1 = s->end;
   for (; j0 < j1; j0 += PKEYS) {
-    const int64_t jn = j1 - j0 < PKEYS ? j1 - j0 : PKEYS, chunks = (jn + 15) / 16 * 2; /* even: see below */
-    for (int64_t c = 0; c < chunks; c += 2) /* the panel of keys j0 + 8c .. + 15 */
-      panel_scores(qb, ktg + (j0 + 8 * c) * D, D, sc + 8 * c, PKEYS);
-    const int64_t width = 8 * chunks;
-    for (int i = 0; i < nq; i++) {
+    const int64_t jn = j1 - j0 < PKEYS ? j1 - j0 : PKEYS, np = (jn + 15) / 16, width = 16 * np;
+    panels_scores(s->qb, ktg + j0 * D, D, np, sc, PKEYS);
+    for (int i = 0; i < s->nq; i++) {
       float *sv = sc + i * PKEYS;
       const int64_t pos = s->pos[i];
       /* keys past the row (causal) or past the chunk (padding) get no weight */
@@ -693,57 +871,14 @@ static void qblock_keys(qblock *s, const float *ktg, const float *vg, int64_t v_
         for (int64_t j = pos + 1 - j0 > 0 ? pos + 1 - j0 : 0; j < width; j++) sv[j] = -INFINITY;
       else
         for (int64_t j = width; j > 0 && (j > jn || keys[j0 + j - 1] > pos); j--) sv[j - 1] = -INFINITY;
-      __m256 top = _mm256_set1_ps(s->m[i]);
-      for (int64_t j = 0; j < width; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(sv + j));
-      const float mx = hmax(top);
+      const float mx = block_max(sv, width, s->m[i]);
       const float alpha = expf(s->m[i] - mx); /* key 0 is visible to every row: mx is finite from the first step */
-      const __m256 vm = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
-      __m256 sum = _mm256_setzero_ps();
-      for (int64_t j = 0; j < width; j += 8) {
-        const __m256 x = _mm256_load_ps(sv + j);
-        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp_ps(_mm256_sub_ps(x, vm)));
-        _mm256_store_ps(sv + j, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      s->l[i] = s->l[i] * alpha + hsum(sum);
+      s->l[i] = s->l[i] * alpha + block_exp(sv, width, mx);
       s->m[i] = mx;
       if (alpha != 1.f)
         for (int64_t e = 0; e < D; e++) o[i * D + e] *= alpha;
     }
-    /* 16 dimensions for half the query vectors at a time (D a multiple of 16; else 8 for all of them) */
-    if (D % 16 == 0) {
-      for (int64_t e = 0; e < D; e += 16)
-        for (int i0 = 0; i0 < PQ; i0 += PQ / 2) {
-          __m256 acc[PQ / 2][2];
-          for (int i = 0; i < PQ / 2; i++) {
-            acc[i][0] = _mm256_load_ps(o + (i0 + i) * D + e);
-            acc[i][1] = _mm256_load_ps(o + (i0 + i) * D + e + 8);
-          }
-          for (int64_t j = 0; j < jn; j++) {
-            const float *vr = vg + (j0 + j) * v_stride + e;
-            const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-            for (int i = 0; i < PQ / 2; i++) {
-              const __m256 p = _mm256_broadcast_ss(sc + (i0 + i) * PKEYS + j);
-              acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
-              acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
-            }
-          }
-          for (int i = 0; i < PQ / 2; i++) {
-            _mm256_store_ps(o + (i0 + i) * D + e, acc[i][0]);
-            _mm256_store_ps(o + (i0 + i) * D + e + 8, acc[i][1]);
-          }
-        }
-    } else {
-      for (int64_t e = 0; e < D; e += 8) {
-        __m256 acc[PQ];
-        for (int i = 0; i < PQ; i++) acc[i] = _mm256_load_ps(o + i * D + e);
-        for (int64_t j = 0; j < jn; j++) {
-          const __m256 vv = _mm256_loadu_ps(vg + (j0 + j) * v_stride + e);
-          for (int i = 0; i < PQ; i++) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + i * PKEYS + j), vv, acc[i]);
-        }
-        for (int i = 0; i < PQ; i++) _mm256_store_ps(o + i * D + e, acc[i]);
-      }
-    }
+    block_values(sc, vg + j0 * v_stride, v_stride, D, jn, o);
   }
 }
 
@@ -887,7 +1022,7 @@ int native_sparse_attention(const float *q, int64_t q_stride, const float *k, in
    and per diagonal offset o = position - key (slash[h * L + o]; slash NULL: not wanted). Query i of head h (at
    position L - m + i) is at q + h * q_head_stride + i * q_row_stride, key j at k + j * k_stride (D floats each);
    kt: scratch of D * round_up(L, 16) floats, 32-byte aligned. A task is up to PQ query vectors of one head: their
-   scores against every key panel (panel_scores), then per vector the softmax and two sums into its thread's
+   scores against every key panel (panels_scores), then per vector the softmax and two sums into its thread's
    accumulators, the slash ones kept per diagonal d = key - i + m - 1 so that a vector's probabilities add
    contiguously (offset o is d = L - 1 - o). Tasks go to threads statically, so the sums' order is fixed. Returns
    0, or -1 for what it does not take (no AVX2, D not a multiple of 8 or above 512, m outside 1 .. L, no memory). */
@@ -914,7 +1049,7 @@ int native_estimate_scores(const float *q, int64_t q_head_stride, int64_t q_row_
       memset(qb, 0, sizeof(float) * (size_t)(PQ * D));
       for (int64_t i = 0; i < nq; i++)
         for (int64_t e = 0; e < D; e++) qb[i * D + e] = q[h * q_head_stride + (r0 + i) * q_row_stride + e] * scale;
-      for (int64_t p0 = 0; p0 < lpad; p0 += 16) panel_scores(qb, kt + p0 * D, D, sc + p0, lpad);
+      panels_scores(qb, kt, D, lpad / 16, sc, lpad);
       for (int64_t i = 0; i < nq; i++) {
         const int64_t r = r0 + i, seen = L - m + r + 1; /* keys 0 .. its position */
         float *row = sc + i * lpad;
@@ -986,7 +1121,7 @@ int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stri
           const int64_t h = (v0 + i) / rows, row = first + (v0 + i) % rows;
           for (int64_t e = 0; e < D; e++) qb[i * D + e] = q[h * q_head_stride + row * q_row_stride + e] * scale;
         }
-        for (int64_t p0 = 0; p0 < ppad; p0 += 16) panel_scores(qb, kt + p0 * D, D, sc + p0, lpad);
+        panels_scores(qb, kt, D, ppad / 16, sc, lpad);
         for (int64_t i = 0; i < nq; i++) {
           const int64_t seen = q_start + first + (v0 + i) % rows + 1;
           float *row = sc + i * lpad;
