@@ -18,7 +18,7 @@ from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
-from .native import PREFILL_KEYS, NativeDecoder, NativeLinear, NativeWeight, decode_attention, prefill_attention
+from .native import NativeDecoder, NativeLinear, NativeWeight, decode_attention, prefill_attention, prefill_keys
 from .quant import Fp16Linear
 
 _HEAD_CHUNK = 1024
@@ -58,7 +58,7 @@ class AttentionMeta:
     sparse_patterns: list[list[HeadPattern]] | None = None  # per layer, per query head; used by sparse spans
     # All decode rows' context slots [B, Lmax] and lengths [B], for the native decode attention (set by Llama)
     decode_table: tuple[torch.Tensor, torch.Tensor] | None = None
-    native_prefill: bool = False  # dense prefill chunks of up to PREFILL_KEYS keys in C (set by Llama)
+    native_prefill: bool = False  # dense prefill chunks of up to prefill_keys() keys in C (set by Llama)
 
     def build_decode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode groups' slots padded to one width and their lengths; the groups must be the batch's last rows."""
@@ -148,7 +148,7 @@ class Attention(nn.Module):
             if span.sparse and meta.sparse_patterns is not None:
                 out[span.start : span.end] = self._sparse_prefill(q, k, v, k_cache, v_cache, span, meta)
                 continue
-            if meta.native_prefill and span.context_len <= PREFILL_KEYS:
+            if meta.native_prefill and span.context_len <= prefill_keys():
                 if span.context_slots is None:
                     ks, vs = k[span.start : span.end], v[span.start : span.end]
                 else:

@@ -32,7 +32,8 @@
 #define MAXR 4 /* activation rows computed together over one pass of the weights */
 #define PANEL_ROWS 4 /* calls of more rows widen each weight row once into a panel (linear_panel) */
 
-int native_simd(void) { return NATIVE_SIMD; }
+/* floats per vector of the attention kernels: 16 (AVX-512), 8 (AVX2 + FMA), 0 (no vectorised path) */
+int native_simd(void) { return NATIVE_SIMD ? (WIDE ? 16 : 8) : 0; }
 
 /* Planar element order inside a block (the packing in native.py must match):
    q4: 16 bytes as 4 little-endian dwords; element 8*v + lane is nibble 2*v + lane/4 of dword lane%4.

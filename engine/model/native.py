@@ -40,6 +40,8 @@ GROUP = 32
 _Q4_0, _Q4_1, _Q8_0 = 2, 3, 8  # GGML type ids
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Extra compiler flags, appended (e.g. "-mno-avx512f" to build and test the 8-wide kernels on an AVX-512 machine)
+EXTRA_FLAGS_ENV = "OPTIMIST_NATIVE_FLAGS"
 
 # Planar order inside a block (see native.c): element e = 8 * v + lane.
 _E = np.arange(GROUP)
@@ -82,7 +84,8 @@ def build(force: bool = False) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"C compiler {cc} does not run: {exc}") from exc
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()
+    flags = FLAGS + os.environ.get(EXTRA_FLAGS_ENV, "").split()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_key()]).encode()).hexdigest()
     target = cache_dir() / f"native-{key[:16]}.so"
     if target.exists() and not force:
         return target
@@ -91,7 +94,7 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise NativeUnavailable(f"building the native CPU kernels with {cc} failed: {reason}")
@@ -181,16 +184,24 @@ def decode_attention(
         raise ValueError("decode_attention: heads not a multiple of KV heads, or a length outside 1..slots")
 
 
-def _prefill_keys() -> int:
+def _prefill_keys(lanes: int, capability: str) -> int:
     """Longest context for which the engine runs a dense prefill chunk's attention in C (`prefill_attention`; the
-    sparse path's dense groups too), against torch's flash kernel (bottom-right causal split), SmolLM2's 3-head group
-    on 2 cores. Where torch runs AVX2 (as our kernels do): 2-3x at up to 512 tokens, 1.4-1.6x at 2,048, 1.05-1.2x at
-    4-8K, even at 16-32K. Where torch runs AVX-512 (16-wide; ours stay 8-wide): 1.4x at 256, 1.2x at 512, even at
-    1K, then torch ahead (0.8x at 2K, 0.6x at 7K keys; 7K prompt's dense prefill 24.2 -> 18.7 s with torch's)."""
-    return 1024 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8192
+    sparse path's dense groups too) rather than torch's flash kernel (bottom-right causal split), given our kernels'
+    vector width in floats and torch's CPU capability; SmolLM2's 3-head group on 2 cores. Same widths (AVX2 both, or
+    AVX-512 both): ours 2-3x at up to 512 tokens, 1.35-1.5x at 2-4K, 1.1x at 7K, 1.0-1.1x at 16-32K keys. Ours
+    8-wide where torch runs AVX-512 (OPTIMIST_NATIVE_FLAGS=-mno-avx512f): 1.4x at 256, even at 1K, then torch ahead
+    (0.6x at 7K keys)."""
+    return 1024 if lanes < 16 and capability.startswith("AVX512") else 8192
 
 
-PREFILL_KEYS = _prefill_keys()
+@functools.cache
+def prefill_keys() -> int:
+    """`_prefill_keys` for the kernels built here (0 where they cannot be built: the callers fall back anyway)."""
+    try:
+        lanes = library().native_simd()
+    except NativeUnavailable:
+        return 0
+    return _prefill_keys(lanes, torch.backends.cpu.get_cpu_capability())
 
 
 def _chunk_tensors_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import gguf
 import numpy as np
 import pytest
@@ -369,10 +372,24 @@ def test_torch_layers_with_native_attention_match_torch_attention(prefill: int) 
         assert torch.allclose(kn, kt, rtol=1e-5, atol=1e-5) and torch.allclose(vn, vt, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("capability", "keys"), [("AVX2", 8192), ("AVX512", 1024), ("AVX512_BF16", 1024)])
-def test_dense_prefill_attention_runs_in_c_where_it_beats_torchs(
-    capability: str, keys: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Our attention kernels are 8-wide: where torch runs AVX-512 its flash kernel passes them above ~1K keys."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert native._prefill_keys() == keys
+@pytest.mark.parametrize(
+    ("lanes", "capability", "keys"),
+    [(8, "AVX2", 8192), (16, "AVX512", 8192), (8, "AVX512", 1024), (8, "AVX512_BF16", 1024)],
+)
+def test_dense_prefill_attention_runs_in_c_where_it_beats_torchs(lanes: int, capability: str, keys: int) -> None:
+    """Where torch's flash kernel runs AVX-512 and ours are 8-wide it passes them above ~1K keys; at equal widths
+    ours lead at every length the engine runs."""
+    assert native._prefill_keys(lanes, capability) == keys
+
+
+def test_kernel_width_follows_the_build_flags() -> None:
+    """The kernels are 16-wide exactly where the compiler targets AVX-512 (-march=native unless told otherwise), and
+    the engine's dense C attention bound follows."""
+    lanes = native.library().native_simd()
+    flags = native.FLAGS + os.environ.get(native.EXTRA_FLAGS_ENV, "").split()
+    probe = subprocess.run(
+        [native._compiler(), *flags[:1], *[f for f in flags if f.startswith("-m")], "-dM", "-E", "-x", "c", "/dev/null"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert lanes == (16 if "__AVX512F__" in probe else 8)
+    assert native.prefill_keys() == native._prefill_keys(lanes, torch.backends.cpu.get_cpu_capability())

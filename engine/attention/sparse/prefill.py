@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ...model.native import PREFILL_KEYS, estimate_scores, prefill_attention, sparse_attention, tile_scores
+from ...model.native import estimate_scores, prefill_attention, prefill_keys, sparse_attention, tile_scores
 from ..cpu import bottom_right_causal_attention
 from .config import PER_MILLE, HeadPattern
 from .estimate import (
@@ -234,7 +234,7 @@ def _fused_cpu(device: torch.device) -> bool:
 
 def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, native: bool = False) -> None:
     """Every visible key for one KV group (bottom-right causal): q [n, G, D], k/v [L, D], into out [n, G, D]."""
-    if native and k.shape[0] <= PREFILL_KEYS and prefill_attention(q, k[:, None], v[:, None], out):
+    if native and k.shape[0] <= prefill_keys() and prefill_attention(q, k[:, None], v[:, None], out):
         return
     qg, kg, vg = q.transpose(0, 1)[None], k[None, None], v[None, None]
     if _fused_cpu(q.device):
@@ -276,7 +276,7 @@ def sparse_prefill_attention(
 
     native (float32 on CPU, where the C kernels build; the engine passes it as its dense path uses them): each
     group's tiles run in C instead (`native.sparse_attention`: no gathers into padded batches; a tile's keys are
-    read once for all its rows and heads), and dense groups of up to PREFILL_KEYS keys too."""
+    read once for all its rows and heads), and dense groups of up to prefill_keys() keys too."""
     n, hq, d = q.shape
     length, hkv, _ = k.shape
     if length != q_start + n:
