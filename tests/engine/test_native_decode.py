@@ -387,9 +387,9 @@ def test_kernel_width_follows_the_build_flags() -> None:
     the engine's dense C attention bound follows."""
     lanes = native.library().native_simd()
     flags = native.FLAGS + os.environ.get(native.EXTRA_FLAGS_ENV, "").split()
+    target = [f for f in flags if f.startswith("-m")]
     probe = subprocess.run(
-        [native._compiler(), *flags[:1], *[f for f in flags if f.startswith("-m")], "-dM", "-E", "-x", "c", "/dev/null"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [native._compiler(), *target, "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True, check=True
+    ).stdout
     assert lanes == (16 if "__AVX512F__" in probe else 8)
     assert native.prefill_keys() == native._prefill_keys(lanes, torch.backends.cpu.get_cpu_capability())
