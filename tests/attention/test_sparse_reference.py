@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optimist.engine.attention.sparse.estimate import (
+    block_sparse_union,
     estimate_block_sparse,
     estimate_block_sparse_mask,
     estimate_vertical_slash,
@@ -147,6 +148,30 @@ def test_covering_count_takes_the_fewest_largest_entries_reaching_the_share() ->
     assert covering_count(scores, 0.7).tolist() == [2, 3]  # 5 + 3 reach 7 of 10; three quarters reach 2.8 of 4
     assert covering_count(scores, 0.5).tolist() == [1, 2]
     assert covering_count(scores, 1.0).tolist() == [4, 4]  # everything, whatever the rounding of the sums
+    assert covering_count(scores, torch.tensor([0.7, 0.5])).tolist() == [2, 2]  # a share per row
+    assert covering_count(scores, torch.tensor([1.0, 0.5])).tolist() == [4, 2]
+
+
+def test_column_and_diagonal_unions_are_each_heads_own_top_picks() -> None:
+    """Heads picked together (one top-k) keep what each would alone: its top k columns besides the forced sinks,
+    its best runs of diagonals besides the forced local window."""
+    from optimist.engine.attention.sparse.estimate import column_union, diagonal_union
+
+    g = torch.Generator().manual_seed(5)
+    vertical, slash = torch.rand(3, 500, generator=g), torch.rand(3, 500, generator=g)
+    k_v, k_s = [5, 40, 100], [0, 120, 300]
+    expected_columns = set(range(10))
+    for s_, k in enumerate(k_v):
+        rest = sorted(range(10, 500), key=lambda j: -vertical[s_, j].item())
+        expected_columns |= set(rest[: max(k, 10) - 10])
+    assert set(column_union(vertical, k_v, sinks=10).nonzero().squeeze(1).tolist()) == expected_columns
+    expected_offsets: set[int] = set()
+    for s_, k in enumerate(k_s):
+        runs = [(float("inf") if r < 2 else slash[s_, r * 16 : r * 16 + 16].sum().item(), r) for r in range(32)]
+        for _, r in sorted(runs, reverse=True)[: -(-max(k, 20) // 16)]:  # the local window 0..19 lies in runs 0, 1
+            expected_offsets |= {o for o in range(r * 16, r * 16 + 16) if o < 500}
+    got = diagonal_union(slash, k_s, local=20, slash_group=16)
+    assert set(got.nonzero().squeeze(1).tolist()) == expected_offsets
 
 
 def test_coverage_budgets_follow_the_prompt_and_keep_planted_lines() -> None:
@@ -225,6 +250,30 @@ def test_block_sparse_estimate_of_a_chunk_matches_the_whole_prompts_rows(q_start
     aligned = 1 if q_start % 64 else 0  # a partly held first block pools fewer rows: compare the rest exactly
     assert torch.equal(chunk[aligned:], whole[first + aligned :])
     assert bool(chunk[torch.arange(chunk.shape[0]), first + torch.arange(chunk.shape[0])].all()), "own block kept"
+
+
+@pytest.mark.parametrize(("length", "n"), [(1000, 1000), (1000, 300), (1100, 37)])
+def test_block_sparse_union_is_every_heads_own_top_blocks(length: int, n: int) -> None:
+    """Several heads sharing keys, each with its own budget, estimated together: the union of what each head keeps
+    by itself (mean-pooled blocks of the rows present, causal at block level, the diagonal block forced)."""
+    g = torch.Generator().manual_seed(length + n)
+    q, k = torch.randn(n, 3, 16, generator=g), torch.randn(length, 16, generator=g)
+    tops = [1, 3, 6]
+    got = block_sparse_union(q, k, 64, tops)
+    first, nk = (length - n) // 64, -(-length // 64)
+    keys = torch.stack([k[j * 64 : (j + 1) * 64].mean(dim=0) for j in range(nk)])
+    expected = torch.zeros((nk - first, nk), dtype=torch.bool)
+    for h, top in enumerate(tops):
+        for b in range(first, nk):
+            lo, hi = max(b * 64, length - n), min((b + 1) * 64, length)
+            pooled = q[lo - (length - n) : hi - (length - n), h].mean(dim=0)
+            scores = keys[: b + 1] @ pooled
+            scores[b] = float("inf")
+            expected[b - first, scores.topk(min(top, b + 1)).indices] = True
+    assert torch.equal(got, expected)
+    assert torch.equal(block_sparse_union(q[:, 1:2], k, 64, [3]), estimate_block_sparse_mask(q[:, 1], k, 64, 3))
+    with pytest.raises(ValueError, match="2 block budgets for 3 heads"):
+        block_sparse_union(q, k, 64, [1, 2])
 
 
 def test_block_sparse_estimator_keeps_the_diagonal_block_and_the_planted_one() -> None:

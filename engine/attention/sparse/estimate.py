@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 SINKS = 30  # first key columns always kept (attention sinks)
@@ -47,16 +49,55 @@ def vertical_slash_scores(q_last: torch.Tensor, k: torch.Tensor) -> tuple[torch.
 
 def top_columns(vertical: torch.Tensor, k_v: int, sinks: int = SINKS) -> torch.Tensor:
     """One head's kept columns (sorted) from its vertical scores [L]: the top k_v, the first `sinks` forced."""
-    n = vertical.shape[0]
-    vertical = vertical.clone()
-    vertical[: min(sinks, n)] = float("inf")
-    return vertical.topk(min(max(k_v, sinks), n)).indices.sort().values
+    return column_union(vertical[None], [k_v], sinks).nonzero().squeeze(1)
+
+
+def _forced(scores: torch.Tensor, first: int) -> torch.Tensor:
+    """A copy of scores [..., L] with the first `first` entries of each row ranked above all others."""
+    scores = scores.clone()
+    scores[..., : min(first, scores.shape[-1])] = float("inf")
+    return scores
+
+
+def top_union(scores: torch.Tensor, counts: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """bool [L]: the union over rows of scores [S, L] of row s's counts[s] largest entries (one top-k for all: the
+    widest count's, each row keeping its own prefix)."""
+    width = scores.shape[-1]
+    counts = torch.as_tensor(counts, device=scores.device).clamp(min=0, max=width)
+    widest = int(counts.max()) if counts.numel() else 0
+    order = scores.topk(widest, dim=-1).indices  # sorted, largest first
+    chosen = order[torch.arange(widest, device=scores.device)[None, :] < counts[:, None]]
+    return torch.zeros(width, dtype=torch.bool, device=scores.device).index_fill_(0, chosen, True)
 
 
 def _run_sums(slash: torch.Tensor, group: int) -> torch.Tensor:
-    """Slash scores [L] summed over runs of `group` neighbouring offsets: [ceil(L / group)]."""
-    runs = -(-slash.shape[0] // group)
-    return torch.nn.functional.pad(slash, (0, runs * group - slash.shape[0])).view(runs, group).sum(dim=1)
+    """Slash scores [..., L] summed over runs of `group` neighbouring offsets: [..., ceil(L / group)]."""
+    length = slash.shape[-1]
+    runs = -(-length // group)
+    padded = torch.nn.functional.pad(slash, (0, runs * group - length))
+    return padded.view(*slash.shape[:-1], runs, group).sum(dim=-1)
+
+
+def column_union(vertical: torch.Tensor, k_v: Sequence[int] | torch.Tensor, sinks: int = SINKS) -> torch.Tensor:
+    """bool [L]: the columns heads keep, from their vertical scores [S, L]: head s's top k_v[s], the first `sinks`
+    forced (one top-k for all the heads)."""
+    counts = torch.as_tensor(k_v, device=vertical.device).clamp(min=sinks)
+    return top_union(_forced(vertical, sinks), counts)
+
+
+def diagonal_union(
+    slash: torch.Tensor, k_s: Sequence[int] | torch.Tensor, local: int = LOCAL, slash_group: int = 1
+) -> torch.Tensor:
+    """bool [L] over offsets: the diagonals heads keep, from their slash scores [S, L]: head s's top k_s[s], the
+    nearest `local` forced. `slash_group` > 1 keeps diagonals in runs of that many neighbouring offsets (the
+    best-scoring runs, about k_s offsets in all): the CPU path attends to a run as one band of keys, where
+    scattered single diagonals would each cost a tile-wide range."""
+    wanted = torch.as_tensor(k_s, device=slash.device).clamp(min=local)
+    forced = _forced(slash, local)
+    if slash_group <= 1:
+        return top_union(forced, wanted)
+    runs = top_union(_run_sums(forced, slash_group), -(-wanted // slash_group))
+    return runs.repeat_interleave(slash_group)[: slash.shape[-1]]
 
 
 def pick_vertical_slash(
@@ -68,29 +109,41 @@ def pick_vertical_slash(
     local: int = LOCAL,
     slash_group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head's kept (columns, offsets), sorted, from its scores [L]: top-k_v columns with the first `sinks`
-    forced, top-k_s diagonals with the nearest `local` forced. `slash_group` > 1 keeps diagonals in runs of that
-    many neighbouring offsets (the best-scoring runs, about k_s offsets in all): the CPU path attends to a run as
-    one band of keys, where scattered single diagonals would each cost a tile-wide range."""
-    n = vertical.shape[0]
-    columns = top_columns(vertical, k_v, sinks)
-    slash = slash.clone()
-    slash[: min(local, n)] = float("inf")
-    if slash_group <= 1:
-        return columns, slash.topk(min(max(k_s, local), n)).indices.sort().values
-    pooled = _run_sums(slash, slash_group)
-    kept_runs = pooled.topk(min(-(-max(k_s, local) // slash_group), pooled.shape[0])).indices
-    diagonals = (kept_runs[:, None] * slash_group + torch.arange(slash_group, device=slash.device)).flatten()
-    return columns, diagonals[diagonals < n].sort().values
+    """One head's kept (columns, offsets), sorted, from its scores [L]: `column_union` and `diagonal_union` for
+    one head."""
+    columns = column_union(vertical[None], [k_v], sinks)
+    offsets = diagonal_union(slash[None], [k_s], local, slash_group)
+    return columns.nonzero().squeeze(1), offsets.nonzero().squeeze(1)
 
 
-def covering_count(scores: torch.Tensor, share: float) -> torch.Tensor:
+def covering_count(scores: torch.Tensor, share: float | torch.Tensor) -> torch.Tensor:
     """Per row of scores [..., L] (non-negative): how many of its largest entries it takes for their sum to reach
-    `share` of the row's total (at least 1; every entry for a share of 1 or more): [...] long."""
-    if share >= 1:
-        return torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long, device=scores.device)
+    `share` of the row's total (at least 1; every entry for a share of 1 or more); share: one for all rows or one
+    per row [...]. Returns [...] long."""
+    width = scores.shape[-1]
+    share = torch.as_tensor(share, dtype=torch.float32, device=scores.device)
+    if bool((share >= 1).all()):
+        return torch.full(scores.shape[:-1], width, dtype=torch.long, device=scores.device)
     ranked = scores.sort(dim=-1, descending=True).values.cumsum(dim=-1)
-    return ((ranked < share * ranked[..., -1:]).sum(dim=-1) + 1).clamp(max=scores.shape[-1])
+    count = ((ranked < share[..., None] * ranked[..., -1:]).sum(dim=-1) + 1).clamp(max=width)
+    return torch.where(share >= 1, width, count)
+
+
+def coverage_budgets(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    vertical_share: float | torch.Tensor,
+    slash_share: float | torch.Tensor,
+    sinks: int = SINKS,
+    local: int = LOCAL,
+    slash_group: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage heads' (k_v, k_s) for `column_union` and `diagonal_union`, from their scores [S, L] and shares
+    (one, or one per head [S]): the fewest columns whose scores reach `vertical_share` of the head's total and the
+    fewest diagonals (runs of `slash_group`) reaching `slash_share`, each plus the sinks or local window."""
+    k_v = covering_count(vertical, vertical_share) + sinks
+    k_s = covering_count(_run_sums(slash, slash_group), slash_share) * slash_group + local
+    return k_v, k_s
 
 
 def pick_coverage(
@@ -102,12 +155,9 @@ def pick_coverage(
     local: int = LOCAL,
     slash_group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As pick_vertical_slash, with budgets from the scores themselves: the fewest columns whose scores reach
-    `vertical_share` of the head's total, and the fewest diagonals (runs of `slash_group`) whose scores reach
-    `slash_share` (the first `sinks` columns and nearest `local` offsets kept besides)."""
-    k_v = int(covering_count(vertical, vertical_share))
-    k_s = int(covering_count(_run_sums(slash, slash_group), slash_share)) * slash_group
-    return pick_vertical_slash(vertical, slash, k_v + sinks, k_s + local, sinks, local, slash_group)
+    """As pick_vertical_slash, with budgets from the scores themselves (`coverage_budgets`)."""
+    k_v, k_s = coverage_budgets(vertical[None], slash[None], vertical_share, slash_share, sinks, local, slash_group)
+    return pick_vertical_slash(vertical, slash, int(k_v[0]), int(k_s[0]), sinks, local, slash_group)
 
 
 def tile_estimate(q: torch.Tensor, k: torch.Tensor, tile: int, rows: int) -> torch.Tensor:
@@ -160,30 +210,47 @@ def estimate_block_sparse_mask(q: torch.Tensor, k: torch.Tensor, block: int = 64
     block level), keep the `top` key blocks per query block (the diagonal block always). q [n, d] holds the last n
     positions of k [L, d] (a prefill chunk after a cached prefix; n = L for a whole prompt). Returns bool
     [query blocks the chunk touches, key blocks]."""
-    n, d = q.shape
+    return block_sparse_union(q[:, None], k, block, [top])
+
+
+def _block_means(x: torch.Tensor, lead: int, block: int) -> torch.Tensor:
+    """Means over `block`-position blocks of x's rows [rows, ...] (row 0 sits `lead` positions into its block; the
+    first and last blocks may be partial): [blocks, ...] in float32."""
+    rows, rest = x.shape[0], x.shape[1:]
+    back = -(-(lead + rows) // block) * block - lead - rows
+    padded = torch.zeros((lead + rows + back, *rest), dtype=torch.float32, device=x.device)
+    padded[lead : lead + rows] = x
+    counts = torch.full((padded.shape[0] // block,), float(block), device=x.device)
+    counts[0] -= lead
+    counts[-1] -= back
+    sums = padded.view(-1, block, *rest).sum(dim=1)
+    return sums / counts.view(-1, *([1] * len(rest)))
+
+
+def block_sparse_union(q: torch.Tensor, k: torch.Tensor, block: int, tops: Sequence[int]) -> torch.Tensor:
+    """`estimate_block_sparse_mask` for several heads sharing k: q [n, H, d] (head h keeping tops[h] key blocks per
+    query block), the union of their masks. k is pooled once and the heads' block scores come from one matmul."""
+    n, heads = q.shape[:2]
+    if len(tops) != heads:
+        raise ValueError(f"{len(tops)} block budgets for {heads} heads")
     length = k.shape[0]
     nk = -(-length // block)
     first = (length - n) // block  # the chunk's first query block
-    front = length - n - first * block  # rows of that block before the chunk
-    back = nk * block - length
-
-    def pooled(x: torch.Tensor, lead: int) -> torch.Tensor:
-        """Block means of x's rows (x starting `lead` rows into its first block)."""
-        present = x.new_ones((x.shape[0],), dtype=torch.float32)
-        padded = torch.nn.functional.pad(x.float(), (0, 0, lead, back)).view(-1, block, d)
-        rows = torch.nn.functional.pad(present, (lead, back)).view(-1, block).sum(dim=1)  # rows each block holds
-        return padded.sum(dim=1) / rows[:, None]
-
-    qm, km = pooled(q, front), pooled(k, 0)
-    scores = qm @ km.T  # [query blocks, key blocks]
+    qm = _block_means(q, length - n - first * block, block)  # [query blocks, H, d]
+    km = _block_means(k, 0, block)  # [key blocks, d]
+    scores = torch.einsum("bhd,kd->hbk", qm, km)  # [H, query blocks, key blocks]
     b = first + torch.arange(nk - first, device=q.device)  # each query block's position
     kb = torch.arange(nk, device=q.device)
-    scores = scores.masked_fill(kb[None, :] > b[:, None], float("-inf"))
-    scores[torch.arange(nk - first, device=q.device), b] = float("inf")
-    picked = scores.topk(min(top, nk), dim=1).indices  # row r: its first min(top, b + 1) picks are causal
-    valid = torch.arange(picked.shape[1], device=q.device)[None, :] < (b + 1).clamp(max=top)[:, None]
+    scores.masked_fill_(kb[None, None, :] > b[None, :, None], float("-inf"))
+    scores[:, torch.arange(nk - first, device=q.device), b] = float("inf")
+    widest = min(max(tops), nk)
+    picked = scores.topk(widest, dim=2).indices  # row r: its first min(top, b + 1) picks are causal
+    budget = torch.tensor(tops, device=q.device).clamp(max=widest)
+    limit = torch.minimum(budget[:, None], b[None, :] + 1)  # [H, query blocks]
+    valid = torch.arange(widest, device=q.device)[None, None, :] < limit[:, :, None]
     mask = torch.zeros((nk - first, nk + 1), dtype=torch.bool, device=q.device)
-    mask.scatter_(1, torch.where(valid, picked, nk), True)
+    rows = torch.arange(nk - first, device=q.device)[None, :, None].expand_as(picked)
+    mask[rows.reshape(-1), torch.where(valid, picked, nk).reshape(-1)] = True
     return mask[:, :nk]
 
 

@@ -26,12 +26,12 @@ from .config import PER_MILLE, HeadPattern
 from .estimate import (
     LOCAL,
     SINKS,
+    block_sparse_union,
+    column_union,
+    coverage_budgets,
     covering_keys,
-    estimate_block_sparse_mask,
-    pick_coverage,
-    pick_vertical_slash,
+    diagonal_union,
     tile_estimate,
-    top_columns,
     vertical_scores,
     vertical_slash_scores,
 )
@@ -121,18 +121,21 @@ def select_group(
                 raise ValueError("select_group: vertical-slash heads need slash scores")
             vertical = scores[0][scored]
             slash = scores[1][scored] if slashes and scores[1] is not None else None
-        for i, h in enumerate(scored):
-            p = patterns[h]
-            if p.kind == "vertical_slash" and slash is not None:
-                k_v = max(p.a, NEEDLE_VERTICALS)
-                c, o = pick_vertical_slash(vertical[i], slash[i], k_v, p.b, slash_group=SLASH_GROUP)
-                offs[o] = True
-            elif p.kind == "coverage" and slash is not None:
-                c, o = pick_coverage(vertical[i], slash[i], p.a / PER_MILLE, p.b / PER_MILLE, slash_group=SLASH_GROUP)
-                offs[o] = True
-            else:
-                c = top_columns(vertical[i], NEEDLE_VERTICALS)
-            cols[c] = True
+        # budgets per scored head, then one top-k for all of their columns and one for their diagonals
+        kinds = [patterns[h].kind for h in scored]
+        k_v = torch.tensor([max(patterns[h].a, NEEDLE_VERTICALS) if patterns[h].kind == "vertical_slash"
+                            else NEEDLE_VERTICALS for h in scored])  # fmt: skip
+        k_s = torch.tensor([patterns[h].b if patterns[h].kind == "vertical_slash" else 0 for h in scored])
+        cover = [i for i, kind in enumerate(kinds) if kind == "coverage"]
+        if cover and slash is not None:
+            shares = torch.tensor([[patterns[scored[i]].a, patterns[scored[i]].b] for i in cover]) / PER_MILLE
+            k_v[cover], k_s[cover] = coverage_budgets(
+                vertical[cover], slash[cover], shares[:, 0], shares[:, 1], slash_group=SLASH_GROUP
+            )
+        cols |= column_union(vertical, k_v)
+        diagonal = [i for i, kind in enumerate(kinds) if kind in ("vertical_slash", "coverage")]
+        if diagonal and slash is not None:  # the other scored heads keep columns only
+            offs |= diagonal_union(slash[diagonal], k_s[diagonal], slash_group=SLASH_GROUP)
     tiles: torch.Tensor | None = None
     for rows, share in sorted({(p.a, p.b) for p in patterns if p.kind == "query_aware"}):
         heads = [h for h, p in enumerate(patterns) if p.kind == "query_aware" and (p.a, p.b) == (rows, share)]
@@ -140,15 +143,15 @@ def select_group(
         tiles = t if tiles is None else tiles | t
         cols[: min(SINKS, length)] = True
         offs[: min(LOCAL, length)] = True
-    for h, pattern in enumerate(patterns):
+    for pattern in patterns:
         if pattern.kind == "a_shape":
             cols[: min(pattern.a, length)] = True
             offs[: min(max(pattern.b, 1), length)] = True
-        elif pattern.kind == "block_sparse":
-            b = estimate_block_sparse_mask(q[:, h], k, BLOCK, pattern.a)  # the chunk's query blocks
-            blocks = b if blocks is None else blocks | b
-        elif pattern.kind not in ("vertical_slash", "coverage", "query_aware"):
+        elif pattern.kind not in ("vertical_slash", "coverage", "query_aware", "block_sparse"):
             raise ValueError(f"unknown sparse pattern {pattern.kind!r}")
+    block_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
+    if block_heads:  # the chunk's query blocks x key blocks, k pooled once for them all
+        blocks = block_sparse_union(q[:, block_heads], k, BLOCK, [patterns[h].a for h in block_heads])
     offs[: min(TILE, length)] = True  # each tile's own diagonal block: the fused kernel's causal alignment needs it
     return GroupSelection(cols, offs, blocks, tiles)
 
