@@ -203,18 +203,10 @@ def key_matrix(sel: GroupSelection, q_start: int, n: int, tile: int = TILE) -> t
 
 
 def tile_keys(sel: GroupSelection, a: int, b: int) -> torch.Tensor:
-    """Key indices (sorted) query rows [a, b) visit (diagonal ranges and columns; before causal masking)."""
+    """Key indices (sorted) query rows [a, b) visit through the selection's diagonal ranges and columns (before
+    causal masking; its block-sparse blocks and query-aware tiles, which are per chunk tile, are not looked at)."""
     plain = GroupSelection(sel.columns, sel.offsets, None)
     return key_matrix(plain, a, b - a, b - a)[0].nonzero().squeeze(1)
-
-
-def keys_for_tile(sel: GroupSelection, a: int, b: int, q_start: int) -> torch.Tensor:
-    """Every key (sorted) query rows [a, b) of a chunk starting at q_start visit, before causal masking."""
-    if sel.blocks is None:
-        return tile_keys(sel, a, b)
-    # align the selection's block rows with a one-tile chunk starting at a
-    rows = sel.blocks[a // BLOCK - q_start // BLOCK :]
-    return key_matrix(GroupSelection(sel.columns, sel.offsets, rows), a, b - a, b - a)[0].nonzero().squeeze(1)
 
 
 def visited_pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
