@@ -245,6 +245,14 @@ static int linear_panel(int kind, const uint8_t *q, const float *d, const float 
   return failed ? -1 : 0;
 }
 
+/* w [n, k] = the weights widened to floats (kinds and layouts as native_linear), for a float32 GEMM of many rows */
+void native_widen(int kind, const uint8_t *q, const float *d, const float *z, int64_t n, int64_t k, float *w) {
+  const int64_t nb = k / QK, row_bytes = kind == 4 ? k / 2 : k;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < n; j++)
+    widen_row(kind, q + j * row_bytes, d + j * nb, kind == 4 ? z + j * nb : NULL, nb, w + j * k);
+}
+
 /* kind 4 (q4: q is [n, k/2] bytes, z [n, k/32]) or 8 (q8: q is [n, k] bytes, z unused); d [n, k/32];
    scratch: m * k / 32 floats (q4 only). Returns 0, or -1 where memory for the panels ran out. */
 int native_linear(int kind, const uint8_t *q, const float *d, const float *z, const float *x, float *y, int64_t m,

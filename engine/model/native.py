@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ def library() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.native_linear.argtypes = [ctypes.c_int, p, p, p, p, p, i64, i64, i64, p]
     lib.native_linear.restype = ctypes.c_int
+    lib.native_widen.argtypes = [ctypes.c_int, p, p, p, i64, i64, p]
+    lib.native_widen.restype = None
     lib.native_simd.restype = ctypes.c_int
     lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p]
     lib.native_decode.restype = ctypes.c_int
@@ -408,8 +411,16 @@ class NativeWeight:
         )
 
 
+# Calls of at least this many rows (prefill chunks) widen a layer's blocks to float32 for the call and run torch's
+# float32 GEMM: widening SmolLM2's largest matrix takes ~0.06 ms, and at 2,048 rows that GEMM (MKL) takes 0.84-0.87
+# of fbgemm's float16 one on a 2-core AVX-512 CPU (even at 256-512 rows, behind at 64: 1.3x); on AVX2 they run about
+# even from 512 rows. The weights are then exactly the file's, where the float16 copy rounds them.
+WIDEN_ROWS = 1024
+
+
 class NativeLinear(nn.Module):
-    """y = x @ W.T over W's blocks for calls of up to `native_rows` rows (decode steps), `fallback` above that.
+    """y = x @ W.T over W's blocks for calls of up to `native_rows` rows (decode steps), `fallback` above that, and
+    torch's float32 GEMM over the widened blocks from WIDEN_ROWS rows.
 
     Up to four rows, each block is widened once for all of them; more rows widen each weight row once into a small
     float panel that every row reads from L1 (native.c). Measured on a 2-core AVX2 CPU with SmolLM2's shapes against
@@ -429,9 +440,20 @@ class NativeLinear(nn.Module):
         self.fallback = fallback
         self.native_rows = native_rows
 
+    def widened(self) -> torch.Tensor:
+        """The weights as float32 [out, in], widened from the blocks now (for one call's GEMM; not kept)."""
+        w = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
+        self.lib.native_widen(
+            self.kind, self.q.data_ptr(), self.d.data_ptr(), None if self.z is None else self.z.data_ptr(),
+            self.out_features, self.in_features, w.data_ptr(),
+        )  # fmt: skip
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if m > self.native_rows and self.fallback is not None:
+            if m >= WIDEN_ROWS and x.dtype == torch.float32:
+                return F.linear(x, self.widened())
             return self.fallback(x)
         if x.dtype != torch.float32 or not x.is_contiguous():
             return self.forward(x.float().contiguous()).to(x.dtype)

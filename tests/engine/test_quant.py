@@ -79,6 +79,27 @@ def test_native_linear_hands_large_calls_to_its_fallback() -> None:
     assert torch.equal(layer(x), fallback(x))
 
 
+@needs_native
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0])
+def test_native_linear_widens_its_blocks_for_prefill_sized_calls(qtype: T) -> None:
+    """From WIDEN_ROWS rows a layer runs torch's float32 GEMM over its blocks widened for the call: the file's
+    weights exactly (not the fallback's), nothing kept between calls."""
+    n, k = 48, 96
+    raw = gguf.quants.quantize(np.random.default_rng(1).standard_normal((n, k)).astype(np.float32), qtype)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).copy())
+    fallback = torch.nn.Linear(k, n, bias=False)
+    fallback.weight.data = -w  # a different answer, to tell which path ran
+    layer = NativeLinear(NativeWeight.from_gguf(raw, int(qtype), n, k), fallback, native_rows=4)
+    assert torch.allclose(layer.widened(), w, rtol=1e-6, atol=1e-7)  # the blocks' values (d * q + z, fused)
+    x = torch.randn(native.WIDEN_ROWS, k, generator=torch.Generator().manual_seed(2))
+    exact = x.double() @ w.double().t()
+    got = layer(x)
+    assert ((got.double() - exact).abs() <= 8 * k * 2**-24 * (x.double().abs() @ w.double().abs().t()) + 1e-6).all()
+    assert torch.equal(layer(x[:-1]), fallback(x[:-1]))  # one row fewer: the fallback
+    kept = [t for t in vars(layer).values() if isinstance(t, torch.Tensor) and t.dtype == torch.float32]
+    assert sum(t.numel() for t in kept) < n * k  # only the blocks' scales: no float32 copy of the weights
+
+
 def test_native_build_failure_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OPTIMIST_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "cc"))
