@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_table, write_report
+from .report import markdown_table, positive_int, write_report
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -126,13 +126,6 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("prefill", help="long-prompt dense vs sparse prefill, and transformers")
     p.add_argument("--model", type=Path, default=None)
@@ -141,7 +134,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=int, default=1024, help="sparse prefill above this many prompt tokens")
     p.add_argument("--chunk", type=int, default=2048, help="max tokens per engine step (chunked prefill)")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=_positive, default=3, help="alternating dense/sparse runs per length (best kept)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=3, help="alternating dense/sparse runs per length (best kept)"
+    )
     p.add_argument("--baselines", type=lambda s: s.split(","), default=["transformers"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefill-cpu.json"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -23,3 +24,11 @@ def write_report(path: Path | None, report: dict[str, Any], table: str) -> None:
     path.write_text(json.dumps(report, indent=1) + "\n")
     path.with_suffix(".md").write_text(table + "\n")
     print(f"bench: wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -399,3 +399,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .sparse_attention import add_parser as add_sparse_attention
 
     add_sparse_attention(kinds)
+
+    from .cpu_attention import add_parser as add_cpu_attention
+
+    add_cpu_attention(kinds)

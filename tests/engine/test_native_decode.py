@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
 
 import gguf
 import numpy as np
@@ -393,3 +394,27 @@ def test_kernel_width_follows_the_build_flags() -> None:
     ).stdout
     assert lanes == (16 if "__AVX512F__" in probe else 8)
     assert native.prefill_keys() == native._prefill_keys(lanes, torch.backends.cpu.get_cpu_capability())
+
+
+def test_cpu_attention_benchmark_compares_both_kernels_on_the_same_inputs(tmp_path: Any, capsys: Any) -> None:
+    """`optimist bench cpu-attention` at tiny shapes: a row per shape with both sides timed, outputs that agree, and
+    what this machine runs (our width, torch's capability, the engine's bound)."""
+    import json
+
+    from optimist.engine.cli import build_parser
+
+    parser = build_parser()
+    out = tmp_path / "attention.json"
+    args = parser.parse_args(["bench", "cpu-attention", "--shapes", "16:16,40:300", "--heads", "4", "--kv-heads", "2",
+                              "--dim", "16", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert [(r["n"], r["keys"]) for r in report["rows"]] == [(16, 16), (40, 300)]
+    for r in report["rows"]:
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["max_abs_error"] < 1e-5
+    assert report["lanes"] == native.library().native_simd() and report["prefill_keys"] == native.prefill_keys()
+    assert out.with_suffix(".md").read_text().startswith("| rows | keys | ours ms |")
+    for shape, named in (("8:4", "0 < n <= L"), ("8", "n:L")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "cpu-attention", "--shapes", shape])
+        assert named in capsys.readouterr().err
