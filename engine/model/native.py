@@ -190,10 +190,10 @@ def decode_attention(
 def _prefill_keys(lanes: int, capability: str) -> int:
     """Longest context for which the engine runs a dense prefill chunk's attention in C (`prefill_attention`; the
     sparse path's dense groups too) rather than torch's flash kernel (bottom-right causal split), given our kernels'
-    vector width in floats and torch's CPU capability; SmolLM2's 3-head group on 2 cores. Same widths (AVX2 both, or
-    AVX-512 both): ours 2-3x at up to 512 tokens, 1.35-1.5x at 2-4K, 1.1x at 7K, 1.0-1.1x at 16-32K keys. Ours
-    8-wide where torch runs AVX-512 (OPTIMIST_NATIVE_FLAGS=-mno-avx512f): 1.4x at 256, even at 1K, then torch ahead
-    (0.6x at 7K keys)."""
+    vector width in floats and torch's CPU capability. `optimist bench cpu-attention` (SmolLM2's 9/3 heads, a
+    2,048-row chunk, 2 cores; results/cpu-attention*.md): at the same width (AVX2 both, or AVX-512 both) ours are
+    1.8-2x at up to 512 keys, 1.1-1.4x at 2-7K, 0.9-1.07x at 16K; ours 8-wide beside torch's AVX-512 (built with
+    OPTIMIST_NATIVE_FLAGS=-mno-avx512f) 1.4-1.5x at up to 512 keys, 0.77x at 2K, 0.62x at 7K."""
     return 1024 if lanes < 16 and capability.startswith("AVX512") else 8192
 
 
