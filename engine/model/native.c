@@ -606,16 +606,18 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   Causal attention of a prefill chunk (FlashAttention's scheme on AVX2).
+   Causal attention of a prefill chunk (FlashAttention's scheme on AVX2, or AVX-512 where WIDE).
 
    n queries at positions L - n .. L - 1 of a sequence of L keys (query i sees keys 0 .. L - n + i). A query block
    is PQ = rep x rows query vectors (at most 12) of one KV group; they meet each key once, 64 keys at a time:
-   scores as 8-key vectors (keys transposed once per call into 16-key panels, so a score vector is D multiply-adds
-   that broadcast query elements), an online softmax per query vector, and the output accumulated 16 dimensions at
-   a time over the 64 keys. A task is up to QBLOCKS query blocks that take the keys in chunks of KCHUNK together
-   (see prefill_task). ~110 GFLOPS on SmolLM2's heads (64 dimensions, 3 query heads per KV head) on 2 cores at any
-   context (scores and weighted values about 40% of the time each, the softmax a fifth); torch's CPU flash kernel
-   runs ~35-80 GFLOPS at 128-2048 tokens with a fixed ~0.1 ms a call, ~100-120 at 6K-32K keys. */
+   scores as 8- or 16-key vectors (keys transposed once per call into 16-key panels, so a score vector is D
+   multiply-adds that broadcast query elements), an online softmax per query vector, and the output accumulated 16
+   (AVX2) or 32 (AVX-512) dimensions at a time over the 64 keys. A task is up to QBLOCKS query blocks that take the
+   keys in chunks of KCHUNK together (see prefill_task). On SmolLM2's heads (64 dimensions, 3 query heads per KV
+   head), 2 cores: ~110 GFLOPS on an AVX2 machine at any context (scores and weighted values about 40% of the time
+   each, the softmax a fifth), where torch's flash kernel runs ~35-80 GFLOPS at 128-2048 tokens and ~100-120 at
+   6K-32K keys; 16-wide on an AVX-512 machine ~240 at 2-7K keys against torch's (also 16-wide there) ~160-220
+   (`optimist bench cpu-attention`). */
 #if NATIVE_SIMD
 #define PQ 12   /* query vectors per block */
 #define PKEYS 64 /* keys per softmax step */

@@ -8,10 +8,12 @@ activation rows (for more, each weight row once per call into a panel that all r
 products and sums in float32: the weights are exactly the file's, and the result differs from the float32 path
 only by the order of the sums.
 
-The library is compiled on first use with the machine's C compiler (gcc or clang, `-O3 -march=native -fopenmp`)
-into a cache folder keyed by the source, the compiler and the CPU, and loaded with ctypes; torch must be imported
-first so that the kernels join torch's OpenMP thread team instead of starting a second one. Where there is no
-compiler, or it fails, `library()` raises `NativeUnavailable` with the reason.
+The library is compiled on first use with the machine's C compiler (gcc or clang, `-O3 -march=native -fopenmp`,
+then any flags in $OPTIMIST_NATIVE_FLAGS) into a cache folder keyed by the source, the compiler, the flags and the
+CPU, and loaded with ctypes; torch must be imported first so that the kernels join torch's OpenMP thread team
+instead of starting a second one. Where there is no compiler, or it fails, `library()` raises `NativeUnavailable`
+with the reason. Prefill-sized calls widen the blocks to float32 for torch's GEMM (`WIDEN_ROWS`), and the prefill
+attention kernels (dense, sparse tiles, pattern estimation) are here too.
 """
 
 from __future__ import annotations
