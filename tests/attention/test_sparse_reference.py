@@ -14,7 +14,7 @@ from optimist.engine.attention.sparse.estimate import (
     vertical_scores,
     vertical_slash_scores,
 )
-from optimist.engine.attention.sparse.index import build_vertical_slash_index
+from optimist.engine.attention.sparse.index import build_vertical_slash_index, with_block_columns
 from optimist.engine.attention.sparse.reference import (
     a_shape_mask,
     attention_recall,
@@ -314,3 +314,24 @@ def test_recall_measures_the_kept_attention_mass() -> None:
     static = attention_recall(q, k, a_shape_mask(256, 30, 100))  # the same sinks and window, no estimation
     assert static < 0.75  # the planted diagonal holds much of the mass for rows past 150 ...
     assert estimated > 0.95  # ... and the estimator finds it
+
+
+def test_block_columns_replace_a_heads_list_and_keep_the_others() -> None:
+    """with_block_columns: the chosen heads visit, per block, exactly their own keys left of the block that no range
+    covers; the other heads keep their one list; the masks agree with the block lists."""
+    q_start, n, block, length = 200, 256, 64, 456
+    offsets = torch.arange(64)[None].expand(2, -1)
+    index = build_vertical_slash_index(torch.tensor([[5, 50, 150], [7, 70, 170]]), offsets, q_start, n, block)
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(1, 4, length, generator=g) < 0.1
+    mixed = with_block_columns(index, [1], keep)
+    for b in range(4):
+        s0 = q_start + b * block
+        assert mixed.block_columns(0, b).tolist() == index.block_columns(0, b).tolist()
+        expected = [c for c in keep[0, b].nonzero().squeeze(1).tolist() if c < s0 - 63]  # ranges cover s0 - 63 ..
+        assert mixed.block_columns(1, b).tolist() == expected
+        rows = torch.arange(b * block, (b + 1) * block)
+        got = mixed.rows_mask(1, rows)
+        assert bool(got[:, expected].all()) and not bool(got[:, : max(0, s0 - 63)].sum(dim=1).ne(len(expected)).any())
+    with pytest.raises(ValueError, match="block columns"):
+        with_block_columns(index, [1], keep[:, :3])

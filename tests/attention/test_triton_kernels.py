@@ -212,7 +212,7 @@ def test_gpu_path_matches_the_reference_on_its_own_plan(block: int, fourth: str)
             "vertical_slash": HeadPattern("vertical_slash", 120, 150),
             "coverage": HeadPattern("coverage", 600, 700),
             "query_aware": HeadPattern("query_aware", 16, 700),
-        }[fourth],  # query-aware runs as coverage on CUDA
+        }[fourth],  # query-aware: a column list per block
     ]
     sparse = plan(q, k, q_start, patterns, block)
     assert sparse.vs is not None and sparse.vs.block == block
@@ -229,6 +229,40 @@ def test_gpu_path_matches_the_reference_on_its_own_plan(block: int, fourth: str)
     assert bool(masks[1, :, :16].logical_or(torch.arange(16)[None, :] > (q_start + rows)[:, None]).all())
     assert int(masks[2].sum(dim=1).max()) <= 3 * 64 + NEEDLE_VERTICALS
     assert bool(masks[2, :, :SINKS].all())
+
+
+@pytest.mark.parametrize("loop", ["nested", "flat"])
+def test_gpu_query_aware_blocks_visit_their_own_needles(loop: str) -> None:
+    """Each 64-row block's queries look for a different key far back: on the GPU path a query-aware head visits each
+    block's own needle through that block's column list (not the others' needles), and the kernel's output equals
+    the reference on those keys and follows the needles."""
+    from optimist.engine.attention.sparse.config import HeadPattern
+    from optimist.engine.attention.sparse.gpu import plan, run
+
+    n, d, q_start = 512, 32, 1024
+    g = torch.Generator().manual_seed(7)
+    length = q_start + n
+    q = torch.randn(n, 1, d, generator=g) * 0.3
+    k = torch.randn(length, 1, d, generator=g) * 0.3
+    v = torch.randn(length, 1, d, generator=g)
+    needles = [100 + 90 * t for t in range(n // 64)]  # block t's needle: key 100 + 90 t, in the cached prefix
+    directions = torch.linalg.qr(torch.randn(d, len(needles), generator=g))[0].T * d**0.5  # orthogonal
+    for t, key in enumerate(needles):
+        q[t * 64 : (t + 1) * 64, 0] += 2 * directions[t]
+        k[key, 0] = 3 * directions[t]
+    sparse = plan(q, k, q_start, [HeadPattern("query_aware", 8, 900)])
+    assert sparse.vs is not None
+    mask = sparse.rows_mask(0, torch.arange(n))
+    for t, key in enumerate(needles):
+        rows = mask[t * 64 : (t + 1) * 64]
+        assert bool(rows[:, key].all()), f"block {t} visits its needle"
+        assert not any(bool(rows[:, other].any()) for other in needles if other != key), "and no other block's"
+        assert bool(rows[:, :SINKS].all())
+    assert int(mask.sum(dim=1).max()) < length // 3, "a sparse choice, not every key"
+    got = run(*on_device(q, k, v), _plan_to(sparse), loop=loop).cpu()
+    torch.testing.assert_close(got, reference(q, k, v, mask[None]), atol=1e-4, rtol=1e-4)
+    dense = reference(q, k, v, (torch.arange(length)[None, :] <= (q_start + torch.arange(n))[:, None])[None])
+    torch.testing.assert_close(got, dense, atol=0.05, rtol=0.05)
 
 
 def _plan_to(sparse):  # type: ignore[no-untyped-def]

@@ -11,8 +11,9 @@ heads, into one output. Same choices as the CPU path, per head rather than per K
   path adds: a passkey or a name a later question needs is a column that no static pattern holds).
 - coverage (vertical-slash with budgets from the scores): the first 30 columns and nearest 100 diagonals, then
   the fewest further columns and diagonals whose scores reach the head's shares (per mille) of its totals.
-- query-aware (the CPU path's per-tile choice; the Triton kernels take no per-tile key lists yet): as coverage at
-  its share, for columns and diagonals alike.
+- query-aware (the CPU path's per-tile choice, per head here): per block of query rows, the fewest keys holding the
+  head's share of its last a rows' attention, visited as that block's own column list (`with_block_columns`), plus
+  the first 30 columns and the nearest max(100, block) diagonals.
 - dense (an A-shape head whose sinks cover the whole context, as `search-patterns` writes for heads that need
   everything): every diagonal, no columns.
 - block-sparse: mean-pooled 64-query blocks of the chunk against 64-key blocks, causal at block level, the top k_v
@@ -28,8 +29,22 @@ from dataclasses import dataclass
 import torch
 
 from .config import PER_MILLE, HeadPattern
-from .estimate import LOCAL, SINKS, covering_count, vertical_scores, vertical_slash_scores
-from .index import BlockSparseIndex, VerticalSlashIndex, build_block_sparse_index, build_vertical_slash_index
+from .estimate import (
+    LOCAL,
+    SINKS,
+    covering_count,
+    covering_keys,
+    tile_estimate,
+    vertical_scores,
+    vertical_slash_scores,
+)
+from .index import (
+    BlockSparseIndex,
+    VerticalSlashIndex,
+    build_block_sparse_index,
+    build_vertical_slash_index,
+    with_block_columns,
+)
 from .prefill import NEEDLE_VERTICALS
 
 BLOCK = 64  # query rows per kernel program (vertical-slash: `plan(block=)` may widen it); block-sparse blocks
@@ -105,6 +120,8 @@ def _vertical_slash_index(
             c_forced, c_count, o_forced, o_count = p.a, p.a + NEEDLE_VERTICALS, window, window
         elif p.kind == "coverage":  # counts follow the scores (below); estimated like vertical-slash
             c_forced, c_count, o_forced, o_count = SINKS, SINKS + 1, max(LOCAL, block), max(LOCAL, block)
+        elif p.kind == "query_aware":  # the local window; its columns come per block (below)
+            c_forced, c_count, o_forced, o_count = 0, 0, max(LOCAL, block), max(LOCAL, block)
         else:
             c_forced, c_count = SINKS, max(p.a, NEEDLE_VERTICALS, SINKS)
             o_forced, o_count = max(LOCAL, block), max(p.b, LOCAL, block)
@@ -122,7 +139,30 @@ def _vertical_slash_index(
     offsets = _topk_with_forced(slash, budgets[:, 2], budgets[:, 3])
     if columns is None:
         columns = torch.full((len(heads), 1), -1, dtype=torch.long, device=device)
-    return build_vertical_slash_index(columns, offsets, q_start, n, block)
+    index = build_vertical_slash_index(columns, offsets, q_start, n, block)
+    aware = [i for i, h in enumerate(heads) if patterns[h].kind == "query_aware"]
+    if aware:
+        keep = torch.stack([_query_aware_keys(q, k, heads[i], patterns[heads[i]], block) for i in aware])
+        index = with_block_columns(index, aware, keep)
+    return index
+
+
+def _query_aware_keys(q: torch.Tensor, k: torch.Tensor, head: int, p: HeadPattern, block: int) -> torch.Tensor:
+    """bool [blocks, L]: per block of `block` chunk rows, the keys holding p.b per mille of its last p.a rows'
+    attention (the CPU path's choice, one head at a time), and the sinks. The estimate runs over groups of blocks
+    so that its [blocks, rows, keys] scores stay near 2^26 floats at any context."""
+    n, hq, _ = q.shape
+    length = k.shape[0]
+    q_start, g = length - n, head // (hq // k.shape[1])
+    blocks = -(-n // block)
+    keep = torch.zeros((blocks, length), dtype=torch.bool, device=q.device)
+    step = max(1, (1 << 26) // (p.a * length))
+    for b0 in range(0, blocks, step):
+        r0, r1 = b0 * block, min(n, (b0 + step) * block)
+        scores = tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, p.a)
+        keep[b0 : b0 + scores.shape[0], : q_start + r1] = covering_keys(scores, p.b / PER_MILLE)
+    keep[:, : min(SINKS, length)] = True
+    return keep
 
 
 def _block_sparse_index(
@@ -179,8 +219,6 @@ def plan(
     for p in patterns:
         if p.kind not in ("vertical_slash", "a_shape", "block_sparse", "coverage", "query_aware"):
             raise ValueError(f"unknown sparse pattern {p.kind!r}")
-    # no per-tile key lists in the Triton kernels yet: query-aware heads run as coverage heads at their share
-    patterns = [HeadPattern("coverage", p.b, p.b) if p.kind == "query_aware" else p for p in patterns]
     vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
     bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
     with torch.no_grad():

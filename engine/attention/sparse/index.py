@@ -10,7 +10,8 @@ Vertical-slash (`VerticalSlashIndex`): a kept diagonal o covers, for the block o
 [s - o, s + block - o). Sorted diagonals whose gaps are at most `block` give touching or overlapping ranges, so they
 group into segments (lo, hi) whose union is the single range [s - hi, s + block - lo), clipped to [0, L): the same
 segments serve every block, and neighbouring segments' ranges never touch. Kept columns are visited separately,
-only those left of the block's first row (`col_count`) that no range of the block covers: column c is covered iff
+only those left of the block's first row (`col_count`; or a list per block, `with_block_columns`) that no range of the
+block covers: column c is covered iff
 its distance d = s - c lies in (lo - block, hi] for some segment, which `covered[d]` answers. The covered region
 is a superset of the exact vertical-or-slash mask; columns lie left of the block, so only ranges need a causal mask.
 A-shape is the static case (sinks as columns, the window as diagonals 0 .. n_local - 1).
@@ -60,9 +61,12 @@ class VerticalSlashIndex:
     seg_lo: torch.Tensor  # int32 [H, S]: smallest diagonal offset of each segment (padding: BIG)
     seg_hi: torch.Tensor  # int32 [H, S]: largest offset of each segment
     seg_count: torch.Tensor  # int32 [H]
-    columns: torch.Tensor  # int32 [H, C]: kept columns, sorted, padded with BIG
+    columns: torch.Tensor  # int32 [H, C]: kept columns, sorted, padded with BIG (per block: see col_first)
     col_count: torch.Tensor  # int32 [H, blocks]: columns left of each block's first row
     covered: torch.Tensor  # uint8 [H, L + 1]: 1 where a column at that distance left of a block is in its ranges
+    # int32 [H, blocks]: where block b's columns start in columns[h] (0 for a head's one sorted list; a head with
+    # columns per block, `with_block_columns`, has each block's list in turn)
+    col_first: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -112,7 +116,8 @@ class VerticalSlashIndex:
     def block_columns(self, head: int, b: int) -> torch.Tensor:
         """The columns the kernel visits for block b: left of it and in none of its ranges."""
         s = self.q_start + b * self.block
-        cols = self.columns[head, : int(self.col_count[head, b])].long()
+        first = int(self.col_first[head, b])
+        cols = self.columns[head, first : first + int(self.col_count[head, b])].long()
         return cols[self.covered[head, s - cols] == 0]
 
     def rows_mask(self, head: int, rows: torch.Tensor) -> torch.Tensor:
@@ -131,7 +136,9 @@ class VerticalSlashIndex:
         diff.scatter_add_(1, torch.where(real, ends, length), -real.to(torch.int32))
         out = diff.cumsum(dim=1)[:, :length] > 0
         cols = self.columns[head].long()
-        visits = torch.arange(len(cols), device=device)[None, :] < self.col_count[head, rows // self.block][:, None]
+        place = torch.arange(len(cols), device=device)[None, :]
+        first = self.col_first[head, rows // self.block][:, None]
+        visits = (place >= first) & (place < first + self.col_count[head, rows // self.block][:, None])
         dist = (s[:, None] - cols[None, :]).clamp(min=0, max=length)
         visits &= self.covered[head][dist] == 0
         out |= _column_hits(cols, visits, length)
@@ -208,7 +215,38 @@ def build_vertical_slash_index(
     i32 = torch.int32
     return VerticalSlashIndex(
         block, q_start, n, seg_lo.clamp(max=BIG).to(i32), seg_hi.clamp(max=BIG).to(i32), seg_count.to(i32),
-        cols.clamp(max=BIG).to(i32), col_count.to(i32), covered,
+        cols.clamp(max=BIG).to(i32), col_count.to(i32), covered, torch.zeros_like(col_count, dtype=i32),
+    )  # fmt: skip
+
+
+def with_block_columns(index: VerticalSlashIndex, heads: list[int], keep: torch.Tensor) -> VerticalSlashIndex:
+    """The index with index heads `heads` visiting, per query block, their own columns instead of one list: keep
+    bool [len(heads), blocks, L] (the keys each block chooses; those not left of the block's first row are dropped,
+    its ranges cover the rest). The kernel reads block b's list at col_first[h, b]."""
+    blocks, length = index.num_blocks, index.length
+    device = index.columns.device
+    if keep.shape != (len(heads), blocks, length):
+        raise ValueError(f"block columns {tuple(keep.shape)}, expected {(len(heads), blocks, length)}")
+    s0 = index.q_start + index.block * torch.arange(blocks, device=device)
+    keep = keep & (torch.arange(length, device=device)[None, None, :] < s0[None, :, None])
+    counts = keep.sum(dim=2)  # [A, blocks]
+    totals = counts.sum(dim=1)
+    width = max(index.columns.shape[1], int(totals.max()) if len(heads) else 0, 1)
+    columns = torch.full((index.columns.shape[0], width), BIG, dtype=torch.int32, device=device)
+    columns[:, : index.columns.shape[1]] = index.columns
+    col_count, col_first = index.col_count.clone(), index.col_first.clone()
+    at = torch.arange(width, device=device)[None, :]
+    head_of, _, key = keep.nonzero(as_tuple=True)  # by head, then block, then key: each block's list sorted
+    lists = torch.full((len(heads), width), BIG, dtype=torch.int32, device=device)
+    place = torch.arange(len(key), device=device) - (totals.cumsum(0) - totals)[head_of]
+    lists[head_of, place] = key.to(torch.int32)
+    rows = torch.tensor(heads, dtype=torch.long, device=device)
+    columns[rows] = torch.where(at < totals[:, None], lists, BIG)
+    col_count[rows] = counts.to(torch.int32)
+    col_first[rows] = (counts.cumsum(dim=1) - counts).to(torch.int32)
+    return VerticalSlashIndex(
+        index.block, index.q_start, index.n, index.seg_lo, index.seg_hi, index.seg_count, columns, col_count,
+        index.covered, col_first,
     )  # fmt: skip
 
 

@@ -97,7 +97,7 @@ def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):
 @triton.jit
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
-    range_lo, range_hi, range_count, range_first, columns, col_count, covered,
+    range_lo, range_hi, range_count, range_first, columns, col_count, col_first, covered,
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     max_range, max_col, num_blocks, cov_len,
@@ -150,10 +150,11 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
                 )
 
     n_cols = tl.load(col_count + h * num_blocks + block)
+    c_first = tl.load(col_first + h * num_blocks + block)  # where the block's list starts (0: one list per head)
     for c in range(0, n_cols, BLOCK_N):
         offs = c + tl.arange(0, BLOCK_N)
         col_ok = offs < n_cols
-        keys = tl.load(columns + h * max_col + offs, mask=col_ok, other=0)
+        keys = tl.load(columns + h * max_col + c_first + offs, mask=col_ok, other=0)
         # a column some range of this block covers was attended to there already
         dist = tl.where(col_ok, s0 - keys, 0)
         col_ok = col_ok & (tl.load(covered + h * cov_len + dist, mask=col_ok, other=1) == 0)
@@ -283,7 +284,7 @@ def vertical_slash_attention(
     else:
         ranges = (index.seg_lo, index.seg_hi, index.seg_count, index.seg_count)  # the last one unused
     args = (
-        q, k, v, out, heads, *ranges, index.columns, index.col_count, index.covered,
+        q, k, v, out, heads, *ranges, index.columns, index.col_count, index.col_first, index.covered,
         index.n, index.q_start, group, scale,
         *strides, out.stride(0), out.stride(1),
         ranges[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
