@@ -323,15 +323,17 @@ def test_block_columns_replace_a_heads_list_and_keep_the_others() -> None:
     offsets = torch.arange(64)[None].expand(2, -1)
     index = build_vertical_slash_index(torch.tensor([[5, 50, 150], [7, 70, 170]]), offsets, q_start, n, block)
     g = torch.Generator().manual_seed(3)
-    keep = torch.rand(1, 4, length, generator=g) < 0.1
-    mixed = with_block_columns(index, [1], keep)
+    keep = torch.rand(4, length, generator=g) < 0.1
+    mixed = with_block_columns(index, [1], [keep.nonzero(as_tuple=True)])
     for b in range(4):
         s0 = q_start + b * block
         assert mixed.block_columns(0, b).tolist() == index.block_columns(0, b).tolist()
-        expected = [c for c in keep[0, b].nonzero().squeeze(1).tolist() if c < s0 - 63]  # ranges cover s0 - 63 ..
+        expected = [c for c in keep[b].nonzero().squeeze(1).tolist() if c < s0 - 63]  # ranges cover s0 - 63 ..
         assert mixed.block_columns(1, b).tolist() == expected
         rows = torch.arange(b * block, (b + 1) * block)
         got = mixed.rows_mask(1, rows)
         assert bool(got[:, expected].all()) and not bool(got[:, : max(0, s0 - 63)].sum(dim=1).ne(len(expected)).any())
-    with pytest.raises(ValueError, match="block columns"):
-        with_block_columns(index, [1], keep[:, :3])
+    with pytest.raises(ValueError, match=r"blocks within 0\.\.3"):
+        with_block_columns(index, [1], [(torch.tensor([4]), torch.tensor([0]))])
+    with pytest.raises(ValueError, match="for 2 heads, expected 1"):
+        with_block_columns(index, [1], [keep.nonzero(as_tuple=True)] * 2)

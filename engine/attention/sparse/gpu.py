@@ -142,27 +142,32 @@ def _vertical_slash_index(
     index = build_vertical_slash_index(columns, offsets, q_start, n, block)
     aware = [i for i, h in enumerate(heads) if patterns[h].kind == "query_aware"]
     if aware:
-        keep = torch.stack([_query_aware_keys(q, k, heads[i], patterns[heads[i]], block) for i in aware])
-        index = with_block_columns(index, aware, keep)
+        chosen = [_query_aware_keys(q, k, heads[i], patterns[heads[i]], block) for i in aware]
+        index = with_block_columns(index, aware, chosen)
     return index
 
 
-def _query_aware_keys(q: torch.Tensor, k: torch.Tensor, head: int, p: HeadPattern, block: int) -> torch.Tensor:
-    """bool [blocks, L]: per block of `block` chunk rows, the keys holding p.b per mille of its last p.a rows'
-    attention (the CPU path's choice, one head at a time), and the sinks. The estimate runs over groups of blocks
-    so that its [blocks, rows, keys] scores stay near 2^26 floats at any context."""
+def _query_aware_keys(
+    q: torch.Tensor, k: torch.Tensor, head: int, p: HeadPattern, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, keys) sorted by block, then key: per block of `block` chunk rows, the keys holding p.b per mille of
+    its last p.a rows' attention (the CPU path's choice, one head at a time), and the sinks. The estimate runs over
+    groups of blocks so that its [blocks, rows, keys] scores stay near 2^26 floats at any context."""
     n, hq, _ = q.shape
     length = k.shape[0]
     q_start, g = length - n, head // (hq // k.shape[1])
     blocks = -(-n // block)
-    keep = torch.zeros((blocks, length), dtype=torch.bool, device=q.device)
     step = max(1, (1 << 26) // (p.a * length))
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b0 in range(0, blocks, step):
         r0, r1 = b0 * block, min(n, (b0 + step) * block)
-        scores = tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, p.a)
-        keep[b0 : b0 + scores.shape[0], : q_start + r1] = covering_keys(scores, p.b / PER_MILLE)
-    keep[:, : min(SINKS, length)] = True
-    return keep
+        keep = covering_keys(
+            tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, p.a), p.b / PER_MILLE
+        )
+        keep[:, : min(SINKS, keep.shape[1])] = True
+        b, key = keep.nonzero(as_tuple=True)
+        found.append((b + b0, key))
+    return torch.cat([b for b, _ in found]), torch.cat([key for _, key in found])
 
 
 def _block_sparse_index(

@@ -219,31 +219,34 @@ def build_vertical_slash_index(
     )  # fmt: skip
 
 
-def with_block_columns(index: VerticalSlashIndex, heads: list[int], keep: torch.Tensor) -> VerticalSlashIndex:
-    """The index with index heads `heads` visiting, per query block, their own columns instead of one list: keep
-    bool [len(heads), blocks, L] (the keys each block chooses; those not left of the block's first row are dropped,
-    its ranges cover the rest). The kernel reads block b's list at col_first[h, b]."""
-    blocks, length = index.num_blocks, index.length
+def with_block_columns(
+    index: VerticalSlashIndex, heads: list[int], chosen: list[tuple[torch.Tensor, torch.Tensor]]
+) -> VerticalSlashIndex:
+    """The index with index heads `heads` visiting, per query block, their own columns instead of one list:
+    chosen[i] = (blocks, keys), two equally long int tensors, head heads[i]'s keys per block, sorted by block and
+    then key (a key list proportional to what is kept, never a [blocks, L] mask: at 1M tokens that would be 16
+    GB a head). Keys not left of their block's first row are dropped: its ranges cover them. The kernel reads block
+    b's list at col_first[h, b]."""
+    num_blocks = index.num_blocks
     device = index.columns.device
-    if keep.shape != (len(heads), blocks, length):
-        raise ValueError(f"block columns {tuple(keep.shape)}, expected {(len(heads), blocks, length)}")
-    s0 = index.q_start + index.block * torch.arange(blocks, device=device)
-    keep = keep & (torch.arange(length, device=device)[None, None, :] < s0[None, :, None])
-    counts = keep.sum(dim=2)  # [A, blocks]
-    totals = counts.sum(dim=1)
-    width = max(index.columns.shape[1], int(totals.max()) if len(heads) else 0, 1)
+    if len(chosen) != len(heads):
+        raise ValueError(f"block columns for {len(chosen)} heads, expected {len(heads)}")
+    lists, counts = [], []
+    for blocks, keys in chosen:
+        if blocks.shape != keys.shape or (len(blocks) and not 0 <= int(blocks.min()) <= int(blocks.max()) < num_blocks):
+            raise ValueError(f"block columns: blocks and keys must pair up, blocks within 0..{num_blocks - 1}")
+        left = keys < index.q_start + index.block * blocks  # left of the block's first row
+        lists.append(keys[left].to(torch.int32))
+        counts.append(torch.bincount(blocks[left], minlength=num_blocks))
+    width = max([index.columns.shape[1], 1] + [len(x) for x in lists])
     columns = torch.full((index.columns.shape[0], width), BIG, dtype=torch.int32, device=device)
     columns[:, : index.columns.shape[1]] = index.columns
     col_count, col_first = index.col_count.clone(), index.col_first.clone()
-    at = torch.arange(width, device=device)[None, :]
-    head_of, _, key = keep.nonzero(as_tuple=True)  # by head, then block, then key: each block's list sorted
-    lists = torch.full((len(heads), width), BIG, dtype=torch.int32, device=device)
-    place = torch.arange(len(key), device=device) - (totals.cumsum(0) - totals)[head_of]
-    lists[head_of, place] = key.to(torch.int32)
-    rows = torch.tensor(heads, dtype=torch.long, device=device)
-    columns[rows] = torch.where(at < totals[:, None], lists, BIG)
-    col_count[rows] = counts.to(torch.int32)
-    col_first[rows] = (counts.cumsum(dim=1) - counts).to(torch.int32)
+    for h, keys, count in zip(heads, lists, counts, strict=True):
+        columns[h, : len(keys)] = keys
+        columns[h, len(keys) :] = BIG
+        col_count[h] = count.to(torch.int32)
+        col_first[h] = (count.cumsum(0) - count).to(torch.int32)
     return VerticalSlashIndex(
         index.block, index.q_start, index.n, index.seg_lo, index.seg_hi, index.seg_count, columns, col_count,
         index.covered, col_first,
