@@ -286,3 +286,13 @@ def test_bad_shapes_are_refused() -> None:
         sparse_prefill_attention(q, k, v, 10, [FULL[0]] * 6)
     with pytest.raises(ValueError, match="head patterns for 6 query heads"):
         sparse_prefill_attention(q, k, v, 0, [FULL[0]] * 2)
+
+
+def test_query_aware_rows_beyond_the_tile_sample_the_whole_tile() -> None:
+    """A pattern file may ask for more sampled rows than a tile has: the tile's own rows are all there is (the same
+    keys as sampling exactly the tile), not a [tiles, rows, keys] estimate sized by the request."""
+    q, k, _ = qkv(300, seed=4)
+    q_start = 0
+    whole = select_group([HeadPattern("query_aware", 64, 900)] * 3, q[:, :3], k[:, 0], q_start, tile=64)
+    huge = select_group([HeadPattern("query_aware", 10**9, 900)] * 3, q[:, :3], k[:, 0], q_start, tile=64)
+    assert whole.tiles is not None and huge.tiles is not None and torch.equal(whole.tiles, huge.tiles)

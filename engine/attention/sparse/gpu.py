@@ -156,13 +156,13 @@ def _query_aware_keys(
     n, hq, _ = q.shape
     length = k.shape[0]
     q_start, g = length - n, head // (hq // k.shape[1])
-    blocks = -(-n // block)
-    step = max(1, (1 << 26) // (p.a * length))
+    blocks, rows = -(-n // block), min(p.a, block)  # a block has no more rows to sample
+    step = max(1, (1 << 26) // (rows * length))
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b0 in range(0, blocks, step):
         r0, r1 = b0 * block, min(n, (b0 + step) * block)
         keep = covering_keys(
-            tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, p.a), p.b / PER_MILLE
+            tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, rows), p.b / PER_MILLE
         )
         keep[:, : min(SINKS, keep.shape[1])] = True
         b, key = keep.nonzero(as_tuple=True)

@@ -81,6 +81,7 @@ def query_aware_keys(
     holding `share` of its last `rows` rows' attention (summed over the heads): `native.tile_scores` in C where
     native and it takes them (a threshold within 1/16 of the exact one: a few more keys), else
     `estimate.tile_estimate` and the exact fewest."""
+    rows = min(rows, tile)  # a tile has no more rows to sample
     got = tile_scores(q, k, tile, rows, share) if native else None
     if got is not None:
         scores, thresholds = got
