@@ -1139,7 +1139,10 @@ int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stri
           axpy(o, softmax_scale(row, seen), row, seen);
         }
       }
-      if (thresholds) {
+      if (thresholds && share >= 1.f) { /* every key with any weight: a float sum stops growing before the
+                                              smallest are added, so the histogram walk would drop them */
+        thresholds[t] = 0.f;
+      } else if (thresholds) {
         float *hist = sc + PQ * lpad, total = 0.f;
         memset(hist, 0, sizeof(float) * (size_t)buckets);
         for (int64_t j = 0; j < q_start + end; j++) {

@@ -337,3 +337,25 @@ def test_block_columns_replace_a_heads_list_and_keep_the_others() -> None:
         with_block_columns(index, [1], [(torch.tensor([4]), torch.tensor([0]))])
     with pytest.raises(ValueError, match="for 2 heads, expected 1"):
         with_block_columns(index, [1], [keep.nonzero(as_tuple=True)] * 2)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.99, 1.0])
+def test_covering_threshold_keeps_the_share_with_a_few_more_than_the_fewest(share: float) -> None:
+    """The sort-free threshold: what it keeps holds the share, contains the fewest keys that do, and adds only keys
+    within 1/16 of the threshold of theirs; a row of zeros keeps nothing."""
+    from optimist.engine.attention.sparse.estimate import covering_keys, covering_threshold
+
+    g = torch.Generator().manual_seed(int(share * 100))
+    scores = torch.rand(6, 3000, generator=g) ** 8  # skewed, as attention is
+    scores[2] = 0.0
+    scores[3, :10] = 5.0  # a few dominant keys
+    thresholds = covering_threshold(scores, share)
+    kept = (scores >= thresholds[:, None]) & (scores > 0)
+    fewest = covering_keys(scores, share) & (scores > 0)
+    live = [r for r in range(6) if r != 2]
+    assert bool((scores * kept).sum(dim=1)[live].ge(share * scores.sum(dim=1)[live] * (1 - 1e-5)).all())
+    assert bool((kept | ~fewest).all()), "a superset of the fewest"
+    lowest = torch.where(fewest, scores, float("inf")).min(dim=1).values  # the exact threshold per row
+    extra = kept & ~fewest
+    assert bool((scores[extra] >= (lowest[:, None].expand_as(kept)[extra] / 16 * 15)).all()), "within 1/16"
+    assert not bool(kept[2].any())

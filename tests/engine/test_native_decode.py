@@ -303,6 +303,9 @@ def test_tile_scores_match_the_torch_estimate_and_their_thresholds_cover_the_sha
     assert bool((scores[kept & ~fewest] >= (thresholds[:, None].expand_as(kept)[kept & ~fewest])).all())
     assert int(kept.sum()) <= int(fewest.sum()) * 1.5 + 16
     assert native.tile_scores(q, k, tile, rows)[1] is None  # type: ignore[index]
+    everything = native.tile_scores(q, k, tile, rows, share=1.0)
+    assert everything is not None and everything[1] is not None
+    assert bool((everything[1] == 0).all()), "a full share keeps every key with any weight, however small"
 
 
 def test_tile_scores_decline_what_they_cannot_take() -> None:

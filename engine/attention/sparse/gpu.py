@@ -33,7 +33,7 @@ from .estimate import (
     LOCAL,
     SINKS,
     covering_count,
-    covering_keys,
+    covering_threshold,
     tile_estimate,
     vertical_scores,
     vertical_slash_scores,
@@ -151,8 +151,9 @@ def _query_aware_keys(
     q: torch.Tensor, k: torch.Tensor, head: int, p: HeadPattern, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks, keys) sorted by block, then key: per block of `block` chunk rows, the keys holding p.b per mille of
-    its last p.a rows' attention (the CPU path's choice, one head at a time), and the sinks. The estimate runs over
-    groups of blocks so that its [blocks, rows, keys] scores stay near 2^26 floats at any context."""
+    its last p.a rows' attention (the CPU path's choice, one head at a time; the threshold from a histogram, not a
+    sort: `covering_threshold`), and the sinks. The estimate runs over groups of blocks so that its [blocks, rows,
+    keys] scores stay near 2^26 floats at any context."""
     n, hq, _ = q.shape
     length = k.shape[0]
     q_start, g = length - n, head // (hq // k.shape[1])
@@ -161,9 +162,8 @@ def _query_aware_keys(
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b0 in range(0, blocks, step):
         r0, r1 = b0 * block, min(n, (b0 + step) * block)
-        keep = covering_keys(
-            tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, rows), p.b / PER_MILLE
-        )
+        scores = tile_estimate(q[r0:r1, head : head + 1], k[: q_start + r1, g], block, rows)  # [blocks, keys]
+        keep = (scores >= covering_threshold(scores, p.b / PER_MILLE)[:, None]) & (scores > 0)
         keep[:, : min(SINKS, keep.shape[1])] = True
         b, key = keep.nonzero(as_tuple=True)
         found.append((b + b0, key))
