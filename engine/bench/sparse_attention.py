@@ -8,6 +8,9 @@ sink keys and scattered vertical keys along the shared direction; and keys that 
 ahead (slash lines). Recall is the dense causal attention mass the sparse index keeps, averaged over heads and
 sampled rows (exact softmax rows in fp32).
 
+Patterns: MInference's three by default; `--patterns` also takes coverage (FlexPrefill-style shares) and query_aware
+(ours: keys chosen per query block from its own last rows; its estimation is the costly part at long contexts).
+
 Defaults on a GPU: Llama-3-8B head shapes (32 query heads, 8 KV heads, head size 128, bf16) at 32K..1M tokens. On
 a CPU (no GPU) the kernels run in the Triton interpreter, so only tiny shapes are sensible: the defaults shrink.
 """
@@ -191,7 +194,13 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
         "vertical_slash": HeadPattern("vertical_slash", args.vs[0], args.vs[1]),
         "a_shape": HeadPattern("a_shape", args.a_shape[0], args.a_shape[1]),
         "block_sparse": HeadPattern("block_sparse", args.block_sparse, 0),
+        "coverage": HeadPattern("coverage", args.coverage[0], args.coverage[1]),
+        "query_aware": HeadPattern("query_aware", args.query_aware[0], args.query_aware[1]),
     }
+    unknown = [name for name in args.patterns if name not in patterns]
+    if unknown:
+        print(f"bench: unknown pattern {unknown[0]!r} (choose from {', '.join(patterns)})", file=sys.stderr)
+        return 2
     chosen = {name: patterns[name] for name in args.patterns}
     timer = _timer(device)
     results: list[dict[str, Any]] = []
@@ -246,6 +255,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash k_v,k_s (MInference's default)")
     p.add_argument("--a-shape", type=ints, default=[1024, 4096], help="A-shape sinks,window")
     p.add_argument("--block-sparse", type=int, default=100, help="key blocks kept per query block")
+    p.add_argument("--coverage", type=ints, default=[900, 900], help="coverage column,diagonal shares (per mille)")
+    p.add_argument(
+        "--query-aware", type=ints, default=[8, 950], help="query-aware rows sampled per block, share (per mille)"
+    )
     p.add_argument("--blocks", type=ints, default=[64, 128], help="query rows per vertical-slash program to try")
     p.add_argument(
         "--loops",

@@ -304,6 +304,30 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
 
 
+def test_kernel_benchmark_runs_the_adaptive_patterns_too(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--patterns coverage,query_aware` (opt-in rows for a GPU session), and a clear refusal of an unknown one."""
+    import argparse
+    import json
+
+    from optimist.engine.bench.sparse_attention import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "adaptive.json"
+    common = ["sparse-attention", "--lengths", "384", "--shape", "2,1,16", "--blocks", "64", "--repeats", "1",
+              "--recall-rows", "8"] + (["--cpu"] if DEVICE.type == "cpu" else [])  # fmt: skip
+    args = parser.parse_args([*common, "--patterns", "coverage,query_aware", "--query-aware", "16,950", "--out",
+                              str(out)])  # fmt: skip
+    assert args.func(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["pattern"] for r in rows} == {"coverage", "query_aware"}
+    assert all(0.5 < r["recall"] <= 1.0 + 1e-6 for r in rows)
+    assert {tuple(r["budget"]) for r in rows if r["pattern"] == "query_aware"} == {(16, 950)}
+    args = parser.parse_args([*common, "--patterns", "vertical_slash,xattention"])
+    assert args.func(args) == 2
+    assert "unknown pattern 'xattention'" in capsys.readouterr().err
+
+
 def test_gpu_path_takes_the_engines_strided_query_view() -> None:
     """In the engine, q is a column slice of the fused q/k projection ([t, Hq + Hkv, D]): not contiguous."""
     from optimist.engine.attention.sparse.config import HeadPattern
