@@ -620,7 +620,11 @@ int native_attention(const float *q, int64_t q_stride, const float *k_cache, con
    (`optimist bench cpu-attention`). */
 #if NATIVE_SIMD
 #define PQ 12   /* query vectors per block */
-#define PKEYS 64 /* keys per softmax step */
+/* keys per softmax step: 128 where WIDE (7-9% over 64 at 2-7K keys: half the rescales and row maxima; 256 no
+   better), 64 on AVX2; -DPKEYS=... (OPTIMIST_NATIVE_FLAGS) to try others */
+#ifndef PKEYS
+#define PKEYS (WIDE ? 128 : 64)
+#endif
 
 /* dst[j * stride + i] = src[i][e0 + j] for i, j < 8: an 8x8 block transposed in registers */
 static const float zeros[512]; /* a padding key's row */
@@ -895,6 +899,7 @@ static void qblock_keys(qblock *s, const float *ktg, const float *vg, int64_t v_
 
 #define QBLOCKS 8     /* query blocks per task */
 #define KCHUNK 256    /* keys per pass over a task's query blocks */
+_Static_assert(KCHUNK % PKEYS == 0, "a pass over the keys is whole softmax steps");
 #define TASK_FLOATS(D) (2 * PQ * (D) * QBLOCKS) /* a task's queries and outputs */
 
 /* per-thread task memory for `threads` threads (NULL if it cannot be had: the callers then decline the call) */
