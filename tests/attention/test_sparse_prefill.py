@@ -30,6 +30,8 @@ from optimist.engine.attention.sparse.reference import (
 )
 from optimist.engine.model import native
 
+from .needles import needle_per_tile
+
 
 def qkv(n: int, hq: int = 6, hkv: int = 2, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
@@ -229,17 +231,9 @@ def test_query_aware_tiles_find_their_own_needles(native_path: bool) -> None:
     only the last tile's, and the output follows the needles."""
     if native_path and native.unavailable_reason() is not None:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
-    n, d, q_start = 512, 32, 1024
-    g = torch.Generator().manual_seed(7)
+    n, q_start = 512, 1024
     length = q_start + n
-    q = torch.randn(n, 1, d, generator=g) * 0.3
-    k = torch.randn(length, 1, d, generator=g) * 0.3
-    v = torch.randn(length, 1, d, generator=g)
-    needles = [100 + 90 * t for t in range(n // 64)]  # tile t's needle: key 100 + 90 t, in the cached prefix
-    directions = torch.linalg.qr(torch.randn(d, len(needles), generator=g))[0].T * d**0.5  # orthogonal
-    for t, key in enumerate(needles):
-        q[t * 64 : (t + 1) * 64, 0] += 2 * directions[t]
-        k[key, 0] = 3 * directions[t]
+    q, k, v, needles = needle_per_tile(n, q_start=q_start)  # tile t's needle: key 100 + 90 t, in the prefix
     aware = select_group([HeadPattern("query_aware", 8, 900)], q, k[:, 0], q_start, native_path)
     keep = key_matrix(aware, q_start, n)
     assert all(bool(keep[t, key]) for t, key in enumerate(needles))

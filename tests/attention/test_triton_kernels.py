@@ -22,6 +22,8 @@ from optimist.engine.attention.sparse.triton_kernels import (  # noqa: E402
     vertical_slash_attention,
 )
 
+from .needles import needle_per_tile  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -239,17 +241,9 @@ def test_gpu_query_aware_blocks_visit_their_own_needles(loop: str) -> None:
     from optimist.engine.attention.sparse.config import HeadPattern
     from optimist.engine.attention.sparse.gpu import plan, run
 
-    n, d, q_start = 512, 32, 1024
-    g = torch.Generator().manual_seed(7)
+    n, q_start = 512, 1024
     length = q_start + n
-    q = torch.randn(n, 1, d, generator=g) * 0.3
-    k = torch.randn(length, 1, d, generator=g) * 0.3
-    v = torch.randn(length, 1, d, generator=g)
-    needles = [100 + 90 * t for t in range(n // 64)]  # block t's needle: key 100 + 90 t, in the cached prefix
-    directions = torch.linalg.qr(torch.randn(d, len(needles), generator=g))[0].T * d**0.5  # orthogonal
-    for t, key in enumerate(needles):
-        q[t * 64 : (t + 1) * 64, 0] += 2 * directions[t]
-        k[key, 0] = 3 * directions[t]
+    q, k, v, needles = needle_per_tile(n, q_start=q_start)  # tile t's needle: key 100 + 90 t, in the prefix
     sparse = plan(q, k, q_start, [HeadPattern("query_aware", 8, 900)])
     assert sparse.vs is not None
     mask = sparse.rows_mask(0, torch.arange(n))
