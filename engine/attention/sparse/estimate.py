@@ -121,9 +121,9 @@ def covering_count(scores: torch.Tensor, share: float | torch.Tensor) -> torch.T
     `share` of the row's total (at least 1; every entry for a share of 1 or more); share: one for all rows or one
     per row [...]. Returns [...] long."""
     width = scores.shape[-1]
-    share = torch.as_tensor(share, dtype=torch.float32, device=scores.device)
-    if bool((share >= 1).all()):
+    if not isinstance(share, torch.Tensor) and share >= 1:  # a plain number: no device round trip to decide
         return torch.full(scores.shape[:-1], width, dtype=torch.long, device=scores.device)
+    share = torch.as_tensor(share, dtype=torch.float32, device=scores.device)
     ranked = scores.sort(dim=-1, descending=True).values.cumsum(dim=-1)
     count = ((ranked < share[..., None] * ranked[..., -1:]).sum(dim=-1) + 1).clamp(max=width)
     return torch.where(share >= 1, width, count)
