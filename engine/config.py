@@ -74,6 +74,10 @@ class EngineConfig:
     # fbgemm has it; else float) | float (exact) | fp16 (CPU: float16 weights, float32 arithmetic) | int4 (CPU: the
     # GGUF's Q4_0/Q4_1/Q8_0 blocks read by native C kernels, float32 arithmetic; model/native.py)
     weights: str = "auto"
+    # auto (int8 where the CPU has AVX-512 VNNI and the weights are int4, else float) | float (float32 activations
+    # over the widened blocks, exact) | int8: prefill-sized GEMMs (WIDEN_ROWS rows and more) round each block of 32
+    # activations to int8 and sum the products with the 4-bit weights as integers (llama.cpp's Q4 x Q8 method)
+    prefill_gemm: str = "auto"
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)
     max_num_seqs: int = 64  # most requests in the running batch
@@ -103,6 +107,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.weights not in ("auto", "float", "fp16", "int4"):
             raise ConfigError(f"weights must be auto, float, fp16 or int4, got {self.weights!r}")
+        if self.prefill_gemm not in ("auto", "float", "int8"):
+            raise ConfigError(f"prefill_gemm must be auto, float or int8, got {self.prefill_gemm!r}")
         if self.sparse_prefill_threshold < 0:
             raise ConfigError(
                 f"sparse_prefill_threshold must be 0 (off) or positive, got {self.sparse_prefill_threshold}"

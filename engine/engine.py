@@ -143,12 +143,15 @@ class Engine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if weights == "int4":
             # Layers without blocks, and calls of many rows, get float16 weights where fbgemm has them.
-            if self.model.use_native(loaded.blocks, fp16_available()) == 0:
+            int8 = self._int8_prefill(config)
+            if self.model.use_native(loaded.blocks, fp16_available(), int8) == 0:
                 if config.weights == "int4":
                     raise ConfigError("weights=int4 needs a GGUF model with Q4_0, Q4_1 or Q8_0 tensors")
                 weights = "fp16" if fp16_available() else "float"  # auto, on a file with no such blocks
         elif weights == "fp16":
             self.model.use_fp16()
+        if config.prefill_gemm == "int8" and weights != "int4":
+            raise ConfigError(f"prefill_gemm=int8 needs int4 weights (GGUF blocks read natively), these are {weights}")
         self.weights = weights
         del loaded
         self.model.init_rope()
@@ -186,6 +189,16 @@ class Engine:
         if config.weights == "fp16" and (self.device.type != "cpu" or not fp16_available()):
             raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
         return config.weights
+
+    @staticmethod
+    def _int8_prefill(config: EngineConfig) -> bool:
+        """Whether prefill GEMMs over int4 weights take int8 activations (`prefill_gemm`; checked here)."""
+        if config.prefill_gemm == "float":
+            return False
+        vnni = bool(native.library().native_vnni())
+        if config.prefill_gemm == "int8" and not vnni:
+            raise ConfigError("prefill_gemm=int8 needs a CPU with AVX-512 VNNI; this one has none (use auto or float)")
+        return vnni
 
     # ------------------------------------------------------------------------------------- public API
 

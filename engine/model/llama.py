@@ -314,10 +314,11 @@ class Llama(nn.Module):
             raise ValueError(f"weight {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
         param.copy_(value)
 
-    def use_native(self, blocks: dict[str, NativeWeight], fp16: bool) -> int:
+    def use_native(self, blocks: dict[str, NativeWeight], fp16: bool, int8: bool = False) -> int:
         """Linear layers stored as Q4_0/Q4_1/Q8_0 read those blocks with the native kernels (native.py) in calls of
         a few rows; larger calls (prefill chunks, big decode batches) use float16 weights if `fp16`, else the
-        float32 ones. Returns how many layers read their blocks (QKV counts once; it is fused only if all three
+        float32 ones; from WIDEN_ROWS rows, float32 over the widened blocks, or int8 activations if `int8` (where the
+        layout allows: native.int8_supported). Returns how many layers read their blocks (QKV counts once; it is fused only if all three
         are stored as blocks of one kind)."""
         swapped = 0
         for i, block in enumerate(self.layers):
@@ -332,7 +333,7 @@ class Llama(nn.Module):
                 else:
                     native = blocks.get(key + attr)
                 if native is not None:
-                    setattr(owner, attr, NativeLinear(native, self._fallback(weight, fp16)))
+                    setattr(owner, attr, NativeLinear(native, self._fallback(weight, fp16), int8=int8))
                     swapped += 1
                 elif fp16:
                     setattr(owner, attr, Fp16Linear(weight))

@@ -124,6 +124,11 @@ def library() -> ctypes.CDLL:
     lib.native_widen.argtypes = [ctypes.c_int, p, p, p, i64, i64, p]
     lib.native_widen.restype = None
     lib.native_simd.restype = ctypes.c_int
+    lib.native_vnni.restype = ctypes.c_int
+    lib.native_quantize_rows.argtypes = [p, i64, i64, p, p, p]
+    lib.native_quantize_rows.restype = None
+    lib.native_linear_q8.argtypes = [p, p, p, p, p, p, p, i64, i64, i64]
+    lib.native_linear_q8.restype = None
     lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p]
     lib.native_decode.restype = ctypes.c_int
     lib.native_decode_workspace.argtypes = [p, i64, i64]
@@ -336,6 +341,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def int8_supported(weight: NativeWeight) -> bool:
+    """Whether prefill GEMMs over `weight` can take int8 activations here (VNNI, 4-bit blocks, 16-row panels)."""
+    return weight.kind == 4 and weight.shape[0] % 16 == 0 and bool(library().native_vnni())
+
+
 def supported_type(ggml_type: int) -> bool:
     return ggml_type in (_Q4_0, _Q4_1, _Q8_0)
 
@@ -389,10 +399,17 @@ class NativeWeight:
         if self.kind == 8:
             q = self.q.reshape(n, nb, GROUP)[..., Q8_BYTE].astype(np.float32)
             return (q * self.d[..., None]).reshape(n, k)
-        planar = self.q.reshape(n, nb, GROUP // 2)
-        q = ((planar[..., Q4_BYTE] >> Q4_SHIFT) & 0x0F).astype(np.float32)
+        q = self.values().reshape(n, nb, GROUP).astype(np.float32)
         assert self.z is not None
         return (q * self.d[..., None] + self.z[..., None]).reshape(n, k)
+
+    def values(self) -> np.ndarray:
+        """The 4-bit values q [n, k] (0..15) of a kind-4 matrix, in the file's element order."""
+        if self.kind != 4:
+            raise ValueError("only 4-bit blocks have 4-bit values")
+        n, k = self.shape
+        planar = self.q.reshape(n, k // GROUP, GROUP // 2)
+        return ((planar[..., Q4_BYTE] >> Q4_SHIFT) & 0x0F).reshape(n, k)
 
     def map_rows(self, fn: Callable[[np.ndarray], np.ndarray]) -> NativeWeight:
         """Applies one row permutation to every per-row array."""
@@ -420,6 +437,52 @@ class NativeWeight:
 WIDEN_ROWS = 1024
 
 
+Q8_ROWS = 12  # activation rows per tile of native_linear_q8 (native.c)
+
+
+@dataclass
+class Int8Panels:
+    """A 4-bit matrix packed for native_linear_q8: per panel of 16 output rows and block of 32, 4 x 64 bytes (byte
+    4 r + u of vector j: q[r, 4 j + u] in the low nibble, q[r, 16 + 4 j + u] in the high one), and the panel's
+    16 scales and offsets per block."""
+
+    q: torch.Tensor  # uint8 [n / 16, k / 32, 4, 64]
+    d: torch.Tensor  # float32 [n / 16, k / 32, 16]
+    z: torch.Tensor  # float32 [n / 16, k / 32, 16]
+
+    @classmethod
+    def pack(cls, weight: NativeWeight) -> Int8Panels:
+        n, k = weight.shape
+        if weight.kind != 4 or n % 16:
+            raise ValueError(f"int8 panels need 4-bit blocks and a multiple of 16 rows, got kind {weight.kind}, {n}")
+        assert weight.z is not None
+        nb = k // GROUP
+        q = weight.values().reshape(n // 16, 16, nb, 2, 4, 4)  # panel, row, block, half, j, u
+        packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(0, 2, 3, 1, 4).reshape(n // 16, nb, 4, 64)
+
+        def per_panel(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a.reshape(n // 16, 16, nb).transpose(0, 2, 1), np.float32))
+
+        return cls(torch.from_numpy(np.ascontiguousarray(packed, np.uint8)), per_panel(weight.d), per_panel(weight.z))
+
+
+def linear_int8(lib: ctypes.CDLL, panels: Int8Panels, x: torch.Tensor) -> torch.Tensor:
+    """x [m, k] (float32, contiguous) @ W.T with each block of 32 activations rounded to int8 (native.c)."""
+    m, k = x.shape
+    n = panels.q.shape[0] * 16
+    nb = k // GROUP
+    xq = torch.empty(((m + Q8_ROWS - 1) // Q8_ROWS * Q8_ROWS, k), dtype=torch.int8)
+    dx = torch.empty((m, nb), dtype=torch.float32)
+    sx = torch.empty((m, nb), dtype=torch.float32)
+    y = torch.empty((m, n), dtype=torch.float32)
+    lib.native_quantize_rows(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
+    lib.native_linear_q8(
+        panels.q.data_ptr(), panels.d.data_ptr(), panels.z.data_ptr(), xq.data_ptr(), dx.data_ptr(), sx.data_ptr(),
+        y.data_ptr(), m, n, k,
+    )  # fmt: skip
+    return y
+
+
 class NativeLinear(nn.Module):
     """y = x @ W.T over W's blocks for calls of up to `native_rows` rows (decode steps), `fallback` above that, and
     torch's float32 GEMM over the widened blocks from WIDEN_ROWS rows.
@@ -431,8 +494,12 @@ class NativeLinear(nn.Module):
     mixed steps), so calls above four rows go to the fallback by default.
     """
 
-    def __init__(self, weight: NativeWeight, fallback: nn.Module | None = None, native_rows: int = 4) -> None:
+    def __init__(
+        self, weight: NativeWeight, fallback: nn.Module | None = None, native_rows: int = 4, int8: bool = False
+    ) -> None:
         super().__init__()
+        # prefill-sized calls with int8 activations (native_linear_q8) where the CPU has VNNI and the layout fits
+        self.panels = Int8Panels.pack(weight) if int8 and int8_supported(weight) else None
         self.lib = library()
         self.out_features, self.in_features = weight.shape
         self.kind = weight.kind
@@ -455,6 +522,8 @@ class NativeLinear(nn.Module):
         m = x.shape[0]
         if m > self.native_rows and self.fallback is not None:
             if m >= WIDEN_ROWS and x.dtype == torch.float32:
+                if self.panels is not None:
+                    return linear_int8(self.lib, self.panels, x.contiguous())
                 return F.linear(x, self.widened())
             return self.fallback(x)
         if x.dtype != torch.float32 or not x.is_contiguous():
