@@ -318,8 +318,8 @@ class Llama(nn.Module):
         """Linear layers stored as Q4_0/Q4_1/Q8_0 read those blocks with the native kernels (native.py) in calls of
         a few rows; larger calls (prefill chunks, big decode batches) use float16 weights if `fp16`, else the
         float32 ones; from WIDEN_ROWS rows, float32 over the widened blocks, or int8 activations if `int8` (where the
-        layout allows: native.int8_supported). Returns how many layers read their blocks (QKV counts once; it is fused only if all three
-        are stored as blocks of one kind)."""
+        layout allows: native.int8_supported). Returns how many layers read their blocks (QKV counts once; it is
+        fused only if all three are stored as blocks of one kind)."""
         swapped = 0
         for i, block in enumerate(self.layers):
             assert isinstance(block, Block)
