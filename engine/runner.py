@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention.sparse.config import HeadPattern
 from .kv_cache import slots_of
+from .model import native
 from .model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
 from .scheduler.scheduler import ScheduledRequest
 
@@ -63,7 +64,8 @@ class ModelRunner:
             slots.extend(slots_of(req.block_table, start, end, bs))
             context = None if start == 0 else self._tensor(slots_of(req.block_table, 0, end, bs))
             sparse = 0 < self.sparse_threshold < req.prompt_len
-            spans.append(PrefillSpan(row, row + s.num_new, context, end, sparse))
+            int8 = req.prompt_len >= native.WIDEN_ROWS  # where the layers have int8 panels (--prefill-gemm)
+            spans.append(PrefillSpan(row, row + s.num_new, context, end, sparse, int8))
             if sparse:
                 self.sparse_tokens += max(0, min(end, req.prompt_len) - start)
             if s.completes:

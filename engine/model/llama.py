@@ -18,7 +18,15 @@ from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
-from .native import NativeDecoder, NativeLinear, NativeWeight, decode_attention, prefill_attention, prefill_keys
+from .native import (
+    NativeDecoder,
+    NativeLinear,
+    NativeWeight,
+    decode_attention,
+    int8_rows,
+    prefill_attention,
+    prefill_keys,
+)
 from .quant import Fp16Linear
 
 _HEAD_CHUNK = 1024
@@ -35,6 +43,9 @@ class PrefillSpan:
     context_slots: torch.Tensor | None
     context_len: int
     sparse: bool = False  # attend with the sequence's sparse patterns (a long prompt; see attention/sparse)
+    # the chunk's matmuls may round activations to int8 (a prompt of native.WIDEN_ROWS tokens or more, in layers
+    # with int8 panels: --prefill-gemm): decided per request, so other requests' rows in the step stay exact
+    int8: bool = False
 
 
 @dataclass
@@ -406,10 +417,11 @@ class Llama(nn.Module):
             meta.native_prefill = self.native_attention
             cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
             sin = self.rope_sin[meta.positions].unsqueeze(1)
-            for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
-                assert isinstance(block, Block)
-                x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
-                x = x + block.mlp(block.ffn_norm(x))
+            with int8_rows([(p.start, p.end) for p in meta.prefills if p.int8]):
+                for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+                    assert isinstance(block, Block)
+                    x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)
+                    x = x + block.mlp(block.ffn_norm(x))
         x = self.norm(x[meta.logits_rows])
         if self.head_fast is not None:
             return self.head_fast(x).float()
@@ -424,14 +436,15 @@ class Llama(nn.Module):
 
 
 @torch.inference_mode()
-def prompt_logits(model: Llama, tokens: list[int]) -> torch.Tensor:
-    """Next-token logits after `tokens` [vocab], from one dense prefill into a scratch cache (for checks)."""
+def prompt_logits(model: Llama, tokens: list[int], int8: bool = False) -> torch.Tensor:
+    """Next-token logits after `tokens` [vocab], from one dense prefill into a scratch cache (for checks); `int8`:
+    as the engine prefills a long prompt with --prefill-gemm int8."""
     config = model.config
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     n = len(tokens)
     shape = (n, config.num_kv_heads, config.head_dim)
     cache = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))]
     idx = torch.arange(n, device=device)
-    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n)], [], idx[-1:])
+    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n, int8=int8)], [], idx[-1:])
     # One scratch pair serves every layer: a whole-context prefill attends to its fresh K/V, not the cache.
     return model(torch.tensor(tokens, device=device), meta, cache * config.num_layers)[0]

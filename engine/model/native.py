@@ -18,6 +18,7 @@ attention kernels (dense, sparse tiles, pattern estimation) are here too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,7 +27,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -483,6 +485,21 @@ def linear_int8(lib: ctypes.CDLL, panels: Int8Panels, x: torch.Tensor) -> torch.
     return y
 
 
+_int8 = threading.local()
+
+
+@contextlib.contextmanager
+def int8_rows(ranges: list[tuple[int, int]]) -> Iterator[None]:
+    """Within: calls of layers with int8 panels round the activations of rows [start, stop) to int8 (the chunks of
+    long prompts, Llama.forward); the step's other rows keep their exact path."""
+    was = getattr(_int8, "ranges", [])
+    _int8.ranges = ranges
+    try:
+        yield
+    finally:
+        _int8.ranges = was
+
+
 class NativeLinear(nn.Module):
     """y = x @ W.T over W's blocks for calls of up to `native_rows` rows (decode steps), `fallback` above that, and
     torch's float32 GEMM over the widened blocks from WIDEN_ROWS rows.
@@ -519,15 +536,35 @@ class NativeLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ranges = getattr(_int8, "ranges", None)
+        if ranges and self.panels is not None and x.dtype == torch.float32 and x.dim() == 2:
+            return self._with_int8_rows(x, ranges)
+        return self._exact(x)
+
+    def _with_int8_rows(self, x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        """int8 activations for rows in `ranges`, the exact path for the others (decodes and short prompts)."""
+        assert self.panels is not None
+        m = x.shape[0]
+        if ranges == [(0, m)]:
+            return linear_int8(self.lib, self.panels, x.contiguous())
+        y = torch.empty((m, self.out_features), dtype=torch.float32)
+        chosen = torch.zeros(m, dtype=torch.bool)
+        for start, stop in ranges:
+            y[start:stop] = linear_int8(self.lib, self.panels, x[start:stop].contiguous())
+            chosen[start:stop] = True
+        rest = (~chosen).nonzero().flatten()
+        if len(rest):
+            y[rest] = self._exact(x[rest])
+        return y
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if m > self.native_rows and self.fallback is not None:
             if m >= WIDEN_ROWS and x.dtype == torch.float32:
-                if self.panels is not None:
-                    return linear_int8(self.lib, self.panels, x.contiguous())
                 return F.linear(x, self.widened())
             return self.fallback(x)
         if x.dtype != torch.float32 or not x.is_contiguous():
-            return self.forward(x.float().contiguous()).to(x.dtype)
+            return self._exact(x.float().contiguous()).to(x.dtype)
         y = torch.empty((m, self.out_features), dtype=torch.float32)
         scratch = torch.empty(m * self.in_features // GROUP, dtype=torch.float32) if self.kind == 4 else None
         rc = self.lib.native_linear(

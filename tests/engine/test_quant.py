@@ -11,7 +11,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from optimist.engine.config import EngineConfig
+from optimist.engine.bench.prefill import passkey_prompt, repeats_for
+from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.model import native
 from optimist.engine.model.llama import prompt_logits
@@ -184,3 +185,154 @@ def test_auto_weights_pick_fp16_for_float_tensors_and_float_where_it_would_chang
         chosen[dtype] = eng.weights
         eng.shutdown()
     assert chosen == {"auto": "fp16" if fp16_available() else "float", "bfloat16": "float"}
+
+
+def _q4_layer(n: int, k: int, seed: int, qtype: T = T.Q4_1) -> tuple[NativeWeight, torch.Tensor]:
+    raw = gguf.quants.quantize(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32), qtype)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k).copy())
+    return NativeWeight.from_gguf(raw, int(qtype), n, k), w
+
+
+def _int8_reference(weight: NativeWeight, x: torch.Tensor) -> torch.Tensor:
+    """The int8 GEMM's arithmetic in float64: each block of 32 activations rounded to int8 with scale max|x| / 127
+    (as the kernel does, in float32), times the 4-bit values; the offsets times the exact block sums."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    xq = torch.round(blocks * inv[..., None]).double()  # float32 product, rounded half to even like the kernel
+    dx = (amax / torch.tensor(127.0)).double()
+    q = torch.from_numpy(weight.values().astype(np.float64)).view(-1, k // 32, 32)
+    d, z = torch.from_numpy(weight.d).double(), torch.from_numpy(weight.z).double()  # type: ignore[arg-type]
+    sums = torch.einsum("mbe,nbe->mnb", xq, q)
+    return (sums * d[None] * dx[:, None]).sum(-1) + torch.einsum("mb,nb->mn", blocks.double().sum(-1), z)
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1])
+@pytest.mark.parametrize("rows", [1, 11, 12, 13, 40])  # the kernel takes rows 12 at a time: whole and partial tiles
+def test_int8_gemm_rounds_only_the_activations(qtype: T, rows: int) -> None:
+    """native_linear_q8 (VNNI, or its plain-C twin elsewhere) computes exactly the W4A8 sums: the file's 4-bit
+    values, activations rounded per block of 32, integer products; its error against float32 arithmetic is then
+    bounded by half a rounding step per activation."""
+    n, k = 48, 224  # three panels of 16 rows, 7 blocks
+    weight, w = _q4_layer(n, k, rows, qtype)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[:, 5] *= 40  # an outlier channel: its block gets a coarse scale, the others keep theirs
+    x[0, 32:64] = 0  # an all-zero block
+    got = native.linear_int8(native.library(), native.Int8Panels.pack(weight), x)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    reference = _int8_reference(weight, x)
+    float_bound = 8 * k * 2**-24 * (x.double().abs() @ w.double().abs().t()) + 1e-9
+    assert ((got.double() - reference).abs() <= float_bound).all()
+    # against the exact product: each activation moved by at most half its block's step (max|x| / 254), times
+    # d * q (the offsets z multiply the exact block sums)
+    step = (x.view(rows, -1, 32).abs().amax(-1) / 254).double().repeat_interleave(32, dim=1)
+    dq = torch.from_numpy(weight.values() * weight.d.repeat(32, axis=1)).double()
+    exact = x.double() @ w.double().t()
+    assert ((got.double() - exact).abs() <= step @ dq.abs().t() + float_bound).all()
+    assert (got.double() - exact).abs().max() > 0  # it does round (a float GEMM would pass the bound too)
+
+
+@needs_native
+def test_int8_panels_need_4bit_blocks_in_whole_panels() -> None:
+    weight, _ = _q4_layer(40, 64, 0)  # 40 rows: not a whole number of 16-row panels
+    assert not native.int8_supported(weight)
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        native.Int8Panels.pack(weight)
+    q8, _ = _q4_layer(48, 64, 0, T.Q8_0)
+    assert not native.int8_supported(q8)
+    # a layer asked for int8 where it cannot have it keeps the exact float path
+    layer = NativeLinear(weight, torch.nn.Linear(64, 40, bias=False), int8=True)
+    assert layer.panels is None
+
+
+@needs_native
+def test_native_linear_rounds_to_int8_only_the_rows_it_is_told_where_the_cpu_has_vnni() -> None:
+    """int8 activations only inside native.int8_rows (the engine's long-prompt chunks), only for those rows: the
+    step's other rows (decodes, short prompts) keep the path they would take alone."""
+    n, k, m = 48, 96, 40
+    weight, w = _q4_layer(n, k, 3)
+    fallback = torch.nn.Linear(k, n, bias=False)
+    fallback.weight.data = -w  # a different answer, to tell which path ran
+    layer = NativeLinear(weight, fallback, int8=True)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(layer(x), fallback(x))  # no int8 rows: as without int8
+    if not native.library().native_vnni():
+        assert layer.panels is None  # no VNNI: the exact paths only
+        with native.int8_rows([(0, m)]):
+            assert torch.equal(layer(x), fallback(x))
+        return
+    assert layer.panels is not None
+    with native.int8_rows([(0, m)]):
+        assert torch.equal(layer(x), native.linear_int8(native.library(), layer.panels, x))
+    with native.int8_rows([(0, 30), (33, 36)]):
+        mixed = layer(x)
+    assert torch.equal(mixed[:30], native.linear_int8(native.library(), layer.panels, x[:30]))
+    assert torch.equal(mixed[33:36], native.linear_int8(native.library(), layer.panels, x[33:36]))
+    rest = torch.cat([x[30:33], x[36:]])
+    assert torch.allclose(torch.cat([mixed[30:33], mixed[36:]]), fallback(rest), rtol=1e-5, atol=1e-5)
+    with native.int8_rows([(m - 2, m)]):  # two rows of a long prompt beside 38 others: those go to the fallback
+        assert torch.allclose(layer(x)[:-2], fallback(x[:-2]), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x), fallback(x))  # the context is gone again
+
+needs_vnni = pytest.mark.skipif(
+    native.unavailable_reason() is not None or not native.library().native_vnni(), reason="no AVX-512 VNNI here"
+)
+
+
+def test_prefill_gemm_is_checked(tiny_gguf: Path) -> None:
+    with pytest.raises(ConfigError, match="prefill_gemm must be auto, float or int8"):
+        Engine(EngineConfig(model=tiny_gguf, device="cpu", kv_cache_tokens=256, prefill_gemm="int4"))
+    # the tiny GGUF holds float tensors: no 4-bit blocks to multiply with int8 activations
+    with pytest.raises(ConfigError, match="prefill_gemm=int8 needs int4 weights"):
+        Engine(EngineConfig(model=tiny_gguf, device="cpu", kv_cache_tokens=256, prefill_gemm="int8"))
+
+
+@needs_native
+def test_int8_prefill_gemm_is_refused_without_vnni(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = native.library()
+    monkeypatch.setattr(native, "library", lambda: _NoVnni(lib))
+    with pytest.raises(ConfigError, match="needs a CPU with AVX-512 VNNI"):
+        Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=256, prefill_gemm="int8"))
+
+
+class _NoVnni:
+    """The loaded kernels, reporting no VNNI (what an AVX2 machine's build reports)."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+
+    def native_vnni(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lib, name)
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_int8_prefill_answers_like_the_exact_prefill(model_path: Path) -> None:
+    """int8 activations in prefill chunks of WIDEN_ROWS rows and more: the passkey answer is the exact path's, and
+    the next-token distribution after a long natural text stays close to it."""
+    exact = Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=4096, prefill_gemm="float"))
+    fast = Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=4096))  # auto: int8 with VNNI
+    try:
+        for b in fast.model.layers:
+            assert all(m.panels is not None for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate, b.mlp.w_up, b.mlp.w_down))
+        assert all(m.panels is None for b in exact.model.layers for m in (b.attn.wqkv, b.mlp.w_down))
+        ids = exact.tokenizer.encode(passkey_prompt(repeats_for(1500)))
+        params = SamplingParams(temperature=0, max_tokens=8)
+        answer = fast.generate(fast.new_request(ids, params))[0]
+        assert answer == exact.generate(exact.new_request(ids, params))[0]
+        assert "68193" in fast.tokenizer.decode(list(answer))
+        text = fast.tokenizer.encode((Path(__file__).parents[2] / "README.md").read_text())
+        for n in (1100, 1400):  # one prefill of a long prompt each: every matmul with int8 activations
+            a = prompt_logits(exact.model, text[:n], int8=True).log_softmax(-1)  # float panels: exact anyway
+            b = prompt_logits(fast.model, text[:n], int8=True).log_softmax(-1)
+            kl = (a.exp() * (a - b)).sum().item()
+            assert a.argmax() == b.argmax() and kl < 0.05, (n, kl)
+            assert kl > 0  # it did take the int8 path
+    finally:
+        exact.shutdown()
+        fast.shutdown()
