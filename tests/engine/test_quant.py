@@ -276,6 +276,7 @@ def test_native_linear_rounds_to_int8_only_the_rows_it_is_told_where_the_cpu_has
         assert torch.allclose(layer(x)[:-2], fallback(x[:-2]), rtol=1e-5, atol=1e-5)
     assert torch.equal(layer(x), fallback(x))  # the context is gone again
 
+
 needs_vnni = pytest.mark.skipif(
     native.unavailable_reason() is not None or not native.library().native_vnni(), reason="no AVX-512 VNNI here"
 )
