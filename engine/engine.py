@@ -141,6 +141,7 @@ class Engine:
         model = Llama(loaded.config)
         model.load_weights(loaded.weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        int8 = False
         if weights == "int4":
             # Layers without blocks, and calls of many rows, get float16 weights where fbgemm has them.
             int8 = self._int8_prefill(config)
@@ -153,6 +154,8 @@ class Engine:
         if config.prefill_gemm == "int8" and weights != "int4":
             raise ConfigError(f"prefill_gemm=int8 needs int4 weights (GGUF blocks read natively), these are {weights}")
         self.weights = weights
+        # what the matmuls of long prompts' prefill chunks take: int8 or float activations (--prefill-gemm)
+        self.prefill_gemm = "int8" if weights == "int4" and int8 else "float"
         del loaded
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()

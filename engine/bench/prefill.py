@@ -62,6 +62,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     # No prefix caching: the passkey prompts share their leading filler, and each must be timed from scratch.
     common = {"model": args.model, "kv_cache_tokens": 16384, "max_num_batched_tokens": args.chunk}
     common["prefix_caching"] = False
+    common["prefill_gemm"] = args.prefill_gemm
     dense = Engine(EngineConfig(**common))
     sparse = Engine(EngineConfig(**common, sparse_prefill_threshold=args.threshold, sparse_patterns=args.patterns))
     model_path = dense.config.model_path()
@@ -121,7 +122,9 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(table)
     report = {"benchmark": "prefill", "threshold": args.threshold, "chunk": args.chunk, "repeats": args.repeats,
-              "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+              "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "weights": dense.weights,
+              "prefill_gemm": dense.prefill_gemm, "rows": rows}  # fmt: skip
+    print(f"our engine: weights {dense.weights}, prefill GEMMs with {dense.prefill_gemm} activations")
     write_report(args.out, report, table)
     return 0
 
@@ -139,5 +142,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--baselines", type=lambda s: s.split(","), default=["transformers"])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--prefill-gemm",
+        default="auto",
+        choices=["auto", "float", "int8"],
+        help="our engine's prefill matmuls, both dense and sparse (see optimist serve --help)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefill-cpu.json"))
     p.set_defaults(func=cmd_bench_prefill)

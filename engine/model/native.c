@@ -260,12 +260,12 @@ void native_widen(int kind, const uint8_t *q, const float *d, const float *z, in
    with the exact float sum of the block's activations for z. The weights stay exactly the file's; the activations
    carry a rounding error of at most dx / 2 each (about 1% of a GEMM's output norm on Gaussian inputs).
 
-   Weights are packed for it once (native.py): per panel of 16 output rows and block, 4 x 64 bytes where byte
+   Weights are packed for it once (native.py), n a multiple of 32: per panel of 16 output rows and block, 4 x 64 bytes where byte
    4 * r + u of vector j holds q[r][4j + u] (low nibble) and q[r][16 + 4j + u] (high nibble), then the panel's 16
    scales and 16 offsets per block. Activations are quantized into tiles of Q8_ROWS rows, block-major inside a tile
    ([tile][block][row][32]), so that a tile's rows sit 32 bytes apart. */
 
-#define Q8_ROWS 12 /* activation rows per tile: 12 integer and 12 float sums in registers */
+#define Q8_ROWS 6 /* activation rows per tile (q8_tile) */
 
 #if WIDE && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define VNNI 1
@@ -305,75 +305,90 @@ void native_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *xq, floa
 }
 
 #if VNNI
+/* rows (<= Q8_ROWS) activation rows x two panels (32 outputs): 12 integer and 12 float sums in registers; each
+   broadcast activation dword feeds both panels */
 static inline __attribute__((always_inline)) void q8_tile(const uint8_t *wp, const float *wd, const float *wz,
                                                            const int8_t *xq, const float *dx, const float *sx, float *y,
                                                            int64_t nb, int64_t n, int rows) {
-  __m512 acc[Q8_ROWS];
-  for (int t = 0; t < rows; t++) acc[t] = _mm512_setzero_ps();
+  __m512 acc[2][Q8_ROWS];
+  for (int p = 0; p < 2; p++)
+    for (int t = 0; t < rows; t++) acc[p][t] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; b++) {
-    __m512i s[Q8_ROWS];
-    for (int t = 0; t < rows; t++) s[t] = _mm512_setzero_si512();
-    const uint8_t *wb = wp + 256 * b;
+    __m512i s[2][Q8_ROWS];
+    for (int p = 0; p < 2; p++)
+      for (int t = 0; t < rows; t++) s[p][t] = _mm512_setzero_si512();
     const int8_t *xb = xq + b * Q8_ROWS * QK;
 #pragma GCC unroll 4
     for (int j = 0; j < 4; j++) {
-      const __m512i v = _mm512_loadu_si512(wb + 64 * j);
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-#pragma GCC unroll 12
+      __m512i lo[2], hi[2];
+      for (int p = 0; p < 2; p++) {
+        const __m512i v = _mm512_loadu_si512(wp + (p * nb + b) * 256 + 64 * j);
+        lo[p] = _mm512_and_si512(v, low);
+        hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+#pragma GCC unroll 6
       for (int t = 0; t < rows; t++) {
         int32_t a, c;
         memcpy(&a, xb + t * QK + 4 * j, 4);
         memcpy(&c, xb + t * QK + 16 + 4 * j, 4);
-        s[t] = _mm512_dpbusd_epi32(s[t], lo, _mm512_set1_epi32(a));
-        s[t] = _mm512_dpbusd_epi32(s[t], hi, _mm512_set1_epi32(c));
+        const __m512i xa = _mm512_set1_epi32(a), xc = _mm512_set1_epi32(c);
+        for (int p = 0; p < 2; p++) {
+          s[p][t] = _mm512_dpbusd_epi32(s[p][t], lo[p], xa);
+          s[p][t] = _mm512_dpbusd_epi32(s[p][t], hi[p], xc);
+        }
       }
     }
-    const __m512 d = _mm512_loadu_ps(wd + 16 * b), z = _mm512_loadu_ps(wz + 16 * b);
-    for (int t = 0; t < rows; t++) {
-      const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[t * nb + b]));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scale, acc[t]);
-      acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx[t * nb + b]), acc[t]);
+    for (int p = 0; p < 2; p++) {
+      const __m512 d = _mm512_loadu_ps(wd + (p * nb + b) * 16), z = _mm512_loadu_ps(wz + (p * nb + b) * 16);
+      for (int t = 0; t < rows; t++) {
+        const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[t * nb + b]));
+        acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[p][t]), scale, acc[p][t]);
+        acc[p][t] = _mm512_fmadd_ps(z, _mm512_set1_ps(sx[t * nb + b]), acc[p][t]);
+      }
     }
   }
-  for (int t = 0; t < rows; t++) _mm512_storeu_ps(y + t * n, acc[t]);
+  for (int p = 0; p < 2; p++)
+    for (int t = 0; t < rows; t++) _mm512_storeu_ps(y + t * n + 16 * p, acc[p][t]);
 }
 #else
 /* the same sums, one at a time (tests of the packing and the arithmetic on machines without VNNI) */
 static void q8_tile(const uint8_t *wp, const float *wd, const float *wz, const int8_t *xq, const float *dx,
                     const float *sx, float *y, int64_t nb, int64_t n, int rows) {
   for (int t = 0; t < rows; t++)
-    for (int r = 0; r < 16; r++) {
+    for (int r = 0; r < 32; r++) {
+      const int64_t p = r / 16, lane = r % 16;
       float acc = 0.f;
       for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = wp + (p * nb + b) * 256;
+        const int8_t *xb = xq + (b * Q8_ROWS + t) * QK;
         int32_t s = 0;
         for (int j = 0; j < 4; j++)
           for (int u = 0; u < 4; u++) {
-            const uint8_t byte = wp[256 * b + 64 * j + 4 * r + u];
-            const int8_t *xb = xq + (b * Q8_ROWS + t) * QK;
+            const uint8_t byte = wb[64 * j + 4 * lane + u];
             s += (byte & 0x0F) * xb[4 * j + u] + (byte >> 4) * xb[16 + 4 * j + u];
           }
-        acc = fmaf((float)s, wd[16 * b + r] * dx[t * nb + b], acc);
-        acc = fmaf(wz[16 * b + r], sx[t * nb + b], acc);
+        acc = fmaf((float)s, wd[(p * nb + b) * 16 + lane] * dx[t * nb + b], acc);
+        acc = fmaf(wz[(p * nb + b) * 16 + lane], sx[t * nb + b], acc);
       }
       y[t * n + r] = acc;
     }
 }
 #endif
 
-/* y [m, n] = x @ W.T from native_quantize_rows' activations and the packed weights (n a multiple of 16) */
+/* y [m, n] = x @ W.T from native_quantize_rows' activations and the packed weights (n a multiple of 32) */
 void native_linear_q8(const uint8_t *wp, const float *wd, const float *wz, const int8_t *xq, const float *dx,
                       const float *sx, float *y, int64_t m, int64_t n, int64_t k) {
-  const int64_t nb = k / QK, tiles = (m + Q8_ROWS - 1) / Q8_ROWS, panels = n / 16;
+  const int64_t nb = k / QK, tiles = (m + Q8_ROWS - 1) / Q8_ROWS, pairs = n / 32;
 #pragma omp parallel for schedule(static)
   for (int64_t ti = 0; ti < tiles; ti++) {
     const int64_t t0 = ti * Q8_ROWS;
     const int rows = m - t0 < Q8_ROWS ? (int)(m - t0) : Q8_ROWS;
     const int8_t *xt = xq + t0 * k;
-    for (int64_t p = 0; p < panels; p++) {
-      const uint8_t *w = wp + p * nb * 256;
-      const float *d = wd + p * nb * 16, *z = wz + p * nb * 16;
-      float *yt = y + t0 * n + 16 * p;
+    for (int64_t p = 0; p < pairs; p++) {
+      const uint8_t *w = wp + 2 * p * nb * 256;
+      const float *d = wd + 2 * p * nb * 16, *z = wz + 2 * p * nb * 16;
+      float *yt = y + t0 * n + 32 * p;
       if (rows == Q8_ROWS) q8_tile(w, d, z, xt, dx + t0 * nb, sx + t0 * nb, yt, nb, n, Q8_ROWS);
       else q8_tile(w, d, z, xt, dx + t0 * nb, sx + t0 * nb, yt, nb, n, rows);
     }

@@ -344,8 +344,9 @@ def unavailable_reason() -> str | None:
 
 
 def int8_supported(weight: NativeWeight) -> bool:
-    """Whether prefill GEMMs over `weight` can take int8 activations here (VNNI, 4-bit blocks, 16-row panels)."""
-    return weight.kind == 4 and weight.shape[0] % 16 == 0 and bool(library().native_vnni())
+    """Whether prefill GEMMs over `weight` can take int8 activations here (VNNI, 4-bit blocks, pairs of 16-row
+    panels)."""
+    return weight.kind == 4 and weight.shape[0] % 32 == 0 and bool(library().native_vnni())
 
 
 def supported_type(ggml_type: int) -> bool:
@@ -439,7 +440,7 @@ class NativeWeight:
 WIDEN_ROWS = 1024
 
 
-Q8_ROWS = 12  # activation rows per tile of native_linear_q8 (native.c)
+Q8_ROWS = 6  # activation rows per tile of native_linear_q8 (native.c)
 
 
 @dataclass
@@ -455,8 +456,8 @@ class Int8Panels:
     @classmethod
     def pack(cls, weight: NativeWeight) -> Int8Panels:
         n, k = weight.shape
-        if weight.kind != 4 or n % 16:
-            raise ValueError(f"int8 panels need 4-bit blocks and a multiple of 16 rows, got kind {weight.kind}, {n}")
+        if weight.kind != 4 or n % 32:
+            raise ValueError(f"int8 panels need 4-bit blocks and a multiple of 32 rows, got kind {weight.kind}, {n}")
         assert weight.z is not None
         nb = k // GROUP
         q = weight.values().reshape(n // 16, 16, nb, 2, 4, 4)  # panel, row, block, half, j, u

@@ -210,12 +210,12 @@ def _int8_reference(weight: NativeWeight, x: torch.Tensor) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1])
-@pytest.mark.parametrize("rows", [1, 11, 12, 13, 40])  # the kernel takes rows 12 at a time: whole and partial tiles
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 40])  # the kernel takes rows 6 at a time: whole and partial tiles
 def test_int8_gemm_rounds_only_the_activations(qtype: T, rows: int) -> None:
     """native_linear_q8 (VNNI, or its plain-C twin elsewhere) computes exactly the W4A8 sums: the file's 4-bit
     values, activations rounded per block of 32, integer products; its error against float32 arithmetic is then
     bounded by half a rounding step per activation."""
-    n, k = 48, 224  # three panels of 16 rows, 7 blocks
+    n, k = 96, 224  # three pairs of 16-row panels, 7 blocks
     weight, w = _q4_layer(n, k, rows, qtype)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     x[:, 5] *= 40  # an outlier channel: its block gets a coarse scale, the others keep theirs
@@ -236,14 +236,14 @@ def test_int8_gemm_rounds_only_the_activations(qtype: T, rows: int) -> None:
 
 @needs_native
 def test_int8_panels_need_4bit_blocks_in_whole_panels() -> None:
-    weight, _ = _q4_layer(40, 64, 0)  # 40 rows: not a whole number of 16-row panels
+    weight, _ = _q4_layer(48, 64, 0)  # 48 rows: three 16-row panels, not a whole number of pairs
     assert not native.int8_supported(weight)
-    with pytest.raises(ValueError, match="multiple of 16 rows"):
+    with pytest.raises(ValueError, match="multiple of 32 rows"):
         native.Int8Panels.pack(weight)
     q8, _ = _q4_layer(48, 64, 0, T.Q8_0)
     assert not native.int8_supported(q8)
     # a layer asked for int8 where it cannot have it keeps the exact float path
-    layer = NativeLinear(weight, torch.nn.Linear(64, 40, bias=False), int8=True)
+    layer = NativeLinear(weight, torch.nn.Linear(64, 48, bias=False), int8=True)
     assert layer.panels is None
 
 
@@ -251,7 +251,7 @@ def test_int8_panels_need_4bit_blocks_in_whole_panels() -> None:
 def test_native_linear_rounds_to_int8_only_the_rows_it_is_told_where_the_cpu_has_vnni() -> None:
     """int8 activations only inside native.int8_rows (the engine's long-prompt chunks), only for those rows: the
     step's other rows (decodes, short prompts) keep the path they would take alone."""
-    n, k, m = 48, 96, 40
+    n, k, m = 64, 96, 40
     weight, w = _q4_layer(n, k, 3)
     fallback = torch.nn.Linear(k, n, bias=False)
     fallback.weight.data = -w  # a different answer, to tell which path ran
@@ -319,6 +319,7 @@ def test_int8_prefill_answers_like_the_exact_prefill(model_path: Path) -> None:
     exact = Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=4096, prefill_gemm="float"))
     fast = Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=4096))  # auto: int8 with VNNI
     try:
+        assert (fast.prefill_gemm, exact.prefill_gemm) == ("int8", "float")
         for b in fast.model.layers:
             assert all(m.panels is not None for m in (b.attn.wqkv, b.attn.wo, b.mlp.w_gate, b.mlp.w_up, b.mlp.w_down))
         assert all(m.panels is None for b in exact.model.layers for m in (b.attn.wqkv, b.mlp.w_down))
