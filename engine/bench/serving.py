@@ -403,3 +403,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .cpu_attention import add_parser as add_cpu_attention
 
     add_cpu_attention(kinds)
+
+    from .prefill_gemm import add_parser as add_prefill_gemm
+
+    add_prefill_gemm(kinds)

@@ -338,3 +338,32 @@ def test_int8_prefill_answers_like_the_exact_prefill(model_path: Path) -> None:
     finally:
         exact.shutdown()
         fast.shutdown()
+
+
+def test_prefill_gemm_benchmark_times_both_paths_on_the_same_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`optimist bench prefill-gemm` at tiny shapes: a row per shape with both paths timed and the int8 path's error
+    against the exact product, or (without VNNI) a clear refusal."""
+    import json
+
+    from optimist.engine.cli import build_parser
+
+    parser = build_parser()
+    out = tmp_path / "gemm.json"
+    args = parser.parse_args(["bench", "prefill-gemm", "--shapes", "7:32:64,40:64:96", "--repeats", "1",
+                              "--out", str(out)])  # fmt: skip
+    code = args.func(args)
+    if native.unavailable_reason() is not None or not native.library().native_vnni():
+        assert code == 2 and "AVX-512 VNNI" in capsys.readouterr().err
+        return
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [(r["m"], r["n"], r["k"]) for r in report["rows"]] == [(7, 32, 64), (40, 64, 96)]
+    for r in report["rows"]:
+        assert r["int8_ms"] > 0 and r["float_ms"] > 0 and 0 < r["relative_error"] < 0.02
+    assert out.with_suffix(".md").read_text().startswith("| rows | outputs | inputs | int8 ms |")
+    for shape, named in (("8:48:64", "multiples of 32"), ("8:32", "m:n:k")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "prefill-gemm", "--shapes", shape])
+        assert named in capsys.readouterr().err
