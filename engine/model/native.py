@@ -12,8 +12,10 @@ The library is compiled on first use with the machine's C compiler (gcc or clang
 then any flags in $OPTIMIST_NATIVE_FLAGS) into a cache folder keyed by the source, the compiler, the flags and the
 CPU, and loaded with ctypes; torch must be imported first so that the kernels join torch's OpenMP thread team
 instead of starting a second one. Where there is no compiler, or it fails, `library()` raises `NativeUnavailable`
-with the reason. Prefill-sized calls widen the blocks to float32 for torch's GEMM (`WIDEN_ROWS`), and the prefill
-attention kernels (dense, sparse tiles, pattern estimation) are here too.
+with the reason. Prefill-sized calls widen the blocks to float32 for torch's GEMM (`WIDEN_ROWS`); the chunks of long
+prompts can instead round their activations to int8 per block of 32 and sum the products with the 4-bit values as
+integers (`linear_int8`, AVX-512 VNNI; llama.cpp's Q4 x Q8 arithmetic; --prefill-gemm). The prefill attention
+kernels (dense, sparse tiles, pattern estimation) are here too.
 """
 
 from __future__ import annotations
