@@ -2,7 +2,8 @@
 (`native.linear_int8`: each block of 32 activations rounded to int8, integer products on AVX-512 VNNI) against the
 exact path the engine takes otherwise (the blocks widened to float32 for torch's GEMM, `NativeLinear.widened`), on
 the same inputs, alternating, best of `repeats`; with both sides' rates, the ratio and the int8 path's error
-relative to the exact product. Prints a table and writes JSON.
+relative to the exact product; then what the rounding does to a model's predictions (`model_agreement`). Prints
+tables and writes JSON.
 
 Shapes are "m:n:k" (rows, outputs, inputs); the defaults are SmolLM2-135M's matmuls at a 2,048-row chunk (QKV
 fused, the output projection, gate or up, down) and one of Llama-3-8B's. Weights are random Q4_1 blocks."""
@@ -70,6 +71,39 @@ def _measure(m: int, n: int, k: int, repeats: int, generator: Any) -> dict[str, 
             "speedup": round(t_float / t_int8, 2), "relative_error": error}  # fmt: skip
 
 
+def default_text() -> Path:
+    """Natural English text on any machine with Python: its license."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+
+
+def model_agreement(model_path: Path | None, text: Path, tokens: int) -> dict[str, Any]:
+    """The model's next-token distributions at every position of `tokens` tokens of `text`, prefilled with int8 and
+    with exact float32 matmuls: how often the top token agrees, their mean and largest KL divergence (exact ||
+    int8) and the perplexity of the text under each."""
+    import torch
+
+    from ..config import EngineConfig
+    from ..engine import Engine
+    from ..model.llama import prompt_logits
+
+    engine = Engine(EngineConfig(model=model_path, device="cpu", kv_cache_tokens=max(tokens, 256), prefill_gemm="int8"))
+    try:
+        ids = engine.tokenizer.encode(text.read_text(errors="replace"))[:tokens]
+        exact = prompt_logits(engine.model, ids, int8=False, every_position=True).log_softmax(-1)
+        rounded = prompt_logits(engine.model, ids, int8=True, every_position=True).log_softmax(-1)
+        kl = (exact.exp() * (exact - rounded)).sum(-1)
+        following = torch.tensor(ids[1:])[:, None]
+        ppl = [float((-lp[:-1].gather(1, following).mean()).exp()) for lp in (exact, rounded)]
+        return {"model": engine.model_name, "text": str(text), "tokens": len(ids),
+                "top1_agreement": round(float((exact.argmax(-1) == rounded.argmax(-1)).float().mean()), 4),
+                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+                "perplexity_float": round(ppl[0], 3), "perplexity_int8": round(ppl[1], 3)}  # fmt: skip
+    finally:
+        engine.shutdown()
+
+
 def cmd_bench_prefill_gemm(args: argparse.Namespace) -> int:
     import torch
 
@@ -100,9 +134,22 @@ def cmd_bench_prefill_gemm(args: argparse.Namespace) -> int:
         " for the call and torch's float32 GEMM; int8: activations rounded per block of 32, including that step;"
         " error: |int8 - exact| / |exact| (Frobenius)."
     )
+    report: dict[str, Any] = {"benchmark": "prefill-gemm", "repeats": args.repeats,
+                              "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    if args.model_tokens:
+        text = args.text or default_text()
+        if not text.is_file():
+            print(f"bench prefill-gemm: no text at {text} (--text)", file=sys.stderr)
+            return 2
+        agreement = model_agreement(args.model, text, args.model_tokens)
+        report["model_agreement"] = agreement
+        table += "\n\n" + markdown_table(
+            ["model", "tokens", "top-1 agreement", "KL mean", "KL max", "perplexity float", "perplexity int8"],
+            [[agreement["model"], agreement["tokens"], agreement["top1_agreement"], f"{agreement['kl_mean']:.2e}",
+              f"{agreement['kl_max']:.2e}", agreement["perplexity_float"], agreement["perplexity_int8"]]],
+        )  # fmt: skip
+        table += f"\n\nEvery position of {text.name}, prefilled once with int8 and once with float32 matmuls."
     print(table)
-    report = {"benchmark": "prefill-gemm", "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "rows": rows}  # fmt: skip
     write_report(args.out, report, table)
     return 0
 
@@ -113,5 +160,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="m:n:k triples (rows : outputs : inputs), comma-separated")  # fmt: skip
     p.add_argument("--repeats", type=positive_int, default=7, help="alternating runs per shape (best kept)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--model", type=Path, default=None, help="GGUF model for the agreement check (default: SmolLM2)")
+    p.add_argument("--model-tokens", type=int, default=2048,
+                   help="tokens of --text for the model's int8 vs float agreement; 0 = skip")  # fmt: skip
+    p.add_argument("--text", type=Path, default=None, help="text for the agreement check (default: Python's license)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/prefill-gemm.json"))
     p.set_defaults(func=cmd_bench_prefill_gemm)

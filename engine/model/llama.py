@@ -436,15 +436,16 @@ class Llama(nn.Module):
 
 
 @torch.inference_mode()
-def prompt_logits(model: Llama, tokens: list[int], int8: bool = False) -> torch.Tensor:
-    """Next-token logits after `tokens` [vocab], from one dense prefill into a scratch cache (for checks); `int8`:
-    as the engine prefills a long prompt with --prefill-gemm int8."""
+def prompt_logits(model: Llama, tokens: list[int], int8: bool = False, every_position: bool = False) -> torch.Tensor:
+    """Next-token logits after `tokens` [vocab] (every_position: after each prefix, [n, vocab]), from one dense
+    prefill into a scratch cache (for checks); `int8`: as the engine prefills a long prompt with --prefill-gemm int8."""
     config = model.config
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     n = len(tokens)
     shape = (n, config.num_kv_heads, config.head_dim)
     cache = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))]
     idx = torch.arange(n, device=device)
-    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n, int8=int8)], [], idx[-1:])
+    meta = AttentionMeta(idx, idx, [PrefillSpan(0, n, None, n, int8=int8)], [], idx if every_position else idx[-1:])
     # One scratch pair serves every layer: a whole-context prefill attends to its fresh K/V, not the cache.
-    return model(torch.tensor(tokens, device=device), meta, cache * config.num_layers)[0]
+    logits = model(torch.tensor(tokens, device=device), meta, cache * config.num_layers)
+    return logits if every_position else logits[0]

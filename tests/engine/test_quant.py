@@ -351,8 +351,10 @@ def test_prefill_gemm_benchmark_times_both_paths_on_the_same_inputs(
 
     parser = build_parser()
     out = tmp_path / "gemm.json"
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     args = parser.parse_args(["bench", "prefill-gemm", "--shapes", "7:32:64,40:64:96", "--repeats", "1",
-                              "--out", str(out)])  # fmt: skip
+                              "--text", str(text), "--model-tokens", "48", "--out", str(out)])  # fmt: skip
     code = args.func(args)
     if native.unavailable_reason() is not None or not native.library().native_vnni():
         assert code == 2 and "AVX-512 VNNI" in capsys.readouterr().err
@@ -363,6 +365,9 @@ def test_prefill_gemm_benchmark_times_both_paths_on_the_same_inputs(
     for r in report["rows"]:
         assert r["int8_ms"] > 0 and r["float_ms"] > 0 and 0 < r["relative_error"] < 0.02
     assert out.with_suffix(".md").read_text().startswith("| rows | outputs | inputs | int8 ms |")
+    agreement = report["model_agreement"]  # 48 tokens: one prefill below WIDEN_ROWS rows, int8 all the same
+    assert agreement["tokens"] == 48 and 0.5 < agreement["top1_agreement"] <= 1 and agreement["kl_mean"] > 0
+    assert agreement["perplexity_float"] > 1 and agreement["perplexity_int8"] > 1
     for shape, named in (("8:48:64", "multiples of 32"), ("8:32", "m:n:k")):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "prefill-gemm", "--shapes", shape])
