@@ -19,6 +19,7 @@ from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
 from .native import (
+    ELEMENTWISE_ROWS,
     NativeDecoder,
     NativeLinear,
     NativeWeight,
@@ -26,6 +27,9 @@ from .native import (
     int8_rows,
     prefill_attention,
     prefill_keys,
+    rms_norm_rows,
+    rope_rows_,
+    silu_mul_,
 )
 from .quant import Fp16Linear
 
@@ -84,8 +88,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # prefill-sized calls in C, rows in parallel (set by Llama.attach_native)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.dim() == 2 and x.shape[0] >= ELEMENTWISE_ROWS
+        if self.native and rows and x.dtype == torch.float32 and x.is_contiguous():
+            return rms_norm_rows(x, self.weight, self.eps)
         if x.dtype == torch.float32 and x.device.type == "cpu":
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op: decode is op-bound
         dtype = x.dtype
@@ -142,7 +150,11 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.wqkv(x)
         # Queries and keys are adjacent columns: one rotary call for both (decode is bound by the op count).
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim), cos, sin)
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim)
+        if meta.native_prefill and t >= ELEMENTWISE_ROWS and qkv.dtype == torch.float32 and qkv.is_contiguous():
+            rope_rows_(qk, cos[:, 0], sin[:, 0])  # in place, rows in parallel: the same products and sums
+        else:
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv, self.head_dim)
         k_cache.index_copy_(0, meta.slot_mapping, k)
@@ -254,10 +266,14 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.w_up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.native = False  # prefill-sized SiLU x up in C (set by Llama.attach_native)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in place: no two more [rows, inter] tensors to allocate and fault in (a prefill chunk's are 12 MB each)
-        return self.w_down(F.silu(self.w_gate(x), inplace=True).mul_(self.w_up(x)))
+        g, u = self.w_gate(x), self.w_up(x)
+        if self.native and g.shape[0] >= ELEMENTWISE_ROWS and g.dtype == u.dtype == torch.float32:
+            return self.w_down(silu_mul_(g.contiguous(), u.contiguous()))
+        return self.w_down(F.silu(g, inplace=True).mul_(u))
 
 
 class Block(nn.Module):
@@ -386,6 +402,9 @@ class Llama(nn.Module):
             )
             and self.config.num_heads % self.config.num_kv_heads == 0
         )
+        for module in self.modules():  # prefill chunks' norms and SiLU in C where the activations are float32 here
+            if isinstance(module, RMSNorm | MLP):
+                module.native = self.native_attention
         self.native_decoder = NativeDecoder(self, kv_cache) if NativeDecoder.supports(self) else None
         return self.native_decoder is not None
 

@@ -554,6 +554,14 @@ static inline void axpy(float *y, float a, const float *x, int64_t n) {
 
 static inline void silu_mul(float *g, const float *u, int64_t n) {
   int64_t i = 0;
+#if WIDE
+  for (; i + 16 <= n; i += 16) { /* as below, 16 at a time */
+    const __m512 v = _mm512_loadu_ps(g + i), one16 = _mm512_set1_ps(1.f);
+    const __m512 t = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+    const __m512 num = _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, t);
+    _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(num, _mm512_add_ps(one16, t)), _mm512_loadu_ps(u + i)));
+  }
+#endif
   const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(g + i);
@@ -605,6 +613,30 @@ static inline void rope(float *x, const float *cos, const float *sin, int64_t di
   for (int64_t i = 0; i < half; i++) t[i] = x[i] * cos[i] + x[i + half] * sin[i];
   for (int64_t i = half; i < dim; i++) t[i] = x[i] * cos[i] + x[i - half] * sin[i];
   memcpy(x, t, (size_t)dim * sizeof(float));
+}
+
+/* ---- a prefill chunk's element-wise steps with rows in parallel (torch runs these on one thread per operator,
+   bound by memory, for a chunk's 2,048 x 576 floats); the same arithmetic as the decode step's */
+
+/* y [m, n] = x * w / sqrt(mean(x^2) + eps), per row */
+void native_rms_norm_rows(const float *x, const float *w, float *y, int64_t m, int64_t n, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < m; r++) rms_norm(x + r * n, w, y + r * n, 1, n, eps);
+}
+
+/* rotary embedding in place over `heads` vectors of `dim` per row (row r at x + r * stride), cos/sin [m, dim] */
+void native_rope_rows(float *x, int64_t stride, int64_t m, int64_t heads, int64_t dim, const float *cos,
+                      const float *sin) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < m; r++)
+    for (int64_t h = 0; h < heads; h++) rope(x + r * stride + h * dim, cos + r * dim, sin + r * dim, dim);
+}
+
+/* g = silu(g) * u over `count` floats */
+void native_silu_mul_rows(float *g, const float *u, int64_t count) {
+  const int64_t step = 4096;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; i += step) silu_mul(g + i, u + i, count - i < step ? count - i : step);
 }
 
 #if NATIVE_SIMD

@@ -129,6 +129,12 @@ def library() -> ctypes.CDLL:
     lib.native_widen.restype = None
     lib.native_simd.restype = ctypes.c_int
     lib.native_vnni.restype = ctypes.c_int
+    lib.native_rms_norm_rows.argtypes = [p, p, p, i64, i64, ctypes.c_float]
+    lib.native_rms_norm_rows.restype = None
+    lib.native_rope_rows.argtypes = [p, i64, i64, i64, i64, p, p]
+    lib.native_rope_rows.restype = None
+    lib.native_silu_mul_rows.argtypes = [p, p, i64]
+    lib.native_silu_mul_rows.restype = None
     lib.native_quantize_rows.argtypes = [p, i64, i64, p, p, p]
     lib.native_quantize_rows.restype = None
     lib.native_linear_q8.argtypes = [p, p, p, p, p, p, p, i64, i64, i64]
@@ -149,6 +155,36 @@ def library() -> ctypes.CDLL:
     lib.native_tile_scores.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, ctypes.c_float, p]
     lib.native_tile_scores.restype = ctypes.c_int
     return lib
+
+
+# Prefill chunks of at least this many rows run their norms, rotary embedding and SiLU in C, rows in parallel
+# (torch's operators run them on one thread here; decode-sized calls are bound by the operator count instead)
+ELEMENTWISE_ROWS = 64
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [m, n] float32 contiguous (CPU) -> x * weight / sqrt(mean(x^2) + eps) per row, in C."""
+    y = torch.empty_like(x)
+    library().native_rms_norm_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps)
+    return y
+
+
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place over x [m, H, D] (float32, each row's H * D floats contiguous, rows at any
+    stride); cos/sin [m, D] contiguous (model.rope_tables' rows). Returns x."""
+    m, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("rope_rows_: each row's heads must be contiguous, and cos/sin too")
+    library().native_rope_rows(x.data_ptr(), x.stride(0), m, heads, dim, cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def silu_mul_(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """g = silu(g) * u in place (float32, contiguous, same shape). Returns g."""
+    if g.shape != u.shape or not (g.is_contiguous() and u.is_contiguous()):
+        raise ValueError("silu_mul_: g and u must be contiguous and of one shape")
+    library().native_silu_mul_rows(g.data_ptr(), u.data_ptr(), g.numel())
+    return g
 
 
 def decode_attention(

@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from optimist.engine.bench.prefill import passkey_prompt, repeats_for
+from optimist.engine.bench.prefill_gemm import default_text
 from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.model import native
@@ -328,13 +329,15 @@ def test_int8_prefill_answers_like_the_exact_prefill(model_path: Path) -> None:
         answer = fast.generate(fast.new_request(ids, params))[0]
         assert answer == exact.generate(exact.new_request(ids, params))[0]
         assert "68193" in fast.tokenizer.decode(list(answer))
-        text = fast.tokenizer.encode((Path(__file__).parents[2] / "README.md").read_text())
-        for n in (1100, 1400):  # one prefill of a long prompt each: every matmul with int8 activations
-            a = prompt_logits(exact.model, text[:n], int8=True).log_softmax(-1)  # float panels: exact anyway
-            b = prompt_logits(fast.model, text[:n], int8=True).log_softmax(-1)
-            kl = (a.exp() * (a - b)).sum().item()
-            assert a.argmax() == b.argmax() and kl < 0.05, (n, kl)
-            assert kl > 0  # it did take the int8 path
+        source = default_text() if default_text().is_file() else Path(__file__).parents[2] / "README.md"
+        text = fast.tokenizer.encode(source.read_text(errors="replace"))[:1200]
+        # one prefill of a long prompt, logits at every position: int8 in every matmul against float32 (the exact
+        # engine has no int8 panels). Measured on Python's license: top-1 agreement 0.935, mean KL 0.018
+        a = prompt_logits(exact.model, text, int8=True, every_position=True).log_softmax(-1)
+        b = prompt_logits(fast.model, text, int8=True, every_position=True).log_softmax(-1)
+        kl = (a.exp() * (a - b)).sum(-1)
+        agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        assert agreement > 0.85 and 0 < kl.mean().item() < 0.05, (agreement, kl.mean().item())
     finally:
         exact.shutdown()
         fast.shutdown()

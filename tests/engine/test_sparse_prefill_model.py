@@ -4,6 +4,7 @@ on a long prompt, a passkey near the model's usable context is answered identica
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,17 @@ def test_passkey_near_the_usable_context_same_answer_sparse_and_dense(engine: En
     ids = engine.tokenizer.encode(passkey_prompt(repeats_for(7200)))
     assert 7000 < len(ids) < engine.model_config.context_length
     before = sparse_engine.load().sparse_prefill_tokens
-    dense = _greedy(engine, ids, 8)
+    # dense prefill with everything else as the sparse engine has it (its weights and prefill matmuls: int4 and,
+    # with VNNI, int8 activations), so that only the attention differs
+    config = dataclasses.replace(sparse_engine.config, sparse_prefill_threshold=0, kv_cache_tokens=8192)
+    dense_engine = Engine(config)
+    try:
+        dense = _greedy(dense_engine, ids, 8)
+    finally:
+        dense_engine.shutdown()
     sparse = _greedy(sparse_engine, ids, 8)
     assert "68193" in engine.tokenizer.decode(dense)
+    assert "68193" in engine.tokenizer.decode(_greedy(engine, ids, 8))  # the exact engine (float weights) too
     assert sparse == dense
     # the whole prompt went through the sparse path, in chunks (the engine's step budget is 2048 tokens)
     assert sparse_engine.load().sparse_prefill_tokens - before == len(ids)
