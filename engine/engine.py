@@ -153,6 +153,8 @@ class Engine:
             self.model.use_fp16()
         if config.prefill_gemm == "int8" and weights != "int4":
             raise ConfigError(f"prefill_gemm=int8 needs int4 weights (GGUF blocks read natively), these are {weights}")
+        if config.prefill_gemm == "int8" and not int8:
+            raise ConfigError("prefill_gemm=int8 needs a CPU with AVX-512 VNNI; this one has none (use auto or float)")
         self.weights = weights
         # what the matmuls of long prompts' prefill chunks take: int8 or float activations (--prefill-gemm)
         self.prefill_gemm = "int8" if weights == "int4" and int8 else "float"
@@ -195,13 +197,9 @@ class Engine:
 
     @staticmethod
     def _int8_prefill(config: EngineConfig) -> bool:
-        """Whether prefill GEMMs over int4 weights take int8 activations (`prefill_gemm`; checked here)."""
-        if config.prefill_gemm == "float":
-            return False
-        vnni = bool(native.library().native_vnni())
-        if config.prefill_gemm == "int8" and not vnni:
-            raise ConfigError("prefill_gemm=int8 needs a CPU with AVX-512 VNNI; this one has none (use auto or float)")
-        return vnni
+        """Whether prefill GEMMs over int4 weights take int8 activations here (`prefill_gemm`: auto or int8, on a
+        CPU with VNNI)."""
+        return config.prefill_gemm != "float" and bool(native.library().native_vnni())
 
     # ------------------------------------------------------------------------------------- public API
 
