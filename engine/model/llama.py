@@ -151,9 +151,9 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         # Queries and keys are adjacent columns: one rotary call for both (decode is bound by the op count).
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim)
-        if meta.native_prefill and t >= ELEMENTWISE_ROWS and qkv.dtype == torch.float32 and qkv.is_contiguous():
-            rope_rows_(qk, cos[:, 0], sin[:, 0])  # in place, rows in parallel: the same products and sums
-        else:
+        rows = meta.native_prefill and t >= ELEMENTWISE_ROWS and qkv.dtype == torch.float32
+        # in C, in place, rows in parallel (the same products and sums), or torch's operators
+        if not (rows and qkv.is_contiguous() and cos.dim() == 3 and rope_rows_(qk, cos[:, 0], sin[:, 0])):
             qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv, self.head_dim)

@@ -169,14 +169,17 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return y
 
 
-def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotary embedding in place over x [m, H, D] (float32, each row's H * D floats contiguous, rows at any
-    stride); cos/sin [m, D] contiguous (model.rope_tables' rows). Returns x."""
+    stride); cos/sin [m, D] contiguous (model.rope_tables' rows). False (x untouched) where the layout or the head
+    size (even, at most 512: the kernel's scratch) does not fit, so the caller can fall back."""
     m, heads, dim = x.shape
     if x.stride(2) != 1 or x.stride(1) != dim or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError("rope_rows_: each row's heads must be contiguous, and cos/sin too")
+        return False
+    if dim % 2 or dim > 512 or cos.shape != (m, dim) or sin.shape != (m, dim):
+        return False
     library().native_rope_rows(x.data_ptr(), x.stride(0), m, heads, dim, cos.data_ptr(), sin.data_ptr())
-    return x
+    return True
 
 
 def silu_mul_(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

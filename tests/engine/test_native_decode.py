@@ -421,3 +421,31 @@ def test_cpu_attention_benchmark_compares_both_kernels_on_the_same_inputs(tmp_pa
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "cpu-attention", "--shapes", shape])
         assert named in capsys.readouterr().err
+
+
+def test_prefill_elementwise_steps_in_c_match_torchs() -> None:
+    """A prefill chunk's RMSNorm, rotary embedding (in place, bit for bit) and SiLU x up, rows in parallel in C."""
+    import torch.nn.functional as F
+
+    from optimist.engine.model.llama import apply_rope
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(130, 96, generator=g) * 3, torch.randn(96, generator=g)
+    got = native.rms_norm_rows(x, w, 1e-5)
+    assert torch.allclose(got, F.rms_norm(x, (96,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    # rotary over the query and key heads of a fused QKV output (rows 10 * 16 floats apart), V untouched
+    qkv = torch.randn(70, 10 * 16, generator=g)
+    cos, sin = torch.randn(70, 16, generator=g), torch.randn(70, 16, generator=g)
+    want = apply_rope(qkv[:, :128].view(70, 8, 16), cos, sin)
+    done = qkv.clone()
+    assert native.rope_rows_(done[:, :128].view(70, 8, 16), cos, sin)
+    assert torch.equal(done[:, :128].view(70, 8, 16), want) and torch.equal(done[:, 128:], qkv[:, 128:])
+    # layouts and sizes it does not take are left to torch: nothing written
+    big = torch.randn(4, 1, 1024, generator=g)
+    assert not native.rope_rows_(big.clone(), torch.ones(4, 1024), torch.ones(4, 1024))
+    strided = qkv.clone()
+    assert not native.rope_rows_(strided[:, :128].view(70, 8, 16)[:, ::2], cos, sin)
+    assert torch.equal(strided, qkv)
+    gate, up = torch.randn(33, 200, generator=g) * 6, torch.randn(33, 200, generator=g)
+    want = F.silu(gate) * up
+    assert torch.allclose(native.silu_mul_(gate.clone(), up), want, rtol=1e-5, atol=1e-6)
