@@ -120,11 +120,14 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
             for r in rows
         ],
     )  # fmt: skip
+    table += (
+        f"\n\nOur engine: weights {dense.weights}, prefill matmuls with {dense.prefill_gemm} activations"
+        f" (--prefill-gemm {args.prefill_gemm}), {torch.get_num_threads()} threads, chunks of {args.chunk} tokens."
+    )
     print(table)
     report = {"benchmark": "prefill", "threshold": args.threshold, "chunk": args.chunk, "repeats": args.repeats,
               "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "weights": dense.weights,
               "prefill_gemm": dense.prefill_gemm, "rows": rows}  # fmt: skip
-    print(f"our engine: weights {dense.weights}, prefill GEMMs with {dense.prefill_gemm} activations")
     write_report(args.out, report, table)
     return 0
 
