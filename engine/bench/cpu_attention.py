@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_table, positive_int, write_report
+from .report import best_alternating, markdown_table, positive_int, write_report
 
 SHAPES = [(128, 128), (512, 512), (2048, 2048), (2048, 4096), (2048, 7183), (2048, 16384)]
 
@@ -56,15 +55,7 @@ def _measure(n: int, length: int, args: argparse.Namespace, generator: Any) -> d
     def run_torch() -> None:
         theirs[:] = [bottom_right_causal_attention(qt, kt, vt)]
 
-    run_ours()  # warm-up (and the C library's build on first use)
-    run_torch()
-    best = {run_ours: float("inf"), run_torch: float("inf")}
-    for r in range(args.repeats):  # alternating, so drift hits both
-        for fn in (run_ours, run_torch) if r % 2 == 0 else (run_torch, run_ours):
-            t0 = time.perf_counter()
-            fn()
-            best[fn] = min(best[fn], time.perf_counter() - t0)
-    t_ours, t_torch = best[run_ours], best[run_torch]
+    t_ours, t_torch = best_alternating(run_ours, run_torch, args.repeats)  # warm-up builds the C library
     flops = 4 * args.heads * args.dim * n * (length - (n - 1) / 2)  # QK and PV over the causal pairs
     return {"n": n, "keys": length, "ours_ms": round(t_ours * 1e3, 3), "torch_ms": round(t_torch * 1e3, 3),
             "ours_gflops": round(flops / t_ours / 1e9, 1), "torch_gflops": round(flops / t_torch / 1e9, 1),

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_table, positive_int, write_report
+from .report import best_alternating, markdown_table, positive_int, write_report
 
 SHAPES = [(2048, 960, 576), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096)]
 
@@ -54,17 +53,9 @@ def _measure(m: int, n: int, k: int, repeats: int, generator: Any) -> dict[str, 
     def run_float() -> None:
         out["float"] = F.linear(x, layer.widened())
 
-    run_int8()
-    run_float()
-    best = {run_int8: float("inf"), run_float: float("inf")}
-    for r in range(repeats):  # alternating, so drift hits both
-        for fn in (run_int8, run_float) if r % 2 == 0 else (run_float, run_int8):
-            t0 = time.perf_counter()
-            fn()
-            best[fn] = min(best[fn], time.perf_counter() - t0)
+    t_int8, t_float = best_alternating(run_int8, run_float, repeats)
     exact = x.double() @ layer.widened().double().t()
     error = ((out["int8"].double() - exact).norm() / exact.norm()).item()
-    t_int8, t_float = best[run_int8], best[run_float]
     macs = m * n * k
     return {"m": m, "n": n, "k": k, "int8_ms": round(t_int8 * 1e3, 3), "float_ms": round(t_float * 1e3, 3),
             "int8_gmacs": round(macs / t_int8 / 1e9, 1), "float_gmacs": round(macs / t_float / 1e9, 1),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,17 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def best_alternating(first: Callable[[], None], second: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Best wall time of each of two runs over `repeats` rounds that alternate which goes first (so machine drift
+    hits both), after one warm-up call of each."""
+    first()
+    second()
+    best = {first: float("inf"), second: float("inf")}
+    for r in range(repeats):
+        for fn in (first, second) if r % 2 == 0 else (second, first):
+            t0 = time.perf_counter()
+            fn()
+            best[fn] = min(best[fn], time.perf_counter() - t0)
+    return best[first], best[second]
