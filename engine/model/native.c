@@ -1207,6 +1207,66 @@ int native_sparse_attention(const float *q, int64_t q_stride, const float *k, in
 #endif
 }
 
+/* The keys each tile of a sparse prefill chunk visits (attention/sparse/prefill.py: key_matrix, visited_pairs and
+   the key lists native_sparse_attention takes, in one pass). The chunk's rows sit at positions q_start .. q_start + n
+   - 1 of L keys; tile t has rows [a, b) = [q_start + t * tile, min(q_start + (t + 1) * tile, q_start + n)) and
+   visits key j < b when j is a kept column (columns[j]), lies on a kept diagonal's range for its rows (offsets[o]
+   for some o in [a - j, b - 1 - j], by prefix sums), is a query-aware choice of the tile (tiles[t * L + j]; NULL:
+   none) or lies in a key block kept for one of its query blocks (blocks[(r - q_start / bs) * kb + j / bs] for a
+   row r of the tile, kb key blocks of bs keys a row; NULL: none). Writes the kept keys tile by tile, ascending,
+   into keys (room for tiles * L), their count and first place per tile, and returns the (row, key) pairs with key
+   <= row the tiles visit; -1 for arguments it does not take. */
+int64_t native_tile_keys(const uint8_t *columns, const uint8_t *offsets, const uint8_t *tiles, const uint8_t *blocks,
+                         int64_t query_blocks, int64_t kb, int64_t bs, int64_t L, int64_t q_start, int64_t n,
+                         int64_t tile, int64_t *keys, int64_t *count, int64_t *first) {
+  if (n < 1 || q_start < 0 || q_start + n != L || tile < 1 || (blocks && (bs < 1 || kb * bs < L || query_blocks < 1)))
+    return -1;
+  /* runs of consecutive kept offsets [run_lo, run_hi]: for rows [a, b) each covers the keys [a - hi, b - 1 - lo] */
+  int64_t *run_lo = malloc(sizeof(int64_t) * (size_t)L), *run_hi = malloc(sizeof(int64_t) * (size_t)L), runs = 0;
+  uint8_t *mark = malloc((size_t)L);
+  if (!run_lo || !run_hi || !mark) {
+    free(run_lo), free(run_hi), free(mark);
+    return -1;
+  }
+  for (int64_t o = 0; o < L; o++)
+    if (offsets[o] && (o == 0 || !offsets[o - 1])) {
+      int64_t e = o;
+      while (e + 1 < L && offsets[e + 1]) e++;
+      run_lo[runs] = o, run_hi[runs++] = e;
+    }
+  const int64_t num_tiles = (n + tile - 1) / tile, qb0 = blocks ? q_start / bs : 0;
+  int64_t pairs = 0, out = 0;
+  for (int64_t t = 0; t < num_tiles; t++) {
+    const int64_t a = q_start + t * tile, b = a + tile < L ? a + tile : L;
+    memcpy(mark, columns, (size_t)b);
+    if (tiles)
+      for (int64_t j = 0; j < b; j++) mark[j] |= tiles[t * L + j];
+    for (int64_t r = 0; r < runs; r++) {
+      const int64_t lo = a - run_hi[r] > 0 ? a - run_hi[r] : 0, hi = b - 1 - run_lo[r];
+      if (hi >= lo) memset(mark + lo, 1, (size_t)(hi - lo + 1));
+    }
+    if (blocks) { /* the kept key blocks of the tile's query blocks (rows past the last one use the last) */
+      int64_t r1 = a / bs - qb0, r2 = (b - 1) / bs - qb0;
+      r1 = r1 < 0 ? 0 : r1 >= query_blocks ? query_blocks - 1 : r1;
+      r2 = r2 < 0 ? 0 : r2 >= query_blocks ? query_blocks - 1 : r2;
+      for (int64_t r = r1; r <= r2; r++)
+        for (int64_t c = 0; c * bs < b; c++)
+          if (blocks[r * kb + c]) memset(mark + c * bs, 1, (size_t)((c + 1) * bs < b ? bs : b - c * bs));
+    }
+    first[t] = out;
+    int64_t before = out; /* keys left of the tile: each seen by all b - a rows */
+    for (int64_t j = 0; j < a; j++) keys[out] = j, out += mark[j];
+    pairs += (out - before) * (b - a);
+    for (int64_t j = a; j < b; j++) { /* a key inside the tile is seen by the rows at or after it */
+      keys[out] = j, out += mark[j];
+      pairs += mark[j] * (b - j);
+    }
+    count[t] = out - first[t];
+  }
+  free(run_lo), free(run_hi), free(mark);
+  return pairs;
+}
+
 /* Pattern estimation's scores (attention/sparse/estimate.py: vertical_slash_scores): the causal softmax of H query
    heads' vectors at the last m of L positions over the L keys of their KV head, summed per key (vertical[h * L + j])
    and per diagonal offset o = position - key (slash[h * L + o]; slash NULL: not wanted). Query i of head h (at

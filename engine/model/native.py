@@ -154,6 +154,8 @@ def library() -> ctypes.CDLL:
     lib.native_estimate_scores.restype = ctypes.c_int
     lib.native_tile_scores.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, p, p, ctypes.c_float, p]
     lib.native_tile_scores.restype = ctypes.c_int
+    lib.native_tile_keys.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p]
+    lib.native_tile_keys.restype = i64
     return lib
 
 
@@ -371,6 +373,50 @@ def tile_scores(
         out.data_ptr(), scratch.data_ptr(), share or 0.0, None if thresholds is None else thresholds.data_ptr(),
     )  # fmt: skip
     return (out, thresholds) if rc == 0 else None
+
+
+def tile_keys(
+    columns: torch.Tensor,
+    offsets: torch.Tensor,
+    tiles: torch.Tensor | None,
+    blocks: torch.Tensor | None,
+    block: int,
+    q_start: int,
+    n: int,
+    tile: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """A sparse selection's key lists per tile of a prefill chunk (rows at positions q_start .. q_start + n - 1 of
+    L = q_start + n keys), in C: the kept keys of `prefill.key_matrix` tile by tile (columns and offsets bool [L];
+    query-aware tiles bool [tiles, L] or None; kept key blocks bool [query blocks, key blocks] of `block` keys, or
+    None), as (keys int64, counts int64 [tiles], first int64 [tiles], (row, key) pairs visited with key <= row):
+    what `sparse_attention` takes, without the [tiles, L] matrix. None, touching nothing, where the library is
+    missing or the arguments do not fit."""
+    length = q_start + n
+    num_tiles = -(-n // tile) if tile > 0 else 0
+    if (
+        q_start < 0 or n < 1 or tile < 1 or columns.shape != (length,) or offsets.shape != (length,)
+        or (tiles is not None and tiles.shape != (num_tiles, length))
+    ):  # fmt: skip
+        return None
+    try:
+        lib = library()
+    except NativeUnavailable:
+        return None
+
+    def u8(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device="cpu", dtype=torch.bool).contiguous().view(torch.uint8)
+
+    flags = [u8(columns), u8(offsets), None if tiles is None else u8(tiles), None if blocks is None else u8(blocks)]
+    rows, key_blocks = (0, 0) if blocks is None else blocks.shape
+    keys = torch.empty(num_tiles * length, dtype=torch.int64)
+    counts, first = torch.empty(num_tiles, dtype=torch.int64), torch.empty(num_tiles, dtype=torch.int64)
+    pairs = lib.native_tile_keys(
+        *(None if f is None else f.data_ptr() for f in flags), rows, key_blocks, block, length, q_start, n, tile,
+        keys.data_ptr(), counts.data_ptr(), first.data_ptr(),
+    )  # fmt: skip
+    if pairs < 0:
+        return None
+    return keys[: int(first[-1] + counts[-1])], counts, first, int(pairs)
 
 
 def unavailable_reason() -> str | None:

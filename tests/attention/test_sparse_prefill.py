@@ -15,6 +15,7 @@ from optimist.engine.attention.sparse.prefill import (
     NEEDLE_VERTICALS,
     SLASH_GROUP,
     GroupSelection,
+    group_keys,
     key_matrix,
     last_rows_scores,
     select_group,
@@ -115,23 +116,31 @@ def test_sparse_tiles_attend_exactly_to_their_selected_keys(n: int, q_start: int
 
 @pytest.mark.parametrize(
     ("length", "n", "tile", "with_blocks"),
-    [(300, 300, 64, False), (500, 137, 64, True), (257, 257, 96, True), (130, 5, 7, False), (64, 64, 64, True)],
-)
+    [(300, 300, 64, False), (500, 137, 64, True), (257, 257, 96, True), (130, 5, 7, False), (64, 64, 64, True),
+     (700, 640, 96, True), (1000, 437, 130, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("with_tiles", [False, True], ids=["", "query-aware"])
 def test_key_matrix_and_visited_pairs_follow_their_definitions(
-    length: int, n: int, tile: int, with_blocks: bool
+    length: int, n: int, tile: int, with_blocks: bool, with_tiles: bool
 ) -> None:
     """Against the definitions, key by key: tile t (rows [a, b) of a chunk at positions length - n ..) visits key j
     if j < b and j is a kept column, or some kept offset o puts it on row r's diagonal (j = r - o for a row r of
-    the tile), or its block is kept for one of the tile's query blocks; pairs count (row, key) with key <= row."""
+    the tile), or its block is kept for one of the tile's query blocks (tiles of 96 and 130 rows starting inside a
+    block span three), or the tile chose it (query-aware); pairs count (row, key) with key <= row. The C key lists
+    (`group_keys`, native) are the same keys, counts and pairs."""
     g = torch.Generator().manual_seed(length + n + tile)
     q_start = length - n
-    columns, offsets = torch.rand(length, generator=g) < 0.05, torch.rand(length, generator=g) < 0.05
+    # sparse enough that a tile's diagonals leave most keys out, so that blocks and choices show
+    columns, offsets = torch.rand(length, generator=g) < 0.05, torch.rand(length, generator=g) < 0.005
+    offsets[10:20] = True  # a run of diagonals
     blocks = None
     if with_blocks:
         key_blocks = -(-length // BLOCK)
         blocks = torch.rand(key_blocks - q_start // BLOCK, key_blocks, generator=g) < 0.2
-    keep = key_matrix(GroupSelection(columns, offsets, blocks), q_start, n, tile)
     tiles = -(-n // tile)
+    chosen = torch.rand(tiles, length, generator=g) < 0.03 if with_tiles else None
+    sel = GroupSelection(columns, offsets, blocks, chosen)
+    keep = key_matrix(sel, q_start, n, tile)
     assert keep.shape == (tiles, length)
     pairs = 0
     for t in range(tiles):
@@ -142,10 +151,14 @@ def test_key_matrix_and_visited_pairs_follow_their_definitions(
             in_block = blocks is not None and any(
                 bool(blocks[r // BLOCK - q_start // BLOCK, j // BLOCK]) for r in range(a, b)
             )
-            expected[j] = bool(columns[j]) or on_diagonal or in_block
+            expected[j] = bool(columns[j]) or on_diagonal or in_block or (chosen is not None and bool(chosen[t, j]))
         assert torch.equal(keep[t], expected), t
         pairs += sum(int(expected[: r + 1].sum()) for r in range(a, b))
     assert visited_pairs(keep, q_start, n, tile) == pairs
+    for use_native in [False] + ([True] if native.unavailable_reason() is None else []):
+        keys, counts, visited = group_keys(sel, q_start, n, tile, use_native)
+        assert torch.equal(counts, keep.sum(dim=1)) and visited == pairs, use_native
+        assert torch.equal(keys, keep.nonzero()[:, 1]), use_native
 
 
 def test_selection_from_precomputed_scores_is_the_same() -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ...model.native import estimate_scores, prefill_attention, prefill_keys, sparse_attention, tile_scores
+from ...model.native import tile_keys as native_tile_keys
 from ..cpu import bottom_right_causal_attention
 from .config import PER_MILLE, HeadPattern
 from .estimate import (
@@ -198,7 +199,10 @@ def key_matrix(sel: GroupSelection, q_start: int, n: int, tile: int = TILE) -> t
         last_row = sel.blocks.shape[0] - 1
         r1 = (starts // BLOCK - first).clamp(0, last_row)
         r2 = ((ends - 1) // BLOCK - first).clamp(0, last_row)
-        keep |= (sel.blocks[r1] | sel.blocks[r2]).repeat_interleave(BLOCK, dim=1)[:, :length]
+        kept = sel.blocks[r1]
+        for step in range(1, (tile - 2) // BLOCK + 2):  # a tile's rows span up to this many more query blocks
+            kept = kept | sel.blocks[torch.minimum(r1 + step, r2)]
+        keep |= kept.repeat_interleave(BLOCK, dim=1)[:, :length]
     keep &= torch.arange(length, device=device)[None, :] < ends[:, None]
     return keep
 
@@ -221,6 +225,20 @@ def visited_pairs(keep: torch.Tensor, q_start: int, n: int, tile: int) -> int:
     inner = starts[:, None] + step[None, :]  # [T, tile]: each tile's own rows' keys
     inside = keep.gather(1, inner.clamp(max=keep.shape[1] - 1)) & (inner < ends[:, None])
     return int(((ends - starts) * keep.sum(dim=1)).sum()) - int((inside * step[None, :]).sum())
+
+
+def group_keys(
+    sel: GroupSelection, q_start: int, n: int, tile: int = TILE, native: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(keys, counts, pairs): the keys each tile of `tile` rows visits (`key_matrix`'s, tile by tile, ascending),
+    their count per tile, and the (row, key) pairs visited (`visited_pairs`). native: in C
+    (`native.tile_keys`: one pass, no [tiles, L] matrix) where it takes them."""
+    if native:
+        got = native_tile_keys(sel.columns, sel.offsets, sel.tiles, sel.blocks, BLOCK, q_start, n, tile)
+        if got is not None:
+            return got[0], got[1], got[3]
+    keep = key_matrix(sel, q_start, n, tile)
+    return keep.nonzero()[:, 1], keep.sum(dim=1), visited_pairs(keep, q_start, n, tile)
 
 
 def _fused_cpu(device: torch.device) -> bool:
@@ -291,20 +309,18 @@ def sparse_prefill_attention(
     work = 0
     for g in range(hkv):
         heads = slice(g * group, (g + 1) * group)
-        if length <= dense_up_to or any(_is_dense(p, length) for p in patterns[heads]):
-            keep = None
-        else:
+        lists = None
+        if length > dense_up_to and not any(_is_dense(p, length) for p in patterns[heads]):
             sel = select_group(patterns[heads], q[:, heads], k[:, g], q_start, native, tile=tile)
-            keep = key_matrix(sel, q_start, n, tile)  # [T, L]
-            pairs = visited_pairs(keep, q_start, n, tile)
-        if keep is None or pairs > dense_above * causal_pairs:
+            lists = group_keys(sel, q_start, n, tile, native)
+        if lists is None or lists[2] > dense_above * causal_pairs:
             _dense_group(q[:, heads], k[:, g], v[:, g], out[:, heads], native)
             work += causal_pairs * group
             continue
-        counts = keep.sum(dim=1)
+        cols, counts, pairs = lists  # kept key indices, tile by tile, ascending within each; their count per tile
         work += pairs * group
         if native and sparse_attention(
-            q[:, heads], k[:, g : g + 1], v[:, g : g + 1], out[:, heads], 0, tile, keep.nonzero()[:, 1], counts
+            q[:, heads], k[:, g : g + 1], v[:, g : g + 1], out[:, heads], 0, tile, cols, counts
         ):
             continue
         if not padded:
@@ -314,7 +330,6 @@ def sparse_prefill_attention(
         qt = F.pad(q[:, heads], (0, 0, 0, 0, 0, tiles * tile - n)).view(tiles, tile, group, d).transpose(1, 2)
         ot = torch.empty((tiles, group, tile, d), dtype=dt, device=dev)
         total = counts + tail
-        cols = keep.nonzero()[:, 1]  # kept key indices, tile by tile, ascending within each
         first = torch.cumsum(counts, 0) - counts  # where each tile's keys start in `cols`
         order = torch.argsort(total)  # batch tiles of similar width: little front padding
         widths = total[order].tolist()
