@@ -201,6 +201,11 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench: unknown pattern {unknown[0]!r} (choose from {', '.join(patterns)})", file=sys.stderr)
         return 2
+    args.loops = args.loops or (["nested", "flat", "auto"] if cuda else ["nested", "flat"])
+    unknown = [name for name in args.loops if name not in ("nested", "flat", "auto")]
+    if unknown:
+        print(f"bench: unknown loop {unknown[0]!r} (choose from nested, flat, auto)", file=sys.stderr)
+        return 2
     chosen = {name: patterns[name] for name in args.patterns}
     timer = _timer(device)
     results: list[dict[str, Any]] = []
@@ -263,8 +268,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--loops",
         type=lambda s: s.split(","),
-        default=["nested", "flat"],
-        help="the vertical-slash kernel's range loops to time (nested: one loop per segment; flat: one tile list)",
+        default=None,
+        help="the vertical-slash kernel's range loops to time (nested: one loop per segment; flat: one tile list; "
+        "auto: autotuning picks either, the engine's default; default: all three on a GPU, nested,flat without, "
+        "where auto runs nested)",
     )
     p.add_argument("--recall-rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

@@ -108,8 +108,9 @@ def test_full_budgets_reproduce_dense_attention(loop: str) -> None:
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("loop", ["nested", "flat"])
+@pytest.mark.parametrize("loop", ["nested", "flat", "auto"])
 def test_a_shape_runs_on_the_vertical_slash_kernel(loop: str) -> None:
+    """(auto: on a GPU autotuning picks the loop among its configurations; in the interpreter it runs nested)"""
     n, d = 320, 16
     q, k, v = qkv(n, 0, 2, 2, d, seed=7)
     index = build_a_shape_index(2, 0, n, n_init=16, n_local=100)
@@ -120,6 +121,47 @@ def test_a_shape_runs_on_the_vertical_slash_kernel(loop: str) -> None:
     assert int(mask.sum(dim=1).max()) <= 16 + 100 + 63, "and no row sees more than sinks, window and a block"
     got = vertical_slash_attention(*on_device(q, k, v), _to(index), loop=loop).cpu()
     torch.testing.assert_close(got, reference(q, k, v, torch.stack([mask, mask])), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU runs the real autotuner (the a-shape test's auto case)")
+def test_auto_loop_candidates_each_compute_the_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loop="auto" gives the autotuner both loops' configurations (FLAT and BLOCK_N among their parameters) and
+    both loops' inputs. With an autotuner that times on the CPU clock, the launcher's auto path runs in the
+    interpreter: every candidate, nested (64- and 128-key tiles) and flat, writes the reference output, and the
+    output after the pick is it too."""
+    import triton
+
+    from optimist.engine.attention.sparse import triton_kernels
+
+    n, d, q_start = 150, 16, 90
+    q, k, v = qkv(n, q_start, 4, 2, d, seed=11)
+    columns = torch.tensor([[3, 40, 77], [5, 60, 100]])
+    offsets = torch.cat([torch.arange(64), torch.tensor([70, 71, 72, 130])])[None].expand(2, -1)
+    index = build_vertical_slash_index(columns, offsets, q_start, n)
+    heads = torch.tensor([1, 2])  # two of the four query heads, over both KV heads
+    masks = torch.stack([index.mask(h) for h in range(2)])
+    expected = reference(q[:, heads], k[:, heads // 2], v[:, heads // 2], masks)
+    out = torch.zeros_like(q)
+    ran = []
+
+    def cpu_bench(kernel_call, quantiles):  # type: ignore[no-untyped-def]  # Triton's do_bench signature
+        out.fill_(float("nan"))
+        kernel_call()
+        torch.testing.assert_close(out[:, heads], expected, atol=1e-5, rtol=1e-5)
+        ran.append(len(ran))
+        return [1.0 + len(ran)] * len(quantiles)  # the first candidate is the fastest
+
+    auto = triton.autotune(triton_kernels._TUNE_AUTO, key=["HEAD_DIM", "BLOCK_M", "IEEE"], do_bench=cpu_bench)(
+        triton_kernels._vertical_slash_kernel
+    )
+    monkeypatch.setattr(triton_kernels, "_autotuned", lambda _q: True)
+    monkeypatch.setattr(triton_kernels, "_vertical_slash_auto", auto)
+    vertical_slash_attention(q, k, v, index, heads=heads.to(torch.int32), out=out, loop="auto")
+    assert len(ran) == len(triton_kernels._TUNE_AUTO) == 14
+    assert {c.kwargs["FLAT"] for c in triton_kernels._TUNE_AUTO} == {True, False}
+    assert auto.best_config.kwargs == triton_kernels._TUNE_AUTO[0].kwargs
+    torch.testing.assert_close(out[:, heads], expected, atol=1e-5, rtol=1e-5)
+    assert bool(out[:, [0, 3]].isnan().all()), "the other query heads are left as they were (NaN from the last fill)"
 
 
 @pytest.mark.parametrize("q_start", [0, 100])
@@ -285,10 +327,11 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     )  # fmt: skip
     assert args.func(args) == 0
     report = json.loads(out.read_text())
-    # the vertical-slash kernel's two range loops for the patterns it runs; block-sparse has its own kernel
+    # the vertical-slash kernel's range loops (and on a GPU the autotuned choice between them) for the patterns it
+    # runs; block-sparse has its own kernel
     rows = {(r["pattern"], r["loop"]): r for r in report["results"]}
-    assert set(rows) == {("vertical_slash", "nested"), ("vertical_slash", "flat"), ("a_shape", "nested"),
-                         ("a_shape", "flat"), ("block_sparse", "-")}  # fmt: skip
+    loops = ["nested", "flat"] + (["auto"] if DEVICE.type == "cuda" else [])
+    assert set(rows) == {(p, loop) for p in ("vertical_slash", "a_shape") for loop in loops} | {("block_sparse", "-")}
     for r in rows.values():
         assert 0.3 < r["recall"] <= 1.0 + 1e-6
         assert r["sparse_ms"] == pytest.approx(r["estimate_index_ms"] + r["kernel_ms"], abs=0.02)
@@ -320,6 +363,9 @@ def test_kernel_benchmark_runs_the_adaptive_patterns_too(tmp_path, capsys) -> No
     args = parser.parse_args([*common, "--patterns", "vertical_slash,xattention"])
     assert args.func(args) == 2
     assert "unknown pattern 'xattention'" in capsys.readouterr().err
+    args = parser.parse_args([*common, "--patterns", "vertical_slash", "--loops", "nested,spiral"])
+    assert args.func(args) == 2
+    assert "unknown loop 'spiral'" in capsys.readouterr().err
 
 
 def test_gpu_path_takes_the_engines_strided_query_view() -> None:

@@ -236,9 +236,10 @@ def plan(
     return SparsePlan(ids(vs_heads), vs, ids(bs_heads), bs)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparsePlan, loop: str = "nested") -> torch.Tensor:
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparsePlan, loop: str = "auto") -> torch.Tensor:
     """Attention of the chunk over the plan's indices: [n, Hq, D]. loop: the vertical-slash kernel's range loop
-    (see `vertical_slash_attention`)."""
+    (see `vertical_slash_attention`; auto: the faster of the two as autotuning measures them on the GPU, nested
+    where nothing is timed)."""
     from .triton_kernels import block_sparse_attention, vertical_slash_attention
 
     out = torch.empty_like(q)

@@ -17,9 +17,9 @@ other patterns run in another launch), and the index's head h describes query he
 
 Launch configurations: fixed under the interpreter (TRITON_INTERPRET=1 on CPU tensors, where autotuning cannot
 run), autotuned over BLOCK_N, warps and stages on a GPU (key: head size, query block, precision; the flat loop
-over warps and stages, its tile width being the table's);
-`tuned_configs()` reports the choices. float32 inputs multiply in full float32 (not Triton's default TF32), so a
-float32 engine on a GPU keeps float32 attention.
+over warps and stages, its tile width being the table's; `loop="auto"` over both loops' configurations at once, so
+that the GPU it runs on picks the loop too: the engine's default); `tuned_configs()` reports the choices. float32
+inputs multiply in full float32 (not Triton's default TF32), so a float32 engine on a GPU keeps float32 attention.
 Set TRITON_INTERPRET before this module is imported to run on CPU tensors.
 """
 
@@ -97,15 +97,15 @@ def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):
 @triton.jit
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
-    range_lo, range_hi, range_count, range_first, columns, col_count, col_first, covered,
+    seg_lo, seg_hi, seg_count, tile_start, tile_end, tile_count, tile_first, columns, col_count, col_first, covered,
     n, q_start, group, scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    max_range, max_col, num_blocks, cov_len,
+    max_seg, max_tile, max_col, num_blocks, cov_len,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr,
 ):  # fmt: skip
-    """Ranges: without FLAT, range_lo/hi/count are the index's segments (seg_lo, seg_hi, seg_count; range_first
-    unused) and each segment's key range is its own loop; with FLAT they are a TileTable's start, end, count and
-    first, and every range's tiles run in one loop (loads run ahead across ranges: most are one or two tiles)."""
+    """Ranges: without FLAT, each of the index's segments (seg_lo, seg_hi, seg_count) is its own loop over its key
+    range; with FLAT, a TileTable's tiles (tile_start/end/count/first, built for BLOCK_N keys a tile) run in one
+    loop (loads run ahead across ranges: most are one or two tiles). The other set is not read."""
     block = tl.program_id(0)
     h = tl.program_id(1)
     head = tl.load(heads + h).to(tl.int64)  # 64-bit offsets: at 1M tokens x 32 heads x 128 they pass 2^31
@@ -124,10 +124,10 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     v_base = V + kv_head * stride_vh
 
     if FLAT:
-        first = tl.load(range_first + h * num_blocks + block)
-        for i in range(first, tl.load(range_count + h)):
-            start = s0 + tl.load(range_lo + h * max_range + i)
-            end = tl.minimum(s0 + tl.load(range_hi + h * max_range + i), length)
+        first = tl.load(tile_first + h * num_blocks + block)
+        for i in range(first, tl.load(tile_count + h)):
+            start = s0 + tl.load(tile_start + h * max_tile + i)
+            end = tl.minimum(s0 + tl.load(tile_end + h * max_tile + i), length)
             keys = start + tl.arange(0, BLOCK_N)
             key_ok = (keys >= 0) & (keys < end)
             visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
@@ -135,10 +135,10 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
                 q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
             )
     else:
-        n_seg = tl.load(range_count + h)
+        n_seg = tl.load(seg_count + h)
         for r in range(0, n_seg):
-            lo = tl.load(range_lo + h * max_range + r)
-            hi = tl.load(range_hi + h * max_range + r)
+            lo = tl.load(seg_lo + h * max_seg + r)
+            hi = tl.load(seg_hi + h * max_seg + r)
             start = tl.maximum(s0 - hi, 0)
             end = tl.minimum(s0 + BLOCK_M - lo, length)
             for tile in range(start, end, BLOCK_N):
@@ -218,11 +218,19 @@ _TUNE_VS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn in (64, 128) for w in (4, 8) for st in (2, 3)
 ]
 _TUNE_BS = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3, 4)]
+AUTO_TILE_N = 64  # the tile table's width for loop="auto" (its flat configurations run tiles of this many keys)
+# loop="auto": both loops among the candidates, so the first launch on a GPU times them and keeps the faster
+_TUNE_AUTO = [triton.Config({**c.kwargs, "FLAT": False}, num_warps=c.num_warps, num_stages=c.num_stages)
+              for c in _TUNE_VS] + [
+    triton.Config({"BLOCK_N": AUTO_TILE_N, "FLAT": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in _TUNE_BS
+]  # fmt: skip
 _vertical_slash_tuned = triton.autotune(_TUNE_VS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_vertical_slash_kernel)
 # the flat loop's tile width is the tile table's (built for one width): warps and stages only
 _vertical_slash_flat_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "IEEE"])(
     _vertical_slash_kernel
 )
+_vertical_slash_auto = triton.autotune(_TUNE_AUTO, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_vertical_slash_kernel)
 _block_sparse_tuned = triton.autotune(_TUNE_BS, key=["HEAD_DIM", "BLOCK_M", "IEEE"])(_block_sparse_kernel)
 
 
@@ -232,11 +240,17 @@ def tuned_configs() -> dict[str, str]:
     for name, kernel in (
         ("vertical_slash", _vertical_slash_tuned),
         ("vertical_slash_flat", _vertical_slash_flat_tuned),
+        ("vertical_slash_auto", _vertical_slash_auto),
         ("block_sparse", _block_sparse_tuned),
     ):
         for key, config in getattr(kernel, "cache", {}).items():
             out[f"{name}{key}"] = str(config)
     return out
+
+
+def _autotuned(q: torch.Tensor) -> bool:
+    """Whether launches over q autotune (a GPU, not the interpreter)."""
+    return not INTERPRET and q.is_cuda
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor | None) -> tuple[Any, ...]:
@@ -269,33 +283,42 @@ def vertical_slash_attention(
     all; index head h is query head heads[h]) into `out` ([n, Hq, D], new if None) and returns it.
 
     loop: "nested" walks each segment's key range in its own loop; "flat" runs every block's ranges as one loop
-    over the head's tile list (`index.tile_table(tile_n)`, tile_n keys a tile). Same keys, same result."""
+    over the head's tile list (`index.tile_table(tile_n)`, tile_n keys a tile); "auto" lets autotuning on a GPU
+    time both (the flat one over tiles of AUTO_TILE_N keys) among the other launch parameters and keep the faster
+    per head size, query block and precision (without a GPU, where nothing is timed, it runs the nested loop).
+    Same keys, same result."""
     heads, group, scale, strides = _common(q, k, v, heads)
     ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
     grid = (index.num_blocks, len(heads))
-    if loop not in ("nested", "flat"):
-        raise ValueError(f"unknown loop {loop!r} (nested or flat)")
+    if loop not in ("nested", "flat", "auto"):
+        raise ValueError(f"unknown loop {loop!r} (nested, flat or auto)")
     if tile_n < 16 or tile_n & (tile_n - 1):
         raise ValueError(f"tile width {tile_n} must be a power of two of at least 16")
-    if loop == "flat":
-        table = index.tile_table(tile_n)
-        ranges = (table.start, table.end, table.count, table.first)
+    tuned = _autotuned(q)
+    if loop == "auto" and not tuned:
+        loop = "nested"
+    segments = (index.seg_lo, index.seg_hi, index.seg_count)
+    if loop == "nested":
+        table: tuple[torch.Tensor, ...] = (*segments, index.seg_count)  # not read by the nested loop
     else:
-        ranges = (index.seg_lo, index.seg_hi, index.seg_count, index.seg_count)  # the last one unused
+        tiles = index.tile_table(AUTO_TILE_N if loop == "auto" else tile_n)
+        table = (tiles.start, tiles.end, tiles.count, tiles.first)
     args = (
-        q, k, v, out, heads, *ranges, index.columns, index.col_count, index.col_first, index.covered,
+        q, k, v, out, heads, *segments, *table, index.columns, index.col_count, index.col_first, index.covered,
         index.n, index.q_start, group, scale,
         *strides, out.stride(0), out.stride(1),
-        ranges[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
+        index.seg_lo.shape[1], table[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
     )  # fmt: skip
-    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "IEEE": ieee, "FLAT": loop == "flat"}
-    if INTERPRET or not q.is_cuda:
-        _vertical_slash_kernel[grid](*args, BLOCK_N=tile_n, **consts)
+    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "IEEE": ieee}
+    if not tuned:
+        _vertical_slash_kernel[grid](*args, BLOCK_N=tile_n, FLAT=loop == "flat", **consts)
+    elif loop == "auto":
+        _vertical_slash_auto[grid](*args, **consts)
     elif loop == "flat":
-        _vertical_slash_flat_tuned[grid](*args, BLOCK_N=tile_n, **consts)
+        _vertical_slash_flat_tuned[grid](*args, BLOCK_N=tile_n, FLAT=True, **consts)
     else:
-        _vertical_slash_tuned[grid](*args, **consts)
+        _vertical_slash_tuned[grid](*args, FLAT=False, **consts)
     return out
 
 
@@ -320,7 +343,7 @@ def block_sparse_attention(
         index.blocks.shape[2], num_blocks, index.columns.shape[1],
     )  # fmt: skip
     consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block, "IEEE": ieee}
-    if INTERPRET or not q.is_cuda:
+    if not _autotuned(q):
         _block_sparse_kernel[grid](*args, **consts)
     else:
         _block_sparse_tuned[grid](*args, **consts)
