@@ -642,6 +642,9 @@ void native_silu_mul_rows(float *g, const float *u, int64_t count) {
 #if NATIVE_SIMD
 #define GH 3 /* query heads of one KV group computed together: each key and value row is read once for them */
 #define GK 4 /* keys scored together: GH * GK independent sums hide the multiply-add latency */
+#ifndef DECODE_AHEAD
+#define DECODE_AHEAD 16 /* keys ahead whose rows the decode kernels prefetch (8: ~6% slower at 7K keys, 32: same) */
+#endif
 
 /* s[h * stride + j] = scale * q_h . key(j) for the R <= GH query heads at q (D floats apart) and keys j < len */
 static inline __attribute__((always_inline)) void group_scores(const float *q, const float *k_cache, const int64_t *sl,
@@ -651,6 +654,10 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
   for (; j + GK <= len; j += GK) {
     const float *k[GK];
     for (int t = 0; t < GK; t++) k[t] = k_cache + sl[j + t] * kstride;
+    if (j + DECODE_AHEAD + GK <= len) /* slots are scattered over the cache: fetch the rows ahead by hand */
+      for (int t = 0; t < GK; t++)
+        for (int64_t e = 0; e < D; e += 16)
+          _mm_prefetch((const char *)(k_cache + sl[j + DECODE_AHEAD + t] * kstride + e), _MM_HINT_T0);
     __m256 acc[GH][GK];
     for (int h = 0; h < R; h++)
       for (int t = 0; t < GK; t++) acc[h][t] = _mm256_setzero_ps();
@@ -682,12 +689,40 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
 static inline __attribute__((always_inline)) void group_values(const float *p, int64_t stride, const float *v_cache,
                                                                  const int64_t *sl, int64_t kstride, int64_t D,
                                                                  int64_t len, float *o, int R) {
+#if WIDE
+  if (D % 64 == 0) { /* 64 dimensions at a time in 16-wide registers: GH * 4 sums, one pass per 64 */
+    for (int64_t e = 0; e < D; e += 64) {
+      __m512 acc[GH][4];
+      for (int h = 0; h < R; h++)
+        for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < len; j++) {
+        const float *v = v_cache + sl[j] * kstride + e;
+        if (j + DECODE_AHEAD < len)
+          for (int c = 0; c < 4; c++)
+            _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e + 16 * c), _MM_HINT_T0);
+        __m512 vv[4];
+        for (int c = 0; c < 4; c++) vv[c] = _mm512_loadu_ps(v + 16 * c);
+        for (int h = 0; h < R; h++) {
+          const __m512 ph = _mm512_set1_ps(p[h * stride + j]);
+          for (int c = 0; c < 4; c++) acc[h][c] = _mm512_fmadd_ps(ph, vv[c], acc[h][c]);
+        }
+      }
+      for (int h = 0; h < R; h++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + h * D + e + 16 * c, acc[h][c]);
+    }
+    return;
+  }
+#endif
   for (int64_t e = 0; e < D; e += 32) {
     __m256 acc[GH][4];
     for (int h = 0; h < R; h++)
       for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
       const float *v = v_cache + sl[j] * kstride + e;
+      if (j + DECODE_AHEAD < len) {
+        _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e), _MM_HINT_T0);
+        _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e + 16), _MM_HINT_T0);
+      }
       __m256 vv[4];
       for (int c = 0; c < 4; c++) vv[c] = _mm256_loadu_ps(v + 8 * c);
       for (int h = 0; h < R; h++) {
@@ -700,10 +735,13 @@ static inline __attribute__((always_inline)) void group_values(const float *p, i
   }
 }
 
-/* One (row, KV group) of decode_attention for D a multiple of 32: the group's query heads in runs of up to GH */
+/* Keys 0 .. len of one (row, KV group) of decode_attention for D a multiple of 32, the group's query heads in runs
+   of up to GH. part NULL: each head's softmax-weighted values into o. Otherwise (one chunk of a longer context)
+   the weights are left unnormalized, o gets their weighted values, and part[h * 2] / part[h * 2 + 1] the chunk's
+   largest score and its sum of exp(score - largest) for head h, for decode_attention to combine the chunks. */
 static void group_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *sl,
                             int64_t len, int64_t kstride, int64_t D, int64_t rep, float scale, float *s,
-                            int64_t stride, float *o) {
+                            int64_t stride, float *o, float *part) {
   for (int64_t h0 = 0; h0 < rep; h0 += GH) {
     const int R = rep - h0 < GH ? (int)(rep - h0) : GH;
     const float *qh = q + h0 * D;
@@ -717,7 +755,12 @@ static void group_attention(const float *q, const float *k_cache, const float *v
     for (int h = 0; h < R; h++) {
       float *row = sh + h * stride, mx = -INFINITY;
       for (int64_t j = 0; j < len; j++) mx = row[j] > mx ? row[j] : mx;
-      const float inv = 1.f / exp_shifted(row, len, mx);
+      const float sum = exp_shifted(row, len, mx);
+      if (part) {
+        part[(h0 + h) * 2] = mx, part[(h0 + h) * 2 + 1] = sum;
+        continue;
+      }
+      const float inv = 1.f / sum;
       for (int64_t j = 0; j < len; j++) row[j] *= inv;
     }
     switch (R) {
@@ -729,26 +772,85 @@ static void group_attention(const float *q, const float *k_cache, const float *v
 }
 #endif
 
+/* Keys per task in decode attention: a longer context's (row, KV group) runs as chunks of this many keys, in
+   parallel, their softmax pieces combined after (flash-decoding). It depends on the context alone, so a row's
+   result does not depend on the batch beside it or the thread count. */
+#ifndef DECODE_CHUNK
+#define DECODE_CHUNK 1024
+#endif
+
 /* Attention of m single-token queries over the paged cache: row r's query heads at q + r * q_stride (nh heads of
    D floats), its keys and values at slots[r, :lens[r]] of k_cache / v_cache ([slots, nkv, D]); query head h reads
    KV head h / (nh / nkv). Out: row r's heads at out + r * o_stride. scores: m * nh * max_len floats.
-   With AVX2 and D a multiple of 32, one task is a row's KV group: its query heads read each key and value once,
-   several keys at a time (~5x the per-head loop below at SmolLM2's shapes); tasks are handed out dynamically,
-   since one long context would otherwise hold up the thread that drew it. */
-static void decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
-                             int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens,
-                             int64_t max_len, float *out, int64_t o_stride, float *scores) {
+   With AVX2 and D a multiple of 32, one task is a row's KV group over up to DECODE_CHUNK keys: its query heads read
+   each key and value once, several keys at a time (~5x the per-head loop below at SmolLM2's shapes); tasks are
+   handed out dynamically, since one long context would otherwise hold up the thread that drew it, and a long
+   context is several tasks (one sequence at 7K keys had 3 tasks, one per KV group, for 2 threads: 10 GB/s of the
+   machine's 29). Returns 0, or -1 where scratch memory is lacking. */
+static int decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
+                            int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens,
+                            int64_t max_len, float *out, int64_t o_stride, float *scores) {
   const int64_t rep = nh / nkv;
   const float scale = 1.f / sqrtf((float)D);
 #if NATIVE_SIMD
   if (D % 32 == 0) {
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t rg = 0; rg < m * nkv; rg++) {
-      const int64_t r = rg / nkv, kv = rg % nkv, hd = kv * rep;
-      group_attention(q + r * q_stride + hd * D, k_cache + kv * D, v_cache + kv * D, slots + r * max_len, lens[r],
-                      nkv * D, D, rep, scale, scores + (r * nh + hd) * max_len, max_len, out + r * o_stride + hd * D);
+    int64_t tasks = 0, parts = 0; /* parts: chunks of rows that have more than one */
+    for (int64_t r = 0; r < m; r++) {
+      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      tasks += nkv * chunks, parts += chunks > 1 ? nkv * chunks : 0;
     }
-    return;
+    int64_t *task_row = malloc(sizeof(int64_t) * (size_t)tasks), *row_part = malloc(sizeof(int64_t) * (size_t)m);
+    /* per chunk task of a split row: its heads' unnormalized outputs [rep][D], then (largest, sum) per head */
+    float *part = parts ? malloc(sizeof(float) * (size_t)(parts * rep * (D + 2))) : NULL;
+    if (!task_row || !row_part || (parts && !part)) {
+      free(task_row), free(row_part), free(part);
+      return -1;
+    }
+    for (int64_t r = 0, t = 0, pt = 0; r < m; r++) {
+      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      row_part[r] = chunks > 1 ? pt : -1;
+      pt += chunks > 1 ? nkv * chunks : 0;
+      for (int64_t i = 0; i < nkv * chunks; i++) task_row[t++] = r;
+    }
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; t++) {
+      const int64_t r = task_row[t], chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      int64_t first = t; /* the row's first task: tasks of a row are consecutive, KV group major */
+      while (first > 0 && task_row[first - 1] == r) first--;
+      const int64_t i = t - first, kv = i / chunks, c = i % chunks, hd = kv * rep, j0 = c * DECODE_CHUNK;
+      const int64_t len = lens[r] - j0 < DECODE_CHUNK ? lens[r] - j0 : DECODE_CHUNK;
+      float *row_scores = scores + (r * nh + hd) * max_len + j0;
+      if (chunks == 1) {
+        group_attention(q + r * q_stride + hd * D, k_cache + kv * D, v_cache + kv * D, slots + r * max_len, len,
+                        nkv * D, D, rep, scale, row_scores, max_len, out + r * o_stride + hd * D, NULL);
+        continue;
+      }
+      float *pc = part + (row_part[r] + i) * rep * (D + 2);
+      group_attention(q + r * q_stride + hd * D, k_cache + kv * D, v_cache + kv * D, slots + r * max_len + j0, len,
+                      nkv * D, D, rep, scale, row_scores, max_len, pc, pc + rep * D);
+    }
+    /* the split rows: per head, out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, chunks in order */
+#pragma omp parallel for schedule(static)
+    for (int64_t rh = 0; rh < m * nh; rh++) {
+      const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, h = hd % rep;
+      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      if (chunks == 1) continue;
+      const float *p0 = part + (row_part[r] + kv * chunks) * rep * (D + 2);
+      const int64_t step = rep * (D + 2);
+      float top = -INFINITY, total = 0.f;
+      for (int64_t c = 0; c < chunks; c++) top = fmaxf(top, p0[c * step + rep * D + h * 2]);
+      float *o = out + r * o_stride + hd * D;
+      memset(o, 0, sizeof(float) * (size_t)D);
+      for (int64_t c = 0; c < chunks; c++) {
+        const float *pc = p0 + c * step, w = expf(pc[rep * D + h * 2] - top);
+        total += w * pc[rep * D + h * 2 + 1];
+        axpy(o, w, pc + h * D, D);
+      }
+      const float inv = 1.f / total;
+      for (int64_t e = 0; e < D; e++) o[e] *= inv;
+    }
+    free(task_row), free(row_part), free(part);
+    return 0;
   }
 #endif
 #pragma omp parallel for schedule(static)
@@ -766,17 +868,20 @@ static void decode_attention(const float *q, int64_t q_stride, const float *k_ca
     memset(o, 0, (size_t)D * sizeof(float));
     for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, v_cache + (sl[j] * nkv + kv) * D, D);
   }
+  return 0;
 }
 
-/* decode_attention for the torch layers' decode rows (llama.py); returns -1 for shapes it does not take */
+/* decode_attention for the torch layers' decode rows (llama.py); returns -1 for shapes it does not take, -2 where
+   memory for its scratch ran out */
 int native_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
                      int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens, int64_t max_len,
                      float *out, int64_t o_stride, float *scores) {
   if (nkv <= 0 || nh % nkv) return -1;
   for (int64_t r = 0; r < m; r++)
     if (lens[r] < 1 || lens[r] > max_len) return -1;
-  decode_attention(q, q_stride, k_cache, v_cache, m, nh, nkv, D, slots, lens, max_len, out, o_stride, scores);
-  return 0;
+  return decode_attention(q, q_stride, k_cache, v_cache, m, nh, nkv, D, slots, lens, max_len, out, o_stride, scores)
+             ? -2
+             : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -1439,7 +1544,9 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
       memcpy(ly->k_cache + slot_mapping[r] * nkv * D, row + nh * D, (size_t)(nkv * D) * sizeof(float));
       memcpy(ly->v_cache + slot_mapping[r] * nkv * D, row + (nh + nkv) * D, (size_t)(nkv * D) * sizeof(float));
     }
-    decode_attention(qkv, qkv_n, ly->k_cache, ly->v_cache, m, nh, nkv, D, slots, lens, max_len, att, nh * D, scores);
+    if (decode_attention(qkv, qkv_n, ly->k_cache, ly->v_cache, m, nh, nkv, D, slots, lens, max_len, att, nh * D,
+                         scores))
+      return -2;
     if (linear(&ly->wo, att, h, m, sums)) return -2;
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
     rms_norm(x, ly->ffn_norm, h, m, H, md->eps);

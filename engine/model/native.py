@@ -235,6 +235,8 @@ def decode_attention(
         out.stride(0),
         scores.data_ptr(),
     )
+    if rc == -2:
+        raise MemoryError("decode_attention: no memory for its scratch")
     if rc != 0:
         raise ValueError("decode_attention: heads not a multiple of KV heads, or a length outside 1..slots")
 
@@ -799,7 +801,7 @@ class NativeDecoder:
             work.data_ptr(),
         )
         if rc == -2:
-            raise MemoryError("native_decode: no memory for its weight panels")
+            raise MemoryError("native_decode: no memory for its weight panels or attention scratch")
         if rc != 0:
             raise ValueError("the native decoder does not take this model's shapes")
         return x

@@ -182,6 +182,27 @@ def test_decode_attention_matches_softmax_attention(heads: int, kv_heads: int, d
     assert torch.equal(out._base[:, 0], torch.full((len(lens), dim), 7.0))  # type: ignore[index]
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (10, 2, 128), (4, 4, 32)])
+def test_decode_attention_splits_long_contexts_and_stays_batch_invariant(heads: int, kv_heads: int, dim: int) -> None:
+    """Contexts longer than the kernel's 1,024-key chunk run as several tasks whose softmax pieces are combined:
+    the result is still softmax attention (lengths at, just past and well past chunk boundaries), and a row's
+    output is bit for bit the same alone as beside other rows, long or short (the split follows its length only)."""
+    g = torch.Generator().manual_seed(heads + dim)
+    num_slots, lens = 5000, torch.tensor([1024, 1025, 2500, 4100, 3])
+    k_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_slots, kv_heads, dim, generator=g)
+    slots = torch.stack([torch.randperm(num_slots, generator=g)[:4100] for _ in lens])
+    q = torch.randn(len(lens), heads, dim, generator=g) * 3
+    out = torch.empty(len(lens), heads, dim)
+    native.decode_attention(q, k_cache, v_cache, slots, lens, out)
+    expected = reference_attention(q, k_cache, v_cache, slots, lens)
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-5)
+    for r in range(len(lens)):
+        alone = torch.empty(1, heads, dim)
+        native.decode_attention(q[r : r + 1], k_cache, v_cache, slots[r : r + 1], lens[r : r + 1], alone)
+        assert torch.equal(alone[0], out[r]), r
+
+
 def test_decode_attention_rejects_what_it_cannot_take() -> None:
     cache = torch.zeros(64, 2, 16)
     q, out, slots = torch.zeros(2, 4, 16), torch.zeros(2, 4, 16), torch.zeros(2, 8, dtype=torch.long)
