@@ -6,7 +6,12 @@ which the engine's dense prefill uses the C kernel (`native.prefill_keys`). Prin
 
 Shapes are "n:L" pairs: n query rows at the last n of L positions (a chunk after L - n cached tokens). Heads default
 to SmolLM2-135M's (9 query heads over 3 KV heads, head size 64); the engine calls the kernel per KV group in the
-sparse path and for all groups at once in the dense path (`--kv-heads`)."""
+sparse path and for all groups at once in the dense path (`--kv-heads`).
+
+Then decode steps (`--decode`, "m:L": m sequences of L tokens each, one new query token each): our C decode attention
+(`native.decode_attention`, reading the paged cache where it is) against torch's over the same cache (each row's K
+and V gathered by slot, then SDPA, grouped-query), with the sequences on scattered slots of a cache holding them
+all, as the engine's block tables place them."""
 
 from __future__ import annotations
 
@@ -18,15 +23,18 @@ from typing import Any
 from .report import best_alternating, markdown_table, positive_int, write_report
 
 SHAPES = [(128, 128), (512, 512), (2048, 2048), (2048, 4096), (2048, 7183), (2048, 16384)]
+DECODE = [(1, 512), (1, 2048), (1, 7183), (1, 16384), (8, 2048), (8, 7183)]
 
 
-def _shape(text: str) -> tuple[int, int]:
+def _shape(text: str, form: str = "n:L (query rows : keys)") -> tuple[int, int]:
     try:
         n, length = (int(x) for x in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is n:L (query rows : keys), got {text!r}") from None
-    if not 0 < n <= length:
+        raise argparse.ArgumentTypeError(f"a shape is {form}, got {text!r}") from None
+    if not 0 < n <= length and form.startswith("n:"):
         raise argparse.ArgumentTypeError(f"a shape needs 0 < n <= L, got {text!r}")
+    if not (n > 0 and length > 0):
+        raise argparse.ArgumentTypeError(f"a shape needs positive numbers, got {text!r}")
     return n, length
 
 
@@ -63,6 +71,49 @@ def _measure(n: int, length: int, args: argparse.Namespace, generator: Any) -> d
             "max_abs_error": (theirs[0][0].transpose(0, 1) - ours).abs().max().item()}  # fmt: skip
 
 
+def _measure_decode(m: int, length: int, args: argparse.Namespace, generator: Any) -> dict[str, Any]:
+    """One decode shape: m rows of `length` context each on scattered slots (16-slot blocks in random order)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import native
+
+    block = 16
+    blocks = -(-length // block)
+    num_slots = m * blocks * block
+    read = 2 * m * length * args.kv_heads * args.dim * 4  # the K and V bytes each call reads
+    # as many layers' caches as make ~256 MB (up to 30): a decode step walks every layer's, so they come from memory,
+    # not from the last level cache as one small cache called again would
+    layers = max(1, min(30, (256 << 20) // (2 * num_slots * args.kv_heads * args.dim * 4)))
+    caches = [
+        (torch.randn(num_slots, args.kv_heads, args.dim, generator=generator),
+         torch.randn(num_slots, args.kv_heads, args.dim, generator=generator))
+        for _ in range(layers)
+    ]  # fmt: skip
+    order = torch.randperm(m * blocks, generator=generator).view(m, blocks)  # each row's block table
+    slots = (order[:, :, None] * block + torch.arange(block)).reshape(m, -1)[:, :length].contiguous()
+    lens = torch.full((m,), length, dtype=torch.long)
+    q = torch.randn(m, args.heads, args.dim, generator=generator)
+    ours = torch.empty_like(q)
+    theirs: list[torch.Tensor] = []
+
+    def run_ours() -> None:
+        for k_cache, v_cache in caches:
+            native.decode_attention(q, k_cache, v_cache, slots, lens, ours)
+
+    def run_torch() -> None:
+        for k_cache, v_cache in caches:
+            keys = k_cache[slots].transpose(1, 2)  # [m, kv heads, L, D]
+            values = v_cache[slots].transpose(1, 2)
+            theirs[:] = [F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True)[:, :, 0]]
+
+    t_ours, t_torch = (t / layers for t in best_alternating(run_ours, run_torch, args.repeats))
+    return {"m": m, "keys": length, "layers": layers, "ours_ms": round(t_ours * 1e3, 3),
+            "torch_ms": round(t_torch * 1e3, 3), "ours_gbs": round(read / t_ours / 1e9, 1),
+            "torch_gbs": round(read / t_torch / 1e9, 1), "speedup": round(t_torch / t_ours, 2),
+            "max_abs_error": (theirs[0] - ours).abs().max().item()}  # fmt: skip
+
+
 def cmd_bench_cpu_attention(args: argparse.Namespace) -> int:
     import torch
 
@@ -82,6 +133,10 @@ def cmd_bench_cpu_attention(args: argparse.Namespace) -> int:
     for n, length in args.shapes:
         rows.append(_measure(n, length, args, generator))
         print(rows[-1], file=sys.stderr)
+    decode = []
+    for m, length in args.decode:
+        decode.append(_measure_decode(m, length, args, generator))
+        print(decode[-1], file=sys.stderr)
     lanes = native.library().native_simd()
     capability = torch.backends.cpu.get_cpu_capability()
     headers = ["rows", "keys", "ours ms", "torch ms", "ours GFLOPS", "torch GFLOPS", "ours vs torch", "max |diff|"]
@@ -95,10 +150,22 @@ def cmd_bench_cpu_attention(args: argparse.Namespace) -> int:
         f" torch's CPU capability {capability}, {torch.get_num_threads()} threads; the engine's dense prefill runs"
         f" the C kernel up to {native.prefill_keys()} keys."
     )
+    if decode:
+        table += "\n\nDecode steps (m sequences of L keys each, one query token each, on scattered cache slots):\n\n"
+        table += markdown_table(
+            ["sequences", "keys", "ours ms", "torch ms", "ours GB/s", "torch GB/s", "ours vs torch", "max |diff|"],
+            [[r["m"], r["keys"], r["ours_ms"], r["torch_ms"], r["ours_gbs"], r["torch_gbs"], r["speedup"],
+              f"{r['max_abs_error']:.1e}"] for r in decode],
+        )  # fmt: skip
+        table += (
+            "\n\nPer layer: each call cycles over up to 30 layers' caches (~256 MB), as a decode step does; GB/s: the"
+            " K and V bytes a call reads over its time; torch gathers them by slot, then SDPA."
+        )
     print(table)
     report = {"benchmark": "cpu-attention", "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "lanes": lanes,
-              "torch_capability": capability, "prefill_keys": native.prefill_keys(), "rows": rows}  # fmt: skip
+              "torch_capability": capability, "prefill_keys": native.prefill_keys(), "rows": rows,
+              "decode_rows": decode}  # fmt: skip
     write_report(args.out, report, table)
     return 0
 
@@ -107,6 +174,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("cpu-attention", help="prefill attention: our C kernel vs torch's flash kernel on CPU")
     p.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES,
                    help="n:L pairs (query rows : keys), comma-separated")  # fmt: skip
+    p.add_argument("--decode", type=lambda s: [_shape(x, "m:L (sequences : keys)") for x in s.split(",") if x],
+                   default=DECODE, help="m:L pairs (sequences : keys each) for decode steps; empty: none")  # fmt: skip
     p.add_argument("--heads", type=positive_int, default=9)
     p.add_argument("--kv-heads", type=positive_int, default=3)
     p.add_argument("--dim", type=positive_int, default=64)
