@@ -800,24 +800,24 @@ static int decode_attention(const float *q, int64_t q_stride, const float *k_cac
       tasks += nkv * chunks, parts += chunks > 1 ? nkv * chunks : 0;
     }
     int64_t *task_row = malloc(sizeof(int64_t) * (size_t)tasks), *row_part = malloc(sizeof(int64_t) * (size_t)m);
+    int64_t *row_task = malloc(sizeof(int64_t) * (size_t)m); /* each row's first task */
     /* per chunk task of a split row: its heads' unnormalized outputs [rep][D], then (largest, sum) per head */
     float *part = parts ? malloc(sizeof(float) * (size_t)(parts * rep * (D + 2))) : NULL;
-    if (!task_row || !row_part || (parts && !part)) {
-      free(task_row), free(row_part), free(part);
+    if (!task_row || !row_part || !row_task || (parts && !part)) {
+      free(task_row), free(row_part), free(row_task), free(part);
       return -1;
     }
     for (int64_t r = 0, t = 0, pt = 0; r < m; r++) {
       const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
-      row_part[r] = chunks > 1 ? pt : -1;
+      row_part[r] = chunks > 1 ? pt : -1, row_task[r] = t;
       pt += chunks > 1 ? nkv * chunks : 0;
       for (int64_t i = 0; i < nkv * chunks; i++) task_row[t++] = r;
     }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; t++) {
       const int64_t r = task_row[t], chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
-      int64_t first = t; /* the row's first task: tasks of a row are consecutive, KV group major */
-      while (first > 0 && task_row[first - 1] == r) first--;
-      const int64_t i = t - first, kv = i / chunks, c = i % chunks, hd = kv * rep, j0 = c * DECODE_CHUNK;
+      /* a row's tasks are consecutive, KV group major */
+      const int64_t i = t - row_task[r], kv = i / chunks, c = i % chunks, hd = kv * rep, j0 = c * DECODE_CHUNK;
       const int64_t len = lens[r] - j0 < DECODE_CHUNK ? lens[r] - j0 : DECODE_CHUNK;
       float *row_scores = scores + (r * nh + hd) * max_len + j0;
       if (chunks == 1) {
@@ -849,7 +849,7 @@ static int decode_attention(const float *q, int64_t q_stride, const float *k_cac
       const float inv = 1.f / total;
       for (int64_t e = 0; e < D; e++) o[e] *= inv;
     }
-    free(task_row), free(row_part), free(part);
+    free(task_row), free(row_part), free(row_task), free(part);
     return 0;
   }
 #endif
