@@ -51,6 +51,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "VNNI CPUs; ~2x float32's GEMM rate, outputs within ~1%%); float: float32 over the widened blocks (exact); "
         "auto (default): int8 where the CPU has VNNI",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16"],
+        help="auto (default): the model's dtype; float16 (CPU, float32 model): K/V stored in half the bytes, so "
+        "twice the tokens in the same memory and decode steps at long contexts read half as much (each K/V value "
+        "rounded to float16)",
+    )
     p.add_argument("--kv-cache-tokens", type=int, default=EngineConfig.kv_cache_tokens, help="KV capacity in tokens")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size)
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs, help="largest running batch")
@@ -93,6 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         weights=args.weights,
         prefill_gemm=args.prefill_gemm,
+        kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_tokens=args.kv_cache_tokens,
         kv_block_size=args.kv_block_size,
         max_num_seqs=args.max_num_seqs,

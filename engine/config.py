@@ -78,6 +78,9 @@ class EngineConfig:
     # over the widened blocks, exact) | int8: prefill-sized GEMMs (WIDEN_ROWS rows and more) round each block of 32
     # activations to int8 and sum the products with the 4-bit weights as integers (llama.cpp's Q4 x Q8 method)
     prefill_gemm: str = "auto"
+    # auto (the model's dtype) | float32 | float16 (CPU with float32 activations: K/V stored in half the bytes and
+    # converted as they are read; decode reads half as much at long contexts, the same memory holds twice the tokens)
+    kv_cache_dtype: str = "auto"
     kv_block_size: int = 16
     kv_cache_tokens: int = 65536  # KV capacity in tokens (rounded down to whole blocks)
     max_num_seqs: int = 64  # most requests in the running batch
@@ -107,6 +110,8 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.weights not in ("auto", "float", "fp16", "int4"):
             raise ConfigError(f"weights must be auto, float, fp16 or int4, got {self.weights!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "float16"):
+            raise ConfigError(f"kv_cache_dtype must be auto, float32 or float16, got {self.kv_cache_dtype!r}")
         if self.prefill_gemm not in ("auto", "float", "int8"):
             raise ConfigError(f"prefill_gemm must be auto, float or int8, got {self.prefill_gemm!r}")
         if self.sparse_prefill_threshold < 0:

@@ -121,6 +121,7 @@ class Engine:
         config = self.config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = self._kv_dtype(config)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         if self.device.type == "cpu":
@@ -162,7 +163,7 @@ class Engine:
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
-        kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.dtype)
+        kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.kv_dtype)
         if self.device.type == "cpu" and self.dtype == torch.float32 and native.unavailable_reason() is None:
             # Decode attention in C; with int4 weights, decode steps of a few sequences run as one C call.
             self.model.attach_native(kv)
@@ -195,6 +196,21 @@ class Engine:
             raise ConfigError("weights=fp16 needs the CPU device and torch's fbgemm float16 GEMM (x86 builds)")
         return config.weights
 
+    def _kv_dtype(self, config: EngineConfig) -> torch.dtype:
+        """The KV cache's element type: the model's, or float16 under a float32 model on CPU (`kv_cache_dtype`)."""
+        if config.kv_cache_dtype in ("auto", str(self.dtype).removeprefix("torch.")):
+            return self.dtype
+        if config.kv_cache_dtype == "float16":
+            if self.device.type != "cpu" or self.dtype != torch.float32:
+                raise ConfigError(
+                    f"kv_cache_dtype=float16 is for CPU engines with float32 activations; this one runs "
+                    f"{str(self.dtype).removeprefix('torch.')} on {self.device.type} (its cache is the model's dtype)"
+                )
+            return torch.float16
+        raise ConfigError(
+            f"kv_cache_dtype={config.kv_cache_dtype} under a {str(self.dtype).removeprefix('torch.')} model: use auto"
+        )
+
     @staticmethod
     def _int8_prefill(config: EngineConfig) -> bool:
         """Whether prefill GEMMs over int4 weights take int8 activations here (`prefill_gemm`: auto or int8, on a
@@ -214,7 +230,7 @@ class Engine:
             return cfg.num_kv_blocks
         mc = self.model_config
         free, _total = torch.cuda.mem_get_info(self.device)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
         block_bytes = 2 * mc.num_layers * cfg.kv_block_size * mc.kv_size * itemsize
         blocks = int(free * cfg.kv_cache_memory_fraction) // block_bytes
         if blocks < 1:

@@ -25,6 +25,7 @@ from .native import (
     NativeWeight,
     decode_attention,
     int8_rows,
+    kv_dtypes,
     prefill_attention,
     prefill_keys,
     rms_norm_rows,
@@ -34,6 +35,11 @@ from .native import (
 from .quant import Fp16Linear
 
 _HEAD_CHUNK = 1024
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache rows at `slots`, in the compute dtype (a float16 cache under a float32 model converts here)."""
+    return cache.index_select(0, slots).to(dtype)
 
 
 @dataclass
@@ -157,8 +163,9 @@ class Attention(nn.Module):
             qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv, self.head_dim)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        # a float16 cache (--kv-cache-dtype) rounds K and V as they are stored; reads convert back
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
         if not meta.prefills and meta.decode_table is not None:  # a decode step, attention in C (native.py)
             att = torch.empty((t, self.n_heads, self.head_dim))
@@ -175,13 +182,16 @@ class Attention(nn.Module):
                 if span.context_slots is None:
                     ks, vs = k[span.start : span.end], v[span.start : span.end]
                 else:
-                    ks, vs = k_cache.index_select(0, span.context_slots), v_cache.index_select(0, span.context_slots)
+                    ks, vs = (
+                        _gather(k_cache, span.context_slots, q.dtype),
+                        _gather(v_cache, span.context_slots, q.dtype),
+                    )
                 if prefill_attention(q[span.start : span.end], ks, vs, out[span.start : span.end]):
                     continue
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if span.context_slots is not None and x.device.type == "cpu":  # no mask to build or to compute under
-                ks = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
-                vs = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
+                ks = _gather(k_cache, span.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
+                vs = _gather(v_cache, span.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
                 o = bottom_right_causal_attention(qs, ks, vs)
                 out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
                 continue
@@ -191,8 +201,8 @@ class Attention(nn.Module):
                 mask = None
                 causal = True
             else:
-                ks = k_cache.index_select(0, span.context_slots)
-                vs = v_cache.index_select(0, span.context_slots)
+                ks = _gather(k_cache, span.context_slots, q.dtype)
+                vs = _gather(v_cache, span.context_slots, q.dtype)
                 n = span.end - span.start
                 # Query i of the chunk sits at context position context_len - n + i and sees keys up to it.
                 qpos = torch.arange(span.context_len - n, span.context_len, device=x.device)
@@ -228,8 +238,8 @@ class Attention(nn.Module):
         qd = q[group.start : group.end].view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         # index_select over flat slots is several times faster on CPU than advanced indexing with [B, L].
         flat = group.slots.reshape(-1)
-        kd = k_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
-        vd = v_cache.index_select(0, flat).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        kd = _gather(k_cache, flat, q.dtype).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        vd = _gather(v_cache, flat, q.dtype).view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask)
         return o.reshape(b, self.n_heads, self.head_dim)
 
@@ -248,7 +258,7 @@ class Attention(nn.Module):
         if span.context_slots is None:
             ks, vs = k[span.start : span.end], v[span.start : span.end]
         else:
-            ks, vs = k_cache.index_select(0, span.context_slots), v_cache.index_select(0, span.context_slots)
+            ks, vs = _gather(k_cache, span.context_slots, q.dtype), _gather(v_cache, span.context_slots, q.dtype)
         patterns = meta.sparse_patterns[self.layer]
         if q.is_cuda:  # Triton kernels over device-built indices
             return sparse_prefill_attention_triton(q[span.start : span.end], ks, vs, span.context_len - n, patterns)
@@ -394,18 +404,21 @@ class Llama(nn.Module):
 
     def attach_native(self, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Native kernels over `kv_cache` (call after init_rope, where native.library() loads): decode attention
-        reads the float32 CPU cache in C, and decode steps of up to 64 sequences run all layers in one C call where
-        every linear layer reads native blocks (after use_native). Returns whether the latter will."""
+        reads the CPU cache (float32, or float16 where the kernels convert it) in C, and decode steps of up to 64
+        sequences run all layers in one C call where every linear layer reads native blocks (after use_native).
+        Returns whether the latter will."""
+        dtypes = kv_dtypes()
         self.native_attention = (
-            all(
-                t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for kv in kv_cache for t in kv
-            )
+            all(t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous() for kv in kv_cache for t in kv)
+            and len({t.dtype for kv in kv_cache for t in kv}) == 1
             and self.config.num_heads % self.config.num_kv_heads == 0
         )
         for module in self.modules():  # prefill chunks' norms and SiLU in C where the activations are float32 here
             if isinstance(module, RMSNorm | MLP):
                 module.native = self.native_attention
-        self.native_decoder = NativeDecoder(self, kv_cache) if NativeDecoder.supports(self) else None
+        self.native_decoder = (
+            NativeDecoder(self, kv_cache) if self.native_attention and NativeDecoder.supports(self) else None
+        )
         return self.native_decoder is not None
 
     def _native_layers(

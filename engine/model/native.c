@@ -32,8 +32,17 @@
 #define MAXR 4 /* activation rows computed together over one pass of the weights */
 #define PANEL_ROWS 4 /* calls of more rows widen each weight row once into a panel (linear_panel) */
 
+/* A float16 KV cache (half the bytes a decode step reads): converted on load with F16C, on AVX2 machines */
+#if NATIVE_SIMD && defined(__F16C__)
+#define NATIVE_F16 1
+#else
+#define NATIVE_F16 0
+#endif
+
 /* floats per vector of the attention kernels: 16 (AVX-512), 8 (AVX2 + FMA), 0 (no vectorised path) */
 int native_simd(void) { return NATIVE_SIMD ? (WIDE ? 16 : 8) : 0; }
+/* whether the decode kernels take a float16 KV cache */
+int native_f16(void) { return NATIVE_F16; }
 
 /* Planar element order inside a block (the packing in native.py must match):
    q4: 16 bytes as 4 little-endian dwords; element 8*v + lane is nibble 2*v + lane/4 of dword lane%4.
@@ -446,7 +455,7 @@ typedef struct {
 typedef struct {
   const float *attn_norm, *ffn_norm;
   qweight wqkv, wo, gate, up, down;
-  float *k_cache, *v_cache; /* [slots, n_kv, head_dim] */
+  void *k_cache, *v_cache; /* [slots, n_kv, head_dim], float32 or (model_t.kv_half) float16 */
 } layer_t;
 
 typedef struct {
@@ -454,6 +463,7 @@ typedef struct {
   float eps;
   const float *rope_cos, *rope_sin; /* [context, head_dim]; the sine's first half negated (llama.py) */
   const layer_t *layers;
+  int64_t kv_half; /* the KV cache holds float16 */
 } model_t;
 
 static int linear(const qweight *w, const float *x, float *y, int64_t m, float *sums) {
@@ -646,24 +656,34 @@ void native_silu_mul_rows(float *g, const float *u, int64_t count) {
 #define DECODE_AHEAD 16 /* keys ahead whose rows the decode kernels prefetch (8: ~6% slower at 7K keys, 32: same) */
 #endif
 
-/* s[h * stride + j] = scale * q_h . key(j) for the R <= GH query heads at q (D floats apart) and keys j < len */
-static inline __attribute__((always_inline)) void group_scores(const float *q, const float *k_cache, const int64_t *sl,
+/* 8 elements of a KV row from element e on, as floats: float16 (half) or float32 */
+static inline __m256 kv_load8(const char *row, int64_t e, int half) {
+#if NATIVE_F16
+  if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * e)));
+#endif
+  return _mm256_loadu_ps((const float *)row + e);
+}
+
+/* s[h * stride + j] = scale * q_h . key(j) for the R <= GH query heads at q (D floats apart) and keys j < len; key j's
+   row starts kstride elements of `es` bytes (4, or 2 for float16: half) per slot into k_cache */
+static inline __attribute__((always_inline)) void group_scores(const float *q, const char *k_cache, const int64_t *sl,
                                                                  int64_t kstride, int64_t D, int64_t len, float scale,
-                                                                 float *s, int64_t stride, int R) {
+                                                                 float *s, int64_t stride, int R, int half) {
+  const int64_t es = half ? 2 : 4;
   int64_t j = 0;
   for (; j + GK <= len; j += GK) {
-    const float *k[GK];
-    for (int t = 0; t < GK; t++) k[t] = k_cache + sl[j + t] * kstride;
+    const char *k[GK];
+    for (int t = 0; t < GK; t++) k[t] = k_cache + sl[j + t] * kstride * es;
     if (j + DECODE_AHEAD + GK <= len) /* slots are scattered over the cache: fetch the rows ahead by hand */
       for (int t = 0; t < GK; t++)
-        for (int64_t e = 0; e < D; e += 16)
-          _mm_prefetch((const char *)(k_cache + sl[j + DECODE_AHEAD + t] * kstride + e), _MM_HINT_T0);
+        for (int64_t b = 0; b < D * es; b += 64)
+          _mm_prefetch(k_cache + sl[j + DECODE_AHEAD + t] * kstride * es + b, _MM_HINT_T0);
     __m256 acc[GH][GK];
     for (int h = 0; h < R; h++)
       for (int t = 0; t < GK; t++) acc[h][t] = _mm256_setzero_ps();
     for (int64_t e = 0; e < D; e += 8) {
       __m256 kv[GK];
-      for (int t = 0; t < GK; t++) kv[t] = _mm256_loadu_ps(k[t] + e);
+      for (int t = 0; t < GK; t++) kv[t] = kv_load8(k[t], e, half);
       for (int h = 0; h < R; h++) {
         const __m256 qv = _mm256_loadu_ps(q + h * D + e);
         for (int t = 0; t < GK; t++) acc[h][t] = _mm256_fmadd_ps(qv, kv[t], acc[h][t]);
@@ -673,11 +693,11 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
       for (int t = 0; t < GK; t++) s[h * stride + j + t] = hsum(acc[h][t]) * scale;
   }
   for (; j < len; j++) {
-    const float *k = k_cache + sl[j] * kstride;
+    const char *k = k_cache + sl[j] * kstride * es;
     __m256 acc[GH];
     for (int h = 0; h < R; h++) acc[h] = _mm256_setzero_ps();
     for (int64_t e = 0; e < D; e += 8) {
-      const __m256 kv = _mm256_loadu_ps(k + e);
+      const __m256 kv = kv_load8(k, e, half);
       for (int h = 0; h < R; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + e), kv, acc[h]);
     }
     for (int h = 0; h < R; h++) s[h * stride + j] = hsum(acc[h]) * scale;
@@ -686,9 +706,10 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
 
 /* o_h = sum_j p[h * stride + j] * value(j) for the R <= GH heads (outputs D floats apart), 32 dimensions at a time:
    GH * 4 sums stay in registers over all keys */
-static inline __attribute__((always_inline)) void group_values(const float *p, int64_t stride, const float *v_cache,
+static inline __attribute__((always_inline)) void group_values(const float *p, int64_t stride, const char *v_cache,
                                                                  const int64_t *sl, int64_t kstride, int64_t D,
-                                                                 int64_t len, float *o, int R) {
+                                                                 int64_t len, float *o, int R, int half) {
+  const int64_t es = half ? 2 : 4;
 #if WIDE
   if (D % 64 == 0) { /* 64 dimensions at a time in 16-wide registers: GH * 4 sums, one pass per 64 */
     for (int64_t e = 0; e < D; e += 64) {
@@ -696,12 +717,18 @@ static inline __attribute__((always_inline)) void group_values(const float *p, i
       for (int h = 0; h < R; h++)
         for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
       for (int64_t j = 0; j < len; j++) {
-        const float *v = v_cache + sl[j] * kstride + e;
+        const char *v = v_cache + (sl[j] * kstride + e) * es;
         if (j + DECODE_AHEAD < len)
-          for (int c = 0; c < 4; c++)
-            _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e + 16 * c), _MM_HINT_T0);
+          for (int64_t b = 0; b < 64 * es; b += 64)
+            _mm_prefetch(v_cache + (sl[j + DECODE_AHEAD] * kstride + e) * es + b, _MM_HINT_T0);
         __m512 vv[4];
-        for (int c = 0; c < 4; c++) vv[c] = _mm512_loadu_ps(v + 16 * c);
+        for (int c = 0; c < 4; c++)
+#if NATIVE_F16
+          vv[c] = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)v + c))
+                       : _mm512_loadu_ps((const float *)v + 16 * c);
+#else
+          vv[c] = _mm512_loadu_ps((const float *)v + 16 * c);
+#endif
         for (int h = 0; h < R; h++) {
           const __m512 ph = _mm512_set1_ps(p[h * stride + j]);
           for (int c = 0; c < 4; c++) acc[h][c] = _mm512_fmadd_ps(ph, vv[c], acc[h][c]);
@@ -718,13 +745,12 @@ static inline __attribute__((always_inline)) void group_values(const float *p, i
     for (int h = 0; h < R; h++)
       for (int c = 0; c < 4; c++) acc[h][c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
-      const float *v = v_cache + sl[j] * kstride + e;
-      if (j + DECODE_AHEAD < len) {
-        _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e), _MM_HINT_T0);
-        _mm_prefetch((const char *)(v_cache + sl[j + DECODE_AHEAD] * kstride + e + 16), _MM_HINT_T0);
-      }
+      const char *v = v_cache + (sl[j] * kstride + e) * es;
+      if (j + DECODE_AHEAD < len)
+        for (int64_t b = 0; b < 32 * es; b += 64)
+          _mm_prefetch(v_cache + (sl[j + DECODE_AHEAD] * kstride + e) * es + b, _MM_HINT_T0);
       __m256 vv[4];
-      for (int c = 0; c < 4; c++) vv[c] = _mm256_loadu_ps(v + 8 * c);
+      for (int c = 0; c < 4; c++) vv[c] = kv_load8(v, 8 * c, half);
       for (int h = 0; h < R; h++) {
         const __m256 ph = _mm256_broadcast_ss(p + h * stride + j);
         for (int c = 0; c < 4; c++) acc[h][c] = _mm256_fmadd_ps(ph, vv[c], acc[h][c]);
@@ -739,18 +765,18 @@ static inline __attribute__((always_inline)) void group_values(const float *p, i
    of up to GH. part NULL: each head's softmax-weighted values into o. Otherwise (one chunk of a longer context)
    the weights are left unnormalized, o gets their weighted values, and part[h * 2] / part[h * 2 + 1] the chunk's
    largest score and its sum of exp(score - largest) for head h, for decode_attention to combine the chunks. */
-static void group_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *sl,
+static void group_attention(const float *q, const char *k_cache, const char *v_cache, const int64_t *sl,
                             int64_t len, int64_t kstride, int64_t D, int64_t rep, float scale, float *s,
-                            int64_t stride, float *o, float *part) {
+                            int64_t stride, float *o, float *part, int half) {
   for (int64_t h0 = 0; h0 < rep; h0 += GH) {
     const int R = rep - h0 < GH ? (int)(rep - h0) : GH;
     const float *qh = q + h0 * D;
     float *sh = s + h0 * stride, *oh = o + h0 * D;
     /* constant head counts let the compiler keep the sums in registers */
     switch (R) {
-      case 1: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, 1); break;
-      case 2: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, 2); break;
-      default: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, GH); break;
+      case 1: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, 1, half); break;
+      case 2: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, 2, half); break;
+      default: group_scores(qh, k_cache, sl, kstride, D, len, scale, sh, stride, GH, half); break;
     }
     for (int h = 0; h < R; h++) {
       float *row = sh + h * stride, mx = -INFINITY;
@@ -764,13 +790,26 @@ static void group_attention(const float *q, const float *k_cache, const float *v
       for (int64_t j = 0; j < len; j++) row[j] *= inv;
     }
     switch (R) {
-      case 1: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, 1); break;
-      case 2: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, 2); break;
-      default: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, GH); break;
+      case 1: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, 1, half); break;
+      case 2: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, 2, half); break;
+      default: group_values(sh, stride, v_cache, sl, kstride, D, len, oh, GH, half); break;
     }
   }
 }
 #endif
+
+/* A KV row of D elements as floats: the row itself (float32), or converted into buf (float16; D <= 512) */
+static inline const float *kv_row(const char *row, int64_t D, int half, float *buf) {
+#if NATIVE_F16
+  if (half) {
+    for (int64_t e = 0; e < D; e++) buf[e] = _cvtsh_ss(((const uint16_t *)row)[e]);
+    return buf;
+  }
+#else
+  (void)D, (void)half, (void)buf;
+#endif
+  return (const float *)row;
+}
 
 /* Keys per task in decode attention: a longer context's (row, KV group) runs as chunks of this many keys, in
    parallel, their softmax pieces combined after (flash-decoding). It depends on the context alone, so a row's
@@ -787,11 +826,13 @@ static void group_attention(const float *q, const float *k_cache, const float *v
    handed out dynamically, since one long context would otherwise hold up the thread that drew it, and a long
    context is several tasks (one sequence at 7K keys had 3 tasks, one per KV group, for 2 threads: 10 GB/s of the
    machine's 29). Returns 0, or -1 where scratch memory is lacking. */
-static int decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
+static int decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int64_t m,
                             int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens,
-                            int64_t max_len, float *out, int64_t o_stride, float *scores) {
-  const int64_t rep = nh / nkv;
+                            int64_t max_len, float *out, int64_t o_stride, float *scores, int half) {
+  const int64_t rep = nh / nkv, es = half ? 2 : 4;
   const float scale = 1.f / sqrtf((float)D);
+  const char *kc = k_cache, *vc = v_cache;
+  if (half && (!NATIVE_F16 || D > 512)) return -1;
 #if NATIVE_SIMD
   if (D % 32 == 0) {
     int64_t tasks = 0, parts = 0; /* parts: chunks of rows that have more than one */
@@ -821,13 +862,13 @@ static int decode_attention(const float *q, int64_t q_stride, const float *k_cac
       const int64_t len = lens[r] - j0 < DECODE_CHUNK ? lens[r] - j0 : DECODE_CHUNK;
       float *row_scores = scores + (r * nh + hd) * max_len + j0;
       if (chunks == 1) {
-        group_attention(q + r * q_stride + hd * D, k_cache + kv * D, v_cache + kv * D, slots + r * max_len, len,
-                        nkv * D, D, rep, scale, row_scores, max_len, out + r * o_stride + hd * D, NULL);
+        group_attention(q + r * q_stride + hd * D, kc + kv * D * es, vc + kv * D * es, slots + r * max_len, len,
+                        nkv * D, D, rep, scale, row_scores, max_len, out + r * o_stride + hd * D, NULL, half);
         continue;
       }
       float *pc = part + (row_part[r] + i) * rep * (D + 2);
-      group_attention(q + r * q_stride + hd * D, k_cache + kv * D, v_cache + kv * D, slots + r * max_len + j0, len,
-                      nkv * D, D, rep, scale, row_scores, max_len, pc, pc + rep * D);
+      group_attention(q + r * q_stride + hd * D, kc + kv * D * es, vc + kv * D * es, slots + r * max_len + j0, len,
+                      nkv * D, D, rep, scale, row_scores, max_len, pc, pc + rep * D, half);
     }
     /* the split rows: per head, out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, chunks in order */
 #pragma omp parallel for schedule(static)
@@ -858,28 +899,29 @@ static int decode_attention(const float *q, int64_t q_stride, const float *k_cac
     const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, len = lens[r];
     const float *qr = q + r * q_stride + hd * D;
     const int64_t *sl = slots + r * max_len;
-    float *s = scores + rh * max_len, *o = out + r * o_stride + hd * D;
+    float *s = scores + rh * max_len, *o = out + r * o_stride + hd * D, row[512];
     float mx = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
-      s[j] = dot(qr, k_cache + (sl[j] * nkv + kv) * D, D) * scale;
+      s[j] = dot(qr, kv_row(kc + (sl[j] * nkv + kv) * D * es, D, half, row), D) * scale;
       if (s[j] > mx) mx = s[j];
     }
     const float inv = 1.f / exp_shifted(s, len, mx);
     memset(o, 0, (size_t)D * sizeof(float));
-    for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, v_cache + (sl[j] * nkv + kv) * D, D);
+    for (int64_t j = 0; j < len; j++) axpy(o, s[j] * inv, kv_row(vc + (sl[j] * nkv + kv) * D * es, D, half, row), D);
   }
   return 0;
 }
 
 /* decode_attention for the torch layers' decode rows (llama.py); returns -1 for shapes it does not take, -2 where
    memory for its scratch ran out */
-int native_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, int64_t m,
+int native_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int64_t m,
                      int64_t nh, int64_t nkv, int64_t D, const int64_t *slots, const int64_t *lens, int64_t max_len,
-                     float *out, int64_t o_stride, float *scores) {
-  if (nkv <= 0 || nh % nkv) return -1;
+                     float *out, int64_t o_stride, float *scores, int half) {
+  if (nkv <= 0 || nh % nkv || (half && (!NATIVE_F16 || D > 512))) return -1;
   for (int64_t r = 0; r < m; r++)
     if (lens[r] < 1 || lens[r] > max_len) return -1;
-  return decode_attention(q, q_stride, k_cache, v_cache, m, nh, nkv, D, slots, lens, max_len, out, o_stride, scores)
+  return decode_attention(q, q_stride, k_cache, v_cache, m, nh, nkv, D, slots, lens, max_len, out, o_stride, scores,
+                          half)
              ? -2
              : 0;
 }
@@ -1525,11 +1567,28 @@ int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
 /* x [m, hidden]: the rows' embeddings in, their last hidden states out (before the final norm).
    positions [m], slot_mapping [m] (cache slot of each row's new K/V), slots [m, max_len] (each row's context
    slots, the new token's last), lens [m]. Returns 0, -1 for a shape the kernels do not take, -2 where memory ran out. */
+/* cache[at .. at + n) = src (n floats), as float16 (rounded to nearest even, as torch converts) where half */
+static void kv_store(void *cache, int64_t at, const float *src, int64_t n, int half) {
+#if NATIVE_F16
+  if (half) {
+    uint16_t *dst = (uint16_t *)cache + at;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    return;
+  }
+#else
+  (void)half;
+#endif
+  memcpy((float *)cache + at, src, sizeof(float) * (size_t)n);
+}
+
 int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positions, const int64_t *slot_mapping,
                   const int64_t *slots, const int64_t *lens, int64_t max_len, float *work) {
   const int64_t H = md->hidden, I = md->inter, nh = md->n_heads, nkv = md->n_kv, D = md->head_dim;
   const int64_t qkv_n = (nh + 2 * nkv) * D;
-  if (D > 512 || H % QK || I % QK || nh % nkv) return -1;
+  if (D > 512 || H % QK || I % QK || nh % nkv || (md->kv_half && !NATIVE_F16)) return -1;
   float *h = work, *qkv = h + m * H, *att = qkv + m * qkv_n, *g = att + m * nh * D, *u = g + m * I;
   float *sums = u + m * I, *scores = sums + m * ((I > H ? I : H) / QK);
   for (int64_t l = 0; l < md->n_layers; l++) {
@@ -1541,11 +1600,11 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
       float *row = qkv + r * qkv_n;
       const float *cs = md->rope_cos + positions[r] * D, *sn = md->rope_sin + positions[r] * D;
       for (int64_t hd = 0; hd < nh + nkv; hd++) rope(row + hd * D, cs, sn, D);
-      memcpy(ly->k_cache + slot_mapping[r] * nkv * D, row + nh * D, (size_t)(nkv * D) * sizeof(float));
-      memcpy(ly->v_cache + slot_mapping[r] * nkv * D, row + (nh + nkv) * D, (size_t)(nkv * D) * sizeof(float));
+      kv_store(ly->k_cache, slot_mapping[r] * nkv * D, row + nh * D, nkv * D, (int)md->kv_half);
+      kv_store(ly->v_cache, slot_mapping[r] * nkv * D, row + (nh + nkv) * D, nkv * D, (int)md->kv_half);
     }
     if (decode_attention(qkv, qkv_n, ly->k_cache, ly->v_cache, m, nh, nkv, D, slots, lens, max_len, att, nh * D,
-                         scores))
+                         scores, (int)md->kv_half))
       return -2;
     if (linear(&ly->wo, att, h, m, sums)) return -2;
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];

@@ -143,7 +143,8 @@ def library() -> ctypes.CDLL:
     lib.native_decode.restype = ctypes.c_int
     lib.native_decode_workspace.argtypes = [p, i64, i64]
     lib.native_decode_workspace.restype = i64
-    lib.native_attention.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, p, i64, p, i64, p]
+    lib.native_attention.argtypes = [p, i64, p, p, i64, i64, i64, i64, p, p, i64, p, i64, p, ctypes.c_int]
+    lib.native_f16.restype = ctypes.c_int
     lib.native_attention.restype = ctypes.c_int
     lib.native_prefill_attention.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64, i64, p, i64, p]
     lib.native_prefill_attention.restype = ctypes.c_int
@@ -192,6 +193,19 @@ def silu_mul_(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def kv_float16() -> bool:
+    """Whether the decode kernels read a float16 KV cache here (F16C conversions; every AVX2 CPU has them)."""
+    try:
+        return bool(library().native_f16())
+    except NativeUnavailable:
+        return False
+
+
+def kv_dtypes() -> tuple[torch.dtype, ...]:
+    """The KV cache element types the native decode kernels read here."""
+    return (torch.float32, torch.float16) if kv_float16() else (torch.float32,)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -202,7 +216,8 @@ def decode_attention(
 ) -> None:
     """Attention of single-token queries over the paged cache, in C: out[r] = attention of q[r] ([heads, D]) over
     the keys and values at slots[r, :lens[r]] of the caches ([slots, kv heads, D]; query head h reads KV head
-    h // (heads / kv heads)). All float32 on CPU; q and out may be row-strided views with contiguous heads.
+    h // (heads / kv heads)). All on CPU: q and out float32 (row-strided views with contiguous heads are fine), the
+    caches float32, or float16 where `kv_float16()` (converted on load: half the bytes a step reads).
 
     The torch way gathers every row's K and V out of the cache into padded tensors and then runs SDPA: at 32
     sequences that is ~20 ms of a ~100 ms decode step on 2 cores; this reads the cache where it is.
@@ -213,8 +228,10 @@ def decode_attention(
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(2) != 1 or t.stride(1) != dim:
             raise ValueError("decode_attention needs float32 CPU tensors with contiguous heads")
     for t in (k_cache, v_cache):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.shape[2] != dim:
-            raise ValueError("decode_attention needs contiguous float32 CPU caches of the queries' head size")
+        if t.dtype != k_cache.dtype or t.device.type != "cpu" or not t.is_contiguous() or t.shape[2] != dim:
+            raise ValueError("decode_attention needs contiguous CPU caches of the queries' head size")
+    if k_cache.dtype not in kv_dtypes():
+        raise ValueError(f"decode_attention takes {' or '.join(map(str, kv_dtypes()))} caches, not {k_cache.dtype}")
     if out.shape != q.shape or slots.shape[0] != m or lens.shape != (m,):
         raise ValueError("decode_attention: queries, outputs, slots and lengths disagree on the number of rows")
     slots, lens = slots.to(torch.int64).contiguous(), lens.to(torch.int64).contiguous()
@@ -234,6 +251,7 @@ def decode_attention(
         out.data_ptr(),
         out.stride(0),
         scores.data_ptr(),
+        int(k_cache.dtype == torch.float16),
     )
     if rc == -2:
         raise MemoryError("decode_attention: no memory for its scratch")
@@ -709,6 +727,7 @@ class _Model(ctypes.Structure):
         ("rope_cos", _p),
         ("rope_sin", _p),
         ("layers", ctypes.POINTER(_Layer)),
+        ("kv_half", _i64),
     ]
 
 
@@ -739,10 +758,16 @@ class NativeDecoder:
         self.kv_cache = kv_cache
         self.model = model
         layers = (_Layer * config.num_layers)()
+        kv_dtype = kv_cache[0][0].dtype
+        if kv_dtype not in kv_dtypes():
+            raise ValueError(
+                f"the native decoder takes a {' or '.join(map(str, kv_dtypes()))} KV cache, not {kv_dtype}"
+            )
         for i, (block, (k, v)) in enumerate(zip(model.blocks(), kv_cache, strict=True)):
             for t in (k, v, block.attn_norm.weight, block.ffn_norm.weight):
-                if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                    raise ValueError("the native decoder needs float32, contiguous CPU tensors")
+                want = kv_dtype if t is k or t is v else torch.float32
+                if t.dtype != want or t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError("the native decoder needs contiguous CPU tensors: float32 weights, one KV dtype")
             layers[i] = _Layer(
                 block.attn_norm.weight.data_ptr(),
                 block.ffn_norm.weight.data_ptr(),
@@ -766,6 +791,7 @@ class NativeDecoder:
             model.rope_cos.data_ptr(),
             model.rope_sin.data_ptr(),
             layers,
+            int(kv_dtype == torch.float16),
         )
         self.ptr = ctypes.byref(self.struct)
 
