@@ -11,7 +11,8 @@ sparse path and for all groups at once in the dense path (`--kv-heads`).
 Then decode steps (`--decode`, "m:L": m sequences of L tokens each, one new query token each): our C decode attention
 (`native.decode_attention`, reading the paged cache where it is) against torch's over the same cache (each row's K
 and V gathered by slot, then SDPA, grouped-query), with the sequences on scattered slots of a cache holding them
-all, as the engine's block tables place them."""
+all, as the engine's block tables place them; for a float32 cache and, where the kernels read one, a float16 cache
+(`--kv-cache-dtype float16`)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def _measure(n: int, length: int, args: argparse.Namespace, generator: Any) -> d
             "max_abs_error": (theirs[0][0].transpose(0, 1) - ours).abs().max().item()}  # fmt: skip
 
 
-def _measure_decode(m: int, length: int, args: argparse.Namespace, generator: Any) -> dict[str, Any]:
-    """One decode shape: m rows of `length` context each on scattered slots (16-slot blocks in random order)."""
+def _measure_decode(m: int, length: int, kv_dtype: str, args: argparse.Namespace, generator: Any) -> dict[str, Any]:
+    """One decode shape: m rows of `length` context each on scattered slots (16-slot blocks in random order), the
+    cache in `kv_dtype` (float32 or float16: torch converts what it gathers)."""
     import torch
     import torch.nn.functional as F
 
@@ -81,13 +83,15 @@ def _measure_decode(m: int, length: int, args: argparse.Namespace, generator: An
     block = 16
     blocks = -(-length // block)
     num_slots = m * blocks * block
-    read = 2 * m * length * args.kv_heads * args.dim * 4  # the K and V bytes each call reads
+    dtype = getattr(torch, kv_dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    read = 2 * m * length * args.kv_heads * args.dim * itemsize  # the K and V bytes each call reads
     # as many layers' caches as make ~256 MB (up to 30): a decode step walks every layer's, so they come from memory,
     # not from the last level cache as one small cache called again would
-    layers = max(1, min(30, (256 << 20) // (2 * num_slots * args.kv_heads * args.dim * 4)))
+    layers = max(1, min(30, (256 << 20) // (2 * num_slots * args.kv_heads * args.dim * itemsize)))
     caches = [
-        (torch.randn(num_slots, args.kv_heads, args.dim, generator=generator),
-         torch.randn(num_slots, args.kv_heads, args.dim, generator=generator))
+        (torch.randn(num_slots, args.kv_heads, args.dim, generator=generator).to(dtype),
+         torch.randn(num_slots, args.kv_heads, args.dim, generator=generator).to(dtype))
         for _ in range(layers)
     ]  # fmt: skip
     order = torch.randperm(m * blocks, generator=generator).view(m, blocks)  # each row's block table
@@ -103,12 +107,12 @@ def _measure_decode(m: int, length: int, args: argparse.Namespace, generator: An
 
     def run_torch() -> None:
         for k_cache, v_cache in caches:
-            keys = k_cache[slots].transpose(1, 2)  # [m, kv heads, L, D]
-            values = v_cache[slots].transpose(1, 2)
+            keys = k_cache[slots].float().transpose(1, 2)  # [m, kv heads, L, D]
+            values = v_cache[slots].float().transpose(1, 2)
             theirs[:] = [F.scaled_dot_product_attention(q[:, :, None], keys, values, enable_gqa=True)[:, :, 0]]
 
     t_ours, t_torch = (t / layers for t in best_alternating(run_ours, run_torch, args.repeats))
-    return {"m": m, "keys": length, "layers": layers, "ours_ms": round(t_ours * 1e3, 3),
+    return {"m": m, "keys": length, "cache": kv_dtype, "layers": layers, "ours_ms": round(t_ours * 1e3, 3),
             "torch_ms": round(t_torch * 1e3, 3), "ours_gbs": round(read / t_ours / 1e9, 1),
             "torch_gbs": round(read / t_torch / 1e9, 1), "speedup": round(t_torch / t_ours, 2),
             "max_abs_error": (theirs[0] - ours).abs().max().item()}  # fmt: skip
@@ -134,9 +138,11 @@ def cmd_bench_cpu_attention(args: argparse.Namespace) -> int:
         rows.append(_measure(n, length, args, generator))
         print(rows[-1], file=sys.stderr)
     decode = []
+    kv_dtypes = ["float32"] + (["float16"] if native.kv_float16() else [])
     for m, length in args.decode:
-        decode.append(_measure_decode(m, length, args, generator))
-        print(decode[-1], file=sys.stderr)
+        for kv_dtype in kv_dtypes:
+            decode.append(_measure_decode(m, length, kv_dtype, args, generator))
+            print(decode[-1], file=sys.stderr)
     lanes = native.library().native_simd()
     capability = torch.backends.cpu.get_cpu_capability()
     headers = ["rows", "keys", "ours ms", "torch ms", "ours GFLOPS", "torch GFLOPS", "ours vs torch", "max |diff|"]
@@ -153,13 +159,15 @@ def cmd_bench_cpu_attention(args: argparse.Namespace) -> int:
     if decode:
         table += "\n\nDecode steps (m sequences of L keys each, one query token each, on scattered cache slots):\n\n"
         table += markdown_table(
-            ["sequences", "keys", "ours ms", "torch ms", "ours GB/s", "torch GB/s", "ours vs torch", "max |diff|"],
-            [[r["m"], r["keys"], r["ours_ms"], r["torch_ms"], r["ours_gbs"], r["torch_gbs"], r["speedup"],
+            ["sequences", "keys", "cache", "ours ms", "torch ms", "ours GB/s", "torch GB/s", "ours vs torch",
+             "max |diff|"],
+            [[r["m"], r["keys"], r["cache"], r["ours_ms"], r["torch_ms"], r["ours_gbs"], r["torch_gbs"], r["speedup"],
               f"{r['max_abs_error']:.1e}"] for r in decode],
         )  # fmt: skip
         table += (
             "\n\nPer layer: each call cycles over up to 30 layers' caches (~256 MB), as a decode step does; GB/s: the"
-            " K and V bytes a call reads over its time; torch gathers them by slot, then SDPA."
+            " K and V bytes a call reads over its time (a float16 cache: half); torch gathers them by slot (a float16"
+            " cache converted to float32), then SDPA."
         )
     print(table)
     report = {"benchmark": "cpu-attention", "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,

@@ -460,12 +460,15 @@ def test_cpu_attention_benchmark_compares_both_kernels_on_the_same_inputs(tmp_pa
     report = json.loads(out.read_text())
     assert [(r["n"], r["keys"]) for r in report["rows"]] == [(16, 16), (40, 300)]
     # decode steps: more sequences than keys is a shape too; 1,500 keys take the chunked (split) kernel
-    assert [(r["m"], r["keys"]) for r in report["decode_rows"]] == [(3, 1500), (8, 4)]
+    caches = ["float32"] + (["float16"] if native.kv_float16() else [])
+    assert [(r["m"], r["keys"], r["cache"]) for r in report["decode_rows"]] == [
+        (m, keys, cache) for m, keys in ((3, 1500), (8, 4)) for cache in caches
+    ]
     for r in report["rows"] + report["decode_rows"]:
         assert r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["max_abs_error"] < 1e-5
     assert report["lanes"] == native.library().native_simd() and report["prefill_keys"] == native.prefill_keys()
     text = out.with_suffix(".md").read_text()
-    assert text.startswith("| rows | keys | ours ms |") and "| sequences | keys | ours ms |" in text
+    assert text.startswith("| rows | keys | ours ms |") and "| sequences | keys | cache | ours ms |" in text
     for shape, named in (("8:4", "0 < n <= L"), ("8", "n:L")):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "cpu-attention", "--shapes", shape])
