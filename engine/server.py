@@ -284,6 +284,7 @@ class EngineService:
             device=str(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
             scheduler=cfg.scheduler,
+            kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:

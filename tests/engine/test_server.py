@@ -249,6 +249,7 @@ def test_model_info_and_reflection(server: ServerThread, stub: pb_grpc.EngineStu
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.context_length, info.vocab_size, list(info.eos_token_ids)) == (8192, 49152, [2])
     assert info.has_chat_template and info.kv_block_size == 16
+    assert info.kv_cache_dtype == info.dtype  # --kv-cache-dtype auto: the model's
     # the device the engine chose (device "auto": CUDA where present)
     assert torch.device(info.device).type == ("cuda" if torch.cuda.is_available() else "cpu")
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
