@@ -121,6 +121,8 @@ def engine_args(spec: Manifest) -> list[str]:
     args += ["--scheduler", engine["scheduler"]]
     if "kvCacheTokens" in engine:
         args += ["--kv-cache-tokens", str(engine["kvCacheTokens"])]
+    if engine.get("kvCacheDtype", "auto") != "auto":
+        args += ["--kv-cache-dtype", engine["kvCacheDtype"]]
     if "kvCacheMemoryFraction" in engine:
         args += ["--kv-cache-memory-fraction", str(engine["kvCacheMemoryFraction"])]
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]), "--max-batched-tokens", str(engine["maxBatchedTokens"])]

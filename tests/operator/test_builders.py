@@ -196,6 +196,17 @@ def test_keda_scaled_object_sums_the_pool_signal(minimal: dict[str, Any]) -> Non
     assert trigger["metadata"]["serverAddress"].startswith("http://")
 
 
+def test_kv_cache_dtype_reaches_the_engine(minimal: dict[str, Any]) -> None:
+    """engine.kvCacheDtype other than auto becomes --kv-cache-dtype; auto (the default) leaves the engine's own."""
+    args = by_kind(b.build_children(minimal))["Deployment/smollm2"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--kv-cache-dtype" not in args
+    minimal["spec"].update(
+        resources={"gpus": 0}, engine={**minimal["spec"].get("engine", {}), "kvCacheDtype": "float16"}
+    )
+    args = by_kind(b.build_children(minimal))["Deployment/smollm2"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--kv-cache-dtype") + 1] == "float16"
+
+
 @pytest.mark.parametrize("weights", ["int4", "fp16", "float"])
 def test_other_model_sources_and_cpu_pods(minimal: dict[str, Any], weights: str) -> None:
     minimal["spec"].update(

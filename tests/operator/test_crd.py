@@ -95,6 +95,8 @@ INVALID = [
     ({"gateway": {"enabled": True}}, "gateway.endpointPickerRef is required"),
     ({"model": {"weights": "fp16"}}, "model.weights fp16 and int4 run on CPU only"),  # gpus defaults to 1
     ({"model": {"weights": "int4"}, "resources": {"gpus": 1}}, "model.weights fp16 and int4 run on CPU only"),
+    ({"engine": {"kvCacheDtype": "float16"}}, "engine.kvCacheDtype float32 and float16 are for CPU pods"),
+    ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 0}}, "spec.engine.kvCacheDtype: 'int8' is not one of"),
 ]
 
 
@@ -113,6 +115,7 @@ def test_valid_variations(schema: dict[str, Any]) -> None:
         {"autoscaling": {"mode": "keda", "minReplicas": 0, "maxReplicas": 4}},  # scale to zero with KEDA
         {"resources": {"gpus": 0}},
         {"resources": {"gpus": 0}, "model": {"source": "builtin", "weights": "fp16"}},
+        {"resources": {"gpus": 0}, "engine": {"kvCacheDtype": "float16"}},
         {"resources": {"gpuResourceName": "nvidia.com/mig-3g.40gb", "memory": 17179869184}},
         {"rollout": {"maxSurge": "25%", "maxUnavailable": 0}},
         {"model": {"source": "image", "image": "ghcr.io/x/y:1", "path": "model.gguf"}},
