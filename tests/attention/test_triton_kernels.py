@@ -164,6 +164,49 @@ def test_auto_loop_candidates_each_compute_the_attention(monkeypatch: pytest.Mon
     assert bool(out[:, [0, 3]].isnan().all()), "the other query heads are left as they were (NaN from the last fill)"
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="simulates a GPU's autotuner on CPU tensors")
+def test_auto_loop_that_fails_on_a_gpu_falls_back_to_the_nested_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the autotuned launch raises (a candidate the GPU's compiler rejects, say), the call still returns the
+    attention, through the nested loop, says why in the log, and later calls go straight to the nested loop."""
+    import triton
+
+    from optimist.engine.attention.sparse import triton_kernels
+
+    n, d = 120, 16
+    q, k, v = qkv(n, 0, 2, 2, d, seed=5)
+    index = build_a_shape_index(2, 0, n, n_init=8, n_local=64)
+    expected = reference(q, k, v, torch.stack([index.mask(h) for h in range(2)]))
+    attempts = []
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        raise RuntimeError("no such instruction on this GPU")
+
+    class Broken:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            return broken
+
+    def cpu_bench(kernel_call, quantiles):  # type: ignore[no-untyped-def]
+        kernel_call()
+        return [1.0] * len(quantiles)
+
+    nested = triton.autotune(triton_kernels._TUNE_VS, key=["HEAD_DIM", "BLOCK_M", "IEEE"], do_bench=cpu_bench)(
+        triton_kernels._vertical_slash_kernel
+    )
+    monkeypatch.setattr(triton_kernels, "_autotuned", lambda _q: True)
+    monkeypatch.setattr(triton_kernels, "_vertical_slash_auto", Broken())
+    monkeypatch.setattr(triton_kernels, "_vertical_slash_tuned", nested)
+    monkeypatch.setattr(triton_kernels, "_auto_failed", [])
+    with caplog.at_level("WARNING"):
+        got = vertical_slash_attention(q, k, v, index, loop="auto")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert "no such instruction on this GPU" in caplog.text and "nested loop" in caplog.text
+    torch.testing.assert_close(vertical_slash_attention(q, k, v, index, loop="auto"), expected, atol=1e-5, rtol=1e-5)
+    assert len(attempts) == 1  # not retried
+
+
 @pytest.mark.parametrize("q_start", [0, 100])
 def test_block_sparse_kernel_matches_the_reference_for_a_subset_of_heads(q_start: int) -> None:
     n, d, hq = 300, 16, 4

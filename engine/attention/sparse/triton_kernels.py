@@ -25,6 +25,7 @@ Set TRITON_INTERPRET before this module is imported to run on CPU tensors.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -37,6 +38,8 @@ from .index import BlockSparseIndex, VerticalSlashIndex
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
+log = logging.getLogger(__name__)
+_auto_failed: list[str] = []  # why loop="auto" could not run here (then it runs the nested loop)
 
 
 @triton.jit
@@ -285,8 +288,8 @@ def vertical_slash_attention(
     loop: "nested" walks each segment's key range in its own loop; "flat" runs every block's ranges as one loop
     over the head's tile list (`index.tile_table(tile_n)`, tile_n keys a tile); "auto" lets autotuning on a GPU
     time both (the flat one over tiles of AUTO_TILE_N keys) among the other launch parameters and keep the faster
-    per head size, query block and precision (without a GPU, where nothing is timed, it runs the nested loop).
-    Same keys, same result."""
+    per head size, query block and precision (without a GPU, where nothing is timed, it runs the nested loop; and
+    if autotuning fails on a GPU, it logs why and runs the nested loop from then on). Same keys, same result."""
     heads, group, scale, strides = _common(q, k, v, heads)
     ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
@@ -296,8 +299,8 @@ def vertical_slash_attention(
     if tile_n < 16 or tile_n & (tile_n - 1):
         raise ValueError(f"tile width {tile_n} must be a power of two of at least 16")
     tuned = _autotuned(q)
-    if loop == "auto" and not tuned:
-        loop = "nested"
+    if loop == "auto" and (not tuned or _auto_failed):
+        loop = "nested"  # nothing to time without a GPU, or auto failed on this one before
     segments = (index.seg_lo, index.seg_hi, index.seg_count)
     if loop == "nested":
         table: tuple[torch.Tensor, ...] = (*segments, index.seg_count)  # not read by the nested loop
@@ -314,7 +317,12 @@ def vertical_slash_attention(
     if not tuned:
         _vertical_slash_kernel[grid](*args, BLOCK_N=tile_n, FLAT=loop == "flat", **consts)
     elif loop == "auto":
-        _vertical_slash_auto[grid](*args, **consts)
+        try:
+            _vertical_slash_auto[grid](*args, **consts)
+        except Exception as exc:  # a candidate that does not compile on this GPU, say: keep serving, nested
+            _auto_failed.append(f"{type(exc).__name__}: {exc}")
+            log.warning("sparse attention: loop=auto failed here (%s); the nested loop from now on", _auto_failed[0])
+            return vertical_slash_attention(q, k, v, index, heads, out, "nested", tile_n)
     elif loop == "flat":
         _vertical_slash_flat_tuned[grid](*args, BLOCK_N=tile_n, FLAT=True, **consts)
     else:
