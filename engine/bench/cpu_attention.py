@@ -27,15 +27,22 @@ SHAPES = [(128, 128), (512, 512), (2048, 2048), (2048, 4096), (2048, 7183), (204
 DECODE = [(1, 512), (1, 2048), (1, 7183), (1, 16384), (8, 2048), (8, 7183)]
 
 
-def _shape(text: str, form: str = "n:L (query rows : keys)") -> tuple[int, int]:
+def _pair(text: str, form: str) -> tuple[int, int]:
+    """Two positive integers "a:b" (`form` names them in the error)."""
     try:
-        n, length = (int(x) for x in text.split(":"))
+        a, b = (int(x) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"a shape is {form}, got {text!r}") from None
-    if not 0 < n <= length and form.startswith("n:"):
-        raise argparse.ArgumentTypeError(f"a shape needs 0 < n <= L, got {text!r}")
-    if not (n > 0 and length > 0):
+    if a <= 0 or b <= 0:
         raise argparse.ArgumentTypeError(f"a shape needs positive numbers, got {text!r}")
+    return a, b
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """A prefill shape n:L, n query rows of L keys (n <= L)."""
+    n, length = _pair(text, "n:L (query rows : keys)")
+    if n > length:
+        raise argparse.ArgumentTypeError(f"a shape needs 0 < n <= L, got {text!r}")
     return n, length
 
 
@@ -182,7 +189,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("cpu-attention", help="prefill attention: our C kernel vs torch's flash kernel on CPU")
     p.add_argument("--shapes", type=lambda s: [_shape(x) for x in s.split(",")], default=SHAPES,
                    help="n:L pairs (query rows : keys), comma-separated")  # fmt: skip
-    p.add_argument("--decode", type=lambda s: [_shape(x, "m:L (sequences : keys)") for x in s.split(",") if x],
+    p.add_argument("--decode", type=lambda s: [_pair(x, "m:L (sequences : keys)") for x in s.split(",") if x],
                    default=DECODE, help="m:L pairs (sequences : keys each) for decode steps; empty: none")  # fmt: skip
     p.add_argument("--heads", type=positive_int, default=9)
     p.add_argument("--kv-heads", type=positive_int, default=3)

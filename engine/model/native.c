@@ -817,6 +817,7 @@ static inline const float *kv_row(const char *row, int64_t D, int half, float *b
 #ifndef DECODE_CHUNK
 #define DECODE_CHUNK 1024
 #endif
+static inline int64_t decode_chunks(int64_t len) { return (len + DECODE_CHUNK - 1) / DECODE_CHUNK; }
 
 /* Attention of m single-token queries over the paged cache: row r's query heads at q + r * q_stride (nh heads of
    D floats), its keys and values at slots[r, :lens[r]] of k_cache / v_cache ([slots, nkv, D]); query head h reads
@@ -837,7 +838,7 @@ static int decode_attention(const float *q, int64_t q_stride, const void *k_cach
   if (D % 32 == 0) {
     int64_t tasks = 0, parts = 0; /* parts: chunks of rows that have more than one */
     for (int64_t r = 0; r < m; r++) {
-      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      const int64_t chunks = decode_chunks(lens[r]);
       tasks += nkv * chunks, parts += chunks > 1 ? nkv * chunks : 0;
     }
     int64_t *task_row = malloc(sizeof(int64_t) * (size_t)tasks), *row_part = malloc(sizeof(int64_t) * (size_t)m);
@@ -849,14 +850,14 @@ static int decode_attention(const float *q, int64_t q_stride, const void *k_cach
       return -1;
     }
     for (int64_t r = 0, t = 0, pt = 0; r < m; r++) {
-      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      const int64_t chunks = decode_chunks(lens[r]);
       row_part[r] = chunks > 1 ? pt : -1, row_task[r] = t;
       pt += chunks > 1 ? nkv * chunks : 0;
       for (int64_t i = 0; i < nkv * chunks; i++) task_row[t++] = r;
     }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; t++) {
-      const int64_t r = task_row[t], chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      const int64_t r = task_row[t], chunks = decode_chunks(lens[r]);
       /* a row's tasks are consecutive, KV group major */
       const int64_t i = t - row_task[r], kv = i / chunks, c = i % chunks, hd = kv * rep, j0 = c * DECODE_CHUNK;
       const int64_t len = lens[r] - j0 < DECODE_CHUNK ? lens[r] - j0 : DECODE_CHUNK;
@@ -874,7 +875,7 @@ static int decode_attention(const float *q, int64_t q_stride, const void *k_cach
 #pragma omp parallel for schedule(static)
     for (int64_t rh = 0; rh < m * nh; rh++) {
       const int64_t r = rh / nh, hd = rh % nh, kv = hd / rep, h = hd % rep;
-      const int64_t chunks = (lens[r] + DECODE_CHUNK - 1) / DECODE_CHUNK;
+      const int64_t chunks = decode_chunks(lens[r]);
       if (chunks == 1) continue;
       const float *p0 = part + (row_part[r] + kv * chunks) * rep * (D + 2);
       const int64_t step = rep * (D + 2);
