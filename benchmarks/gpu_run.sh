@@ -34,7 +34,7 @@ case "${1:-kernels}" in
     ;;
   tests)
     # the model-free ones (the rest of tests/attention loads the default model: `engine` runs those)
-    python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py \
+    python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py \
       tests/attention/test_sparse_reference.py tests/attention/test_cpu_attention.py 2>&1 | tee "$OUT/tests-attention.log"
     ;;
   engine)

@@ -280,6 +280,23 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attention.sparse.compile_check import as_json, check_kernels, summary, table
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    rows = check_kernels(args.arch, dtype, args.head_dim)
+    print(table(rows, args.arch))
+    problems = summary(rows)
+    if args.out:
+        report = {"arch": args.arch, "dtype": args.dtype, "head_dim": args.head_dim, "rows": as_json(rows)}
+        args.out.write_text(json.dumps(report | {"problems": problems}, indent=1) + "\n")
+    for problem in problems:
+        print(f"optimist check-kernels: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from optimist.operator.main import main as operator_main
 
@@ -355,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     sp.set_defaults(func=cmd_search_patterns)
+
+    ck = sub.add_parser(
+        "check-kernels",
+        help="compile the sparse-prefill Triton kernels for an NVIDIA GPU (no GPU needed) and report each "
+        "autotuning candidate's shared memory",
+    )
+    ck.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 A100, 89 L4/L40, 90 H100/H200")
+    ck.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ck.add_argument("--head-dim", type=int, default=128, help="attention head size (a power of two, at least 16)")
+    ck.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    ck.set_defaults(func=cmd_check_kernels)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator for InferencePools (kopf)")
     op.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")

@@ -170,12 +170,27 @@ class Engine:
         patterns = None
         if config.sparse_prefill_threshold:
             patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)
+            if self.device.type == "cuda":
+                self._precompile_sparse_kernels()
         self.runner = ModelRunner(self.model, kv, config.kv_block_size, config.sparse_prefill_threshold, patterns)
         self.scheduler = Scheduler(
             make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
+
+    def _precompile_sparse_kernels(self) -> None:
+        """Compiles the sparse-prefill kernels' autotuning candidates for this model's heads before serving (the
+        engine is ready after), so the first long prompt only times them instead of waiting on ~20 compilations."""
+        from .attention.sparse.compile_check import precompile
+
+        mc = self.model_config
+        start = time.perf_counter()
+        try:
+            done = precompile(self.dtype, mc.head_dim, (mc.num_heads, mc.num_kv_heads), self.device)
+        except ValueError as exc:
+            raise ConfigError(f"sparse prefill on {self.device}: {exc}") from exc
+        log.info("sparse prefill: %d kernel programs compiled in %.1f s", done, time.perf_counter() - start)
 
     def _weights_mode(self, config: EngineConfig) -> str:
         """The weight mode to load with: the configured one, checked, or what `auto` picks here."""

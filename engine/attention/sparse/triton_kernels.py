@@ -97,7 +97,14 @@ def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):
     )
 
 
-@triton.jit
+# Sizes that change from chunk to chunk are not specialized on (divisible by 16, equal to 1): each new pattern of
+# them would compile the kernel again in the middle of serving (5 programs over 8 chunk shapes, measured with
+# `compile_check`); one program per configuration also lets `precompile` compile them all at start.
+_SIZES_VS = ["n", "q_start", "group", "max_seg", "max_tile", "max_col", "num_blocks", "cov_len"]
+_SIZES_BS = ["n", "q_start", "group", "max_blocks", "num_blocks", "max_col"]
+
+
+@triton.jit(do_not_specialize=_SIZES_VS)
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
     seg_lo, seg_hi, seg_count, tile_start, tile_end, tile_count, tile_first, columns, col_count, col_first, covered,
@@ -169,7 +176,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
     _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES_BS)
 def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
     blocks, count, columns, col_count, col_skip,
@@ -272,6 +279,39 @@ def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tens
     return heads, hq // k.shape[1], scale, strides
 
 
+def vertical_slash_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: VerticalSlashIndex,
+    heads: torch.Tensor | None,
+    out: torch.Tensor,
+    loop: str,
+    tile_n: int,
+) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
+    """The vertical-slash kernel's grid, arguments and constexprs (BLOCK_N and FLAT left to the caller) for a
+    launch over `index` with `loop` "nested", "flat" (tiles of tile_n keys) or "auto" (flat tiles of AUTO_TILE_N)."""
+    heads, group, scale, strides = _common(q, k, v, heads)
+    if loop not in ("nested", "flat", "auto"):
+        raise ValueError(f"unknown loop {loop!r} (nested, flat or auto)")
+    if tile_n < 16 or tile_n & (tile_n - 1):
+        raise ValueError(f"tile width {tile_n} must be a power of two of at least 16")
+    segments = (index.seg_lo, index.seg_hi, index.seg_count)
+    if loop == "nested":
+        table: tuple[torch.Tensor, ...] = (*segments, index.seg_count)  # not read by the nested loop
+    else:
+        tiles = index.tile_table(AUTO_TILE_N if loop == "auto" else tile_n)
+        table = (tiles.start, tiles.end, tiles.count, tiles.first)
+    args = (
+        q, k, v, out, heads, *segments, *table, index.columns, index.col_count, index.col_first, index.covered,
+        index.n, index.q_start, group, scale,
+        *strides, out.stride(0), out.stride(1),
+        index.seg_lo.shape[1], table[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
+    )  # fmt: skip
+    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "IEEE": q.dtype == torch.float32}
+    return (index.num_blocks, len(heads)), args, consts
+
+
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -290,30 +330,11 @@ def vertical_slash_attention(
     time both (the flat one over tiles of AUTO_TILE_N keys) among the other launch parameters and keep the faster
     per head size, query block and precision (without a GPU, where nothing is timed, it runs the nested loop; and
     if autotuning fails on a GPU, it logs why and runs the nested loop from then on). Same keys, same result."""
-    heads, group, scale, strides = _common(q, k, v, heads)
-    ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
-    grid = (index.num_blocks, len(heads))
-    if loop not in ("nested", "flat", "auto"):
-        raise ValueError(f"unknown loop {loop!r} (nested, flat or auto)")
-    if tile_n < 16 or tile_n & (tile_n - 1):
-        raise ValueError(f"tile width {tile_n} must be a power of two of at least 16")
     tuned = _autotuned(q)
     if loop == "auto" and (not tuned or _auto_failed):
         loop = "nested"  # nothing to time without a GPU, or auto failed on this one before
-    segments = (index.seg_lo, index.seg_hi, index.seg_count)
-    if loop == "nested":
-        table: tuple[torch.Tensor, ...] = (*segments, index.seg_count)  # not read by the nested loop
-    else:
-        tiles = index.tile_table(AUTO_TILE_N if loop == "auto" else tile_n)
-        table = (tiles.start, tiles.end, tiles.count, tiles.first)
-    args = (
-        q, k, v, out, heads, *segments, *table, index.columns, index.col_count, index.col_first, index.covered,
-        index.n, index.q_start, group, scale,
-        *strides, out.stride(0), out.stride(1),
-        index.seg_lo.shape[1], table[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
-    )  # fmt: skip
-    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "IEEE": ieee}
+    grid, args, consts = vertical_slash_launch(q, k, v, index, heads, out, loop, tile_n)
     if not tuned:
         _vertical_slash_kernel[grid](*args, BLOCK_N=tile_n, FLAT=loop == "flat", **consts)
     elif loop == "auto":
@@ -330,6 +351,32 @@ def vertical_slash_attention(
     return out
 
 
+def block_sparse_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockSparseIndex,
+    heads: torch.Tensor | None,
+    out: torch.Tensor,
+) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
+    """The block-sparse kernel's grid, arguments and constexprs for a launch over `index`."""
+    heads, group, scale, strides = _common(q, k, v, heads)
+    num_blocks = index.blocks.shape[1]
+    args = (
+        q, k, v, out, heads, index.blocks, index.count, index.columns, index.col_count, index.col_skip,
+        index.n, index.q_start, group, scale,
+        *strides, out.stride(0), out.stride(1),
+        index.blocks.shape[2], num_blocks, index.columns.shape[1],
+    )  # fmt: skip
+    consts = {
+        "HEAD_DIM": q.shape[2],
+        "BLOCK_M": index.block,
+        "KEY_BLOCK": index.block,
+        "IEEE": q.dtype == torch.float32,
+    }
+    return (num_blocks, len(heads)), args, consts
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,18 +386,8 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Like `vertical_slash_attention`, over a block-sparse index (query blocks and key blocks of index.block)."""
-    heads, group, scale, strides = _common(q, k, v, heads)
-    ieee = q.dtype == torch.float32
     out = torch.empty_like(q) if out is None else out
-    num_blocks = index.blocks.shape[1]
-    grid = (num_blocks, len(heads))
-    args = (
-        q, k, v, out, heads, index.blocks, index.count, index.columns, index.col_count, index.col_skip,
-        index.n, index.q_start, group, scale,
-        *strides, out.stride(0), out.stride(1),
-        index.blocks.shape[2], num_blocks, index.columns.shape[1],
-    )  # fmt: skip
-    consts = {"HEAD_DIM": q.shape[2], "BLOCK_M": index.block, "KEY_BLOCK": index.block, "IEEE": ieee}
+    grid, args, consts = block_sparse_launch(q, k, v, index, heads, out)
     if not _autotuned(q):
         _block_sparse_kernel[grid](*args, **consts)
     else:
