@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh kernels   # optimist bench sparse-attention at 32K..1M (Llama-3-8B head shapes)
 #   bash benchmarks/gpu_run.sh tests     # the kernel and index tests on CUDA (no model needed)
 #   bash benchmarks/gpu_run.sh engine    # the engine tests and `bench serve` on CUDA (needs the model, see below)
+#   bash benchmarks/gpu_run.sh quick     # kernel tests, then the #4 targets' rows only (fits a 15-minute budget)
 #
 # That machine has torch, triton, grpcio, protobuf, transformers, pytest but not this project: it runs from the
 # checkout through a path shim, with the wheels it lacks carried in .whl/ (gguf, grpcio-health-checking,
@@ -32,6 +33,14 @@ case "${1:-kernels}" in
     python3 -m optimist.engine.cli bench sparse-attention --out "$OUT/sparse-attention-gpu.json" 2>&1 |
       tee "$OUT/kernels.log"
     ;;
+  quick)
+    # for a 15-minute device budget: the kernel tests (compile, autotune incl. loop=auto, precompiled programs),
+    # then the targets' rows only (vertical-slash at 128K and 1M; nested, flat and auto loops; 64- and 128-row blocks)
+    python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py \
+      tests/attention/test_compile_check.py 2>&1 | tee "$OUT/tests-attention.log"
+    python3 -m optimist.engine.cli bench sparse-attention --lengths 131072,1048576 --patterns vertical_slash \
+      --out "$OUT/sparse-attention-gpu-targets.json" 2>&1 | tee "$OUT/kernels.log"
+    ;;
   tests)
     # the model-free ones (the rest of tests/attention loads the default model: `engine` runs those)
     python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py \
@@ -51,7 +60,7 @@ case "${1:-kernels}" in
       --out "$OUT/serving-gpu.json" 2>&1 | tee "$OUT/serve.log"
     ;;
   *)
-    echo "usage: $0 kernels|tests|engine" >&2
+    echo "usage: $0 kernels|tests|engine|quick" >&2
     exit 2
     ;;
 esac

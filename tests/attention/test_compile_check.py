@@ -47,6 +47,7 @@ def test_kernels_compile_for_hopper_and_a_smaller_gpu_turns_away_what_it_cannot_
     for row in hopper.values():
         assert row["error"] == "" and row["fits"] and row["pipelined"], row
         assert 100 * 1024 < row["shared"] <= 232448, row  # several stages of 128-wide K/V tiles in shared memory
+        assert 64 < row["registers"] <= 255 and row["stack"] >= 0, row  # read back from the cubin
     assert got["hopper_problems"] == []
     for row in got["ada"]:  # an L4/L40 has 99 KiB a program: these two configurations cannot run there
         assert row["error"] == "" and not row["fits"], row

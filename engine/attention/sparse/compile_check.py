@@ -40,6 +40,8 @@ class Compiled:
     pipelined: bool  # loads issued asynchronously ahead of use (software pipelining took the key loop)
     seconds: float
     error: str = ""
+    registers: int = -1  # per thread (255 is the most; more live values spill to the stack)
+    stack: int = -1  # bytes of stack per thread: spilled registers (0 is what a fast kernel has)
 
 
 def _driver_class(arch: int) -> type:
@@ -237,8 +239,29 @@ def check_kernels(
                 shared = int(compiled.metadata.shared)
                 pipelined = bool(_TILE_COPY.search(compiled.asm["ttgir"]))
                 seconds = time.perf_counter() - t
-                rows.append(Compiled(name, text, shared, shared <= SHARED_LIMIT[arch], pipelined, seconds))
+                fits = shared <= SHARED_LIMIT[arch]
+                regs, stack = _resources(compiled.asm["cubin"])
+                rows.append(Compiled(name, text, shared, fits, pipelined, seconds, "", regs, stack))
     return rows
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of the program in `cubin`, from cuobjdump (shipped with Triton)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            done = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
+        except OSError:
+            return -1, -1
+    regs, stack = re.search(r"REG:(\d+)", done.stdout), re.search(r"STACK:(\d+)", done.stdout)
+    return (int(regs.group(1)) if regs else -1), (int(stack.group(1)) if stack else -1)
 
 
 def summary(rows: Sequence[Compiled]) -> list[str]:
@@ -252,14 +275,15 @@ def summary(rows: Sequence[Compiled]) -> list[str]:
 
 def table(rows: Sequence[Compiled], arch: int) -> str:
     lines = [
-        f"| kernel (sm_{arch}) | configuration | shared KiB | fits | pipelined | compile s | error |",
-        "|---|---|---:|---|---|---:|---|",
+        f"| kernel (sm_{arch}) | configuration | shared KiB | fits | pipelined | registers | stack B | compile s "
+        "| error |",
+        "|---|---|---:|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         shared = f"{r.shared / 1024:.1f}" if r.shared >= 0 else "-"
         lines.append(
             f"| {r.kernel} | {r.config} | {shared} | {'yes' if r.fits else 'no'} | {'yes' if r.pipelined else 'no'} "
-            f"| {r.seconds:.1f} | {r.error[:120]} |"
+            f"| {r.registers} | {r.stack} | {r.seconds:.1f} | {r.error[:120]} |"
         )
     return "\n".join(lines)
 
