@@ -1,10 +1,12 @@
 """Compiles the sparse-attention Triton kernels for an NVIDIA GPU architecture on a machine without one.
 
 Triton's compiler and `ptxas` (shipped in the triton wheel) need no GPU: with a compile-only driver that names
-the target, `JITFunction.warmup` runs the launcher's real argument specialization (pointer alignment, strides
-divisible by 16) through every stage to a cubin and reports its shared memory. `check_kernels` does that for every
-configuration the launchers autotune over, so a kernel that would not compile, or whose every configuration
-needs more shared memory than the GPU has, shows here rather than at a pod's first long prompt.
+the target (`compile_only`), a warm-up run of the JIT function (compile, do not launch) takes the launcher's real
+arguments through Triton's specialization (pointer alignment, strides divisible by 16) and every stage to a cubin.
+`check_kernels` does that for every configuration the launchers autotune over and reports shared memory,
+pipelining, registers and spills, so a kernel that would not compile, or whose every configuration needs more
+shared memory than the GPU has, shows here rather than at a pod's first long prompt. `precompile` is the same
+compilation on a real GPU, which the engine runs at start.
 
 `optimist check-kernels` prints the table. Run it with TRITON_INTERPRET unset (the interpreter replaces the
 compiler); the test suite runs it in a subprocess.
@@ -104,14 +106,16 @@ def launches(
     q_start: int = 0,
     heads: tuple[int, int] = (32, 8),
     device: torch.device | str = "cpu",
-    block: int = 64,
+    block: int | None = None,
 ) -> tuple[Any, tuple[int, int], tuple[Any, ...], dict[str, Any]]:
     """(JIT function, grid, arguments, constexprs) of one launch over a chunk of n queries after q_start cached keys
     in the engine's packed layout, built by the launcher's own argument code; `heads`: query and KV heads (default
     Llama-3-8B's 32 on 8). The index is a small valid one (its values do not change what compiles)."""
     from . import triton_kernels as tk
+    from .gpu import BLOCK
     from .index import build_block_sparse_index, build_vertical_slash_index
 
+    block = BLOCK if block is None else block  # the engine's query rows per program
     hq, hkv = heads
     length = q_start + n
     q = torch.zeros(n, hq, head_dim, dtype=dtype, device=device)
