@@ -7,6 +7,8 @@ A request owns a block table (a list of block ids); token t of the request lives
 from __future__ import annotations
 
 import hashlib
+import math
+import mmap
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -119,12 +121,26 @@ def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> l
     return [block_table[t // block_size] * block_size + t % block_size for t in range(start, end)]
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros in an anonymous memory mapping: the OS supplies each page, zeroed, when it is first
+    touched, so memory is spent as the cache fills rather than all at start. (torch.zeros wrote every byte: for the
+    default 65,536-token cache of SmolLM2, 3 GB resident and ~3.4 s of a ~10 s engine start.)"""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
+
+
 def allocate_cache(
     config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each [num_blocks * block_size, kv_heads, head_dim]."""
+    """One (K, V) pair per layer, each [num_blocks * block_size, kv_heads, head_dim], zeroed (on CPU, page by page
+    as used: `zeros_on_demand`)."""
     shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-    return [
-        (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-        for _ in range(config.num_layers)
-    ]
+
+    def zeros() -> torch.Tensor:
+        if device.type == "cpu":
+            return zeros_on_demand(shape, dtype)
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    return [(zeros(), zeros()) for _ in range(config.num_layers)]
