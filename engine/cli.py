@@ -249,7 +249,7 @@ def cmd_search_patterns(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model_path = args.model if args.model is not None else EngineConfig().model_path()
     loaded = load_model(model_path, progress=_Progress("loading model tensors"))
-    model = Llama(loaded.config)
+    model = Llama.for_weights(loaded.config)
     model.load_weights(loaded.weights)
     model.eval()
     model.init_rope()

@@ -139,7 +139,7 @@ class Engine:
                 )
             self.model_config = dataclasses.replace(loaded.config, context_length=config.max_model_len)
         self.tokenizer = loaded.tokenizer
-        model = Llama(loaded.config)
+        model = Llama.for_weights(loaded.config)
         model.load_weights(loaded.weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         int8 = False

@@ -317,6 +317,15 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
+    @classmethod
+    def for_weights(cls, config: ModelConfig) -> Llama:
+        """A model whose parameters hold no values yet, for `load_weights` (which sets every one) to fill: built on
+        the meta device and given uninitialized CPU memory, skipping the default random initialization that the
+        load would overwrite (0.6 s of engine start for SmolLM2 here, and it grows with the model)."""
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to_empty(device="cpu")
+
     def blocks(self) -> list[Block]:
         return [b for b in self.layers if isinstance(b, Block)]
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .gguf_file import GGUFFile
 from .native import NativeWeight, supported_type
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
@@ -80,20 +81,20 @@ _GGUF_NAMES = {
 }
 
 
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    value = reader.get(key)
+    if value is None:
         if default is None:
             raise ModelLoadError(f"GGUF metadata lacks {key}")
         return default
-    return field.contents()
+    return value
 
 
 def _load_gguf(path: Path, progress: ProgressFn | None, keep_blocks: bool) -> LoadedModel:
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFFile(path)
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})".splitlines()[0]) from exc
     arch = _gguf_field(reader, "general.architecture")

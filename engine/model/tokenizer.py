@@ -154,9 +154,7 @@ def tokenizer_from_gguf(reader: Any, path: Path) -> Tokenizer:
 
 
 def _build_gguf_tokenizer(reader: Any, path: Path) -> Tokenizer:
-    def get(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    get = reader.get  # a GGUFFile: metadata key -> value
 
     kind = get("tokenizer.ggml.model")
     if kind != "gpt2":
