@@ -20,7 +20,7 @@ import torch
 
 from .attention.sparse.config import pattern_config_for
 from .config import ConfigError, EngineConfig
-from .kv_cache import BlockAllocator, allocate_cache
+from .kv_cache import BlockAllocator, allocate_cache, memory_limit, resident_bytes
 from .malloc import keep_freed_memory
 from .metrics import EngineStats
 from .model import native
@@ -163,6 +163,8 @@ class Engine:
         self.model.init_rope()
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
+        if self.device.type == "cpu":
+            self._check_cache_fits()
         kv = allocate_cache(self.model_config, self.num_kv_blocks, config.kv_block_size, self.device, self.kv_dtype)
         if self.device.type == "cpu" and self.dtype == torch.float32 and native.unavailable_reason() is None:
             # Decode attention in C; with int4 weights, decode steps of a few sequences run as one C call.
@@ -178,6 +180,23 @@ class Engine:
         )
         self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
+
+    def _check_cache_fits(self) -> None:
+        """A CPU cache becomes resident as it fills (`zeros_on_demand`): refuse at start one that, with what the
+        process holds already, exceeds the memory it may use, rather than be killed for it under load later."""
+        limit = memory_limit()
+        if limit is None:
+            return
+        per_token = 2 * self.model_config.num_layers * self.model_config.kv_size * self.kv_dtype.itemsize
+        tokens = self.num_kv_blocks * self.config.kv_block_size
+        used, need = resident_bytes(), tokens * per_token
+        if used + need > limit:
+            fit = max(0, limit - used) // per_token
+            raise ConfigError(
+                f"the KV cache ({tokens} tokens, {need / 2**30:.2f} GiB) and the {used / 2**30:.2f} GiB in use "
+                f"exceed the memory this process may use ({limit / 2**30:.2f} GiB, the machine's or its container's "
+                f"limit): lower --kv-cache-tokens (about {fit} fit, less what requests need besides)"
+            )
 
     def _precompile_sparse_kernels(self) -> None:
         """Compiles the sparse-prefill kernels' autotuning candidates for this model's heads before serving (the

@@ -6,11 +6,14 @@ A request owns a block table (a list of block ids); token t of the request lives
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import mmap
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -119,6 +122,30 @@ class BlockAllocator:
 def slots_of(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slots of token positions [start, end) of a request."""
     return [block_table[t // block_size] * block_size + t % block_size for t in range(start, end)]
+
+
+def memory_limit() -> int | None:
+    """Bytes this process may hold: the lower of the machine's memory and its container's cgroup limit (v2 or
+    v1; "max" or an unlimited v1 value count as none); None where neither can be read."""
+    limits = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc cannot be read)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

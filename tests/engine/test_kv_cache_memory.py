@@ -1,15 +1,17 @@
 """A CPU KV cache takes memory as it fills, not all at start: allocating one costs (almost) no resident memory,
-reads zeros, and keeps what is written."""
+reads zeros, and keeps what is written; and one larger than the memory the process may use is refused at start
+(rather than the process being killed for it under load)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from optimist.engine.config import ModelConfig
-from optimist.engine.kv_cache import allocate_cache
+from optimist.engine.kv_cache import allocate_cache, memory_limit
 
 STATUS = Path("/proc/self/status")
 pytestmark = pytest.mark.skipif(not STATUS.exists(), reason="reads resident memory from /proc (Linux)")
@@ -48,3 +50,17 @@ def test_a_large_cache_costs_memory_only_where_written(dtype: torch.dtype) -> No
     touched = resident_mb()
     cache[0][0][: 4096 * block_size].fill_(1.0)  # 64K tokens of one layer's keys: 32 MB (float32)
     assert resident_mb() - touched > 0.8 * 4096 * block_size * 2 * 64 * k.element_size() / 2**20
+
+
+def test_a_cache_larger_than_the_machine_is_refused_at_start_with_what_fits(model_path: Path) -> None:
+    from optimist.engine.config import ConfigError, EngineConfig
+    from optimist.engine.engine import Engine
+
+    # 50M tokens of SmolLM2's float32 K/V: 2.1 TiB, more than any machine this runs on
+    with pytest.raises(ConfigError) as err:
+        Engine(EngineConfig(model=model_path, kv_cache_tokens=50_000_000))
+    message = str(err.value)
+    assert "lower --kv-cache-tokens" in message and "2145.77 GiB" in message, message
+    fit = int(message.split("about ")[1].split()[0])
+    limit = min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), memory_limit() or 2**62)
+    assert 0 < fit < limit // (2 * 30 * 192 * 4)  # below the machine's memory over 46 KB a token
