@@ -439,6 +439,19 @@ def tile_keys(
     return keys[: int(first[-1] + counts[-1])], counts, first, int(pairs)
 
 
+def widen(weight: NativeWeight) -> torch.Tensor:
+    """The matrix as float32 [n, k], widened by the kernels (w = d * q + z per block; d * q is exact in float32, so
+    these are the values the gguf package's dequantization gives)."""
+    n, k = weight.shape
+    q = np.ascontiguousarray(weight.q).view(np.uint8)
+    d = np.ascontiguousarray(weight.d, dtype=np.float32)
+    z = None if weight.z is None else np.ascontiguousarray(weight.z, dtype=np.float32)
+    w = torch.empty((n, k), dtype=torch.float32)
+    library().native_widen(weight.kind, q.ctypes.data, d.ctypes.data, None if z is None else z.ctypes.data, n, k,
+                           w.data_ptr())  # fmt: skip
+    return w
+
+
 def unavailable_reason() -> str | None:
     """None where the vectorised kernels run here, else why not (no compiler, no AVX2/FMA, ...)."""
     try:

@@ -83,3 +83,18 @@ def test_malformed_files_are_refused_with_the_reason(tmp_path: Path, tiny_gguf: 
     refused(good[:200], "truncated")
     refused(good[: len(good) - 64], "past the end")
     refused(good.replace(b"token_embd.weight\x02\x00\x00\x00", b"token_embd.weight\xff\x00\x00\x00"), "255 dimensions")
+
+
+def test_blocks_widened_by_the_native_kernels_equal_the_gguf_dequantization(model_path: Path) -> None:
+    import torch
+
+    from optimist.engine.model import native
+    from optimist.engine.model.loader import load_model
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(native.unavailable_reason())
+    kept = load_model(model_path, keep_blocks=True)  # block tensors' floats from native_widen
+    plain = load_model(model_path)  # every tensor through gguf.quants.dequantize
+    assert len(kept.blocks) == 211 and kept.weights.keys() == plain.weights.keys()
+    for key, value in plain.weights.items():
+        assert torch.equal(kept.weights[key], value), key  # bit for bit: d * q is exact in float32
