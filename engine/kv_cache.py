@@ -154,7 +154,10 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     default 65,536-token cache of SmolLM2, 3 GB resident and ~3.4 s of a ~10 s engine start.)"""
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    if anonymous is None:  # no anonymous mappings here (Windows): zeros written now
+        return torch.zeros(shape, dtype=dtype)
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | anonymous)
     return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
 
 
