@@ -6,7 +6,10 @@ one matmul; attention is the only part that looks at sequence boundaries (see `A
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -366,7 +369,7 @@ class Llama(nn.Module):
         float32 ones; from WIDEN_ROWS rows, float32 over the widened blocks, or int8 activations if `int8` (where the
         layout allows: native.int8_supported). Returns how many layers read their blocks (QKV counts once; it is
         fused only if all three are stored as blocks of one kind)."""
-        swapped = 0
+        jobs: list[tuple[nn.Module, str, Callable[[], nn.Module]]] = []
         for i, block in enumerate(self.layers):
             assert isinstance(block, Block)
             key = f"layers.{i}."
@@ -379,10 +382,15 @@ class Llama(nn.Module):
                 else:
                     native = blocks.get(key + attr)
                 if native is not None:
-                    setattr(owner, attr, NativeLinear(native, self._fallback(weight, fp16), int8=int8))
-                    swapped += 1
+                    jobs.append((owner, attr, functools.partial(self._native, native, weight, fp16, int8)))
                 elif fp16:
-                    setattr(owner, attr, Fp16Linear(weight))
+                    jobs.append((owner, attr, functools.partial(Fp16Linear, weight)))
+        # packing (int8 panels, fbgemm's float16 prepack) leaves the GIL: the layers pack in parallel
+        with ThreadPoolExecutor(max(1, min(8, torch.get_num_threads()))) as pool:
+            built = list(pool.map(lambda job: job[2](), jobs))
+        for (owner, attr, _), module in zip(jobs, built, strict=True):
+            setattr(owner, attr, module)
+        swapped = sum(isinstance(m, NativeLinear) for m in built)
         head = self.lm_head if self.lm_head is not None else self.embed
         name = "lm_head" if self.lm_head is not None else "embed"
         if name in blocks:
@@ -393,6 +401,10 @@ class Llama(nn.Module):
         elif fp16:
             self.head_fast = Fp16Linear(head.weight)
         return swapped
+
+    @classmethod
+    def _native(cls, native: NativeWeight, weight: torch.Tensor, fp16: bool, int8: bool) -> NativeLinear:
+        return NativeLinear(native, cls._fallback(weight, fp16), int8=int8)
 
     @staticmethod
     def _fallback(weight: torch.Tensor, fp16: bool) -> nn.Module:
