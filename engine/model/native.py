@@ -56,6 +56,9 @@ _V, _LANE = _E // 8, _E % 8
 Q4_BYTE = 4 * (_LANE % 4) + _V
 Q4_SHIFT = (4 * (_LANE // 4)).astype(np.uint8)
 Q8_BYTE = 4 * _LANE + _V
+# the elements whose 4 bits sit in byte b's low and high nibble (sorted by byte, then shift: pairs per byte)
+_Q4_ORDER = np.lexsort((Q4_SHIFT, Q4_BYTE))
+_Q4_LOW, _Q4_HIGH = _Q4_ORDER[0::2], _Q4_ORDER[1::2]
 
 
 class NativeUnavailable(RuntimeError):
@@ -511,9 +514,7 @@ class NativeWeight:
         """From 4-bit values q [n, k] (0..15) with w = d * q + z per block of 32."""
         n, k = q.shape
         blocks = q.reshape(n, k // GROUP, GROUP).astype(np.uint8)
-        planar = np.zeros((n, k // GROUP, GROUP // 2), dtype=np.uint8)
-        for e in range(GROUP):
-            planar[..., Q4_BYTE[e]] |= blocks[..., e] << Q4_SHIFT[e]
+        planar = blocks[..., _Q4_LOW] | (blocks[..., _Q4_HIGH] << 4)
         return cls(4, planar.reshape(n, k // 2), d.astype(np.float32), z.astype(np.float32))
 
     def dequantize(self) -> np.ndarray:
