@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ...model.native import estimate_scores, prefill_attention, prefill_keys, sparse_attention, tile_scores
 from ...model.native import tile_keys as native_tile_keys
@@ -254,6 +253,9 @@ def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     if _fused_cpu(q.device):
         o = bottom_right_causal_attention(qg, kg, vg)
     else:
+        # imported here: torch.nn.attention.bias imports torch._dynamo, ~1 s of every engine start otherwise
+        from torch.nn.attention.bias import causal_lower_right
+
         n, length = q.shape[0], k.shape[0]
         shape = (1, q.shape[1], length, k.shape[1])
         o = F.scaled_dot_product_attention(
