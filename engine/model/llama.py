@@ -332,7 +332,13 @@ class Llama(nn.Module):
         load would overwrite (0.6 s of engine start for SmolLM2 here, and it grows with the model)."""
         with torch.device("meta"):
             model = cls(config)
-        return model.to_empty(device="cpu")
+        # (not Module.to_empty: its empty_like of meta tensors imports torch's symbolic-shape machinery, 0.3 s)
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=param.dtype), param.requires_grad))
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+        return model
 
     def blocks(self) -> list[Block]:
         return [b for b in self.layers if isinstance(b, Block)]

@@ -60,3 +60,25 @@ def test_loads_both_formats_with_tokenizer_and_template(tiny_gguf: Path, tiny_di
         assert model.tokenizer.eos_ids == (2,)
         assert model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("assistant\n")
         assert model.tokenizer.decode(model.tokenizer.encode("the cat")) == "the cat"
+
+
+def test_a_model_built_for_weights_equals_one_built_and_initialized(tiny_gguf: Path, tiny_dir: Path) -> None:
+    import torch
+
+    from optimist.engine.model.llama import Llama, prompt_logits
+
+    for path in (tiny_gguf, tiny_dir):  # tied and separate output weights
+        loaded = load_model(path)
+        plain, empty = Llama(loaded.config), Llama.for_weights(loaded.config)
+        plain.load_weights(loaded.weights)
+        empty.load_weights(loaded.weights)  # skipped the random init: every parameter must come from the load
+        a, b = plain.state_dict(), empty.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key].device.type == "cpu" and torch.equal(a[key], b[key]), key
+        plain.init_rope()
+        empty.init_rope()
+        ids = [3, 5, 7, 11]
+        assert torch.equal(
+            prompt_logits(plain, ids, every_position=True), prompt_logits(empty, ids, every_position=True)
+        )
