@@ -20,7 +20,7 @@ import torch
 
 from .attention.sparse.config import pattern_config_for
 from .config import ConfigError, EngineConfig
-from .kv_cache import BlockAllocator, allocate_cache, memory_limit, resident_bytes
+from .kv_cache import BlockAllocator, allocate_cache, bytes_per_token, memory_limit, resident_bytes
 from .malloc import keep_freed_memory
 from .metrics import EngineStats
 from .model import native
@@ -187,7 +187,7 @@ class Engine:
         limit = memory_limit()
         if limit is None:
             return
-        per_token = 2 * self.model_config.num_layers * self.model_config.kv_size * self.kv_dtype.itemsize
+        per_token = bytes_per_token(self.model_config, self.kv_dtype)
         tokens = self.num_kv_blocks * self.config.kv_block_size
         used, need = resident_bytes(), tokens * per_token
         if used + need > limit:
@@ -264,8 +264,7 @@ class Engine:
             return cfg.num_kv_blocks
         mc = self.model_config
         free, _total = torch.cuda.mem_get_info(self.device)
-        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
-        block_bytes = 2 * mc.num_layers * cfg.kv_block_size * mc.kv_size * itemsize
+        block_bytes = cfg.kv_block_size * bytes_per_token(mc, self.kv_dtype)
         blocks = int(free * cfg.kv_cache_memory_fraction) // block_bytes
         if blocks < 1:
             raise ConfigError(

@@ -148,12 +148,17 @@ def resident_bytes() -> int:
         return 0
 
 
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes: its K and V in every layer."""
+    return 2 * config.num_layers * config.kv_size * dtype.itemsize
+
+
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros in an anonymous memory mapping: the OS supplies each page, zeroed, when it is first
     touched, so memory is spent as the cache fills rather than all at start. (torch.zeros wrote every byte: for the
     default 65,536-token cache of SmolLM2, 3 GB resident and ~3.4 s of a ~10 s engine start.)"""
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
     if anonymous is None:  # no anonymous mappings here (Windows): zeros written now
         return torch.zeros(shape, dtype=dtype)

@@ -449,9 +449,13 @@ def widen(weight: NativeWeight) -> torch.Tensor:
     q = np.ascontiguousarray(weight.q).view(np.uint8)
     d = np.ascontiguousarray(weight.d, dtype=np.float32)
     z = None if weight.z is None else np.ascontiguousarray(weight.z, dtype=np.float32)
+    return _widen(library(), weight.kind, q.ctypes.data, d.ctypes.data, None if z is None else z.ctypes.data, n, k)
+
+
+def _widen(lib: ctypes.CDLL, kind: int, q: int, d: int, z: int | None, n: int, k: int) -> torch.Tensor:
+    """native_widen of the blocks at addresses q, d, z (kind and layouts as native_linear) into a new [n, k]."""
     w = torch.empty((n, k), dtype=torch.float32)
-    library().native_widen(weight.kind, q.ctypes.data, d.ctypes.data, None if z is None else z.ctypes.data, n, k,
-                           w.data_ptr())  # fmt: skip
+    lib.native_widen(kind, q, d, z, n, k, w.data_ptr())
     return w
 
 
@@ -650,12 +654,8 @@ class NativeLinear(nn.Module):
 
     def widened(self) -> torch.Tensor:
         """The weights as float32 [out, in], widened from the blocks now (for one call's GEMM; not kept)."""
-        w = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
-        self.lib.native_widen(
-            self.kind, self.q.data_ptr(), self.d.data_ptr(), None if self.z is None else self.z.data_ptr(),
-            self.out_features, self.in_features, w.data_ptr(),
-        )  # fmt: skip
-        return w
+        z = None if self.z is None else self.z.data_ptr()
+        return _widen(self.lib, self.kind, self.q.data_ptr(), self.d.data_ptr(), z, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ranges = getattr(_int8, "ranges", None)
