@@ -242,6 +242,31 @@ def test_block_sparse_kernel_matches_the_reference_for_a_subset_of_heads(q_start
     assert bool((got[:, [0, 2]] == 7.0).all())
 
 
+@pytest.mark.parametrize(("n", "q_start"), [(90, 0), (40, 30), (300, 0), (150, 170)])
+def test_kernels_read_only_the_prompts_keys(n: int, q_start: int) -> None:
+    # the range loops load whole tiles, moved left at the keys' end: keys stored past the prompt (here NaN, as in
+    # a cache's unwritten rows) must not leak in, and a prompt shorter than the widest tile works too
+    q, k, v = qkv(n, q_start, 2, 1, 16, seed=3)
+    length = q_start + n
+    qpos = q_start + torch.arange(n)
+    causal = (torch.arange(length)[None, :] <= qpos[:, None]).expand(2, -1, -1)
+    dense = reference(q, k, v, causal)
+    nan = torch.full((37, 1, 16), float("nan"))
+    k_stored, v_stored = on_device(torch.cat([k, nan]), torch.cat([v, nan]))
+    everything = torch.arange(length)[None].expand(2, -1)
+    index = _to(build_vertical_slash_index(everything, everything, q_start, n))
+    for loop, tile_n in (("nested", 64), ("flat", 64), ("flat", 32)):
+        got = vertical_slash_attention(on_device(q)[0], k_stored, v_stored, index, loop=loop, tile_n=tile_n).cpu()
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    nb, nk = -(-n // 64), -(-length // 64)
+    counts = ((q_start + 64 * torch.arange(nb) + 63) // 64 + 1).clamp(max=nk)[None].expand(2, -1)
+    blocks = build_block_sparse_index(torch.arange(nk)[None, None].expand(2, nb, -1), counts, q_start, n)
+    got = block_sparse_attention(on_device(q)[0], k_stored, v_stored, _to(blocks)).cpu()
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"{length} keys and values needed"):
+        vertical_slash_attention(*on_device(q, k[:-1], v[:-1]), index)
+
+
 def test_kernels_refuse_shapes_they_cannot_run() -> None:
     q, k, v = qkv(64, 0, 3, 2, 16, seed=0)
     index = build_a_shape_index(3, 0, 64, 4, 64)

@@ -8,6 +8,9 @@
   single loop over the head's list of key tiles (`index.TileTable`: the same tiles for every block, offset by its
   first row; the block skips those left of key 0), so loads can run ahead across ranges, where most segments
   are a loop of one or two tiles of their own (MInference's kernel walks a per-block list of tile starts).
+  Range tiles are contiguous keys: loaded without masks from one scalar address (`_attend_range`), and only the
+  tiles at a range's ends, at the causal diagonal or at key 0 apply the mask; interior ones skip it (a third
+  fewer instructions per tile on sm_90, counted by `compile_check`).
 - `block_sparse_attention`: one program per (query block, head), looping over its kept key blocks with a causal
   mask, then over the head's kept columns left of the block that no kept block holds (as loop 2 above).
 
@@ -88,6 +91,30 @@ def _attend(  # type: ignore[no-untyped-def]  # Triton tensors
 
 
 @triton.jit
+def _attend_range(  # type: ignore[no-untyped-def]  # Triton tensors
+    q, k_base, v_base, lo, end, kv_rows, s0, rows, stride_kn, stride_vn, dims, m_i, l_i, acc,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Folds the keys lo..end-1 (0 <= lo, at most BLOCK_N of them) into the online softmax, each for the rows at
+    or right of it (the block's rows start at s0).
+
+    The tile loaded is BLOCK_N keys from lo, moved left to end within the kv_rows keys stored (at least BLOCK_N:
+    the launcher pads), so loads need no mask (the keys it holds beyond lo..end are real keys, masked out of the
+    scores; their values get weight 0), and its address is one scalar product plus in-tile offsets that fit 32
+    bits (the launcher checks), where a gather multiplies 64 bits per key. Scores need the mask only where the tile
+    is not lo..lo+BLOCK_N-1 wholly left of or on the block's first row; it is one unsigned compare per score."""
+    j = tl.arange(0, BLOCK_N)
+    start = tl.minimum(lo, kv_rows - BLOCK_N)
+    k = tl.load(k_base + tl.cast(start, tl.int64) * stride_kn + (j * stride_kn)[:, None] + dims[None, :])
+    v = tl.load(v_base + tl.cast(start, tl.int64) * stride_vn + (j * stride_vn)[:, None] + dims[None, :])
+    s = _dot(q, tl.trans(k), IEEE)
+    if (end - lo < BLOCK_N) | (lo + BLOCK_N > s0 + 1) | (start != lo):
+        seen = tl.maximum(tl.minimum(rows + 1, end) - lo, 0).to(tl.uint32)  # keys lo.. each row attends to
+        s = tl.where((j - (lo - start)).to(tl.uint32, bitcast=True)[None, :] < seen[:, None], s, float("-inf"))
+    return _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
 def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):  # type: ignore[no-untyped-def]
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays zero
     tl.store(
@@ -100,15 +127,15 @@ def _store_rows(Out, acc, l_i, local, row_ok, head, stride_on, stride_oh, dims):
 # Sizes that change from chunk to chunk are not specialized on (divisible by 16, equal to 1): each new pattern of
 # them would compile the kernel again in the middle of serving (5 programs over 8 chunk shapes, measured with
 # `compile_check`); one program per configuration also lets `precompile` compile them all at start.
-_SIZES_VS = ["n", "q_start", "group", "max_seg", "max_tile", "max_col", "num_blocks", "cov_len"]
-_SIZES_BS = ["n", "q_start", "group", "max_blocks", "num_blocks", "max_col"]
+_SIZES_VS = ["n", "q_start", "group", "kv_rows", "max_seg", "max_tile", "max_col", "num_blocks", "cov_len"]
+_SIZES_BS = ["n", "q_start", "group", "kv_rows", "max_blocks", "num_blocks", "max_col"]
 
 
 @triton.jit(do_not_specialize=_SIZES_VS)
 def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
     seg_lo, seg_hi, seg_count, tile_start, tile_end, tile_count, tile_first, columns, col_count, col_first, covered,
-    n, q_start, group, scale,
+    n, q_start, group, scale, kv_rows,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     max_seg, max_tile, max_col, num_blocks, cov_len,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, FLAT: tl.constexpr,
@@ -137,13 +164,11 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
         first = tl.load(tile_first + h * num_blocks + block)
         for i in range(first, tl.load(tile_count + h)):
             start = s0 + tl.load(tile_start + h * max_tile + i)
-            end = tl.minimum(s0 + tl.load(tile_end + h * max_tile + i), length)
-            keys = start + tl.arange(0, BLOCK_N)
-            key_ok = (keys >= 0) & (keys < end)
-            visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
-            m_i, l_i, acc = _attend(
-                q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
-            )
+            end = tl.minimum(tl.minimum(s0 + tl.load(tile_end + h * max_tile + i), start + BLOCK_N), length)
+            m_i, l_i, acc = _attend_range(
+                q, k_base, v_base, tl.maximum(start, 0), end, kv_rows, s0, rows, stride_kn, stride_vn, dims,
+                m_i, l_i, acc, BLOCK_N, IEEE,
+            )  # fmt: skip
     else:
         n_seg = tl.load(seg_count + h)
         for r in range(0, n_seg):
@@ -152,12 +177,10 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
             start = tl.maximum(s0 - hi, 0)
             end = tl.minimum(s0 + BLOCK_M - lo, length)
             for tile in range(start, end, BLOCK_N):
-                keys = tile + tl.arange(0, BLOCK_N)
-                key_ok = keys < end
-                visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
-                m_i, l_i, acc = _attend(
-                    q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
-                )
+                m_i, l_i, acc = _attend_range(
+                    q, k_base, v_base, tile, tl.minimum(end, tile + BLOCK_N), kv_rows, s0, rows, stride_kn,
+                    stride_vn, dims, m_i, l_i, acc, BLOCK_N, IEEE,
+                )  # fmt: skip
 
     n_cols = tl.load(col_count + h * num_blocks + block)
     c_first = tl.load(col_first + h * num_blocks + block)  # where the block's list starts (0: one list per head)
@@ -180,7 +203,7 @@ def _vertical_slash_kernel(  # type: ignore[no-untyped-def]  # pointers and cons
 def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and constexprs, typed by Triton
     Q, K, V, Out, heads,
     blocks, count, columns, col_count, col_skip,
-    n, q_start, group, scale,
+    n, q_start, group, scale, kv_rows,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     max_blocks, num_blocks, max_col,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr, IEEE: tl.constexpr,
@@ -190,6 +213,7 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
     head = tl.load(heads + h).to(tl.int64)  # 64-bit offsets: at 1M tokens x 32 heads x 128 they pass 2^31
     kv_head = head // group
     length = q_start + n
+    s0 = q_start + block * BLOCK_M  # the block's first row (absolute position)
     local = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = q_start + local
     dims = tl.arange(0, HEAD_DIM)
@@ -203,13 +227,12 @@ def _block_sparse_kernel(  # type: ignore[no-untyped-def]  # pointers and conste
     meta = h * num_blocks + block
     n_kept = tl.load(count + meta)
     for i in range(0, n_kept):
-        kb = tl.load(blocks + meta * max_blocks + i)
-        keys = kb * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
-        key_ok = keys < length
-        visible = key_ok[None, :] & (keys[None, :] <= rows[:, None])
-        m_i, l_i, acc = _attend(
-            q, k_base, v_base, keys, key_ok, visible, stride_kn, stride_vn, dims, m_i, l_i, acc, IEEE
-        )
+        start = tl.load(blocks + meta * max_blocks + i) * KEY_BLOCK
+        end = tl.minimum(start + KEY_BLOCK, length)
+        m_i, l_i, acc = _attend_range(
+            q, k_base, v_base, start, end, kv_rows, s0, rows, stride_kn, stride_vn, dims, m_i, l_i, acc,
+            KEY_BLOCK, IEEE,
+        )  # fmt: skip
     n_cols = tl.load(col_count + meta)
     for c in range(0, n_cols, KEY_BLOCK):
         offs = c + tl.arange(0, KEY_BLOCK)
@@ -263,6 +286,24 @@ def _autotuned(q: torch.Tensor) -> bool:
     return not INTERPRET and q.is_cuda
 
 
+WIDEST_TUNED_TILE = 128  # the widest key tile autotuning tries (BLOCK_N)
+
+
+def _stored_keys(k: torch.Tensor, v: torch.Tensor, length: int, widest: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(k, v, rows) as the kernels read them: the range loops load whole tiles (up to `widest` keys) without masks,
+    moving a tile left at the end of the keys, so at least `widest` rows must hold finite values (a prompt shorter
+    than that has its keys copied into zeros of that many rows; rows stored past `length` are never read), and
+    in-tile offsets (tile row x row stride) must fit 32 bits."""
+    if k.shape[0] < length or v.shape[0] < length:
+        raise ValueError(f"{length} keys and values needed, given {k.shape[0]} and {v.shape[0]}")
+    if max(k.stride(0), v.stride(0)) * widest >= 2**31:
+        raise ValueError(f"key row strides {k.stride(0)}, {v.stride(0)} too large for 32-bit in-tile offsets")
+    if length >= widest:
+        return k, v, length
+    pad = (0, 0, 0, 0, 0, widest - length)
+    return torch.nn.functional.pad(k[:length], pad), torch.nn.functional.pad(v[:length], pad), widest
+
+
 def _common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor | None) -> tuple[Any, ...]:
     _, hq, d = q.shape
     if k.shape[1] == 0 or hq % k.shape[1]:
@@ -291,6 +332,7 @@ def vertical_slash_launch(
 ) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
     """The vertical-slash kernel's grid, arguments and constexprs (BLOCK_N and FLAT left to the caller) for a
     launch over `index` with `loop` "nested", "flat" (tiles of tile_n keys) or "auto" (flat tiles of AUTO_TILE_N)."""
+    k, v, kv_rows = _stored_keys(k, v, index.q_start + index.n, max(WIDEST_TUNED_TILE, tile_n))
     heads, group, scale, strides = _common(q, k, v, heads)
     if loop not in ("nested", "flat", "auto"):
         raise ValueError(f"unknown loop {loop!r} (nested, flat or auto)")
@@ -304,7 +346,7 @@ def vertical_slash_launch(
         table = (tiles.start, tiles.end, tiles.count, tiles.first)
     args = (
         q, k, v, out, heads, *segments, *table, index.columns, index.col_count, index.col_first, index.covered,
-        index.n, index.q_start, group, scale,
+        index.n, index.q_start, group, scale, kv_rows,
         *strides, out.stride(0), out.stride(1),
         index.seg_lo.shape[1], table[0].shape[1], index.columns.shape[1], index.num_blocks, index.covered.shape[1],
     )  # fmt: skip
@@ -360,11 +402,12 @@ def block_sparse_launch(
     out: torch.Tensor,
 ) -> tuple[tuple[int, int], tuple[Any, ...], dict[str, Any]]:
     """The block-sparse kernel's grid, arguments and constexprs for a launch over `index`."""
+    k, v, kv_rows = _stored_keys(k, v, index.q_start + index.n, index.block)
     heads, group, scale, strides = _common(q, k, v, heads)
     num_blocks = index.blocks.shape[1]
     args = (
         q, k, v, out, heads, index.blocks, index.count, index.columns, index.col_count, index.col_skip,
-        index.n, index.q_start, group, scale,
+        index.n, index.q_start, group, scale, kv_rows,
         *strides, out.stride(0), out.stride(1),
         index.blocks.shape[2], num_blocks, index.columns.shape[1],
     )  # fmt: skip
