@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+from optimist.engine.attention.sparse.compile_check import key_loops
 from optimist.engine.cli import main
 
 gpu = pytest.mark.gpu
@@ -48,6 +49,9 @@ def test_kernels_compile_for_hopper_and_a_smaller_gpu_turns_away_what_it_cannot_
         assert row["error"] == "" and row["fits"] and row["pipelined"], row
         assert 100 * 1024 < row["shared"] <= 232448, row  # several stages of 128-wide K/V tiles in shared memory
         assert 64 < row["registers"] <= 255 and row["stack"] >= 0, row  # read back from the cubin
+        # counted in the machine code: an interior key tile skips the mask that tiles at the edges apply
+        assert 200 < row["range_tile"] < row["range_tile_masked"] < 2000, row
+        assert row["column_tile"] > 200, row  # the gathered-column loop found too
     assert got["hopper_problems"] == []
     for row in got["ada"]:  # an L4/L40 has 99 KiB a program: these two configurations cannot run there
         assert row["error"] == "" and not row["fits"], row
@@ -55,6 +59,26 @@ def test_kernels_compile_for_hopper_and_a_smaller_gpu_turns_away_what_it_cannot_
         "vertical_slash nested: no configuration compiles within the shared-memory limit",
         "block_sparse: no configuration compiles within the shared-memory limit",
     ]
+
+
+def test_key_loops_counts_each_way_through_an_iteration() -> None:
+    # a pipelined tile loop with a branch around its mask, then a loop without tensor-core work (not a key loop)
+    sass = """
+        /*0100*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;  /* 0x0 */
+        /*0110*/                   HGMMA.64x64x16.F32.BF16 R88, R136, gdesc[UR8], RZ, !UPT ;  /* 0x0 */
+        /*0120*/              @P0 BRA P1, 0x160 ;  /* 0x0 */
+        /*0130*/                   ISETP.GE.U32.AND P2, PT, R3, R4, PT ;  /* 0x0 */
+        /*0140*/                   FSEL R5, R5, -INF , P2 ;  /* 0x0 */
+        /*0150*/                   FSEL R6, R6, -INF , P2 ;  /* 0x0 */
+        /*0160*/                   MUFU.EX2 R5, R5 ;  /* 0x0 */
+        /*0170*/              @P3 BRA 0x100 ;  /* 0x0 */
+        /*0180*/                   IADD3 R7, R7, 0x1, RZ ;  /* 0x0 */
+        /*0190*/              @P4 BRA 0x180 ;  /* 0x0 */
+        /*01a0*/                   EXIT ;  /* 0x0 */
+    """
+    loops = key_loops(sass)
+    assert len(loops) == 1
+    assert loops[0].start == 0x100 and loops[0].paths == [5, 8] and loops[0].async_copies
 
 
 def test_after_precompile_other_chunk_sizes_compile_nothing_more() -> None:

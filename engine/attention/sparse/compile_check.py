@@ -8,6 +8,12 @@ pipelining, registers and spills, so a kernel that would not compile, or whose e
 shared memory than the GPU has, shows here rather than at a pod's first long prompt. `precompile` is the same
 compilation on a real GPU, which the engine runs at start.
 
+It also counts, in the machine code (SASS, from cuobjdump), the instructions one thread issues per key tile in
+each key loop: the range loop's fewest (an interior tile: no mask) and most (a tile that needs the causal or range
+mask), and the gathered-column loop's. With the tensor cores doing the products, attention is bound by these
+(softmax, masks, addresses, pipelining), so the count is the no-GPU measure of a kernel change: the run time per
+tile is only to be had on a GPU.
+
 `optimist check-kernels` prints the table. Run it with TRITON_INTERPRET unset (the interpreter replaces the
 compiler); the test suite runs it in a subprocess.
 """
@@ -15,9 +21,12 @@ compiler); the test suite runs it in a subprocess.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -29,8 +38,9 @@ import torch
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 log = logging.getLogger(__name__)
 KERNELS = ("vertical_slash", "block_sparse")
-# an asynchronous copy of a 2-D tile of floats (keys or values) into shared memory: the key loop is pipelined
-_TILE_COPY = re.compile(r"async_copy_global_to_local .*: tensor<\d+x\d+x!tt\.ptr<(bf16|f16|f32)>")
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)  # /*0a30*/  INSTRUCTION ... ;
+_BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)")
+_MMA = ("HGMMA", "HMMA")  # warpgroup (Hopper) or warp matrix multiply-accumulate
 
 
 @dataclass
@@ -44,6 +54,11 @@ class Compiled:
     error: str = ""
     registers: int = -1  # per thread (255 is the most; more live values spill to the stack)
     stack: int = -1  # bytes of stack per thread: spilled registers (0 is what a fast kernel has)
+    # SASS instructions a thread issues per key tile: the range (or key-block) loop's fewest and most (interior
+    # tile / masked tile), the gathered-column loop's most (-1: no such loop found)
+    range_tile: int = -1
+    range_tile_masked: int = -1
+    column_tile: int = -1
 
 
 def _driver_class(arch: int) -> type:
@@ -241,19 +256,73 @@ def check_kernels(
                     rows.append(Compiled(name, text, -1, False, False, time.perf_counter() - t, error))
                     continue
                 shared = int(compiled.metadata.shared)
-                pipelined = bool(_TILE_COPY.search(compiled.asm["ttgir"]))
                 seconds = time.perf_counter() - t
                 fits = shared <= SHARED_LIMIT[arch]
                 regs, stack = _resources(compiled.asm["cubin"])
-                rows.append(Compiled(name, text, shared, fits, pipelined, seconds, "", regs, stack))
+                loops = key_loops(_cuobjdump("-sass", compiled.asm["cubin"]))
+                # pipelined: every key loop issues asynchronous copies into shared memory for tiles to come
+                pipelined = bool(loops) and all(loop.async_copies for loop in loops)
+                paths = loops[0].paths if loops else [-1]
+                column = max(loops[-1].paths) if len(loops) > 1 else -1
+                rows.append(
+                    Compiled(name, text, shared, fits, pipelined, seconds, "", regs, stack, paths[0], paths[-1], column)
+                )
     return rows
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) per thread of the program in `cubin`, from cuobjdump (shipped with Triton)."""
-    import subprocess
-    import tempfile
+@dataclass
+class KeyLoop:
+    start: int  # address of the loop's first instruction
+    paths: list[int]  # instructions issued through one iteration, each way through its branches (ascending)
+    async_copies: bool  # LDGSTS: global-to-shared copies that run ahead of use (software pipelining)
 
+
+def key_loops(sass: str) -> list[KeyLoop]:
+    """The innermost loops of a kernel's SASS that multiply on the tensor cores (its key-tile loops), in program
+    order, with the instruction count of every path through one iteration (forward branches taken or not, at most
+    2^10 ways; a path ends at the loop's backward branch)."""
+    code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    loops = []
+    for i, (addr, text) in enumerate(code):
+        m = _BRANCH.match(text)
+        if m and int(m.group(2), 16) < addr:  # a backward branch closes a loop
+            head = int(m.group(2), 16)
+            body = [(a, t) for a, t in code[: i + 1] if a >= head]
+            if any(t.startswith(_MMA) for _, t in body):
+                loops.append(body)
+    inner = [b for b in loops if not any(o is not b and b[0][0] <= o[0][0] and o[-1][0] <= b[-1][0] for o in loops)]
+    return [
+        KeyLoop(body[0][0], _paths(body), any(t.startswith("LDGSTS") for _, t in body))
+        for body in sorted(inner, key=lambda b: b[0][0])
+    ]
+
+
+def _paths(body: list[tuple[int, str]]) -> list[int]:
+    where = {a: i for i, (a, _) in enumerate(body)}
+    last = body[-1][0]
+    forks = [a for a, t in body if (m := _BRANCH.match(t)) and m.group(1) and a < int(m.group(2), 16) <= last]
+    counts = set()
+    for taken in itertools.islice(itertools.product((False, True), repeat=len(forks)), 1024):
+        take, i, n = dict(zip(forks, taken, strict=True)), 0, 0
+        while i < len(body):
+            addr, text = body[i]
+            n += 1
+            m = _BRANCH.match(text)
+            if addr == last:
+                break
+            if m and int(m.group(2), 16) > addr and (not m.group(1) or take.get(addr)):
+                target = int(m.group(2), 16)
+                if target > last or target not in where:  # leaves the loop
+                    break
+                i = where[target]
+                continue
+            i += 1
+        counts.add(n)
+    return sorted(counts)
+
+
+def _cuobjdump(option: str, cubin: bytes) -> str:
+    """cuobjdump's (shipped with Triton) output for `cubin`; empty if it cannot run."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -261,10 +330,15 @@ def _resources(cubin: bytes) -> tuple[int, int]:
         f.write(cubin)
         f.flush()
         try:
-            done = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
-        except OSError:
-            return -1, -1
-    regs, stack = re.search(r"REG:(\d+)", done.stdout), re.search(r"STACK:(\d+)", done.stdout)
+            return subprocess.run([tool, option, f.name], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of the program in `cubin`."""
+    out = _cuobjdump("--dump-resource-usage", cubin)
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     return (int(regs.group(1)) if regs else -1), (int(stack.group(1)) if stack else -1)
 
 
@@ -279,15 +353,16 @@ def summary(rows: Sequence[Compiled]) -> list[str]:
 
 def table(rows: Sequence[Compiled], arch: int) -> str:
     lines = [
-        f"| kernel (sm_{arch}) | configuration | shared KiB | fits | pipelined | registers | stack B | compile s "
-        "| error |",
-        "|---|---|---:|---|---|---:|---:|---:|---|",
+        f"| kernel (sm_{arch}) | configuration | shared KiB | fits | pipelined | registers | stack B "
+        "| range tile: instructions interior / masked | column tile | compile s | error |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         shared = f"{r.shared / 1024:.1f}" if r.shared >= 0 else "-"
         lines.append(
             f"| {r.kernel} | {r.config} | {shared} | {'yes' if r.fits else 'no'} | {'yes' if r.pipelined else 'no'} "
-            f"| {r.registers} | {r.stack} | {r.seconds:.1f} | {r.error[:120]} |"
+            f"| {r.registers} | {r.stack} | {r.range_tile} / {r.range_tile_masked} | {r.column_tile} "
+            f"| {r.seconds:.1f} | {r.error[:120]} |"
         )
     return "\n".join(lines)
 
