@@ -6,7 +6,9 @@ Inputs are synthetic with the structure long-context heads show: per KV group a 
 (queries 1.5 x plus a shared direction; keys x), so every query weighs its neighbourhood (a local window); a few
 sink keys and scattered vertical keys along the shared direction; and keys that copy the query a fixed distance
 ahead (slash lines). Recall is the dense causal attention mass the sparse index keeps, averaged over heads and
-sampled rows (exact softmax rows in fp32).
+sampled rows (exact softmax rows in fp32); beside it, the oracle: the mass as many keys per row would keep if they
+were each row's heaviest, the ceiling for any index of that density on these inputs (their background, every
+query against every key, spreads mass that no pattern can predict, more of it the longer the sequence).
 
 Patterns: MInference's three by default; `--patterns` also takes coverage (FlexPrefill-style shares) and query_aware
 (ours: keys chosen per query block from its own last rows; its estimation is the costly part at long contexts).
@@ -70,18 +72,36 @@ def structured_qkv(
 
 def recall(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> float:
     """Mean over heads and `rows` of the causal softmax mass (fp32) inside rows_mask(head, rows)."""
+    return mass_kept(q, k, rows_mask, rows)["recall"]
+
+
+def mass_kept(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> dict[str, float]:
+    """recall: as `recall`; oracle: the mass the same number of keys per row would keep if they were each row's
+    heaviest (no pattern predicts those: the most any index this dense can keep on these inputs); keys: keys
+    visited per row, averaged; pairs: their share of the rows' causal keys."""
     import torch
 
     hq, n, d = q.shape
     group = hq // k.shape[0]
     rows = rows.to(q.device)
-    kept = []
+    kept, best, keys = [], [], []
+    causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
     for h in range(hq):
         scores = (q[h, rows].float() @ k[h // group].float().T) / math.sqrt(d)
-        causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
         probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        kept.append((probs * rows_mask(h, rows)).sum(dim=-1))
-    return float(torch.stack(kept).mean())
+        mask = rows_mask(h, rows)
+        kept.append((probs * mask).sum(dim=-1))
+        count = mask.sum(dim=-1).long()
+        heaviest = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+        best.append(torch.where(count > 0, heaviest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0], 0.0))
+        keys.append(count.float())
+    visited = torch.stack(keys)
+    return {
+        "recall": float(torch.stack(kept).mean()),
+        "oracle": float(torch.stack(best).mean()),
+        "keys": float(visited.mean()),
+        "pairs": float(visited.sum(dim=0).mean() / hq / (rows + 1).float().mean()),
+    }
 
 
 def _timer(device: Any) -> Callable[[Callable[[], Any], int], float]:
@@ -157,7 +177,7 @@ def _one_length(
         heads = [pattern] * hq
         plan_ms = timer(partial(plan, qe, ke, 0, heads, block), repeats)
         sparse = plan(qe, ke, 0, heads, block)
-        kept = recall(q, k, sparse.rows_mask, rows)
+        mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
         for loop in args.loops if pattern.kind != "block_sparse" else ["-"]:
             kernel_ms = timer(partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop), repeats)
@@ -166,7 +186,9 @@ def _one_length(
                    "loop": loop, "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2),
                    "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2),
                    "kernel_ms": round(kernel_ms, 2), "sparse_ms": round(total, 2),
-                   "speedup": round(dense_ms / total, 2), "recall": round(kept, 4)}  # fmt: skip
+                   "speedup": round(dense_ms / total, 2), "recall": round(mass["recall"], 4),
+                   "oracle_recall": round(mass["oracle"], 4), "keys_per_row": round(mass["keys"]),
+                   "pairs": round(mass["pairs"], 4)}  # fmt: skip
             print(f"bench: {row}", file=sys.stderr)
             out.append(row)
     return out
@@ -221,13 +243,14 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
             if cuda:
                 torch.cuda.empty_cache()
     headers = ["tokens", "pattern", "block", "loop", "budget", "SDPA ms", "estimate+index ms", "kernel ms",
-               "sparse ms", "speed-up", "recall"]  # fmt: skip
+               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row"]  # fmt: skip
     table = markdown_table(
         headers,
         [
             [r["tokens"], r["pattern"], r.get("block", ""), r.get("loop", ""), r.get("budget", ""),
              r.get("dense_ms", ""), r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
-             r.get("speedup", r.get("error", "")), r.get("recall", "")]
+             r.get("speedup", r.get("error", "")), r.get("recall", ""), r.get("oracle_recall", ""),
+             r.get("keys_per_row", "")]
             for r in results
         ],
     )  # fmt: skip
