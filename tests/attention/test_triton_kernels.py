@@ -404,7 +404,7 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
         assert 0.3 < r["recall"] <= 1.0 + 1e-6
         # no index keeps more than each row's heaviest keys of the same number, and this one visits fewer than all
         assert r["recall"] <= r["oracle_recall"] + 1e-4 and r["oracle_recall"] <= 1.0 + 1e-6
-        assert 0 < r["keys_per_row"] and 0 < r["pairs"] < 1
+        assert r["keys_per_row"] > 0 and 0 < r["pairs"] < 1
         assert r["sparse_ms"] == pytest.approx(r["estimate_index_ms"] + r["kernel_ms"], abs=0.02)
     # the structured input's slash lines and verticals are what vertical-slash estimation finds (at this size the
     # other patterns' 256 estimated columns cover most keys too, so no ranking between them is asserted)
