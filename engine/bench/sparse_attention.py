@@ -10,8 +10,10 @@ sampled rows (exact softmax rows in fp32); beside it, the oracle: the mass as ma
 were each row's heaviest, the ceiling for any index of that density on these inputs (their background, every
 query against every key, spreads mass that no pattern can predict, more of it the longer the sequence).
 
-Patterns: MInference's three by default; `--patterns` also takes coverage (FlexPrefill-style shares) and query_aware
-(ours: keys chosen per query block from its own last rows; its estimation is the costly part at long contexts).
+Patterns: MInference's three by default; `--patterns` also takes coverage (FlexPrefill-style shares), query_aware
+(ours: keys chosen per query block from its own last rows; its estimation is the costly part at long contexts) and
+dense: every key through our vertical-slash kernel (one range of all diagonals), whose time against SDPA's is the
+kernel's per-key rate against flash's, apart from how sparse the other rows are.
 
 Defaults on a GPU: Llama-3-8B head shapes (32 query heads, 8 KV heads, head size 128, bf16) at 32K..1M tokens. On
 a CPU (no GPU) the kernels run in the Triton interpreter, so only tiny shapes are sensible: the defaults shrink.
@@ -172,18 +174,22 @@ def _one_length(
     rows = torch.linspace(n // 8, n - 1, args.recall_rows, device=device).long().unique()
     out = []
     for (name, pattern), block in ((c, b) for c in chosen.items() for b in args.blocks):
-        if block != args.blocks[0] and pattern.kind == "block_sparse":
+        if block != args.blocks[0] and pattern is not None and pattern.kind == "block_sparse":
             continue  # block-sparse keeps 64-token blocks
-        heads = [pattern] * hq
-        plan_ms = timer(partial(plan, qe, ke, 0, heads, block), repeats)
-        sparse = plan(qe, ke, 0, heads, block)
+        if pattern is None:  # dense through our kernel: one range of every diagonal
+            make = partial(_everything, hq, n, block, device)
+        else:
+            make = partial(plan, qe, ke, 0, [pattern] * hq, block)
+        plan_ms = timer(make, repeats)
+        sparse = make()
         mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
-        for loop in args.loops if pattern.kind != "block_sparse" else ["-"]:
+        for loop in args.loops if pattern is None or pattern.kind != "block_sparse" else ["-"]:
             kernel_ms = timer(partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop), repeats)
             total = plan_ms + kernel_ms
-            row = {"tokens": n, "pattern": name, "block": BLOCK if pattern.kind == "block_sparse" else block,
-                   "loop": loop, "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2),
+            bs = pattern is not None and pattern.kind == "block_sparse"
+            row = {"tokens": n, "pattern": name, "block": BLOCK if bs else block, "loop": loop,
+                   "budget": [pattern.a, pattern.b] if pattern else "all", "dense_ms": round(dense_ms, 2),
                    "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2),
                    "kernel_ms": round(kernel_ms, 2), "sparse_ms": round(total, 2),
                    "speedup": round(dense_ms / total, 2), "recall": round(mass["recall"], 4),
@@ -192,6 +198,20 @@ def _one_length(
             print(f"bench: {row}", file=sys.stderr)
             out.append(row)
     return out
+
+
+def _everything(hq: int, n: int, block: int, device: Any) -> Any:
+    """A plan whose vertical-slash index holds every key of every row (all diagonals, one range; one column, which
+    the range covers): dense attention through our kernel, the per-key rate the sparse rows are made of."""
+    import torch
+
+    from ..attention.sparse.gpu import SparsePlan
+    from ..attention.sparse.index import build_vertical_slash_index
+
+    offsets = torch.arange(n, device=device, dtype=torch.int32)[None].expand(hq, -1)
+    columns = torch.zeros((hq, 1), device=device, dtype=torch.int32)
+    index = build_vertical_slash_index(columns, offsets, 0, n, block)
+    return SparsePlan(torch.arange(hq, device=device, dtype=torch.int32), index, None, None)
 
 
 def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
@@ -212,7 +232,8 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
     hq, hkv, d = (args.heads, args.kv_heads, args.head_dim) if cuda else (4, 2, 32)
     if args.shape:
         hq, hkv, d = args.shape
-    patterns = {
+    patterns: dict[str, HeadPattern | None] = {
+        "dense": None,  # every key through our kernel (see _everything)
         "vertical_slash": HeadPattern("vertical_slash", args.vs[0], args.vs[1]),
         "a_shape": HeadPattern("a_shape", args.a_shape[0], args.a_shape[1]),
         "block_sparse": HeadPattern("block_sparse", args.block_sparse, 0),

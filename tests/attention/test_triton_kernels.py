@@ -413,7 +413,8 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
 
 
 def test_kernel_benchmark_runs_the_adaptive_patterns_too(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    """`--patterns coverage,query_aware` (opt-in rows for a GPU session), and a clear refusal of an unknown one."""
+    """`--patterns coverage,query_aware,dense` (opt-in rows for a GPU session), and a clear refusal of an unknown
+    one."""
     import argparse
     import json
 
@@ -424,12 +425,15 @@ def test_kernel_benchmark_runs_the_adaptive_patterns_too(tmp_path, capsys) -> No
     out = tmp_path / "adaptive.json"
     common = ["sparse-attention", "--lengths", "384", "--shape", "2,1,16", "--blocks", "64", "--repeats", "1",
               "--recall-rows", "8"] + (["--cpu"] if DEVICE.type == "cpu" else [])  # fmt: skip
-    args = parser.parse_args([*common, "--patterns", "coverage,query_aware", "--query-aware", "16,950", "--out",
-                              str(out)])  # fmt: skip
+    args = parser.parse_args([*common, "--patterns", "coverage,query_aware,dense", "--query-aware", "16,950",
+                              "--out", str(out)])  # fmt: skip
     assert args.func(args) == 0
     rows = json.loads(out.read_text())["results"]
-    assert {r["pattern"] for r in rows} == {"coverage", "query_aware"}
+    assert {r["pattern"] for r in rows} == {"coverage", "query_aware", "dense"}
     assert all(0.5 < r["recall"] <= 1.0 + 1e-6 for r in rows)
+    dense = [r for r in rows if r["pattern"] == "dense"]  # every key through our kernel, each loop
+    assert {r["loop"] for r in dense} == {"nested", "flat"} | ({"auto"} if DEVICE.type == "cuda" else set())
+    assert all(r["recall"] == pytest.approx(1.0) and r["pairs"] == pytest.approx(1.0) for r in dense), dense
     assert {tuple(r["budget"]) for r in rows if r["pattern"] == "query_aware"} == {(16, 950)}
     args = parser.parse_args([*common, "--patterns", "vertical_slash,xattention"])
     assert args.func(args) == 2
