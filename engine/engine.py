@@ -6,12 +6,14 @@ Callers (the gRPC server, tests, benchmarks) submit requests with a sink; the en
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def _stopper(engine: weakref.ref[Engine]) -> Callable[[], None]:
+    """A function that shuts the engine down if it still exists (atexit must not keep it alive)."""
+
+    def stop() -> None:
+        alive = engine()
+        if alive is not None:
+            alive.shutdown()
+
+    return stop
+
+
 class Engine:
     def __init__(self, config: EngineConfig, progress: ProgressFn | None = None) -> None:
         """Loads the model and starts the engine thread; raises what loading raised (ConfigError, ModelError...).
@@ -106,6 +119,11 @@ class Engine:
         if failure:
             self._thread.join()
             raise failure[0]
+        # Stop the engine thread before the interpreter finalizes: a daemon thread still working then (freeing a
+        # step's tensors after the caller got its last token, say) is killed when it next takes the GIL, and if
+        # that is inside torch's C++ the process aborts ("terminate called without an active exception").
+        self._stop_at_exit = _stopper(weakref.ref(self))
+        atexit.register(self._stop_at_exit)
 
     def _run(self, progress: ProgressFn | None, loaded: threading.Event, failure: list[BaseException]) -> None:
         try:
@@ -405,6 +423,7 @@ class Engine:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=30)
+        atexit.unregister(self._stop_at_exit)
 
     # ------------------------------------------------------------------------------------- engine thread
 

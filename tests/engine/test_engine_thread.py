@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +73,28 @@ def test_gpu_steps_leave_cudnn_attention_out(tiny_gguf: Path) -> None:
     ids, _ = _generate_recording(engine, lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     assert len(ids) == 4 and len(seen) == 4 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_script_that_exits_with_the_engine_working_ends_its_thread_first(tiny_gguf: Path) -> None:
+    """No shutdown() in the script: at exit the engine thread is stopped before the interpreter finalizes (a daemon
+    thread still in a step then is killed where it next takes the GIL, and inside torch's C++ that aborted the
+    process: "terminate called without an active exception", exit status 134)."""
+    script = textwrap.dedent(f"""
+        import atexit, threading
+        from optimist.engine.config import EngineConfig
+        from optimist.engine.engine import Engine
+        from optimist.engine.request import SamplingParams
+
+        def report():  # registered before the engine's handler, so it runs after it
+            alive = [t.name for t in threading.enumerate() if t.name == "optimist-engine" and t.is_alive()]
+            print("engine threads at exit:", alive, flush=True)
+
+        atexit.register(report)
+        engine = Engine(EngineConfig(model={str(tiny_gguf)!r}, kv_cache_tokens=256))
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        engine.submit(engine.new_request([1, 2, 3], params), lambda event: None)
+        print("leaving", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["leaving", "engine threads at exit: []"], done.stdout
