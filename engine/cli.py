@@ -286,11 +286,15 @@ def cmd_check_kernels(args: argparse.Namespace) -> int:
     from .attention.sparse.compile_check import as_json, check_kernels, summary, table
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    rows = check_kernels(args.arch, dtype, args.head_dim)
+    if args.block is not None and (args.block < 16 or args.block & (args.block - 1)):
+        print(f"optimist check-kernels: --block {args.block} must be a power of two of at least 16", file=sys.stderr)
+        return 2
+    rows = check_kernels(args.arch, dtype, args.head_dim, block=args.block)
     print(table(rows, args.arch))
     problems = summary(rows)
     if args.out:
-        report = {"arch": args.arch, "dtype": args.dtype, "head_dim": args.head_dim, "rows": as_json(rows)}
+        report = {"arch": args.arch, "dtype": args.dtype, "head_dim": args.head_dim, "block": args.block,
+                  "rows": as_json(rows)}  # fmt: skip
         args.out.write_text(json.dumps(report | {"problems": problems}, indent=1) + "\n")
     for problem in problems:
         print(f"optimist check-kernels: {problem}", file=sys.stderr)
@@ -376,11 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser(
         "check-kernels",
         help="compile the sparse-prefill Triton kernels for an NVIDIA GPU (no GPU needed) and report each "
-        "autotuning candidate's shared memory",
+        "autotuning candidate's shared memory, registers and machine instructions per key tile",
     )
     ck.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 A100, 89 L4/L40, 90 H100/H200")
     ck.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ck.add_argument("--head-dim", type=int, default=128, help="attention head size (a power of two, at least 16)")
+    ck.add_argument("--block", type=int, default=None, help="query rows per program (default: the engine's, 64)")
     ck.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     ck.set_defaults(func=cmd_check_kernels)
 

@@ -40,8 +40,10 @@ def test_kernels_compile_for_hopper_and_a_smaller_gpu_turns_away_what_it_cannot_
         from optimist.engine.attention.sparse.compile_check import check_kernels, summary
         hopper = check_kernels(90, torch.bfloat16, 128, which=slice(5, 6))
         ada = check_kernels(89, torch.bfloat16, 128, which=slice(5, 6))
+        wide = check_kernels(90, torch.bfloat16, 128, kernels=["vertical_slash"], which=slice(3, 4), block=128)
         print(json.dumps({"hopper": [asdict(r) for r in hopper], "ada": [asdict(r) for r in ada],
-                          "hopper_problems": summary(hopper), "ada_problems": summary(ada)}))
+                          "hopper_problems": summary(hopper), "ada_problems": summary(ada),
+                          "wide": [asdict(r) for r in wide]}))
     """)
     hopper = {r["kernel"]: r for r in got["hopper"]}
     assert set(hopper) == {"vertical_slash nested", "block_sparse"}
@@ -53,6 +55,9 @@ def test_kernels_compile_for_hopper_and_a_smaller_gpu_turns_away_what_it_cannot_
         assert 200 < row["range_tile"] < row["range_tile_masked"] < 2000, row
         assert row["column_tile"] > 200, row  # the gathered-column loop found too
     assert got["hopper_problems"] == []
+    # 128-row programs (`bench sparse-attention --blocks 128`) compile and fit too, interior tiles unmasked
+    (wide,) = got["wide"]
+    assert wide["fits"] and wide["pipelined"] and 200 < wide["range_tile"] < wide["range_tile_masked"], wide
     for row in got["ada"]:  # an L4/L40 has 99 KiB a program: these two configurations cannot run there
         assert row["error"] == "" and not row["fits"], row
     assert got["ada_problems"] == [
@@ -111,6 +116,8 @@ def test_check_kernels_refuses_what_it_cannot_compile_for(capsys: pytest.Capture
     assert main(["check-kernels", "--arch", "70"]) == 1  # conftest's TRITON_INTERPRET=1 or the arch: both named
     err = capsys.readouterr().err
     assert "TRITON_INTERPRET" in err or "compute capability 70" in err
+    assert main(["check-kernels", "--block", "48"]) == 2
+    assert "--block 48 must be a power of two" in capsys.readouterr().err
 
 
 @gpu

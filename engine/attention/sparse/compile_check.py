@@ -183,12 +183,13 @@ def compile_one(
     q_start: int = 0,
     heads: tuple[int, int] = (32, 8),
     device: torch.device | str = "cpu",
+    block: int | None = None,
 ) -> Any:
     """Compiles (launches nothing) one configuration for one chunk shape, for the active driver's GPU (a real one,
     or the target of `compile_only`), exactly as the autotuner will ask for it: the same keyword arguments in the
     same order (options are part of Triton's cache key, so a different order would compile again). Returns
-    Triton's CompiledKernel."""
-    fn, grid, args, consts = launches(kernel, dtype, head_dim, n, q_start, heads, device)
+    Triton's CompiledKernel. block: query rows per program (default: the engine's)."""
+    fn, grid, args, consts = launches(kernel, dtype, head_dim, n, q_start, heads, device, block)
     return fn.run(*args, grid=grid, warmup=True, **dict(consts, **config.all_kwargs()))
 
 
@@ -241,8 +242,10 @@ def check_kernels(
     head_dim: int = 128,
     kernels: Sequence[str] = KERNELS,
     which: slice = slice(None),
+    block: int | None = None,
 ) -> list[Compiled]:
-    """Compiles each kernel's autotuning candidates (`which` of them) for compute capability `arch`."""
+    """Compiles each kernel's autotuning candidates (`which` of them) for compute capability `arch`, with `block`
+    query rows per program (default: the engine's; block-sparse keeps key blocks of as many keys)."""
     rows = []
     with compile_only(arch):  # refuses an unknown architecture or the interpreter before anything compiles
         for kernel in kernels:
@@ -250,7 +253,7 @@ def check_kernels(
                 name, text = _describe(kernel, config)
                 t = time.perf_counter()
                 try:
-                    compiled = compile_one(kernel, config, dtype, head_dim, n=1000, q_start=24)
+                    compiled = compile_one(kernel, config, dtype, head_dim, n=1000, q_start=24, block=block)
                 except Exception as exc:  # a compiler error is this row's result
                     error = f"{type(exc).__name__}: {exc}"
                     rows.append(Compiled(name, text, -1, False, False, time.perf_counter() - t, error))
