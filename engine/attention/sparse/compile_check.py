@@ -41,6 +41,8 @@ KERNELS = ("vertical_slash", "block_sparse")
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.M)  # /*0a30*/  INSTRUCTION ... ;
 _BRANCH = re.compile(r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(0x[0-9a-f]+)")
 _MMA = ("HGMMA", "HMMA")  # warpgroup (Hopper) or warp matrix multiply-accumulate
+_ASYNC_COPY = ("LDGSTS", "UTMALDG", "UBLKCP")  # global-to-shared copies that do not wait: cp.async, TMA, bulk
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")
 
 
 @dataclass
@@ -277,7 +279,7 @@ def check_kernels(
 class KeyLoop:
     start: int  # address of the loop's first instruction
     paths: list[int]  # instructions issued through one iteration, each way through its branches (ascending)
-    async_copies: bool  # LDGSTS: global-to-shared copies that run ahead of use (software pipelining)
+    async_copies: bool  # global-to-shared copies that run ahead of use (software pipelining)
 
 
 def key_loops(sass: str) -> list[KeyLoop]:
@@ -291,11 +293,11 @@ def key_loops(sass: str) -> list[KeyLoop]:
         if m and int(m.group(2), 16) < addr:  # a backward branch closes a loop
             head = int(m.group(2), 16)
             body = [(a, t) for a, t in code[: i + 1] if a >= head]
-            if any(t.startswith(_MMA) for _, t in body):
+            if any(_PREDICATE.sub("", t).startswith(_MMA) for _, t in body):
                 loops.append(body)
     inner = [b for b in loops if not any(o is not b and b[0][0] <= o[0][0] and o[-1][0] <= b[-1][0] for o in loops)]
     return [
-        KeyLoop(body[0][0], _paths(body), any(t.startswith("LDGSTS") for _, t in body))
+        KeyLoop(body[0][0], _paths(body), any(_PREDICATE.sub("", t).startswith(_ASYNC_COPY) for _, t in body))
         for body in sorted(inner, key=lambda b: b[0][0])
     ]
 
