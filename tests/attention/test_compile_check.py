@@ -129,8 +129,8 @@ def test_on_a_gpu_the_autotuner_launches_the_precompiled_programs() -> None:
     device = torch.device("cuda")
     heads = (8, 2)
     cc.precompile(torch.bfloat16, 64, heads, device, kernels=["vertical_slash"])
-    before = cc.programs("vertical_slash")  # the 14 candidates' programs (some perhaps from earlier tests)
-    assert before >= 14
+    before = cc.programs("vertical_slash")  # the 18 candidates' programs (some perhaps from earlier tests)
+    assert before >= 18
     n = 3000
     q = torch.randn(n, 8, 64, device=device, dtype=torch.bfloat16)
     k = torch.randn(n, 2, 64, device=device, dtype=torch.bfloat16)

@@ -4,6 +4,8 @@ full budgets reproduce dense attention."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -157,8 +159,11 @@ def test_auto_loop_candidates_each_compute_the_attention(monkeypatch: pytest.Mon
     monkeypatch.setattr(triton_kernels, "_autotuned", lambda _q: True)
     monkeypatch.setattr(triton_kernels, "_vertical_slash_auto", auto)
     vertical_slash_attention(q, k, v, index, heads=heads.to(torch.int32), out=out, loop="auto")
-    assert len(ran) == len(triton_kernels._TUNE_AUTO) == 14
+    assert len(ran) == len(triton_kernels._TUNE_AUTO) == 18
     assert {c.kwargs["FLAT"] for c in triton_kernels._TUNE_AUTO} == {True, False}
+    assert {(c.kwargs["FLAT"], c.kwargs.get("LAZY", False)) for c in triton_kernels._TUNE_AUTO} == {
+        (flat, lazy) for flat in (True, False) for lazy in (True, False)
+    }
     assert auto.best_config.kwargs == triton_kernels._TUNE_AUTO[0].kwargs
     torch.testing.assert_close(out[:, heads], expected, atol=1e-5, rtol=1e-5)
     assert bool(out[:, [0, 3]].isnan().all()), "the other query heads are left as they were (NaN from the last fill)"
@@ -265,6 +270,41 @@ def test_kernels_read_only_the_prompts_keys(n: int, q_start: int) -> None:
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=f"{length} keys and values needed"):
         vertical_slash_attention(*on_device(q, k[:-1], v[:-1]), index)
+
+
+@pytest.mark.parametrize(("q_start", "dtype"), [(0, torch.float32), (70, torch.float32), (70, torch.float16)])
+def test_lazy_rescaling_matches_the_reference(q_start: int, dtype: torch.dtype) -> None:
+    """LAZY (conditional rescaling, an autotuning option on a GPU): keys whose scores jump far above a row's
+    running max late in the row (planted along a query's own direction: its block rescales; under a stale max
+    their weights, 2^24, would overflow float16) and modest increases (no rescale: weights up to 2^8 under a stale
+    max) give the reference output, in every range loop and block-sparse."""
+    from optimist.engine.attention.sparse import triton_kernels as tk
+
+    n, d = 260, 16
+    q, k, v = qkv(n, q_start, 2, 1, d, seed=21)
+    length = q_start + n
+    for r in (160, 200, 240):  # row r's key 90 to its left scores 24 (base 2) for head 0: far above the rest
+        qr = q[r, 0]
+        k[q_start + r - 90, 0] = qr * 24 / (qr.dot(qr) * math.log2(math.e) / d**0.5)
+    everything = torch.arange(length)[None].expand(2, -1)
+    qpos = q_start + torch.arange(n)
+    causal = (torch.arange(length)[None, :] <= qpos[:, None]).expand(2, -1, -1)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    dense = reference(*(t.float() for t in (q, k, v)), causal)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    index = build_vertical_slash_index(everything, everything, q_start, n)
+    for loop in ("nested", "flat"):
+        out = torch.empty_like(q)
+        grid, args, consts = tk.vertical_slash_launch(q, k, v, index, None, out, loop, 64)
+        tk._vertical_slash_kernel[grid](*args, BLOCK_N=64, FLAT=loop == "flat", LAZY=True, **consts)
+        torch.testing.assert_close(out.float(), dense, atol=tol, rtol=tol)
+    nb, nk = -(-n // 64), -(-length // 64)
+    counts = ((q_start + 64 * torch.arange(nb) + 63) // 64 + 1).clamp(max=nk)[None].expand(2, -1)
+    blocks = build_block_sparse_index(torch.arange(nk)[None, None].expand(2, nb, -1), counts, q_start, n)
+    out = torch.empty_like(q)
+    grid, args, consts = tk.block_sparse_launch(q, k, v, blocks, None, out)
+    tk._block_sparse_kernel[grid](*args, LAZY=True, **consts)
+    torch.testing.assert_close(out.float(), dense, atol=tol, rtol=tol)
 
 
 def test_kernels_refuse_shapes_they_cannot_run() -> None:

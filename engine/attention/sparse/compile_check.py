@@ -213,7 +213,7 @@ def precompile(
     threads: int | None = None,
 ) -> int:
     """Compiles every configuration the launchers autotune over for this model's heads on `device`'s GPU, so that
-    a long prompt's first sparse chunk only times them (20 programs, 1-2 s each to compile here, would otherwise
+    a long prompt's first sparse chunk only times them (26 programs, 1-2 s each to compile here, would otherwise
     stall that prompt); chunk sizes are not specialized on, so these are all the programs serving needs. Compiles
     on `threads` threads (default: the CPUs, at most 8; Triton's compiler and ptxas leave the GIL: 20 programs took
     32 s on one thread and 18 s on four on a 2-core machine). A configuration that does not compile is left to the
