@@ -289,22 +289,22 @@ def test_lazy_rescaling_matches_the_reference(q_start: int, dtype: torch.dtype) 
     everything = torch.arange(length)[None].expand(2, -1)
     qpos = q_start + torch.arange(n)
     causal = (torch.arange(length)[None, :] <= qpos[:, None]).expand(2, -1, -1)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    dense = reference(*(t.float() for t in (q, k, v)), causal)
+    dense = reference(*(t.to(dtype).float() for t in (q, k, v)), causal)
+    q, k, v = on_device(q, k, v, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    index = build_vertical_slash_index(everything, everything, q_start, n)
+    index = _to(build_vertical_slash_index(everything, everything, q_start, n))
     for loop in ("nested", "flat"):
         out = torch.empty_like(q)
         grid, args, consts = tk.vertical_slash_launch(q, k, v, index, None, out, loop, 64)
         tk._vertical_slash_kernel[grid](*args, BLOCK_N=64, FLAT=loop == "flat", LAZY=True, **consts)
-        torch.testing.assert_close(out.float(), dense, atol=tol, rtol=tol)
+        torch.testing.assert_close(out.float().cpu(), dense, atol=tol, rtol=tol)
     nb, nk = -(-n // 64), -(-length // 64)
     counts = ((q_start + 64 * torch.arange(nb) + 63) // 64 + 1).clamp(max=nk)[None].expand(2, -1)
-    blocks = build_block_sparse_index(torch.arange(nk)[None, None].expand(2, nb, -1), counts, q_start, n)
+    blocks = _to(build_block_sparse_index(torch.arange(nk)[None, None].expand(2, nb, -1), counts, q_start, n))
     out = torch.empty_like(q)
     grid, args, consts = tk.block_sparse_launch(q, k, v, blocks, None, out)
     tk._block_sparse_kernel[grid](*args, LAZY=True, **consts)
-    torch.testing.assert_close(out.float(), dense, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float().cpu(), dense, atol=tol, rtol=tol)
 
 
 def test_kernels_refuse_shapes_they_cannot_run() -> None:
