@@ -63,9 +63,10 @@ def _dot(a, b, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton te
 def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr, LAZY: tl.constexpr):  # type: ignore[no-untyped-def]
     """Folds one tile of base-2 scores `s` (masked entries -inf) and values `v` into the running max, sum and
     output. LAZY (FlashAttention-4's conditional rescaling): the running max, and with it the output and sum, are
-    rescaled only when some row's max grows by more than 8 (a factor of 256: weights stay at most 256, exact in
-    float16/bfloat16 and far from overflow); other tiles skip the rescale's multiply per output element, for a
-    block-wide vote each tile (a shared-memory reduction across warps)."""
+    rescaled only when some row's max grows by more than 8 (a factor of 256: weights stay at most 256 against a
+    row's stale max, far inside float16's range); other tiles skip the rescale's multiply per output element, for
+    a block-wide vote each tile (a shared-memory reduction across warps). The final division by the row sum
+    cancels whichever max the row kept."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if LAZY:
         if tl.max(tl.where(m_new > m_i + 8.0, 1, 0), 0) > 0:  # a row's first keys too (m_i still -inf)
