@@ -449,7 +449,27 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     # the structured input's slash lines and verticals are what vertical-slash estimation finds (at this size the
     # other patterns' 256 estimated columns cover most keys too, so no ranking between them is asserted)
     assert rows[("vertical_slash", "flat")]["recall"] >= 0.95
+    # the report names, per length, the fastest row at the targets' recall
+    best = report["fastest_at_target_recall"]["384"]
+    eligible = [r for r in rows.values() if r["recall"] >= 0.95]
+    assert best["recall"] >= 0.95 and best["speedup"] == max(r["speedup"] for r in eligible)
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
+
+
+def test_kernel_benchmark_names_the_fastest_row_at_the_target_recall() -> None:
+    from optimist.engine.bench.sparse_attention import best_at_recall
+
+    rows = [
+        {"tokens": 8, "pattern": "vertical_slash", "speedup": 2.0, "recall": 0.97},
+        {"tokens": 8, "pattern": "a_shape", "speedup": 9.0, "recall": 0.70},  # fast, but below the recall
+        {"tokens": 8, "pattern": "coverage", "speedup": 3.0, "recall": 0.95},
+        {"tokens": 8, "pattern": "dense", "speedup": 5.0, "recall": 1.0},  # every key: not a sparse row
+        {"tokens": 16, "pattern": "a_shape", "speedup": 9.0, "recall": 0.70},
+        {"tokens": 32, "pattern": "-", "error": "out of memory"},
+    ]
+    best = best_at_recall(rows, 0.95)
+    assert best[8] is not None and best[8]["pattern"] == "coverage"
+    assert best[16] is None and 32 not in best
 
 
 def test_kernel_benchmark_runs_the_adaptive_patterns_too(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
