@@ -74,13 +74,14 @@ def structured_qkv(
 
 def recall(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> float:
     """Mean over heads and `rows` of the causal softmax mass (fp32) inside rows_mask(head, rows)."""
-    return mass_kept(q, k, rows_mask, rows)["recall"]
+    return mass_kept(q, k, rows_mask, rows, oracle=False)["recall"]
 
 
-def mass_kept(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -> dict[str, float]:
+def mass_kept(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any, oracle: bool = True) -> dict[str, float]:
     """recall: as `recall`; oracle: the mass the same number of keys per row would keep if they were each row's
-    heaviest (no pattern predicts those: the most any index this dense can keep on these inputs); keys: keys
-    visited per row, averaged; pairs: their share of the rows' causal keys."""
+    heaviest (no pattern predicts those: the most any index this dense can keep on these inputs; a sort of every
+    sampled row, skipped when not asked for: nan); keys: keys visited per row, averaged; pairs: their share of the
+    rows' causal keys."""
     import torch
 
     hq, n, d = q.shape
@@ -94,13 +95,14 @@ def mass_kept(q: Any, k: Any, rows_mask: Callable[[int, Any], Any], rows: Any) -
         mask = rows_mask(h, rows)
         kept.append((probs * mask).sum(dim=-1))
         count = mask.sum(dim=-1).long()
-        heaviest = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)
-        best.append(torch.where(count > 0, heaviest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0], 0.0))
         keys.append(count.float())
+        if oracle:
+            heaviest = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)
+            best.append(torch.where(count > 0, heaviest.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0], 0.0))
     visited = torch.stack(keys)
     return {
         "recall": float(torch.stack(kept).mean()),
-        "oracle": float(torch.stack(best).mean()),
+        "oracle": float(torch.stack(best).mean()) if oracle else math.nan,
         "keys": float(visited.mean()),
         "pairs": float(visited.sum(dim=0).mean() / hq / (rows + 1).float().mean()),
     }
@@ -174,7 +176,8 @@ def _one_length(
     rows = torch.linspace(n // 8, n - 1, args.recall_rows, device=device).long().unique()
     out = []
     for (name, pattern), block in ((c, b) for c in chosen.items() for b in args.blocks):
-        if block != args.blocks[0] and pattern is not None and pattern.kind == "block_sparse":
+        bs = pattern is not None and pattern.kind == "block_sparse"
+        if block != args.blocks[0] and bs:
             continue  # block-sparse keeps 64-token blocks
         if pattern is None:  # dense through our kernel: one range of every diagonal
             make = partial(_everything, hq, n, block, device)
@@ -184,10 +187,9 @@ def _one_length(
         sparse = make()
         mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
-        for loop in args.loops if pattern is None or pattern.kind != "block_sparse" else ["-"]:
+        for loop in ["-"] if bs else args.loops:
             kernel_ms = timer(partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop), repeats)
             total = plan_ms + kernel_ms
-            bs = pattern is not None and pattern.kind == "block_sparse"
             row = {"tokens": n, "pattern": name, "block": BLOCK if bs else block, "loop": loop,
                    "budget": [pattern.a, pattern.b] if pattern else "all", "dense_ms": round(dense_ms, 2),
                    "dense_backend": backend, "estimate_index_ms": round(plan_ms, 2),
