@@ -272,6 +272,12 @@ class Engine:
     # ------------------------------------------------------------------------------------- public API
 
     @property
+    def accepting(self) -> bool:
+        """Takes new requests (loaded, not draining, not stopped)."""
+        with self._lock:
+            return self._accepting and not self._stopping
+
+    @property
     def model_name(self) -> str:
         return self.config.served_model_name or self.model_config.name
 

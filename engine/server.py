@@ -14,18 +14,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor as pb_descriptor
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import kserve
 from .api import engine_pb2 as pb
 from .config import EngineConfig
-from .engine import Engine, EngineUnavailable, LoadSnapshot, QueueFull
+from .engine import Engine, LoadSnapshot
 from .metrics import Histogram
 from .model.tokenizer import TokenizerError
-from .outputs import Chunk, Event, Finished
+from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
+from .rpc import Malformed, RequestFailed, lenient, request_events
 
 log = logging.getLogger(__name__)
 
@@ -92,75 +92,6 @@ def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
     )
 
 
-def _invalid_utf8_field(data: bytes, desc: pb_descriptor.Descriptor, prefix: str = "") -> str | None:
-    """Walks the wire format to name the first string field holding invalid UTF-8 (protobuf only says 'error')."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            size, pos = _varint(data, pos)
-            payload, pos = data[pos : pos + size], pos + size
-            field = desc.fields_by_number.get(number)
-            if field is None:
-                continue
-            name = prefix + field.name
-            if field.type == pb_descriptor.FieldDescriptor.TYPE_STRING:
-                try:
-                    payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    return name
-            elif field.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
-                found = _invalid_utf8_field(payload, field.message_type, name + ".")
-                if found:
-                    return found
-        else:
-            return None
-    return None
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise DecodeError("truncated varint")
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-class _Malformed:
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _lenient(message_type: Any) -> Callable[[bytes], Any]:
-    """A request deserializer that turns undecodable input into INVALID_ARGUMENT instead of INTERNAL."""
-
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            try:
-                field = _invalid_utf8_field(data, message_type.DESCRIPTOR)
-            except (DecodeError, IndexError):
-                field = None
-            if field:
-                return _Malformed(f"{field}: not valid UTF-8")
-            return _Malformed(f"the request is not a valid {message_type.DESCRIPTOR.name}: {exc}")
-
-    return parse
-
-
 # ---------------------------------------------------------------------------------------------- service
 
 
@@ -169,7 +100,7 @@ class EngineService:
         self.engine: Engine | None = None
 
     async def _ready_engine(self, context: grpc.aio.ServicerContext, request: Any) -> Engine:
-        if isinstance(request, _Malformed):
+        if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
@@ -215,56 +146,35 @@ class EngineService:
         want_text = request.return_text if request.HasField("return_text") else True
         want_ids = request.return_token_ids if request.HasField("return_token_ids") else True
 
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def sink(event: Event) -> None:
-            # RuntimeError: the server's loop has closed (shutdown) and nobody is listening any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
         try:
-            engine.submit(req, sink)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-
-        finished = False
-        try:
-            while True:
-                events = [await queue.get()]
-                while not queue.empty():  # a slow reader gets the backlog in one message
-                    events.append(queue.get_nowait())
-                chunk = pb.Chunk()
-                final: Finished | None = None
-                for ev in events:
-                    if isinstance(ev, Chunk):
-                        if want_ids:
-                            chunk.token_ids.extend(ev.token_ids)
-                        if want_text:
-                            chunk.text += ev.text
-                        for tok, lp, top in ev.logprobs:
-                            chunk.logprobs.append(
-                                pb.TokenLogprobs(
-                                    token_id=tok, logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top]
+            async with contextlib.aclosing(request_events(engine, req)) as batches:
+                async for events in batches:
+                    chunk = pb.Chunk()
+                    final: Finished | None = None
+                    for ev in events:
+                        if isinstance(ev, Chunk):
+                            if want_ids:
+                                chunk.token_ids.extend(ev.token_ids)
+                            if want_text:
+                                chunk.text += ev.text
+                            for tok, lp, top in ev.logprobs:
+                                chunk.logprobs.append(
+                                    pb.TokenLogprobs(
+                                        token_id=tok,
+                                        logprob=lp,
+                                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top],
+                                    )
                                 )
-                            )
-                    else:
-                        final = ev
-                if chunk.token_ids or chunk.text or chunk.logprobs:
-                    yield pb.GenerateResponse(request_id=req.id, chunk=chunk)
-                if final is not None:
-                    finished = True
-                    if final.error is not None:
-                        await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {final.error}")
-                    yield pb.GenerateResponse(request_id=req.id, final=_final_to_proto(final))
-                    return
-        finally:
-            if not finished:  # client cancel, deadline or a failed write: free the request's blocks now
-                engine.abort([req.id])
+                        else:
+                            final = ev
+                    if chunk.token_ids or chunk.text or chunk.logprobs:
+                        yield pb.GenerateResponse(request_id=req.id, chunk=chunk)
+                    if final is not None:
+                        if final.error is not None:
+                            await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {final.error}")
+                        yield pb.GenerateResponse(request_id=req.id, final=_final_to_proto(final))
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         engine = await self._ready_engine(context, request)
@@ -318,10 +228,10 @@ def _handlers(service: EngineService) -> grpc.GenericRpcHandler:
         return bytes(message.SerializeToString())
 
     def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, _lenient(req), serialize)
+        return grpc.unary_unary_rpc_method_handler(fn, lenient(req), serialize)
 
     def stream(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_stream_rpc_method_handler(fn, _lenient(req), serialize)
+        return grpc.unary_stream_rpc_method_handler(fn, lenient(req), serialize)
 
     return grpc.method_handlers_generic_handler(
         SERVICE,
@@ -358,9 +268,12 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._stopped = asyncio.Event()
-        self.server.add_generic_rpc_handlers((_handlers(self.service),))
+        self.server.add_generic_rpc_handlers(
+            (_handlers(self.service), kserve.handlers(kserve.KServeService(self.service), lenient))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names = (SERVICE, kserve.SERVICE, health_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:

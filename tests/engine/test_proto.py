@@ -13,5 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([str(ROOT / "scripts" / "gen-proto"), str(tmp_path)], check=True, env=env)
-    for name in ("engine_pb2.py", "engine_pb2.pyi", "engine_pb2_grpc.py"):
+    names = [f"{stem}{suffix}" for stem in ("engine_pb2", "grpc_service_pb2") for suffix in (".py", ".pyi", "_grpc.py")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    for name in names:
         assert (tmp_path / name).read_text() == (ROOT / "engine" / "api" / name).read_text(), f"{name} is stale"
