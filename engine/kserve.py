@@ -51,7 +51,7 @@ SERVICE = "inference.GRPCInferenceService"
 VERSION = "1"  # the one version of the one model this server serves
 PLATFORM = "optimist"
 
-# name -> (datatype, shape, kind of value, optional): kinds "str", "bool", "int", "float", "strs"
+# name -> (datatype, shape, kind of value: "str", "bool", "int", "float" or "strs"); all optional but text_input
 INPUTS: dict[str, tuple[str, list[int], str]] = {
     "text_input": ("BYTES", [1], "str"),
     "stream": ("BOOL", [1], "bool"),
