@@ -216,14 +216,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .scheduler.simulator import simulate
     from .scheduler.workload import read_workload
 
-    params = {"growth": args.growth} if args.policy in ("amin", "amin-learned") else {}
-    result = simulate(
-        read_workload(args.workload),
-        make_policy(args.policy, **params),
-        args.memory,
-        evict_cost=args.evict_cost,
-        prefill_tokens_per_step=args.prefill_tokens_per_step or math.inf,
-    )
+    workload = read_workload(args.workload)
+    if args.policy == "opt":
+        from .scheduler.optimum import exact_optimum
+
+        if args.prefill_tokens_per_step:
+            raise ValueError("--policy opt models free prefill; drop --prefill-tokens-per-step")
+        result = exact_optimum(workload, args.memory)
+    else:
+        params = {"growth": args.growth} if args.policy in ("amin", "amin-learned") else {}
+        result = simulate(
+            workload,
+            make_policy(args.policy, **params),
+            args.memory,
+            evict_cost=args.evict_cost,
+            prefill_tokens_per_step=args.prefill_tokens_per_step or math.inf,
+        )
     summary = result.summary()
     if args.json:
         print(json.dumps(summary))
@@ -346,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the scheduling simulator on a JSON Lines workload")
     sim.add_argument("--workload", type=Path, required=True, help="JSON Lines, one request per line")
-    sim.add_argument("--policy", required=True, choices=["hsf", "amax", "amin", "amin-learned", "fcfs"])
+    sim.add_argument(
+        "--policy",
+        required=True,
+        choices=["hsf", "amax", "amin", "amin-learned", "fcfs", "opt"],
+        help="opt: the exact optimum in hindsight, by integer programming (small workloads)",
+    )
     sim.add_argument("--memory", type=int, required=True, help="KV capacity in tokens")
     sim.add_argument("--evict-cost", default="lost", choices=["lost", "recompute"])
     sim.add_argument("--prefill-tokens-per-step", type=float, default=0, help="prefill speed; 0 = free (default)")

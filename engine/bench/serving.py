@@ -384,6 +384,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_schedule(kinds)
 
+    from .optimum import add_parser as add_optimum
+
+    add_optimum(kinds)
+
     from .policies import add_parser as add_policies
 
     add_policies(kinds)
