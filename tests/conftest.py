@@ -97,6 +97,33 @@ class ServerThread:
             self._thread.join(timeout=10)
 
 
+class LoadingServer:
+    """A server whose model load is held until `finish_loading()` (it hands over the session engine then)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.release = threading.Event()
+
+        def held() -> Engine:
+            self.release.wait(30)
+            return engine
+
+        self.thread = ServerThread(engine.config, engine_factory=held)
+        self.address = self.thread.address
+        self.loading = self.thread.submit(self.thread.server.load())
+
+    def finish_loading(self) -> None:
+        self.release.set()
+        self.loading.result(30)
+
+
+@pytest.fixture()
+def loading_server(engine: Engine) -> Iterator[LoadingServer]:
+    srv = LoadingServer(engine)
+    yield srv
+    srv.release.set()
+    srv.thread.stop()
+
+
 @pytest.fixture(scope="session")
 def server(engine: Engine) -> Iterator[ServerThread]:
     """A server in front of the shared session engine."""

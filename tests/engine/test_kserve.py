@@ -19,7 +19,7 @@ from optimist.engine.api import grpc_service_pb2 as pb
 from optimist.engine.api import grpc_service_pb2_grpc as pb_grpc
 from optimist.engine.engine import Engine
 
-from ..conftest import ServerThread
+from ..conftest import LoadingServer, ServerThread
 from . import tritonclient_env
 from .test_server import collect, greedy_request, wait_idle
 
@@ -375,29 +375,16 @@ def test_cancelling_the_stream_aborts_its_requests_and_frees_their_blocks(
     assert load.finished_total["aborted"] == finished + 2
 
 
-def test_readiness_follows_loading(engine: Engine) -> None:
-    release = threading.Event()
-
-    def slow_factory() -> Engine:
-        release.wait(30)
-        return engine
-
-    srv = ServerThread(engine.config, engine_factory=slow_factory)
-    try:
-        loading = srv.submit(srv.server.load())
-        with grpc.insecure_channel(srv.address) as ch:
-            stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            assert stub.ServerLive(pb.ServerLiveRequest()).live
-            assert not stub.ServerReady(pb.ServerReadyRequest()).ready
-            assert not stub.ModelReady(pb.ModelReadyRequest(name=engine.model_name)).ready
-            assert invalid(stub.ModelInfer, infer_request(engine), code=grpc.StatusCode.UNAVAILABLE)
-            release.set()
-            loading.result(30)
-            assert stub.ServerReady(pb.ServerReadyRequest()).ready
-            assert stub.ModelReady(pb.ModelReadyRequest(name=engine.model_name, version="1")).ready
-    finally:
-        release.set()
-        srv.stop()
+def test_readiness_follows_loading(loading_server: LoadingServer, engine: Engine) -> None:
+    with grpc.insecure_channel(loading_server.address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert not stub.ModelReady(pb.ModelReadyRequest(name=engine.model_name)).ready
+        assert invalid(stub.ModelInfer, infer_request(engine), code=grpc.StatusCode.UNAVAILABLE)
+        loading_server.finish_loading()
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name=engine.model_name, version="1")).ready
 
 
 def test_reflection_lists_the_inference_service(server: ServerThread) -> None:

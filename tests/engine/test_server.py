@@ -19,7 +19,7 @@ from optimist.engine.api import engine_pb2_grpc as pb_grpc
 from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine
 
-from ..conftest import ServerThread
+from ..conftest import LoadingServer, ServerThread
 
 TIE_GAP = 2e-3  # as in test_reference: batching may flip a greedy choice only between near-equal logits
 
@@ -270,27 +270,15 @@ def _health(address: str, service: str) -> int:
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_health_is_not_serving_while_the_model_loads(engine: Engine) -> None:
-    release = threading.Event()
-
-    def slow_factory() -> Engine:
-        release.wait(30)
-        return engine
-
-    srv = ServerThread(engine.config, engine_factory=slow_factory)
-    try:
-        loading = srv.submit(srv.server.load())
-        assert _health(srv.address, "") == SERVING  # the process is alive
-        assert _health(srv.address, "optimist.v1.Engine") == NOT_SERVING
-        with grpc.insecure_channel(srv.address) as channel, pytest.raises(grpc.RpcError) as err:
-            collect(pb_grpc.EngineStub(channel).Generate(greedy_request("hi", 2)))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        release.set()
-        loading.result(30)
-        assert _health(srv.address, "optimist.v1.Engine") == SERVING
-    finally:
-        release.set()
-        srv.stop()
+def test_health_is_not_serving_while_the_model_loads(loading_server: LoadingServer) -> None:
+    address = loading_server.address
+    assert _health(address, "") == SERVING  # the process is alive
+    assert _health(address, "optimist.v1.Engine") == NOT_SERVING
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+        collect(pb_grpc.EngineStub(channel).Generate(greedy_request("hi", 2)))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    loading_server.finish_loading()
+    assert _health(address, "optimist.v1.Engine") == SERVING
 
 
 @pytest.mark.parametrize("grace_s,expected", [(10.0, pb.FINISH_REASON_LENGTH), (0.0, pb.FINISH_REASON_ABORTED)])
