@@ -24,7 +24,7 @@ import numpy as np
 
 from ..scheduler.optimum import exact_optimum
 from ..scheduler.policies import make_policy
-from ..scheduler.simulator import simulate
+from ..scheduler.simulator import SimulationError, simulate
 from ..scheduler.workload import WorkloadRequest, lognormal_lengths
 from .report import markdown_table, write_report
 
@@ -55,12 +55,16 @@ def small_workload(n: int, seed: int, arrivals: str, intervals: str) -> list[Wor
     return requests
 
 
-def _instance(task: tuple[int, int, int, str, str, list[str]]) -> list[dict[str, Any]]:
-    n, memory, seed, arrivals, intervals, policies = task
+def _instance(task: tuple[int, int, int, str, str, list[str], float]) -> list[dict[str, Any]]:
+    n, memory, seed, arrivals, intervals, policies, time_limit_s = task
     workload = small_workload(n, seed, arrivals, intervals)
     memory = max(memory, max(r.prompt_tokens + r.output_tokens for r in workload))  # every request fits alone
     start = time.perf_counter()
-    opt = exact_optimum(workload, memory).mean_latency
+    try:
+        opt = exact_optimum(workload, memory, time_limit_s=time_limit_s).mean_latency
+    except SimulationError as exc:  # the solver's time ran out: the instance is left out, and counted
+        print(f"bench: {arrivals}/{intervals} seed {seed}: {exc}", file=sys.stderr)
+        return [{"memory": memory, "seed": seed, "arrivals": arrivals, "intervals": intervals, "unsolved": True}]
     solve_s = time.perf_counter() - start
     runs = []
     for cost in ("lost", "recompute"):
@@ -86,6 +90,8 @@ def _instance(task: tuple[int, int, int, str, str, list[str]]) -> list[dict[str,
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
+        if r.get("unsolved"):
+            continue
         groups[(r["evict_cost"], r["arrivals"], r["intervals"], r["policy"])].append(r)
     rows = []
     for (cost, arrivals, intervals, policy), rs in sorted(groups.items()):
@@ -124,7 +130,7 @@ def format_table(rows: list[dict[str, Any]], policies: list[str]) -> str:
 
 def cmd_bench_optimum(args: argparse.Namespace) -> int:
     tasks = [
-        (args.requests, m, s, a, iv, args.policies)
+        (args.requests, m, s, a, iv, args.policies, args.time_limit)
         for m in args.memory
         for a in args.arrivals
         for iv in args.intervals
@@ -134,11 +140,16 @@ def cmd_bench_optimum(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = [r for batch in pool.map(_instance, tasks) for r in batch]
+    print(f"bench: solved in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     rows = aggregate(runs)
     table = format_table(rows, args.policies)
+    unsolved = sum(1 for r in runs if r.get("unsolved"))
+    if unsolved:
+        table += f"\n\n{unsolved} of {len(tasks)} instances left out: the solver did not finish in {args.time_limit} s"
     print(table)
     report = {
         "benchmark": "optimum",
+        "unsolved": unsolved,
         "requests": args.requests,
         "instances": args.instances,
         "memory": args.memory,
@@ -152,12 +163,13 @@ def cmd_bench_optimum(args: argparse.Namespace) -> int:
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("optimum", help="scheduling policies against the exact optimum on small instances")
-    p.add_argument("--requests", type=int, default=10, help="requests per instance (the program grows fast)")
-    p.add_argument("--instances", type=int, default=20, help="instances per setting (seeds 0..N-1)")
+    p.add_argument("--requests", type=int, default=8, help="requests per instance (the program grows fast)")
+    p.add_argument("--instances", type=int, default=25, help="instances per setting (seeds 0..N-1)")
     p.add_argument("--memory", type=lambda s: [int(x) for x in s.split(",")], default=[64])
     p.add_argument("--arrivals", type=lambda s: s.split(","), default=["batch", "poisson"])
     p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise", "naive"])
     p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds the solver may spend on one instance")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/optimum.json"))
     p.set_defaults(func=cmd_bench_optimum)
