@@ -43,7 +43,7 @@ from .api import grpc_service_pb2 as pb
 from .engine import Engine
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
-from .rpc import RequestFailed, malformed, request_events
+from .rpc import RequestFailed, bidi_stream, malformed, request_events, unary
 
 log = logging.getLogger(__name__)
 
@@ -615,13 +615,7 @@ def _failed(request: Any, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
 
-def handlers(service: KServeService, lenient: Callable[[Any], Callable[[bytes], Any]]) -> grpc.GenericRpcHandler:
-    def serialize(message: Any) -> bytes:
-        return bytes(message.SerializeToString())
-
-    def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, lenient(req), serialize)
-
+def handlers(service: KServeService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
@@ -632,8 +626,6 @@ def handlers(service: KServeService, lenient: Callable[[Any], Callable[[bytes], 
             "ModelMetadata": unary(service.ModelMetadata, pb.ModelMetadataRequest),
             "ModelConfig": unary(service.ModelConfig, pb.ModelConfigRequest),
             "ModelInfer": unary(service.ModelInfer, pb.ModelInferRequest),
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                service.ModelStreamInfer, lenient(pb.ModelInferRequest), serialize
-            ),
+            "ModelStreamInfer": bidi_stream(service.ModelStreamInfer, pb.ModelInferRequest),
         },
     )

@@ -87,6 +87,23 @@ def lenient(message_type: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def _serialize(message: Any) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+def unary(fn: Any, request_type: Any) -> grpc.RpcMethodHandler:
+    """A unary method whose undecodable requests reach `fn` as Malformed."""
+    return grpc.unary_unary_rpc_method_handler(fn, lenient(request_type), _serialize)
+
+
+def server_stream(fn: Any, request_type: Any) -> grpc.RpcMethodHandler:
+    return grpc.unary_stream_rpc_method_handler(fn, lenient(request_type), _serialize)
+
+
+def bidi_stream(fn: Any, request_type: Any) -> grpc.RpcMethodHandler:
+    return grpc.stream_stream_rpc_method_handler(fn, lenient(request_type), _serialize)
+
+
 def malformed(request: Any) -> str | None:
     """Why `request` could not be decoded (its handler answers INVALID_ARGUMENT with this), or None."""
     return request.reason if isinstance(request, Malformed) else None

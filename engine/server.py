@@ -25,7 +25,7 @@ from .metrics import Histogram
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
-from .rpc import Malformed, RequestFailed, lenient, request_events
+from .rpc import Malformed, RequestFailed, request_events, server_stream, unary
 
 log = logging.getLogger(__name__)
 
@@ -224,23 +224,14 @@ def _final_to_proto(f: Finished) -> pb.Final:
 
 
 def _handlers(service: EngineService) -> grpc.GenericRpcHandler:
-    def serialize(message: Any) -> bytes:
-        return bytes(message.SerializeToString())
-
-    def unary(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, lenient(req), serialize)
-
-    def stream(fn: Any, req: Any) -> grpc.RpcMethodHandler:
-        return grpc.unary_stream_rpc_method_handler(fn, lenient(req), serialize)
-
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Generate": stream(service.Generate, pb.GenerateRequest),
+            "Generate": server_stream(service.Generate, pb.GenerateRequest),
             "Abort": unary(service.Abort, pb.AbortRequest),
             "GetModelInfo": unary(service.GetModelInfo, pb.GetModelInfoRequest),
             "GetLoad": unary(service.GetLoad, pb.GetLoadRequest),
-            "WatchLoad": stream(service.WatchLoad, pb.WatchLoadRequest),
+            "WatchLoad": server_stream(service.WatchLoad, pb.WatchLoadRequest),
         },
     )
 
@@ -269,7 +260,7 @@ class Server:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._stopped = asyncio.Event()
         self.server.add_generic_rpc_handlers(
-            (_handlers(self.service), kserve.handlers(kserve.KServeService(self.service), lenient))
+            (_handlers(self.service), kserve.handlers(kserve.KServeService(self.service)))
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
