@@ -395,19 +395,19 @@ class Answer:
         tokens = [t for c in chunks for t in c.token_ids]
         entries = [e for c in chunks for e in c.logprobs]
         self.cumulative += sum(lp for _, lp, _ in entries)
-        values: dict[str, list[Any]] = {
-            "text_output": [text.encode("utf-8")],
-            "finish_reason": [(_FINISH[final.reason] if final else "").encode()],
-            "cumulative_logprob": [self.cumulative],
-            "logprobs": [self._logprobs(entries)],
-            "num_input_tokens": [self.prompt_tokens],
-            "num_output_tokens": [len(tokens)],
+        values: dict[str, Callable[[], Any]] = {  # each output's one element, made only when it is asked for
+            "text_output": lambda: text.encode("utf-8"),
+            "finish_reason": lambda: (_FINISH[final.reason] if final else "").encode(),
+            "cumulative_logprob": lambda: self.cumulative,
+            "logprobs": lambda: self._logprobs(entries),
+            "num_input_tokens": lambda: self.prompt_tokens,
+            "num_output_tokens": lambda: len(tokens),
         }
         response = pb.ModelInferResponse(model_name=self.model_name, model_version=VERSION, id=self.id)
         for name in call.outputs:
             datatype = OUTPUTS[name][0]
-            response.outputs.add(name=name, datatype=datatype, shape=[len(values[name])])
-            response.raw_output_contents.append(_raw(datatype, values[name]))
+            response.outputs.add(name=name, datatype=datatype, shape=[1])
+            response.raw_output_contents.append(_raw(datatype, [values[name]()]))
         response.parameters["triton_final_response"].bool_param = final is not None
         return response
 

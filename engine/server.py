@@ -25,7 +25,7 @@ from .metrics import Histogram
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
-from .rpc import Malformed, RequestFailed, request_events, server_stream, unary
+from .rpc import RequestFailed, malformed, request_events, server_stream, unary
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class EngineService:
         self.engine: Engine | None = None
 
     async def _ready_engine(self, context: grpc.aio.ServicerContext, request: Any) -> Engine:
-        if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        if (reason := malformed(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         assert self.engine is not None
