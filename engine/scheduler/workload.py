@@ -99,15 +99,20 @@ def paper_workload(n: int, seed: int, intervals: str) -> list[WorkloadRequest]:
     prompts = lognormal_lengths(rng, n, 40, 1.0, 1, 1024)
     out: list[WorkloadRequest] = []
     for i, (o, s) in enumerate(zip(outputs.tolist(), prompts.tolist(), strict=True)):
-        if intervals == "naive":
-            lo, hi = 1, 1000
-        elif intervals == "bins":
-            lo = (o - 1) // 100 * 100 + 1
-            hi = lo + 99
-        elif intervals.startswith("noise:"):
-            x = float(intervals.split(":", 1)[1])
-            lo, hi = max(1, int(np.floor((1 - x) * o))), max(o, int(np.ceil((1 + x) * o)))
-        else:
-            raise ValueError(f"unknown interval setting {intervals!r}")
+        lo, hi = interval(intervals, o, 1000)
         out.append(WorkloadRequest(f"r{i}", 0, s, o, lo, hi))
     return out
+
+
+def interval(intervals: str, output: int, max_output: int) -> tuple[int, int]:
+    """A predicted [lower, upper] for a true output length: "naive" ([1, max_output]), "bins" (width-100 bins
+    around the truth), or "noise:X" ([(1-X)o, (1+X)o])."""
+    if intervals == "naive":
+        return 1, max_output
+    if intervals == "bins":
+        lo = (output - 1) // 100 * 100 + 1
+        return lo, lo + 99
+    if intervals.startswith("noise:"):
+        x = float(intervals.split(":", 1)[1])
+        return max(1, int(np.floor((1 - x) * output))), max(output, int(np.ceil((1 + x) * output)))
+    raise ValueError(f"unknown interval setting {intervals!r}")
