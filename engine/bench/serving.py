@@ -384,6 +384,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_schedule(kinds)
 
+    from .autoscale import add_parser as add_autoscale
+
+    add_autoscale(kinds)
+
     from .optimum import add_parser as add_optimum
 
     add_optimum(kinds)

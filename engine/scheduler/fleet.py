@@ -29,6 +29,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +43,59 @@ AGGREGATION = {"lowerBoundDemand": "max", "queueDepth": "avg", "concurrency": "a
 
 @dataclass(frozen=True)
 class ScalingBehavior:
-    """The HPA's `behavior`: stabilisation windows and one Pods policy per direction."""
+    """The HPA's `behavior`: a stabilisation window per direction and per direction a Pods and/or a Percent
+    policy over one period (selectPolicy Max: the policy that allows the larger change wins). The defaults are
+    what the operator writes; `KUBERNETES_DEFAULT` is the HPA's own when a spec gives none."""
 
     up_window_s: float = 30.0
     up_pods: int = 2
+    up_percent: float = 0.0
     up_period_s: float = 60.0
     down_window_s: float = 300.0
     down_pods: int = 1
+    down_percent: float = 0.0
     down_period_s: float = 120.0
+
+    def up_limit(self, at_period_start: int) -> int:
+        by_percent = math.ceil(at_period_start * (1 + self.up_percent / 100)) if self.up_percent else 0
+        return max(at_period_start + self.up_pods, by_percent)
+
+    def down_limit(self, at_period_start: int) -> int:
+        by_percent = math.ceil(at_period_start * (1 - self.down_percent / 100)) if self.down_percent else None
+        by_pods = at_period_start - self.down_pods if self.down_pods else None
+        limits = [x for x in (by_percent, by_pods) if x is not None]
+        return min(limits) if limits else at_period_start
+
+
+    @classmethod
+    def from_hpa(cls, behavior: dict[str, Any]) -> ScalingBehavior:
+        """From an HPA v2 `spec.behavior` (what the operator writes, or your own): both directions' windows and
+        Pods/Percent policies; the policies of a direction must share one period and select Max. What it leaves
+        out is the HPA's default."""
+        fields: dict[str, Any] = dict(KUBERNETES_DEFAULT.__dict__)
+        for direction, prefix in (("scaleUp", "up"), ("scaleDown", "down")):
+            rules = behavior.get(direction)
+            if rules is None:
+                continue
+            fields[f"{prefix}_window_s"] = float(rules.get("stabilizationWindowSeconds", fields[f"{prefix}_window_s"]))
+            if rules.get("selectPolicy", "Max") != "Max":
+                raise ValueError(f"{direction}.selectPolicy: only Max is modelled, got {rules['selectPolicy']!r}")
+            policies = rules.get("policies")
+            if not policies:
+                continue
+            periods = {p["periodSeconds"] for p in policies}
+            if len(periods) != 1:
+                raise ValueError(f"{direction}.policies: one periodSeconds for all is modelled, got {sorted(periods)}")
+            fields[f"{prefix}_period_s"] = float(periods.pop())
+            fields[f"{prefix}_pods"] = max((int(p["value"]) for p in policies if p["type"] == "Pods"), default=0)
+            fields[f"{prefix}_percent"] = max((float(p["value"]) for p in policies if p["type"] == "Percent"), default=0)
+        return cls(**fields)
+
+
+KUBERNETES_DEFAULT = ScalingBehavior(
+    up_window_s=0.0, up_pods=4, up_percent=100.0, up_period_s=15.0,
+    down_window_s=300.0, down_pods=0, down_percent=100.0, down_period_s=15.0,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,6 +133,10 @@ class FleetConfig:
     grace_s: float = 30.0
     replicas: int = 1  # at the start (and throughout, without an autoscaler)
     autoscaler: Autoscaler | None = None
+    # A request is on time when its first token comes within slo_ttft_s of its (first) arrival and its last
+    # within slo_ttft_s + slo_tpot_s per output token (goodput's definition).
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.1
     max_steps: int = 10_000_000
 
     def __post_init__(self) -> None:
@@ -148,6 +198,7 @@ class FleetResult:
     p99_latency_s: float
     mean_queue_s: float  # arrival to first admission: about the time to first token
     p99_queue_s: float
+    on_time: float  # share of requests within the SLO (FleetConfig.slo_*)
     replica_seconds: float  # every replica from creation to removal (starting and draining ones cost too)
     mean_replicas: float
     peak_replicas: int
@@ -291,22 +342,30 @@ class Fleet:
 
     def _stabilize(self, t: int, current: int, recommendation: int, scaler: Autoscaler) -> int:
         c, b = self.config, scaler.behavior
-        self.recommendations.append((t, recommendation))
+        if not self.recommendations:  # as the HPA controller: a new autoscaler's history starts at the current size
+            self.recommendations.append((t, current))
         keep = t - c.steps(max(b.up_window_s, b.down_window_s))
         while self.recommendations and self.recommendations[0][0] <= keep:
             self.recommendations.popleft()
-        up_from, down_from = t - c.steps(b.up_window_s), t - c.steps(b.down_window_s)
-        up = min(r for ts, r in self.recommendations if ts > up_from)
-        down = max(r for ts, r in self.recommendations if ts > down_from)
-        desired = min(max(current, up), down)  # the HPA's: raise to the window's floor, cap at its ceiling
+        # The HPA's stabilisation: the current recommendation and those of each window (an empty one for 0 s).
+        up = down = recommendation
+        up_from = t - c.steps(b.up_window_s) if b.up_window_s else t
+        down_from = t - c.steps(b.down_window_s) if b.down_window_s else t
+        for ts, r in self.recommendations:
+            if ts > up_from:
+                up = min(up, r)
+            if ts > down_from:
+                down = max(down, r)
+        self.recommendations.append((t, recommendation))
+        desired = min(max(current, up), down)  # raise to the up window's floor, cap at the down window's ceiling
         if desired > current:
             since = t - c.steps(b.up_period_s)
             added = sum(n for ts, n in self.changes if ts > since and n > 0)
-            desired = min(desired, current - added + b.up_pods)
+            desired = min(desired, b.up_limit(current - added))
         elif desired < current:
             since = t - c.steps(b.down_period_s)
             removed = -sum(n for ts, n in self.changes if ts > since and n < 0)
-            desired = max(desired, current + removed - b.down_pods)
+            desired = max(desired, b.down_limit(current + removed))
         return max(scaler.min_replicas, min(scaler.max_replicas, desired))
 
     # --- the run ----------------------------------------------------------------------------------------------
@@ -362,6 +421,15 @@ class Fleet:
         s = self.config.step_s
         latencies = [(j.finished_at - j.arrival) * s for j in jobs if j.finished_at is not None]
         queue = [(j.first_admitted - j.arrival) * s for j in jobs if j.first_admitted is not None]
+        c = self.config
+        on_time = sum(
+            1
+            for j in jobs
+            if j.finished_at is not None
+            and j.first_admitted is not None
+            and (j.first_admitted - j.arrival) * s <= c.slo_ttft_s
+            and (j.finished_at - j.arrival) * s <= c.slo_ttft_s + c.slo_tpot_s * j.true_len
+        )
         everyone = self.removed + self.replicas
         replica_steps = sum((r.gone_at if r.gone_at is not None else end) - r.created for r in everyone)
         counts = [0]
@@ -375,6 +443,7 @@ class Fleet:
             p99_latency_s=percentile(latencies, 0.99),
             mean_queue_s=sum(queue) / len(queue),
             p99_queue_s=percentile(queue, 0.99),
+            on_time=on_time / len(jobs),
             replica_seconds=replica_steps * s,
             mean_replicas=replica_steps / end if end else float(self.config.replicas),
             peak_replicas=self.config.replicas + max(counts),

@@ -1,0 +1,297 @@
+"""`optimist bench autoscale`: which signal should an InferencePool scale on? The fleet simulator
+(engine/scheduler/fleet.py) plays traffic that changes over time through replicas of the A_min server, scaled
+by a model of the HPA on each signal the sidecar exports, at several targets each, and through static fleets.
+
+Cost is replica-seconds (starting and draining replicas included); service is the share of requests on time (first
+token within 2 s, last within 2 s + 0.1 s per output token: twice the 50 ms decode step). The summary names, per
+scenario, the cheapest setting of each signal that keeps at least `--attainment` of the requests on time, and its
+cost against the cheapest static fleet that does (which needs the peak known in advance). Prints tables, writes
+JSON.
+
+Scenarios (one replica holds 8,192 KV tokens and serves about 2.7 requests per second of the default lengths):
+- burst: 8 requests/s for 5 minutes, 24/s for 10, 8/s for 10;
+- longer: 8 requests/s throughout, but for 10 minutes in the middle the outputs are three times longer (median
+  360 tokens instead of 120): the memory needed triples while the request rate stays flat;
+- diurnal: 40 minutes of a day's shape compressed, 4 to 24 requests/s and back, changing every minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..scheduler.fleet import (
+    KUBERNETES_DEFAULT,
+    SIGNALS,
+    Autoscaler,
+    FleetConfig,
+    Phase,
+    ScalingBehavior,
+    phased_workload,
+    simulate_fleet,
+)
+from ..scheduler.workload import lognormal_lengths
+from .report import markdown_table, positive_int, write_report
+
+SCENARIOS: dict[str, list[Phase]] = {
+    "burst": [Phase(300, 8), Phase(600, 24), Phase(600, 8)],
+    "longer": [Phase(300, 8), Phase(600, 8, output_median=360), Phase(600, 8)],
+    "diurnal": [Phase(60, 4 + 20 * math.sin(math.pi * (m + 0.5) / 40) ** 2) for m in range(40)],
+}
+TARGETS: dict[str, list[float]] = {
+    "lowerBoundDemand": [0.7, 0.9, 1.1, 1.3],
+    "queueDepth": [1, 4, 8, 16],
+    "concurrency": [15, 20, 30, 40],
+    "kvUsage": [0.5, 0.6, 0.7, 0.8],
+}
+BEHAVIORS: dict[str, ScalingBehavior] = {"operator": ScalingBehavior(), "kubernetes": KUBERNETES_DEFAULT}
+MEMORY = 8192
+STEP_S = 0.05
+MAX_REPLICAS = 16
+
+
+def _config(task: dict[str, Any]) -> FleetConfig:
+    base = {"memory": MEMORY, "step_s": STEP_S, "startup_s": task["startup_s"]}
+    if task["signal"] == "static":
+        return FleetConfig(replicas=int(task["target"]), **base)
+    scaler = Autoscaler(
+        task["signal"],
+        float(task["target"]),
+        min_replicas=1,
+        max_replicas=MAX_REPLICAS,
+        behavior=BEHAVIORS[task["behavior"]],
+    )
+    return FleetConfig(replicas=task["start"], autoscaler=scaler, **base)
+
+
+def _phases(task: dict[str, Any]) -> list[Phase]:
+    phases = SCENARIOS[task["scenario"]]
+    return phases[:1] if task.get("first_phase_only") else phases
+
+
+def _run(task: dict[str, Any]) -> dict[str, Any]:
+    workload = phased_workload(_phases(task), task["seed"], STEP_S, task["intervals"])
+    result = simulate_fleet(workload, _config(task))
+    return {**task, **result.summary(), "timeline": result.timeline}
+
+
+def fluid_estimate(phases: list[Phase]) -> int:
+    """Replicas the busiest phase needs on average (KV tokens held by its requests in flight, Little's law), a
+    lower bound on what a fleet needs to keep nearly every request on time: where the static sweep starts."""
+    rng = np.random.default_rng(0)
+    need = 0.0
+    for ph in phases:
+        out = lognormal_lengths(rng, 20_000, ph.output_median, 1.0, 1, 1000)
+        prompt = lognormal_lengths(rng, 20_000, ph.prompt_median, 1.0, 1, 1024)
+        held = float(np.mean(out * (prompt + out / 2)))  # token-steps per request
+        need = max(need, ph.rate * STEP_S * held / MEMORY)  # (requests per step) x token-steps / tokens
+    return max(1, math.ceil(need))
+
+
+def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], attainment: float) -> list[dict[str, Any]]:
+    """Static fleets from the fluid estimate up, two at a time, until one meets the attainment."""
+    runs: list[dict[str, Any]] = []
+    n = fluid_estimate(_phases(base))
+    while n <= MAX_REPLICAS:
+        batch = list(pool.map(_run, [{**base, "signal": "static", "target": k} for k in (n, n + 1)]))
+        runs += batch
+        if any(r["on_time"] >= attainment for r in batch):
+            break
+        n += 2
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]], attainment: float) -> list[dict[str, Any]]:
+    """Per (scenario, intervals, behavior): the cheapest run of each signal that meets the attainment."""
+    rows = []
+    keys = sorted({(r["scenario"], r["intervals"]) for r in runs})
+    for scenario, intervals in keys:
+        mine = [r for r in runs if r["scenario"] == scenario and r["intervals"] == intervals]
+        static = _cheapest([r for r in mine if r["signal"] == "static"], attainment)
+        for behavior in sorted({r["behavior"] for r in mine if r["signal"] != "static"}):
+            for signal in SIGNALS:
+                group = [r for r in mine if r["signal"] == signal and r["behavior"] == behavior]
+                if not group:
+                    continue
+                best = _cheapest(group, attainment)
+                rows.append(
+                    {
+                        "scenario": scenario,
+                        "intervals": intervals,
+                        "behavior": behavior,
+                        "signal": signal,
+                        "target": best["target"] if best else None,
+                        "replica_seconds": best["replica_seconds"] if best else None,
+                        "on_time": best["on_time"] if best else max(r["on_time"] for r in group),
+                        "static_replicas": static["target"] if static else None,
+                        "static_replica_seconds": static["replica_seconds"] if static else None,
+                        "cost_vs_static": (
+                            best["replica_seconds"] / static["replica_seconds"] if best and static else None
+                        ),
+                    }
+                )
+    return rows
+
+
+def _cheapest(runs: list[dict[str, Any]], attainment: float) -> dict[str, Any] | None:
+    meeting = [r for r in runs if r["on_time"] >= attainment]
+    return min(meeting, key=lambda r: r["replica_seconds"]) if meeting else None
+
+
+def format_summary(rows: list[dict[str, Any]], attainment: float) -> str:
+    table = []
+    for r in rows:
+        if r["target"] is None:
+            met = f"none (best {r['on_time']:.1%})"
+            cost = ratio = "-"
+        else:
+            met = f"{r['target']:g}"
+            cost = f"{r['replica_seconds'] / 60:.0f}"
+            ratio = f"{r['cost_vs_static']:.2f}" if r["cost_vs_static"] is not None else "-"
+        static = (
+            f"{r['static_replicas']} ({r['static_replica_seconds'] / 60:.0f})" if r["static_replicas"] else "none"
+        )
+        table.append([r["scenario"], r["intervals"], r["behavior"], r["signal"], met, cost, ratio, static])
+    headers = [
+        "scenario",
+        "intervals",
+        "behavior",
+        "signal",
+        f"cheapest target with >= {attainment:.0%} on time",
+        "replica-minutes",
+        "cost vs static",
+        "static fleet (replica-minutes)",
+    ]
+    return markdown_table(headers, table)
+
+
+def format_runs(runs: list[dict[str, Any]]) -> str:
+    table = [
+        [
+            r["scenario"],
+            r["intervals"],
+            r["behavior"] if r["signal"] != "static" else "-",
+            r["signal"],
+            f"{r['target']:g}",
+            f"{r['replica_seconds'] / 60:.0f}",
+            r["peak_replicas"],
+            f"{r['on_time']:.3f}",
+            f"{r['mean_latency_s']:.1f}",
+            f"{r['p99_latency_s']:.1f}",
+            f"{r['p99_queue_s']:.1f}",
+            r["evictions"],
+            r["retried"],
+        ]
+        for r in sorted(runs, key=lambda r: (r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]))
+    ]
+    headers = [
+        "scenario",
+        "intervals",
+        "behavior",
+        "signal",
+        "target",
+        "replica-minutes",
+        "peak",
+        "on time",
+        "mean s",
+        "p99 s",
+        "p99 TTFT s",
+        "evictions",
+        "retried",
+    ]
+    return markdown_table(headers, table)
+
+
+def cmd_bench_autoscale(args: argparse.Namespace) -> int:
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"bench: unknown scenario {unknown[0]!r} (choose from {', '.join(SCENARIOS)})")
+    for name, values in (("signal", args.signals), ("behavior", args.behaviors)):
+        known = SIGNALS if name == "signal" else tuple(BEHAVIORS)
+        bad = [v for v in values if v not in known]
+        if bad:
+            raise SystemExit(f"bench: unknown {name} {bad[0]!r} (choose from {', '.join(known)})")
+    start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for scenario in args.scenarios:
+            for intervals in args.intervals:
+                base = {
+                    "scenario": scenario,
+                    "intervals": intervals,
+                    "seed": args.seed,
+                    "startup_s": args.startup,
+                    "behavior": "-",
+                }
+                static = static_sweep(pool, base, args.attainment)
+                runs += static
+                # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
+                first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, args.attainment), args.attainment)
+                first = first or {"target": MAX_REPLICAS}
+                start_n = int(first["target"])
+                tasks = [
+                    {**base, "signal": s, "target": t, "behavior": b, "start": start_n}
+                    for b in args.behaviors
+                    for s in args.signals
+                    for t in (args.targets.get(s) or TARGETS[s])
+                ]
+                runs += pool.map(_run, tasks)
+                print(
+                    f"bench: {scenario}/{intervals}: {len(static) + len(tasks)} runs, "
+                    f"{time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                )
+    rows = summarize(runs, args.attainment)
+    chosen = {(r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]) for r in rows}
+    for r in runs:  # timelines only for the runs the summary names
+        if (r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]) not in chosen:
+            r["timeline"] = None
+    table = format_summary(rows, args.attainment) + "\n\n" + format_runs(runs)
+    print(table)
+    report = {
+        "benchmark": "autoscale",
+        "memory_tokens": MEMORY,
+        "step_s": STEP_S,
+        "startup_s": args.startup,
+        "attainment": args.attainment,
+        "slo": {"ttft_s": FleetConfig.slo_ttft_s, "tpot_s": FleetConfig.slo_tpot_s},
+        "behaviors": {k: BEHAVIORS[k].__dict__ for k in args.behaviors},
+        "wall_s": round(time.perf_counter() - start, 1),
+        "summary": rows,
+        "runs": runs,
+    }
+    write_report(args.out, report, table)
+    return 0
+
+
+def _targets(text: str) -> dict[str, list[float]]:
+    """"queueDepth=2,4;kvUsage=0.7" -> {"queueDepth": [2, 4], "kvUsage": [0.7]}."""
+    out: dict[str, list[float]] = {}
+    for part in filter(None, text.split(";")):
+        name, _, values = part.partition("=")
+        if name not in SIGNALS or not values:
+            raise argparse.ArgumentTypeError(f"expected SIGNAL=V1,V2 with SIGNAL one of {', '.join(SIGNALS)}")
+        out[name] = [float(v) for v in values.split(",")]
+    return out
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("autoscale", help="autoscaling signals and targets on a simulated fleet")
+    p.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise:0.5", "naive"])
+    p.add_argument("--signals", type=lambda s: s.split(","), default=list(SIGNALS))
+    p.add_argument("--behaviors", type=lambda s: s.split(","), default=list(BEHAVIORS))
+    p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
+    p.add_argument("--attainment", type=float, default=0.99, help="share of requests that must be on time")
+    p.add_argument("--startup", type=float, default=60.0, help="seconds a new replica takes to become ready")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--jobs", type=positive_int, default=2, help="worker processes")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/autoscale.json"))
+    p.set_defaults(func=cmd_bench_autoscale)
