@@ -21,7 +21,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,8 @@ def _config(task: dict[str, Any]) -> FleetConfig:
 
 
 def _phases(task: dict[str, Any]) -> list[Phase]:
-    phases = SCENARIOS[task["scenario"]]
+    scale = task.get("time_scale", 1.0)
+    phases = [replace(p, seconds=p.seconds * scale) for p in SCENARIOS[task["scenario"]]]
     return phases[:1] if task.get("first_phase_only") else phases
 
 
@@ -96,15 +99,22 @@ def fluid_estimate(phases: list[Phase]) -> int:
 
 
 def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], attainment: float) -> list[dict[str, Any]]:
-    """Static fleets from the fluid estimate up, two at a time, until one meets the attainment."""
+    """Static fleets around the fluid estimate, two at a time: up until one meets the attainment, down until one
+    does not, so the cheapest that meets it is among the runs."""
     runs: list[dict[str, Any]] = []
+
+    def batch(sizes: list[int]) -> bool:
+        sizes = [k for k in sizes if 1 <= k <= MAX_REPLICAS and k not in {r["target"] for r in runs}]
+        runs.extend(pool.map(_run, [{**base, "signal": "static", "target": k} for k in sizes]))
+        return bool(sizes)
+
     n = fluid_estimate(_phases(base))
-    while n <= MAX_REPLICAS:
-        batch = list(pool.map(_run, [{**base, "signal": "static", "target": k} for k in (n, n + 1)]))
-        runs += batch
-        if any(r["on_time"] >= attainment for r in batch):
-            break
+    while batch([n, n + 1]) and not any(r["on_time"] >= attainment for r in runs):
         n += 2
+    low = min(r["target"] for r in runs)
+    while low > 1 and min(runs, key=lambda r: r["target"])["on_time"] >= attainment:
+        batch([low - 1, low - 2])
+        low = min(r["target"] for r in runs)
     return runs
 
 
@@ -155,9 +165,7 @@ def format_summary(rows: list[dict[str, Any]], attainment: float) -> str:
             met = f"{r['target']:g}"
             cost = f"{r['replica_seconds'] / 60:.0f}"
             ratio = f"{r['cost_vs_static']:.2f}" if r["cost_vs_static"] is not None else "-"
-        static = (
-            f"{r['static_replicas']} ({r['static_replica_seconds'] / 60:.0f})" if r["static_replicas"] else "none"
-        )
+        static = f"{r['static_replicas']} ({r['static_replica_seconds'] / 60:.0f})" if r["static_replicas"] else "none"
         table.append([r["scenario"], r["intervals"], r["behavior"], r["signal"], met, cost, ratio, static])
     headers = [
         "scenario",
@@ -210,14 +218,6 @@ def format_runs(runs: list[dict[str, Any]]) -> str:
 
 
 def cmd_bench_autoscale(args: argparse.Namespace) -> int:
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown:
-        raise SystemExit(f"bench: unknown scenario {unknown[0]!r} (choose from {', '.join(SCENARIOS)})")
-    for name, values in (("signal", args.signals), ("behavior", args.behaviors)):
-        known = SIGNALS if name == "signal" else tuple(BEHAVIORS)
-        bad = [v for v in values if v not in known]
-        if bad:
-            raise SystemExit(f"bench: unknown {name} {bad[0]!r} (choose from {', '.join(known)})")
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -228,12 +228,15 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
                     "intervals": intervals,
                     "seed": args.seed,
                     "startup_s": args.startup,
+                    "time_scale": args.time_scale,
                     "behavior": "-",
                 }
                 static = static_sweep(pool, base, args.attainment)
                 runs += static
                 # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
-                first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, args.attainment), args.attainment)
+                first = _cheapest(
+                    static_sweep(pool, {**base, "first_phase_only": True}, args.attainment), args.attainment
+                )
                 first = first or {"target": MAX_REPLICAS}
                 start_n = int(first["target"])
                 tasks = [
@@ -272,7 +275,7 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
 
 
 def _targets(text: str) -> dict[str, list[float]]:
-    """"queueDepth=2,4;kvUsage=0.7" -> {"queueDepth": [2, 4], "kvUsage": [0.7]}."""
+    """ "queueDepth=2,4;kvUsage=0.7" -> {"queueDepth": [2, 4], "kvUsage": [0.7]}."""
     out: dict[str, list[float]] = {}
     for part in filter(None, text.split(";")):
         name, _, values = part.partition("=")
@@ -282,15 +285,43 @@ def _targets(text: str) -> dict[str, list[float]]:
     return out
 
 
+def _names(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        for n in names:
+            if n not in known:
+                raise argparse.ArgumentTypeError(f"unknown {what} {n!r} (choose from {', '.join(known)})")
+        if not names:
+            raise argparse.ArgumentTypeError(f"name at least one {what}")
+        return names
+
+    return parse
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("autoscale", help="autoscaling signals and targets on a simulated fleet")
-    p.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    p.add_argument("--scenarios", type=_names(list(SCENARIOS), "scenario"), default=list(SCENARIOS))
     p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise:0.5", "naive"])
-    p.add_argument("--signals", type=lambda s: s.split(","), default=list(SIGNALS))
-    p.add_argument("--behaviors", type=lambda s: s.split(","), default=list(BEHAVIORS))
+    p.add_argument("--signals", type=_names(SIGNALS, "signal"), default=list(SIGNALS))
+    p.add_argument("--behaviors", type=_names(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
     p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
-    p.add_argument("--attainment", type=float, default=0.99, help="share of requests that must be on time")
+    p.add_argument("--attainment", type=_share, default=0.99, help="share of requests that must be on time")
     p.add_argument("--startup", type=float, default=60.0, help="seconds a new replica takes to become ready")
+    p.add_argument("--time-scale", type=_positive, default=1.0, help="stretch (>1) or shrink the scenarios")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=positive_int, default=2, help="worker processes")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/autoscale.json"))

@@ -66,7 +66,6 @@ class ScalingBehavior:
         limits = [x for x in (by_percent, by_pods) if x is not None]
         return min(limits) if limits else at_period_start
 
-
     @classmethod
     def from_hpa(cls, behavior: dict[str, Any]) -> ScalingBehavior:
         """From an HPA v2 `spec.behavior` (what the operator writes, or your own): both directions' windows and
@@ -88,7 +87,9 @@ class ScalingBehavior:
                 raise ValueError(f"{direction}.policies: one periodSeconds for all is modelled, got {sorted(periods)}")
             fields[f"{prefix}_period_s"] = float(periods.pop())
             fields[f"{prefix}_pods"] = max((int(p["value"]) for p in policies if p["type"] == "Pods"), default=0)
-            fields[f"{prefix}_percent"] = max((float(p["value"]) for p in policies if p["type"] == "Percent"), default=0)
+            fields[f"{prefix}_percent"] = max(
+                (float(p["value"]) for p in policies if p["type"] == "Percent"), default=0
+            )
         return cls(**fields)
 
 
@@ -381,7 +382,9 @@ class Fleet:
         while pending or self.held or any(r.server.busy for r in self.replicas):
             while pending and pending[-1].arrival <= t:
                 self.held.append(pending.pop())
-            for r in [r for r in self.replicas if r.draining_since is not None]:
+            for r in list(self.replicas):
+                if r.draining_since is None:
+                    continue
                 if not r.server.busy and r.busy_until <= t:
                     self._retire(r, t)
                 elif t >= r.draining_since + grace:

@@ -3,7 +3,10 @@ late and drain without losing requests, and its default behaviour is the one the
 
 from __future__ import annotations
 
+import json
 from collections import deque
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +33,10 @@ def arrivals_workload(n: int, seed: int, gap: float) -> list[WorkloadRequest]:
     rng = np.random.default_rng(seed)
     steps = np.cumsum(rng.exponential(gap, n)).astype(int)
     base = paper_workload(n, seed, "noise:0.5")
-    return [WorkloadRequest(r.id, int(a), r.prompt_tokens, r.output_tokens, r.lower, r.upper) for r, a in zip(base, steps)]
+    return [
+        WorkloadRequest(r.id, int(step), r.prompt_tokens, r.output_tokens, r.lower, r.upper)
+        for r, step in zip(base, steps.tolist(), strict=True)
+    ]
 
 
 @pytest.mark.parametrize("policy", ["amin", "amax", "fcfs", "amin-learned"])
@@ -206,3 +212,42 @@ def test_bad_settings_are_named() -> None:
                 }
             }
         )
+
+
+def test_bench_autoscale_names_the_cheapest_target_per_signal(tmp_path: Path, capsys: Any) -> None:
+    """A short burst: the demand ratio keeps 95% on time; KV usage at 0.9 (it saturates at 1) cannot."""
+    from optimist.engine.cli import build_parser
+
+    out = tmp_path / "autoscale.json"
+    argv = ["bench", "autoscale", "--scenarios", "burst", "--intervals", "noise:0.5", "--behaviors", "kubernetes"]
+    argv += ["--signals", "lowerBoundDemand,kvUsage", "--targets", "lowerBoundDemand=0.9;kvUsage=0.9"]
+    argv += ["--time-scale", "0.3", "--startup", "10", "--attainment", "0.95", "--jobs", "1", "--out", str(out)]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    rows = {r["signal"]: r for r in report["summary"]}
+    assert rows["lowerBoundDemand"]["target"] == 0.9 and rows["lowerBoundDemand"]["on_time"] >= 0.95
+    assert rows["kvUsage"]["target"] is None and rows["kvUsage"]["on_time"] < 0.95
+    static = sorted((r["target"], r["on_time"]) for r in report["runs"] if r["signal"] == "static")
+    cheapest = rows["lowerBoundDemand"]["static_replicas"]
+    assert all(on_time < 0.95 for n, on_time in static if n < cheapest), "the static baseline is the cheapest"
+    assert dict(static)[cheapest] >= 0.95
+    chosen = [r for r in report["runs"] if r["signal"] == "lowerBoundDemand"]
+    assert chosen[0]["timeline"], "the chosen run's replicas over time are in the JSON"
+    assert "| burst | noise:0.5 | kubernetes | lowerBoundDemand | 0.9 |" in capsys.readouterr().out
+
+
+def test_bench_autoscale_rejects_unknown_names(capsys: Any) -> None:
+    from optimist.engine.cli import build_parser
+
+    parser = build_parser()
+    for argv, named in (
+        (["--scenarios", "spike"], "unknown scenario 'spike'"),
+        (["--signals", "cpu"], "unknown signal 'cpu'"),
+        (["--behaviors", "fast"], "unknown behavior 'fast'"),
+        (["--targets", "cpu=1"], "SIGNAL=V1,V2"),
+        (["--attainment", "1.5"], "(0, 1]"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "autoscale", *argv])
+        assert named in capsys.readouterr().err
