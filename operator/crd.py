@@ -195,7 +195,12 @@ def _autoscaling() -> Schema:
                 "exclusiveMinimum": True,
                 "description": "target value per replica (default 0.9, 4 or 0.8 for the three metrics)",
             },
-            "scaleUpStabilizationSeconds": _int("scale-up stabilisation window", minimum=0, maximum=3600, default=30),
+            "scaleUpStabilizationSeconds": _int(
+                "scale-up stabilisation window (0: act on each recommendation, as the HPA's default)",
+                minimum=0,
+                maximum=3600,
+                default=0,
+            ),
             "scaleDownStabilizationSeconds": _int(
                 "scale-down stabilisation window (model loading makes flapping expensive)",
                 minimum=0,

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..scheduler.fleet import (
-    KUBERNETES_DEFAULT,
+    GENTLE,
     SIGNALS,
     Autoscaler,
     FleetConfig,
@@ -53,7 +53,7 @@ TARGETS: dict[str, list[float]] = {
     "concurrency": [15, 20, 30, 40],
     "kvUsage": [0.5, 0.6, 0.7, 0.8],
 }
-BEHAVIORS: dict[str, ScalingBehavior] = {"operator": ScalingBehavior(), "kubernetes": KUBERNETES_DEFAULT}
+BEHAVIORS: dict[str, ScalingBehavior] = {"operator": ScalingBehavior(), "gentle": GENTLE}
 MEMORY = 8192
 STEP_S = 0.05
 MAX_REPLICAS = 16

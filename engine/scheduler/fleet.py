@@ -45,16 +45,16 @@ AGGREGATION = {"lowerBoundDemand": "max", "queueDepth": "avg", "concurrency": "a
 class ScalingBehavior:
     """The HPA's `behavior`: a stabilisation window per direction and per direction a Pods and/or a Percent
     policy over one period (selectPolicy Max: the policy that allows the larger change wins). The defaults are
-    what the operator writes; `KUBERNETES_DEFAULT` is the HPA's own when a spec gives none."""
+    the HPA's own when a spec gives none, which is also what the operator writes (a test keeps them equal)."""
 
-    up_window_s: float = 30.0
-    up_pods: int = 2
-    up_percent: float = 0.0
-    up_period_s: float = 60.0
+    up_window_s: float = 0.0
+    up_pods: int = 4
+    up_percent: float = 100.0
+    up_period_s: float = 15.0
     down_window_s: float = 300.0
-    down_pods: int = 1
-    down_percent: float = 0.0
-    down_period_s: float = 120.0
+    down_pods: int = 0
+    down_percent: float = 100.0
+    down_period_s: float = 15.0
 
     def up_limit(self, at_period_start: int) -> int:
         by_percent = math.ceil(at_period_start * (1 + self.up_percent / 100)) if self.up_percent else 0
@@ -93,10 +93,17 @@ class ScalingBehavior:
         return cls(**fields)
 
 
-KUBERNETES_DEFAULT = ScalingBehavior(
-    up_window_s=0.0, up_pods=4, up_percent=100.0, up_period_s=15.0,
-    down_window_s=300.0, down_pods=0, down_percent=100.0, down_period_s=15.0,
-)  # fmt: skip
+KUBERNETES_DEFAULT = ScalingBehavior()  # the operator writes the HPA's own default out in full
+GENTLE = ScalingBehavior(
+    up_window_s=30.0,
+    up_pods=2,
+    up_percent=0.0,
+    up_period_s=60.0,
+    down_window_s=300.0,
+    down_pods=1,
+    down_percent=0.0,
+    down_period_s=120.0,
+)  # the operator's behaviour before session 22: 2 pods / 60 s up, 1 pod / 120 s down
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ def test_defaults_come_from_the_schema(minimal: dict[str, Any]) -> None:
         "minReplicas": 1,
         "maxReplicas": 4,
         "metric": "lowerBoundDemand",
-        "scaleUpStabilizationSeconds": 30,
+        "scaleUpStabilizationSeconds": 0,
         "scaleDownStabilizationSeconds": 300,
         "prometheusAddress": "http://prometheus-operated.monitoring.svc:9090",
     }

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from optimist.engine.scheduler.fleet import (
+    GENTLE,
     KUBERNETES_DEFAULT,
     Autoscaler,
     Fleet,
@@ -92,8 +94,8 @@ def test_hpa_scales_to_the_sum_over_the_target_within_its_policy() -> None:
     assert len(fleet.active()) == 2
 
 
-def test_hpa_windows_and_rate_limits_of_the_operator_behaviour() -> None:
-    scaler = Autoscaler("queueDepth", 4, max_replicas=20)  # up: 30 s window, 2 pods / 60 s; down: 300 s, 1 / 120 s
+def test_hpa_windows_and_rate_limits_of_a_gentle_behaviour() -> None:
+    scaler = Autoscaler("queueDepth", 4, max_replicas=20, behavior=GENTLE)  # up: 30 s, 2 pods / 60 s; down: 1 / 120 s
     fleet = fleet_with([2, 2], scaler)
     fleet._sync(0, scaler)  # recommendation 1; the history starts at the current 2, which the down window keeps
     assert len(fleet.active()) == 2
@@ -187,9 +189,15 @@ def test_the_default_behaviour_is_what_the_operator_writes() -> None:
     pool["spec"]["autoscaling"] = {"mode": "hpa"}
     spec = defaulted_spec(pool["spec"])
     hpa = builders.build_hpa(pool, spec)
-    assert ScalingBehavior.from_hpa(hpa["spec"]["behavior"]) == ScalingBehavior()
+    assert ScalingBehavior.from_hpa(hpa["spec"]["behavior"]) == ScalingBehavior() == KUBERNETES_DEFAULT
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "optimist_lower_bound_kv_demand_ratio"
     assert ScalingBehavior.from_hpa({}) == KUBERNETES_DEFAULT
+    recipes = Path(__file__).resolve().parents[2] / "deploy" / "autoscaling"
+    hpa_recipe = yaml.safe_load((recipes / "hpa.yaml").read_text())
+    keda_recipe = yaml.safe_load((recipes / "keda-scaledobject.yaml").read_text())
+    keda_behavior = keda_recipe["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert ScalingBehavior.from_hpa(hpa_recipe["spec"]["behavior"]) == ScalingBehavior(), "the recipe is measured"
+    assert ScalingBehavior.from_hpa(keda_behavior) == ScalingBehavior()
 
 
 def test_bad_settings_are_named() -> None:
@@ -219,7 +227,7 @@ def test_bench_autoscale_names_the_cheapest_target_per_signal(tmp_path: Path, ca
     from optimist.engine.cli import build_parser
 
     out = tmp_path / "autoscale.json"
-    argv = ["bench", "autoscale", "--scenarios", "burst", "--intervals", "noise:0.5", "--behaviors", "kubernetes"]
+    argv = ["bench", "autoscale", "--scenarios", "burst", "--intervals", "noise:0.5", "--behaviors", "operator"]
     argv += ["--signals", "lowerBoundDemand,kvUsage", "--targets", "lowerBoundDemand=0.9;kvUsage=0.9"]
     argv += ["--time-scale", "0.3", "--startup", "10", "--attainment", "0.95", "--jobs", "1", "--out", str(out)]
     args = build_parser().parse_args(argv)
@@ -234,7 +242,7 @@ def test_bench_autoscale_names_the_cheapest_target_per_signal(tmp_path: Path, ca
     assert dict(static)[cheapest] >= 0.95
     chosen = [r for r in report["runs"] if r["signal"] == "lowerBoundDemand"]
     assert chosen[0]["timeline"], "the chosen run's replicas over time are in the JSON"
-    assert "| burst | noise:0.5 | kubernetes | lowerBoundDemand | 0.9 |" in capsys.readouterr().out
+    assert "| burst | noise:0.5 | operator | lowerBoundDemand | 0.9 |" in capsys.readouterr().out
 
 
 def test_bench_autoscale_rejects_unknown_names(capsys: Any) -> None:
