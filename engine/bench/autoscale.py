@@ -3,12 +3,13 @@
 by a model of the HPA on each signal the sidecar exports, at several targets each, and through static fleets.
 
 Cost is replica-seconds (starting and draining replicas included); service is the share of requests on time (first
-token within 2 s, last within 2 s + 0.1 s per output token: twice the 50 ms decode step). The summary names, per
-scenario, the cheapest setting of each signal that keeps at least `--attainment` of the requests on time, and its
-cost against the cheapest static fleet that does (which needs the peak known in advance). Prints tables, writes
-JSON.
+token within 2 s, last within 2 s + 0.1 s per output token: twice the 50 ms decode step). A summary per
+`--attainment` level names, per scenario, the cheapest setting of each signal that keeps at least that share of the
+requests on time, and its cost against the cheapest static fleet that does (which needs the peak known in
+advance). Behaviours: the operator's (the HPA's own default) and the gentler one it wrote before. Autoscaled fleets
+start at the static size that serves the first phase. Prints tables, writes JSON.
 
-Scenarios (one replica holds 8,192 KV tokens and serves about 2.7 requests per second of the default lengths):
+Scenarios (one replica of `--memory` 8,192 KV tokens serves about 3 requests per second of the default lengths):
 - burst: 8 requests/s for 5 minutes, 24/s for 10, 8/s for 10;
 - longer: 8 requests/s throughout, but for 10 minutes in the middle the outputs are three times longer (median
   360 tokens instead of 120): the memory needed triples while the request rate stays flat;
@@ -48,10 +49,10 @@ SCENARIOS: dict[str, list[Phase]] = {
     "diurnal": [Phase(60, 4 + 20 * math.sin(math.pi * (m + 0.5) / 40) ** 2) for m in range(40)],
 }
 TARGETS: dict[str, list[float]] = {
-    "lowerBoundDemand": [0.7, 0.9, 1.1, 1.3],
-    "queueDepth": [1, 4, 8, 16],
-    "concurrency": [15, 20, 30, 40],
-    "kvUsage": [0.5, 0.6, 0.7, 0.8],
+    "lowerBoundDemand": [0.5, 0.7, 0.9, 1.1, 1.3],
+    "queueDepth": [1, 2, 4, 8, 16],
+    "concurrency": [10, 15, 20, 30, 40],
+    "kvUsage": [0.4, 0.5, 0.6, 0.7, 0.8],
 }
 BEHAVIORS: dict[str, ScalingBehavior] = {"operator": ScalingBehavior(), "gentle": GENTLE}
 MEMORY = 8192
@@ -60,7 +61,7 @@ MAX_REPLICAS = 16
 
 
 def _config(task: dict[str, Any]) -> FleetConfig:
-    base = {"memory": MEMORY, "step_s": STEP_S, "startup_s": task["startup_s"]}
+    base = {"memory": task["memory"], "step_s": STEP_S, "startup_s": task["startup_s"]}
     if task["signal"] == "static":
         return FleetConfig(replicas=int(task["target"]), **base)
     scaler = Autoscaler(
@@ -85,7 +86,7 @@ def _run(task: dict[str, Any]) -> dict[str, Any]:
     return {**task, **result.summary(), "timeline": result.timeline}
 
 
-def fluid_estimate(phases: list[Phase]) -> int:
+def fluid_estimate(phases: list[Phase], memory: int) -> int:
     """Replicas the busiest phase needs on average (KV tokens held by its requests in flight, Little's law), a
     lower bound on what a fleet needs to keep nearly every request on time: where the static sweep starts."""
     rng = np.random.default_rng(0)
@@ -94,13 +95,13 @@ def fluid_estimate(phases: list[Phase]) -> int:
         out = lognormal_lengths(rng, 20_000, ph.output_median, 1.0, 1, 1000)
         prompt = lognormal_lengths(rng, 20_000, ph.prompt_median, 1.0, 1, 1024)
         held = float(np.mean(out * (prompt + out / 2)))  # token-steps per request
-        need = max(need, ph.rate * STEP_S * held / MEMORY)  # (requests per step) x token-steps / tokens
+        need = max(need, ph.rate * STEP_S * held / memory)  # (requests per step) x token-steps / tokens
     return max(1, math.ceil(need))
 
 
-def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], attainment: float) -> list[dict[str, Any]]:
-    """Static fleets around the fluid estimate, two at a time: up until one meets the attainment, down until one
-    does not, so the cheapest that meets it is among the runs."""
+def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], levels: list[float]) -> list[dict[str, Any]]:
+    """Static fleets around the fluid estimate, two at a time: up until one meets the highest attainment level,
+    down until one misses the lowest, so the cheapest that meets each level is among the runs."""
     runs: list[dict[str, Any]] = []
 
     def batch(sizes: list[int]) -> bool:
@@ -108,21 +109,21 @@ def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], attainment: fl
         runs.extend(pool.map(_run, [{**base, "signal": "static", "target": k} for k in sizes]))
         return bool(sizes)
 
-    n = fluid_estimate(_phases(base))
-    while batch([n, n + 1]) and not any(r["on_time"] >= attainment for r in runs):
+    n = fluid_estimate(_phases(base), base["memory"])
+    while batch([n, n + 1]) and not any(r["on_time"] >= max(levels) for r in runs):
         n += 2
     low = min(r["target"] for r in runs)
-    while low > 1 and min(runs, key=lambda r: r["target"])["on_time"] >= attainment:
+    while low > 1 and min(runs, key=lambda r: r["target"])["on_time"] >= min(levels):
         batch([low - 1, low - 2])
         low = min(r["target"] for r in runs)
     return runs
 
 
-def summarize(runs: list[dict[str, Any]], attainment: float) -> list[dict[str, Any]]:
-    """Per (scenario, intervals, behavior): the cheapest run of each signal that meets the attainment."""
+def summarize(runs: list[dict[str, Any]], levels: list[float]) -> list[dict[str, Any]]:
+    """Per attainment level and (scenario, intervals, behavior): the cheapest run of each signal that meets it."""
     rows = []
     keys = sorted({(r["scenario"], r["intervals"]) for r in runs})
-    for scenario, intervals in keys:
+    for attainment, (scenario, intervals) in ((a, k) for a in levels for k in keys):
         mine = [r for r in runs if r["scenario"] == scenario and r["intervals"] == intervals]
         static = _cheapest([r for r in mine if r["signal"] == "static"], attainment)
         for behavior in sorted({r["behavior"] for r in mine if r["signal"] != "static"}):
@@ -133,6 +134,7 @@ def summarize(runs: list[dict[str, Any]], attainment: float) -> list[dict[str, A
                 best = _cheapest(group, attainment)
                 rows.append(
                     {
+                        "attainment": attainment,
                         "scenario": scenario,
                         "intervals": intervals,
                         "behavior": behavior,
@@ -157,7 +159,7 @@ def _cheapest(runs: list[dict[str, Any]], attainment: float) -> dict[str, Any] |
 
 def format_summary(rows: list[dict[str, Any]], attainment: float) -> str:
     table = []
-    for r in rows:
+    for r in (r for r in rows if r["attainment"] == attainment):
         if r["target"] is None:
             met = f"none (best {r['on_time']:.1%})"
             cost = ratio = "-"
@@ -229,14 +231,14 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
                     "seed": args.seed,
                     "startup_s": args.startup,
                     "time_scale": args.time_scale,
+                    "memory": args.memory,
                     "behavior": "-",
                 }
                 static = static_sweep(pool, base, args.attainment)
                 runs += static
                 # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
-                first = _cheapest(
-                    static_sweep(pool, {**base, "first_phase_only": True}, args.attainment), args.attainment
-                )
+                level = max(args.attainment)
+                first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, [level]), level)
                 first = first or {"target": MAX_REPLICAS}
                 start_n = int(first["target"])
                 tasks = [
@@ -256,11 +258,11 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
     for r in runs:  # timelines only for the runs the summary names
         if (r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]) not in chosen:
             r["timeline"] = None
-    table = format_summary(rows, args.attainment) + "\n\n" + format_runs(runs)
+    table = "\n\n".join([*(format_summary(rows, a) for a in args.attainment), format_runs(runs)])
     print(table)
     report = {
         "benchmark": "autoscale",
-        "memory_tokens": MEMORY,
+        "memory_tokens": args.memory,
         "step_s": STEP_S,
         "startup_s": args.startup,
         "attainment": args.attainment,
@@ -319,7 +321,13 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--signals", type=_names(SIGNALS, "signal"), default=list(SIGNALS))
     p.add_argument("--behaviors", type=_names(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
     p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
-    p.add_argument("--attainment", type=_share, default=0.99, help="share of requests that must be on time")
+    p.add_argument(
+        "--attainment",
+        type=lambda text: [_share(x) for x in text.split(",")],
+        default=[0.95, 0.99],
+        help="shares of requests that must be on time (a summary table each)",
+    )
+    p.add_argument("--memory", type=positive_int, default=MEMORY, help="KV tokens per replica")
     p.add_argument("--startup", type=float, default=60.0, help="seconds a new replica takes to become ready")
     p.add_argument("--time-scale", type=_positive, default=1.0, help="stretch (>1) or shrink the scenarios")
     p.add_argument("--seed", type=int, default=1)
