@@ -21,7 +21,7 @@ UID = 10001  # the images' non-root user
 SIDECAR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 # Default scale targets per metric: a replica near KV exhaustion by its own prediction, 4 waiting requests, or
 # 80% of its KV blocks in use.
-DEFAULT_TARGETS = {"lowerBoundDemand": 0.9, "queueDepth": 4.0, "kvUsage": 0.8}
+DEFAULT_TARGETS = {"lowerBoundDemand": 0.9, "queueDepth": 4.0, "kvUsage": 0.6}  # kvUsage: see docs/autoscaling.md
 METRIC_SERIES = {
     "lowerBoundDemand": "optimist_lower_bound_kv_demand_ratio",
     "queueDepth": "optimist_requests_waiting",

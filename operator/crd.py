@@ -193,7 +193,7 @@ def _autoscaling() -> Schema:
                 "type": "number",
                 "minimum": 0,
                 "exclusiveMinimum": True,
-                "description": "target value per replica (default 0.9, 4 or 0.8 for the three metrics)",
+                "description": "target value per replica (default 0.9, 4 or 0.6 for the three metrics)",
             },
             "scaleUpStabilizationSeconds": _int(
                 "scale-up stabilisation window (0: act on each recommendation, as the HPA's default)",

@@ -55,6 +55,9 @@ TARGETS: dict[str, list[float]] = {
     "kvUsage": [0.4, 0.5, 0.6, 0.7, 0.8],
 }
 BEHAVIORS: dict[str, ScalingBehavior] = {"operator": ScalingBehavior(), "gentle": GENTLE}
+# The operator's default target per signal (operator/builders.py DEFAULT_TARGETS; concurrency is not one of its
+# metrics: 20 is about where it matches the demand ratio's 0.9 on 8,192-token replicas).
+DEFAULT_TARGETS = {"lowerBoundDemand": 0.9, "queueDepth": 4.0, "kvUsage": 0.6, "concurrency": 20.0}
 MEMORY = 8192
 STEP_S = 0.05
 MAX_REPLICAS = 16
@@ -150,6 +153,12 @@ def summarize(runs: list[dict[str, Any]], levels: list[float]) -> list[dict[str,
                     }
                 )
     return rows
+
+
+def _columns(timeline: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The HPA's view at each sync, as columns (t_s, replicas, ready, metric summed over pods, waiting)."""
+    names = ("t_s", "replicas", "ready", "metric", "waiting")
+    return {n: [round(p[n], 3) for p in timeline] for n in names}
 
 
 def _cheapest(runs: list[dict[str, Any]], attainment: float) -> dict[str, Any] | None:
@@ -254,10 +263,9 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     rows = summarize(runs, args.attainment)
-    chosen = {(r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]) for r in rows}
-    for r in runs:  # timelines only for the runs the summary names
-        if (r["scenario"], r["intervals"], r["behavior"], r["signal"], r["target"]) not in chosen:
-            r["timeline"] = None
+    for r in runs:  # replicas over time for the runs at the default targets (what a pool gets unless told)
+        keep = r["signal"] in DEFAULT_TARGETS and r["target"] == DEFAULT_TARGETS[r["signal"]] and r["timeline"]
+        r["timeline"] = _columns(r["timeline"]) if keep else None
     table = "\n\n".join([*(format_summary(rows, a) for a in args.attainment), format_runs(runs)])
     print(table)
     report = {

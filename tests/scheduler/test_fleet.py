@@ -192,6 +192,9 @@ def test_the_default_behaviour_is_what_the_operator_writes() -> None:
     assert ScalingBehavior.from_hpa(hpa["spec"]["behavior"]) == ScalingBehavior() == KUBERNETES_DEFAULT
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "optimist_lower_bound_kv_demand_ratio"
     assert ScalingBehavior.from_hpa({}) == KUBERNETES_DEFAULT
+    from optimist.engine.bench.autoscale import DEFAULT_TARGETS
+
+    assert {k: v for k, v in DEFAULT_TARGETS.items() if k in builders.DEFAULT_TARGETS} == builders.DEFAULT_TARGETS
     recipes = Path(__file__).resolve().parents[2] / "deploy" / "autoscaling"
     hpa_recipe = yaml.safe_load((recipes / "hpa.yaml").read_text())
     keda_recipe = yaml.safe_load((recipes / "keda-scaledobject.yaml").read_text())
@@ -240,8 +243,8 @@ def test_bench_autoscale_names_the_cheapest_target_per_signal(tmp_path: Path, ca
     cheapest = rows["lowerBoundDemand"]["static_replicas"]
     assert all(on_time < 0.95 for n, on_time in static if n < cheapest), "the static baseline is the cheapest"
     assert dict(static)[cheapest] >= 0.95
-    chosen = [r for r in report["runs"] if r["signal"] == "lowerBoundDemand"]
-    assert chosen[0]["timeline"], "the chosen run's replicas over time are in the JSON"
+    default = next(r for r in report["runs"] if r["signal"] == "lowerBoundDemand")["timeline"]
+    assert max(default["replicas"]) > default["replicas"][0], "the default target's replicas over time are kept"
     assert "| burst | noise:0.5 | operator | lowerBoundDemand | 0.9 |" in capsys.readouterr().out
 
 
