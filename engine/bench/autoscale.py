@@ -28,8 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..scheduler.fleet import (
     GENTLE,
     SIGNALS,
@@ -40,7 +38,7 @@ from ..scheduler.fleet import (
     phased_workload,
     simulate_fleet,
 )
-from ..scheduler.workload import lognormal_lengths
+from ..scheduler.workload import WorkloadError, WorkloadRequest, read_workload
 from .report import markdown_table, positive_int, write_report
 
 SCENARIOS: dict[str, list[Phase]] = {
@@ -64,7 +62,12 @@ MAX_REPLICAS = 16
 
 
 def _config(task: dict[str, Any]) -> FleetConfig:
-    base = {"memory": task["memory"], "step_s": STEP_S, "startup_s": task["startup_s"]}
+    base = {
+        "memory": task["memory"],
+        "step_s": task["step_s"],
+        "startup_s": task["startup_s"],
+        "slo_tpot_s": 2 * task["step_s"],  # twice the decode step per output token
+    }
     if task["signal"] == "static":
         return FleetConfig(replicas=int(task["target"]), **base)
     scaler = Autoscaler(
@@ -77,29 +80,37 @@ def _config(task: dict[str, Any]) -> FleetConfig:
     return FleetConfig(replicas=task["start"], autoscaler=scaler, **base)
 
 
-def _phases(task: dict[str, Any]) -> list[Phase]:
+FIRST_PHASE_S = 300.0  # of a trace: its first five minutes stand for the first phase
+
+
+def _workload(task: dict[str, Any]) -> list[WorkloadRequest]:
+    if task.get("workload"):
+        requests = read_workload(Path(task["workload"]))
+        if task.get("first_phase_only"):
+            first = min(r.arrival for r in requests)
+            requests = [r for r in requests if (r.arrival - first) * task["step_s"] < FIRST_PHASE_S]
+        return requests
     scale = task.get("time_scale", 1.0)
     phases = [replace(p, seconds=p.seconds * scale) for p in SCENARIOS[task["scenario"]]]
-    return phases[:1] if task.get("first_phase_only") else phases
+    phases = phases[:1] if task.get("first_phase_only") else phases
+    return phased_workload(phases, task["seed"], task["step_s"], task["intervals"])
 
 
 def _run(task: dict[str, Any]) -> dict[str, Any]:
-    workload = phased_workload(_phases(task), task["seed"], STEP_S, task["intervals"])
-    result = simulate_fleet(workload, _config(task))
+    result = simulate_fleet(_workload(task), _config(task))
     return {**task, **result.summary(), "timeline": result.timeline}
 
 
-def fluid_estimate(phases: list[Phase], memory: int) -> int:
-    """Replicas the busiest phase needs on average (KV tokens held by its requests in flight, Little's law), a
-    lower bound on what a fleet needs to keep nearly every request on time: where the static sweep starts."""
-    rng = np.random.default_rng(0)
-    need = 0.0
-    for ph in phases:
-        out = lognormal_lengths(rng, 20_000, ph.output_median, 1.0, 1, 1000)
-        prompt = lognormal_lengths(rng, 20_000, ph.prompt_median, 1.0, 1, 1024)
-        held = float(np.mean(out * (prompt + out / 2)))  # token-steps per request
-        need = max(need, ph.rate * STEP_S * held / memory)  # (requests per step) x token-steps / tokens
-    return max(1, math.ceil(need))
+def fluid_estimate(workload: Sequence[WorkloadRequest], memory: int, step_s: float) -> int:
+    """Replicas the busiest minute needs on average (KV token-steps of the requests arriving in it, Little's law),
+    about a lower bound on what a fleet needs to keep nearly every request on time: where the static sweep
+    starts."""
+    minute = max(1, round(60 / step_s))
+    load: dict[int, float] = {}
+    for r in workload:
+        held = r.output_tokens * (r.prompt_tokens + r.output_tokens / 2)  # token-steps while it runs
+        load[r.arrival // minute] = load.get(r.arrival // minute, 0.0) + held
+    return max(1, math.ceil(max(load.values()) / minute / memory))
 
 
 def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], levels: list[float]) -> list[dict[str, Any]]:
@@ -112,7 +123,7 @@ def static_sweep(pool: ProcessPoolExecutor, base: dict[str, Any], levels: list[f
         runs.extend(pool.map(_run, [{**base, "signal": "static", "target": k} for k in sizes]))
         return bool(sizes)
 
-    n = fluid_estimate(_phases(base), base["memory"])
+    n = fluid_estimate(_workload(base), base["memory"], base["step_s"])
     while batch([n, n + 1]) and not any(r["on_time"] >= max(levels) for r in runs):
         n += 2
     low = min(r["target"] for r in runs)
@@ -231,37 +242,48 @@ def format_runs(runs: list[dict[str, Any]]) -> str:
 def cmd_bench_autoscale(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    if args.workload is not None:  # a trace: its own arrivals, lengths and hints
+        try:
+            trace = read_workload(args.workload)
+        except (OSError, WorkloadError) as exc:
+            raise SystemExit(f"bench: {args.workload}: {exc}") from exc
+        too_long = [r.id for r in trace if r.prompt_tokens + r.output_tokens > args.memory]
+        if too_long:
+            raise SystemExit(f"bench: request {too_long[0]} needs more than --memory {args.memory} KV tokens")
+        settings = [(args.workload.stem, "file")]
+    else:
+        settings = [(scenario, intervals) for scenario in args.scenarios for intervals in args.intervals]
     with ProcessPoolExecutor(args.jobs) as pool:
-        for scenario in args.scenarios:
-            for intervals in args.intervals:
-                base = {
-                    "scenario": scenario,
-                    "intervals": intervals,
-                    "seed": args.seed,
-                    "startup_s": args.startup,
-                    "time_scale": args.time_scale,
-                    "memory": args.memory,
-                    "behavior": "-",
-                }
-                static = static_sweep(pool, base, args.attainment)
-                runs += static
-                # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
-                level = max(args.attainment)
-                first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, [level]), level)
-                first = first or {"target": MAX_REPLICAS}
-                start_n = int(first["target"])
-                tasks = [
-                    {**base, "signal": s, "target": t, "behavior": b, "start": start_n}
-                    for b in args.behaviors
-                    for s in args.signals
-                    for t in (args.targets.get(s) or TARGETS[s])
-                ]
-                runs += pool.map(_run, tasks)
-                print(
-                    f"bench: {scenario}/{intervals}: {len(static) + len(tasks)} runs, "
-                    f"{time.perf_counter() - start:.0f} s",
-                    file=sys.stderr,
-                )
+        for scenario, intervals in settings:
+            base = {
+                "scenario": scenario,
+                "intervals": intervals,
+                "workload": str(args.workload) if args.workload is not None else None,
+                "seed": args.seed,
+                "step_s": args.step_s,
+                "startup_s": args.startup,
+                "time_scale": args.time_scale,
+                "memory": args.memory,
+                "behavior": "-",
+            }
+            static = static_sweep(pool, base, args.attainment)
+            runs += static
+            # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
+            level = max(args.attainment)
+            first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, [level]), level)
+            first = first or {"target": MAX_REPLICAS}
+            start_n = int(first["target"])
+            tasks = [
+                {**base, "signal": s, "target": t, "behavior": b, "start": start_n}
+                for b in args.behaviors
+                for s in args.signals
+                for t in (args.targets.get(s) or TARGETS[s])
+            ]
+            runs += pool.map(_run, tasks)
+            print(
+                f"bench: {scenario}/{intervals}: {len(static) + len(tasks)} runs, {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+            )
     rows = summarize(runs, args.attainment)
     for r in runs:  # replicas over time for the runs at the default targets (what a pool gets unless told)
         keep = r["signal"] in DEFAULT_TARGETS and r["target"] == DEFAULT_TARGETS[r["signal"]] and r["timeline"]
@@ -271,10 +293,10 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "autoscale",
         "memory_tokens": args.memory,
-        "step_s": STEP_S,
+        "step_s": args.step_s,
         "startup_s": args.startup,
         "attainment": args.attainment,
-        "slo": {"ttft_s": FleetConfig.slo_ttft_s, "tpot_s": FleetConfig.slo_tpot_s},
+        "slo": {"ttft_s": FleetConfig.slo_ttft_s, "tpot_s": 2 * args.step_s},
         "behaviors": {k: BEHAVIORS[k].__dict__ for k in args.behaviors},
         "wall_s": round(time.perf_counter() - start, 1),
         "summary": rows,
@@ -336,6 +358,13 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         help="shares of requests that must be on time (a summary table each)",
     )
     p.add_argument("--memory", type=positive_int, default=MEMORY, help="KV tokens per replica")
+    p.add_argument(
+        "--workload",
+        type=Path,
+        default=None,
+        help="a JSON Lines trace (optimist simulate's format) to play instead of the scenarios",
+    )
+    p.add_argument("--step-s", type=_positive, default=STEP_S, help="seconds per decode step (a trace's time unit)")
     p.add_argument("--startup", type=float, default=60.0, help="seconds a new replica takes to become ready")
     p.add_argument("--time-scale", type=_positive, default=1.0, help="stretch (>1) or shrink the scenarios")
     p.add_argument("--seed", type=int, default=1)

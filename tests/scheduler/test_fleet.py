@@ -262,3 +262,30 @@ def test_bench_autoscale_rejects_unknown_names(capsys: Any) -> None:
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "autoscale", *argv])
         assert named in capsys.readouterr().err
+
+
+def test_bench_autoscale_plays_a_trace(tmp_path: Path, capsys: Any) -> None:
+    """Your own traffic (optimist simulate's JSON Lines) through the fleet: the trace's hints and arrivals."""
+    from optimist.engine.cli import build_parser
+    from optimist.engine.scheduler.workload import write_workload
+
+    trace = tmp_path / "mytraffic.jsonl"
+    write_workload(trace, phased_workload([Phase(60, 3), Phase(120, 12)], seed=2, step_s=0.05, intervals="noise:0.5"))
+    out = tmp_path / "trace.json"
+    argv = ["bench", "autoscale", "--workload", str(trace), "--signals", "lowerBoundDemand,queueDepth"]
+    argv += ["--targets", "lowerBoundDemand=0.9;queueDepth=4", "--behaviors", "operator", "--startup", "10"]
+    argv += ["--attainment", "0.9", "--jobs", "1", "--out", str(out)]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert {(r["scenario"], r["intervals"]) for r in report["runs"]} == {("mytraffic", "file")}
+    scaled = [r for r in report["runs"] if r["signal"] != "static"]
+    assert len(scaled) == 2 and all(r["requests"] == len(trace.read_text().splitlines()) for r in scaled)
+    assert max(r["peak_replicas"] for r in scaled) > min(r["start"] for r in scaled), "the burst scales it up"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt_tokens": 9000, "output_tokens": 10}\n')
+    for path, named in ((bad, "needs more than --memory 8192"), (tmp_path / "none.jsonl", "No such file")):
+        args = build_parser().parse_args(["bench", "autoscale", "--workload", str(path), "--out", str(out)])
+        with pytest.raises(SystemExit, match=named):
+            args.func(args)
