@@ -69,7 +69,7 @@ def _config(task: dict[str, Any]) -> FleetConfig:
         "slo_tpot_s": 2 * task["step_s"],  # twice the decode step per output token
     }
     if task["signal"] == "static":
-        return FleetConfig(replicas=int(task["target"]), **base)
+        return FleetConfig(replicas=int(task["target"]), router=task.get("router", "least-requests"), **base)
     scaler = Autoscaler(
         task["signal"],
         float(task["target"]),
@@ -139,13 +139,13 @@ def summarize(runs: list[dict[str, Any]], levels: list[float]) -> list[dict[str,
     keys = sorted({(r["scenario"], r["intervals"]) for r in runs})
     for attainment, (scenario, intervals) in ((a, k) for a in levels for k in keys):
         mine = [r for r in runs if r["scenario"] == scenario and r["intervals"] == intervals]
-        static = _cheapest([r for r in mine if r["signal"] == "static"], attainment)
+        static = cheapest([r for r in mine if r["signal"] == "static"], attainment)
         for behavior in sorted({r["behavior"] for r in mine if r["signal"] != "static"}):
             for signal in SIGNALS:
                 group = [r for r in mine if r["signal"] == signal and r["behavior"] == behavior]
                 if not group:
                     continue
-                best = _cheapest(group, attainment)
+                best = cheapest(group, attainment)
                 rows.append(
                     {
                         "attainment": attainment,
@@ -172,7 +172,7 @@ def _columns(timeline: list[dict[str, float]]) -> dict[str, list[float]]:
     return {n: [round(p[n], 3) for p in timeline] for n in names}
 
 
-def _cheapest(runs: list[dict[str, Any]], attainment: float) -> dict[str, Any] | None:
+def cheapest(runs: list[dict[str, Any]], attainment: float) -> dict[str, Any] | None:
     meeting = [r for r in runs if r["on_time"] >= attainment]
     return min(meeting, key=lambda r: r["replica_seconds"]) if meeting else None
 
@@ -270,7 +270,7 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
             runs += static
             # Autoscaled fleets start where a static one meets the first phase (a steady state), not at 1.
             level = max(args.attainment)
-            first = _cheapest(static_sweep(pool, {**base, "first_phase_only": True}, [level]), level)
+            first = cheapest(static_sweep(pool, {**base, "first_phase_only": True}, [level]), level)
             first = first or {"target": MAX_REPLICAS}
             start_n = int(first["target"])
             tasks = [
@@ -317,7 +317,7 @@ def _targets(text: str) -> dict[str, list[float]]:
     return out
 
 
-def _names(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+def name_list(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [n for n in text.split(",") if n]
         for n in names:
@@ -330,14 +330,14 @@ def _names(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
     return parse
 
 
-def _share(text: str) -> float:
+def share(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
-def _positive(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -346,14 +346,14 @@ def _positive(text: str) -> float:
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("autoscale", help="autoscaling signals and targets on a simulated fleet")
-    p.add_argument("--scenarios", type=_names(list(SCENARIOS), "scenario"), default=list(SCENARIOS))
+    p.add_argument("--scenarios", type=name_list(list(SCENARIOS), "scenario"), default=list(SCENARIOS))
     p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise:0.5", "naive"])
-    p.add_argument("--signals", type=_names(SIGNALS, "signal"), default=list(SIGNALS))
-    p.add_argument("--behaviors", type=_names(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
+    p.add_argument("--signals", type=name_list(SIGNALS, "signal"), default=list(SIGNALS))
+    p.add_argument("--behaviors", type=name_list(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
     p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
     p.add_argument(
         "--attainment",
-        type=lambda text: [_share(x) for x in text.split(",")],
+        type=lambda text: [share(x) for x in text.split(",")],
         default=[0.95, 0.99],
         help="shares of requests that must be on time (a summary table each)",
     )
@@ -364,9 +364,11 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         default=None,
         help="a JSON Lines trace (optimist simulate's format) to play instead of the scenarios",
     )
-    p.add_argument("--step-s", type=_positive, default=STEP_S, help="seconds per decode step (a trace's time unit)")
+    p.add_argument(
+        "--step-s", type=positive_float, default=STEP_S, help="seconds per decode step (a trace's time unit)"
+    )
     p.add_argument("--startup", type=float, default=60.0, help="seconds a new replica takes to become ready")
-    p.add_argument("--time-scale", type=_positive, default=1.0, help="stretch (>1) or shrink the scenarios")
+    p.add_argument("--time-scale", type=positive_float, default=1.0, help="stretch (>1) or shrink the scenarios")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=positive_int, default=2, help="worker processes")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/autoscale.json"))

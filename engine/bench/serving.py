@@ -388,6 +388,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_autoscale(kinds)
 
+    from .routing import add_parser as add_routing
+
+    add_routing(kinds)
+
     from .optimum import add_parser as add_optimum
 
     add_optimum(kinds)

@@ -6,7 +6,8 @@ What it models, because each of these decides how well autoscaling works:
   tokens, time in steps of `step_s` seconds), a new one ready only after `startup_s` (model loading), a removed
   one draining: it takes no new requests, finishes what it has for up to `grace_s`, and the requests it still
   holds then are aborted and sent again by the client (from scratch, their latency counted from the first send);
-- the router: each arrival goes to the ready replica with the fewest requests (waiting + running);
+- the router: each arrival goes to a ready replica, by default the one with the fewest requests (waiting +
+  running; `ROUTERS` lists the others), seeing the replicas' state as it is;
 - the metric pipeline: Prometheus scrapes every pod's sidecar every `scrape_s`; prometheus-adapter turns the last
   `window_s` of samples into one value per pod (`max_over_time` for the demand ratio, `avg_over_time` for the
   others: the chart's rules); terminating pods are not counted;
@@ -38,6 +39,11 @@ from .simulator import SimJob, SimServer, SimulationError, make_jobs, percentile
 from .workload import WorkloadRequest, interval, lognormal_lengths
 
 SIGNALS = ("lowerBoundDemand", "queueDepth", "concurrency", "kvUsage")
+# How an arrival picks a ready replica: round-robin (gRPC's client-side policy over the headless Service), random
+# (a connection-level balancer, per request here), least-requests (Envoy's LEAST_REQUEST: waiting + running),
+# least-kv (fewest waiting, then the lowest KV usage: what the Gateway API Inference Extension's endpoint picker
+# reads from the sidecar's vllm: series), least-demand (the lowest demand ratio).
+ROUTERS = ("round-robin", "random", "least-requests", "least-kv", "least-demand")
 AGGREGATION = {"lowerBoundDemand": "max", "queueDepth": "avg", "concurrency": "avg", "kvUsage": "avg"}
 
 
@@ -140,6 +146,7 @@ class FleetConfig:
     startup_s: float = 60.0
     grace_s: float = 30.0
     replicas: int = 1  # at the start (and throughout, without an autoscaler)
+    router: str = "least-requests"
     autoscaler: Autoscaler | None = None
     # A request is on time when its first token comes within slo_ttft_s of its (first) arrival and its last
     # within slo_ttft_s + slo_tpot_s per output token (goodput's definition).
@@ -156,6 +163,8 @@ class FleetConfig:
             raise ValueError("startup_s and grace_s must not be negative")
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         scaler = self.autoscaler
         if scaler is not None and not scaler.min_replicas <= self.replicas <= scaler.max_replicas:
             raise ValueError(
@@ -236,6 +245,8 @@ class Fleet:
         self.retried = 0
         self.scale_ups = self.scale_downs = 0
         self._next_id = 0
+        self._rr = -1
+        self._rng = np.random.default_rng(0)
         for _ in range(config.replicas):
             self._add(0, ready_at=0)
 
@@ -290,9 +301,22 @@ class Fleet:
         if not ready:
             return
         for job in self.held:
-            target = min(ready, key=lambda r: (r.load(), r.id))
+            target = self._route(ready)
             target.server.waiting.append(job)
         self.held = []
+
+    def _route(self, ready: list[Replica]) -> Replica:
+        router = self.config.router
+        if router == "round-robin":
+            self._rr += 1
+            return ready[self._rr % len(ready)]
+        if router == "random":
+            return ready[int(self._rng.integers(len(ready)))]
+        if router == "least-demand":
+            return min(ready, key=lambda r: (pod_metric("lowerBoundDemand", r.server), r.id))
+        if router == "least-kv":
+            return min(ready, key=lambda r: (len(r.server.waiting), pod_metric("kvUsage", r.server), r.id))
+        return min(ready, key=lambda r: (r.load(), r.id))
 
     # --- the autoscaler -----------------------------------------------------------------------------------------
 

@@ -289,3 +289,21 @@ def test_bench_autoscale_plays_a_trace(tmp_path: Path, capsys: Any) -> None:
         args = build_parser().parse_args(["bench", "autoscale", "--workload", str(path), "--out", str(out)])
         with pytest.raises(SystemExit, match=named):
             args.func(args)
+
+
+def test_memory_aware_routing_needs_fewer_replicas_than_round_robin(tmp_path: Path, capsys: Any) -> None:
+    """`optimist bench routing`: a router that sees the replicas' KV memory keeps a burst on time with fewer
+    replicas than gRPC's client-side round-robin."""
+    from optimist.engine.cli import build_parser
+
+    out = tmp_path / "routing.json"
+    argv = ["bench", "routing", "--scenarios", "burst", "--intervals", "noise:0.5", "--attainment", "0.99"]
+    argv += ["--routers", "round-robin,least-kv", "--time-scale", "0.3", "--jobs", "1", "--out", str(out)]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    rows = {r["router"]: r for r in json.loads(out.read_text())["summary"]}
+    assert rows["least-kv"]["replicas"] < rows["round-robin"]["replicas"]
+    assert rows["round-robin"]["on_time_at_fewest"] < 0.99 <= rows["least-kv"]["on_time_at_fewest"]
+    assert "| burst | noise:0.5 | least-kv |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="router must be one of"):
+        FleetConfig(memory=100, router="fastest")
