@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..scheduler.fleet import ROUTERS
-from .autoscale import MEMORY, SCENARIOS, STEP_S, cheapest, name_list, positive_float, share, static_sweep
+from .autoscale import MEMORY, SCENARIOS, STEP_S, _run, cheapest, name_list, positive_float, share, static_sweep
 from .report import markdown_table, positive_int, write_report
 
 
@@ -64,6 +64,23 @@ def format_table(rows: list[dict[str, Any]], level: float) -> str:
     return markdown_table(headers, table)
 
 
+def _at_fewest(
+    pool: ProcessPoolExecutor, runs: list[dict[str, Any]], base: dict[str, Any], routers: list[str], levels: list[float]
+) -> list[dict[str, Any]]:
+    """Runs every router at the fewest replicas any router needed (per level), where its sweep did not."""
+    mine = [r for r in runs if r["scenario"] == base["scenario"] and r["intervals"] == base["intervals"]]
+    added: list[dict[str, Any]] = []
+    for level in levels:
+        found = [cheapest([r for r in mine if r["router"] == ro], level) for ro in routers]
+        sizes = [f["target"] for f in found if f is not None]
+        if not sizes:
+            continue
+        have = {r["router"] for r in mine + added if r["target"] == min(sizes)}
+        fill = [{**base, "router": ro, "signal": "static", "target": min(sizes)} for ro in routers if ro not in have]
+        added += pool.map(_run, fill)
+    return added
+
+
 def cmd_bench_routing(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -83,6 +100,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
                         "behavior": "-",
                     }
                     runs += static_sweep(pool, base, args.attainment)
+                runs += _at_fewest(pool, runs, base, args.routers, args.attainment)
                 print(f"bench: {scenario}/{intervals}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     for r in runs:
         r["timeline"] = None
