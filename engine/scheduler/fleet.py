@@ -67,7 +67,7 @@ class ScalingBehavior:
         return max(at_period_start + self.up_pods, by_percent)
 
     def down_limit(self, at_period_start: int) -> int:
-        by_percent = math.ceil(at_period_start * (1 - self.down_percent / 100)) if self.down_percent else None
+        by_percent = math.floor(at_period_start * (1 - self.down_percent / 100)) if self.down_percent else None
         by_pods = at_period_start - self.down_pods if self.down_pods else None
         limits = [x for x in (by_percent, by_pods) if x is not None]
         return min(limits) if limits else at_period_start
@@ -372,6 +372,10 @@ class Fleet:
             self.changes.append((t, desired - current))
             self.scale_downs += 1
 
+    def _at_period_start(self, t: int, current: int, period_s: float) -> int:
+        since = t - self.config.steps(period_s)
+        return current - sum(n for ts, n in self.changes if ts > since)
+
     def _stabilize(self, t: int, current: int, recommendation: int, scaler: Autoscaler) -> int:
         c, b = self.config, scaler.behavior
         if not self.recommendations:  # as the HPA controller: a new autoscaler's history starts at the current size
@@ -390,14 +394,12 @@ class Fleet:
                 down = max(down, r)
         self.recommendations.append((t, recommendation))
         desired = min(max(current, up), down)  # raise to the up window's floor, cap at the down window's ceiling
+        # Rate limits from the size at the start of the period: the controller takes back this period's scale-ups
+        # and scale-downs alike.
         if desired > current:
-            since = t - c.steps(b.up_period_s)
-            added = sum(n for ts, n in self.changes if ts > since and n > 0)
-            desired = min(desired, b.up_limit(current - added))
+            desired = min(desired, b.up_limit(self._at_period_start(t, current, b.up_period_s)))
         elif desired < current:
-            since = t - c.steps(b.down_period_s)
-            removed = -sum(n for ts, n in self.changes if ts > since and n < 0)
-            desired = max(desired, b.down_limit(current + removed))
+            desired = max(desired, b.down_limit(self._at_period_start(t, current, b.down_period_s)))
         return max(scaler.min_replicas, min(scaler.max_replicas, desired))
 
     # --- the run ----------------------------------------------------------------------------------------------
