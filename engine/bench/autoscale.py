@@ -30,6 +30,7 @@ from typing import Any
 
 from ..scheduler.fleet import (
     GENTLE,
+    ROUTERS,
     SIGNALS,
     Autoscaler,
     FleetConfig,
@@ -77,7 +78,7 @@ def _config(task: dict[str, Any]) -> FleetConfig:
         max_replicas=MAX_REPLICAS,
         behavior=BEHAVIORS[task["behavior"]],
     )
-    return FleetConfig(replicas=task["start"], autoscaler=scaler, **base)
+    return FleetConfig(replicas=task["start"], autoscaler=scaler, router=task.get("router", "least-requests"), **base)
 
 
 FIRST_PHASE_S = 300.0  # of a trace: its first five minutes stand for the first phase
@@ -264,6 +265,7 @@ def cmd_bench_autoscale(args: argparse.Namespace) -> int:
                 "startup_s": args.startup,
                 "time_scale": args.time_scale,
                 "memory": args.memory,
+                "router": args.router,
                 "behavior": "-",
             }
             static = static_sweep(pool, base, args.attainment)
@@ -358,6 +360,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         help="shares of requests that must be on time (a summary table each)",
     )
     p.add_argument("--memory", type=positive_int, default=MEMORY, help="KV tokens per replica")
+    p.add_argument("--router", choices=ROUTERS, default="least-requests", help="how arrivals pick a replica")
     p.add_argument(
         "--workload",
         type=Path,
