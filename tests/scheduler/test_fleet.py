@@ -274,11 +274,12 @@ def test_bench_autoscale_plays_a_trace(tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "trace.json"
     argv = ["bench", "autoscale", "--workload", str(trace), "--signals", "lowerBoundDemand,queueDepth"]
     argv += ["--targets", "lowerBoundDemand=0.9;queueDepth=4", "--behaviors", "operator", "--startup", "10"]
-    argv += ["--attainment", "0.9", "--jobs", "1", "--out", str(out)]
+    argv += ["--attainment", "0.9", "--router", "least-kv", "--jobs", "1", "--out", str(out)]
     args = build_parser().parse_args(argv)
     assert args.func(args) == 0
     report = json.loads(out.read_text())
     assert {(r["scenario"], r["intervals"]) for r in report["runs"]} == {("mytraffic", "file")}
+    assert {r["router"] for r in report["runs"]} == {"least-kv"}
     scaled = [r for r in report["runs"] if r["signal"] != "static"]
     assert len(scaled) == 2 and all(r["requests"] == len(trace.read_text().splitlines()) for r in scaled)
     assert max(r["peak_replicas"] for r in scaled) > min(r["start"] for r in scaled), "the burst scales it up"
