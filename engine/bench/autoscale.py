@@ -346,20 +346,25 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("autoscale", help="autoscaling signals and targets on a simulated fleet")
+def add_fleet_options(p: argparse.ArgumentParser) -> None:
+    """The options both fleet benchmarks take: traffic, service level and replica size."""
     p.add_argument("--scenarios", type=name_list(list(SCENARIOS), "scenario"), default=list(SCENARIOS))
     p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise:0.5", "naive"])
-    p.add_argument("--signals", type=name_list(SIGNALS, "signal"), default=list(SIGNALS))
-    p.add_argument("--behaviors", type=name_list(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
-    p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
     p.add_argument(
         "--attainment",
         type=lambda text: [share(x) for x in text.split(",")],
         default=[0.95, 0.99],
-        help="shares of requests that must be on time (a summary table each)",
+        help="shares of requests that must be on time (a table each)",
     )
     p.add_argument("--memory", type=positive_int, default=MEMORY, help="KV tokens per replica")
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("autoscale", help="autoscaling signals and targets on a simulated fleet")
+    add_fleet_options(p)
+    p.add_argument("--signals", type=name_list(SIGNALS, "signal"), default=list(SIGNALS))
+    p.add_argument("--behaviors", type=name_list(list(BEHAVIORS), "behavior"), default=list(BEHAVIORS))
+    p.add_argument("--targets", type=_targets, default={}, help='per signal, e.g. "queueDepth=2,4;kvUsage=0.7"')
     p.add_argument("--router", choices=ROUTERS, default="least-requests", help="how arrivals pick a replica")
     p.add_argument(
         "--workload",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..scheduler.fleet import ROUTERS
-from .autoscale import MEMORY, SCENARIOS, STEP_S, _run, cheapest, name_list, positive_float, share, static_sweep
+from .autoscale import STEP_S, _run, add_fleet_options, cheapest, name_list, positive_float, static_sweep
 from .report import markdown_table, positive_int, write_report
 
 
@@ -122,16 +122,8 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("routing", help="replicas each request router needs, on a simulated fleet")
-    p.add_argument("--scenarios", type=name_list(list(SCENARIOS), "scenario"), default=list(SCENARIOS))
-    p.add_argument("--intervals", type=lambda s: s.split(","), default=["noise:0.5", "naive"])
+    add_fleet_options(p)
     p.add_argument("--routers", type=name_list(ROUTERS, "router"), default=list(ROUTERS))
-    p.add_argument(
-        "--attainment",
-        type=lambda text: [share(x) for x in text.split(",")],
-        default=[0.95, 0.99],
-        help="shares of requests that must be on time (a table each)",
-    )
-    p.add_argument("--memory", type=positive_int, default=MEMORY, help="KV tokens per replica")
     p.add_argument("--time-scale", type=positive_float, default=1.0, help="stretch (>1) or shrink the scenarios")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=positive_int, default=2, help="worker processes")
