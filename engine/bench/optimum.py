@@ -25,7 +25,7 @@ import numpy as np
 from ..scheduler.optimum import exact_optimum
 from ..scheduler.policies import make_policy
 from ..scheduler.simulator import SimulationError, simulate
-from ..scheduler.workload import WorkloadRequest, lognormal_lengths
+from ..scheduler.workload import WorkloadRequest, interval, lognormal_lengths
 from .report import markdown_table, write_report
 
 POLICIES = ["hsf", "amax", "amin", "amin-learned", "fcfs"]
@@ -45,12 +45,9 @@ def small_workload(n: int, seed: int, arrivals: str, intervals: str) -> list[Wor
         raise ValueError(f"arrivals must be batch or poisson, got {arrivals!r}")
     requests = []
     for i, (o, p, a) in enumerate(zip(outputs, prompts, steps, strict=True)):
-        if intervals == "naive":
-            lo, hi = 1, MAX_OUTPUT
-        elif intervals == "noise":
-            lo, hi = max(1, int(0.5 * o)), max(o, int(np.ceil(1.5 * o)))
-        else:
+        if intervals not in ("noise", "naive"):
             raise ValueError(f"intervals must be noise or naive, got {intervals!r}")
+        lo, hi = interval("noise:0.5" if intervals == "noise" else "naive", o, MAX_OUTPUT)
         requests.append(WorkloadRequest(f"r{i}", int(a), int(p), int(o), lo, hi))
     return requests
 
