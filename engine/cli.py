@@ -120,23 +120,25 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return config
 
 
-async def _serve(config: EngineConfig, host: str, port: int, grace_s: float) -> None:
+async def _serve(config: EngineConfig, host: str, port: int, grace_s: float, http_port: int | None) -> None:
     from .server import Server
 
-    server = Server(config, host, port, grace_s)
+    server = Server(config, host, port, grace_s, http_port=http_port)
     await server.start()
-    print(f"optimist: listening on {host}:{server.port}; loading the model", file=sys.stderr, flush=True)
+    http = f"; OpenAI-compatible HTTP on {host}:{server.http.port}" if server.http else ""
+    print(f"optimist: gRPC on {host}:{server.port}{http}; loading the model", file=sys.stderr, flush=True)
     try:
         await server.load(_Progress("loading model tensors"))
     except BaseException:
-        await server.server.stop(grace=None)
+        await server.close()
         raise
     print(f"optimist: ready on {host}:{server.port}", file=sys.stderr, flush=True)
     await server.serve_forever()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(engine_config(args), args.host, args.port, args.grace_period))
+    http_port = None if args.no_http else args.http_port
+    asyncio.run(_serve(engine_config(args), args.host, args.port, args.grace_period, http_port))
     return 0
 
 
@@ -175,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port)])
+    server = subprocess.Popen([sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port), "--no-http"])
     try:
         from .client import wait_ready
 
@@ -320,10 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the engine (gRPC)")
+    serve = sub.add_parser("serve", help="start the engine (gRPC, and OpenAI-compatible HTTP)")
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (optimist.v1.Engine, KServe v2, health)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); "
+        "0 = a free port",
+    )
+    serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     serve.set_defaults(func=cmd_serve)
 

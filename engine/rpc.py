@@ -118,11 +118,11 @@ class RequestFailed(Exception):
         self.message = message
 
 
-async def request_events(engine: Engine, req: Request) -> AsyncGenerator[list[Event]]:
-    """Submits `req` and yields its events in batches (a slow reader gets the backlog in one batch); the last batch
-    ends with the request's Finished. Raises RequestFailed when the engine refuses it. A reader that stops early
-    (client cancel, deadline, a failed write: close this generator, e.g. with contextlib.aclosing) aborts the
-    request, which frees its KV blocks at once."""
+def open_events(engine: Engine, req: Request) -> AsyncGenerator[list[Event]]:
+    """Submits `req` now (raises RequestFailed when the engine refuses it) and returns its events in batches (a
+    slow reader gets the backlog in one batch); the last batch ends with the request's Finished. A reader that
+    stops early (close the generator, e.g. with contextlib.aclosing) aborts the request, which frees its KV
+    blocks at once; one that never starts reading must abort it itself."""
     queue: asyncio.Queue[Event] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -139,6 +139,10 @@ async def request_events(engine: Engine, req: Request) -> AsyncGenerator[list[Ev
         raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
     except EngineUnavailable as exc:
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+    return _events(engine, req, queue)
+
+
+async def _events(engine: Engine, req: Request, queue: asyncio.Queue[Event]) -> AsyncGenerator[list[Event]]:
     finished = False
     try:
         while not finished:
@@ -150,3 +154,13 @@ async def request_events(engine: Engine, req: Request) -> AsyncGenerator[list[Ev
     finally:
         if not finished:
             engine.abort([req.id])
+
+
+async def request_events(engine: Engine, req: Request) -> AsyncGenerator[list[Event]]:
+    """Submits `req` when first read and yields its events (open_events); raises RequestFailed when the engine
+    refuses it. A reader that stops early (client cancel, deadline, a failed write: close this generator, e.g.
+    with contextlib.aclosing) aborts the request, which frees its KV blocks at once."""
+    events = open_events(engine, req)
+    async with contextlib.aclosing(events):
+        async for batch in events:
+            yield batch

@@ -23,9 +23,11 @@ from .config import EngineConfig
 from .engine import Engine, LoadSnapshot
 from .metrics import Histogram
 from .model.tokenizer import TokenizerError
+from .openai_api import HttpServer, OpenAIService
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
 from .rpc import RequestFailed, malformed, request_events, server_stream, unary
+from .sidecar import LoadCollector, SidecarConfig
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +238,35 @@ def _handlers(service: EngineService) -> grpc.GenericRpcHandler:
     )
 
 
+class _OwnLoad:
+    """The engine's load in process, shaped as the sidecar's LoadFollower for its LoadCollector (the HTTP port's
+    /metrics, which the Gateway API Inference Extension's endpoint picker scrapes on the port it routes to)."""
+
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+        self.config = SidecarConfig()
+
+    @property
+    def fresh(self) -> bool:
+        return self.service.engine is not None
+
+    @property
+    def latest(self) -> pb.Load | None:
+        engine = self.service.engine
+        return None if engine is None else load_to_proto(engine.load(), engine.model_name)
+
+
+def metrics_renderer(service: EngineService) -> Callable[[], bytes]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoadCollector(_OwnLoad(service)))  # type: ignore[arg-type]
+    return lambda: bytes(generate_latest(registry))
+
+
 class Server:
-    """Owns the grpc.aio server, the health status and the engine's life cycle."""
+    """Owns the grpc.aio server (and the OpenAI HTTP server when `http_port` is not None; 0 picks a free port),
+    the health status and the engine's life cycle."""
 
     def __init__(
         self,
@@ -246,13 +275,17 @@ class Server:
         port: int,
         grace_s: float = 30.0,
         engine_factory: Callable[[], Engine] | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.config = config
         self.engine_factory = engine_factory
+        self.host = host
         self.address = f"{host}:{port}"
         self.grace_s = grace_s
         self.service = EngineService()
         self.port = 0
+        self.http_port = http_port
+        self.http: HttpServer | None = None
 
     async def start(self) -> None:
         # grpc.aio objects bind to the running event loop, so they are made here, not in __init__.
@@ -269,6 +302,11 @@ class Server:
         self.port = self.server.add_insecure_port(self.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
+        if self.http_port is not None:
+            self.http = HttpServer(
+                OpenAIService(self.service, metrics_renderer(self.service)), self.host, self.http_port
+            )
+            await self.http.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -279,12 +317,20 @@ class Server:
         self.service.engine = await asyncio.to_thread(factory)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
+    async def close(self) -> None:
+        """Stops listening at once (no drain): both ports."""
+        if self.http is not None:
+            await self.http.stop()
+        await self.server.stop(grace=None)
+
     async def drain_and_stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, no new requests, in-flight ones finish within the grace period."""
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.service.engine is not None:
             await asyncio.to_thread(self.service.engine.drain, self.grace_s)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         self._stopped.set()
 

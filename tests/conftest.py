@@ -71,17 +71,27 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ServerThread:
-    """A real optimist gRPC server in its own thread and event loop, on 127.0.0.1 with a free port."""
+    """A real optimist gRPC server in its own thread and event loop, on 127.0.0.1 with a free port (and the OpenAI
+    HTTP API on another when `http` is true: `http_url`)."""
 
-    def __init__(self, config: EngineConfig, engine_factory: Callable[[], Engine] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        engine_factory: Callable[[], Engine] | None = None,
+        port: int = 0,
+        http: bool = False,
+    ) -> None:
         from optimist.engine.server import Server
 
         self.loop = asyncio.new_event_loop()
-        self.server = Server(config, "127.0.0.1", port, grace_s=5.0, engine_factory=engine_factory)
+        self.server = Server(
+            config, "127.0.0.1", port, grace_s=5.0, engine_factory=engine_factory, http_port=0 if http else None
+        )
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.call(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
+        self.http_url = f"http://127.0.0.1:{self.server.http.port}" if self.server.http else ""
 
     def call(self, coro: Any, timeout: float = 120.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -91,7 +101,7 @@ class ServerThread:
 
     def stop(self) -> None:
         try:
-            self.call(self.server.server.stop(grace=None))
+            self.call(self.server.close())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
@@ -100,15 +110,16 @@ class ServerThread:
 class LoadingServer:
     """A server whose model load is held until `finish_loading()` (it hands over the session engine then)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, http: bool = False) -> None:
         self.release = threading.Event()
 
         def held() -> Engine:
             self.release.wait(30)
             return engine
 
-        self.thread = ServerThread(engine.config, engine_factory=held)
+        self.thread = ServerThread(engine.config, engine_factory=held, http=http)
         self.address = self.thread.address
+        self.http_url = self.thread.http_url
         self.loading = self.thread.submit(self.thread.server.load())
 
     def finish_loading(self) -> None:

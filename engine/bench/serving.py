@@ -232,7 +232,7 @@ def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Po
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port), "--no-http"]
     if args.model:
         cmd += ["--model", str(args.model)]
     cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens), "--max-num-seqs", str(max(args.concurrency))]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ def free_port() -> int:
 
 def test_serve_with_a_missing_model_exits_with_a_one_line_reason(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [*OPTIMIST, "serve", "--model", str(tmp_path / "missing.gguf"), "--port", str(free_port())],
+        [*OPTIMIST, "serve", "--model", str(tmp_path / "missing.gguf"), "--port", str(free_port()), "--no-http"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -36,9 +38,20 @@ def test_serve_with_a_missing_model_exits_with_a_one_line_reason(tmp_path: Path)
 
 
 def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     server = subprocess.Popen(
-        [*OPTIMIST, "serve", "--model", str(tiny_gguf), "--port", str(port), "--grace-period", "5"],
+        [
+            *OPTIMIST,
+            "serve",
+            "--model",
+            str(tiny_gguf),
+            "--port",
+            str(port),
+            "--http-port",
+            str(http_port),
+            "--grace-period",
+            "5",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -60,6 +73,11 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
             timeout=120,
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens" in bad.stderr
+        body = json.dumps({"prompt": "the", "max_tokens": 5, "temperature": 0}).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/completions", body, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
         os.kill(server.pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     finally:
@@ -69,6 +87,23 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
     assert server.stderr is not None
     log = server.stderr.read()
     assert "loading model tensors" in log and f"ready on 127.0.0.1:{port}" in log
+    assert f"OpenAI-compatible HTTP on 127.0.0.1:{http_port}" in log
+
+
+def test_serve_on_a_taken_http_port_exits_with_a_one_line_reason(tiny_gguf: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http_port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*OPTIMIST, "serve", "--model", str(tiny_gguf), "--port", str(free_port()), "--http-port", str(http_port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("optimist serve: error:") and f"cannot listen on 127.0.0.1:{http_port} (HTTP)" in last
 
 
 def test_operator_without_credentials_exits_with_a_one_line_reason(tmp_path: Path) -> None:

@@ -1,0 +1,742 @@
+"""The OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), as an adapter in front
+of the engine, on its own port (`--http-port`, 8000 as vLLM), so OpenAI clients, LangChain-style tools, benchmark
+harnesses and the Gateway API Inference Extension's endpoint picker (which parses OpenAI request bodies, and scrapes
+`/metrics` on the port it routes to) work unchanged. Not a second engine: every choice becomes one engine request,
+scheduled, batched, cached and measured like any other.
+
+- Requests: OpenAI's fields (`model`, `prompt` as a string, a list of strings, a list of token ids or a list of
+  those; `messages` with string or text-part content; `max_tokens` / `max_completion_tokens`, `temperature`,
+  `top_p`, `n`, `stream`, `stream_options.include_usage`, `stop`, `seed`, `presence_penalty`,
+  `frequency_penalty`, `logprobs` / `top_logprobs`, `echo`, `user`, `response_format` text), vLLM's extra sampling
+  fields (`top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) and ours
+  (`output_length_hint: {"lower", "upper"}`, the scheduler's hint, as in the gRPC API). A field this server does
+  not know, or a feature it does not have (tools, images, logit_bias, suffix, best_of > n), gets a 400 naming it
+  rather than being silently ignored. The `X-Request-Id` header names the engine request (its choices `ID-0`,
+  `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
+- Defaults as OpenAI's: completions 16 tokens, chat completions up to the context; `n` choices of one prompt
+  are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical).
+- Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) and the message starts with the
+  field: 400 bad request, 404 unknown model or route, 413 body too large, 429 waiting queue full, 503 loading or
+  draining, 500 engine failure. A client that disconnects aborts its requests, which frees their KV blocks.
+- `GET /health` (200 when the engine takes requests, else 503), `GET /version`, and `GET /metrics`: the
+  sidecar's series (native names and the `vllm:` ones the endpoint picker reads) from the engine in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from .engine import Engine
+from .model.tokenizer import TokenizerError
+from .outputs import Chunk, Event, Finished
+from .request import FinishReason, InvalidRequest, Request, SamplingParams
+from .rpc import RequestFailed, open_events
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 2**20  # a 128K-token prompt is ~0.5 MB of text, ~1 MB as token ids
+MAX_CHOICES = 64  # prompts x n in one request
+_FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+           FinishReason.ABORTED: "abort"}  # fmt: skip
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "service_unavailable"}  # fmt: skip
+_MIN_LOGPROB = -9999.0  # JSON has no -Infinity; vLLM reports impossible tokens with this value too
+
+# Fields each endpoint reads; anything else is refused by name. `user`, `metadata`, `store`, `service_tier` and
+# `parallel_tool_calls` are accepted and have no effect here.
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+           "presence_penalty", "frequency_penalty", "logprobs", "user", "logit_bias", "top_k", "min_p", "min_tokens",
+           "repetition_penalty", "ignore_eos", "stop_token_ids", "output_length_hint", "metadata", "store",
+           "service_tier"}  # fmt: skip
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                          "tool_choice", "functions", "function_call", "parallel_tool_calls"}  # fmt: skip
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+class ApiError(Exception):
+    """A request this server answers with an OpenAI-shaped error; the message names the field first."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.param, self.code)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    kind = _ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _unknown_model(engine: Engine, name: str) -> ApiError:
+    return ApiError(404, f"model: this server serves {engine.model_name!r}, not {name!r}", "model", "model_not_found")
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param)
+
+
+# ------------------------------------------------------------------------------------------- reading requests
+
+
+def _typed(body: dict[str, Any], name: str, kind: str) -> Any:
+    """body[name] checked as `kind` (None when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "object": isinstance(value, dict),
+        "list": isinstance(value, list),
+    }[kind]
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)  # 16.0 from a JSON library that writes every number as a float
+    if not ok:
+        wanted = {"bool": "true or false", "int": "a whole number", "number": "a number", "str": "a string",
+                  "object": "an object", "list": "a list"}[kind]  # fmt: skip
+        raise _bad(name, f"must be {wanted}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "must be a string or a list of strings")
+    return tuple(stops)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+@dataclass
+class Call:
+    """One OpenAI request, read and checked: the engine requests to make and how to answer."""
+
+    chat: bool
+    model: str
+    prompts: list[list[int]]  # token ids of each prompt
+    texts: list[str]  # each prompt as text (for `echo`)
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token when the client asked for logprobs
+    lower_hint: int | None = None
+    upper_hint: int | None = None
+    max_tokens_param: str = "max_tokens"
+    max_tokens_given: bool = False
+    request_ids: list[str] = field(default_factory=list)
+
+
+def _sampling(body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], str]:
+    values: dict[str, Any] = {}
+    max_param = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        max_param = "max_completion_tokens"
+    if (max_tokens := _typed(body, max_param, "int")) is not None:
+        values["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
+        if (value := _typed(body, name, "number")) is not None:
+            values[name] = float(value)
+    for name in ("seed", "min_tokens"):
+        if (value := _typed(body, name, "int")) is not None:
+            values[name] = value
+    if (top_k := _typed(body, "top_k", "int")) is not None:
+        values["top_k"] = 0 if top_k == -1 else top_k  # vLLM's "off"
+    if (ignore_eos := _typed(body, "ignore_eos", "bool")) is not None:
+        values["ignore_eos"] = ignore_eos
+    values["stop"] = _stop(body)
+    ids = _typed(body, "stop_token_ids", "list")
+    if ids is not None:
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise _bad("stop_token_ids", "must be a list of whole numbers")
+        values["stop_token_ids"] = tuple(ids)
+    return values, max_param
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    if body.get("logit_bias"):
+        raise _bad("logit_bias", "not supported by this server")
+    if chat:
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise _bad(name, "tool and function calling are not supported by this server")
+        for name in ("tool_choice", "function_call"):
+            if body.get(name) not in (None, "none"):
+                raise _bad(name, "tool and function calling are not supported by this server")
+        fmt = _typed(body, "response_format", "object")
+        if fmt is not None and fmt.get("type") != "text":
+            raise _bad("response_format", f'only {{"type": "text"}} is supported, got {json.dumps(fmt)[:80]}')
+    else:
+        if body.get("suffix"):
+            raise _bad("suffix", "not supported by this server (no fill-in-the-middle)")
+
+
+def _n(body: dict[str, Any], chat: bool) -> int:
+    n = _typed(body, "n", "int")
+    n = 1 if n is None else n
+    if n < 1:
+        raise _bad("n", f"must be >= 1, got {n}")
+    if not chat:
+        best_of = _typed(body, "best_of", "int")
+        if best_of is not None and best_of != n:
+            raise _bad("best_of", f"only best_of == n is supported (no server-side ranking), got {best_of} with n={n}")
+    return n
+
+
+def _hint(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    hint = _typed(body, "output_length_hint", "object")
+    if hint is None:
+        return None, None
+    unknown = set(hint) - {"lower", "upper"}
+    if unknown:
+        raise _bad(f"output_length_hint.{sorted(unknown)[0]}", "unknown field; the hint has lower and upper")
+    bounds = []
+    for key in ("lower", "upper"):
+        value = hint.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise _bad(f"output_length_hint.{key}", f"must be a whole number >= 1, got {json.dumps(value)[:40]}")
+        bounds.append(value)
+    return bounds[0], bounds[1]
+
+
+def _messages(engine: Engine, body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "required: a non-empty list of {role, content} messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(where, "must be an object with role and content")
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for system instructions
+            role = "system"
+        if role not in _ROLES:
+            raise _bad(f"{where}.role", f"must be one of system, developer, user, assistant, tool; got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    raise _bad(f"{where}.content[{j}]", f"only text parts are supported, got type {kind!r}")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise _bad(f"{where}.content", "must be a string or a list of text parts")
+        if m.get("tool_calls"):
+            raise _bad(f"{where}.tool_calls", "tool calling is not supported by this server")
+        out.append({"role": role, "content": content})
+    if engine.tokenizer.chat_template is None:
+        raise _bad("messages", f"the model {engine.model_name!r} has no chat template; use /v1/completions")
+    return out
+
+
+def _prompts(engine: Engine, body: dict[str, Any]) -> tuple[list[list[int]], list[str]]:
+    prompt = body.get("prompt")
+    items: list[Any]
+    if isinstance(prompt, str) or _token_ids(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        items = prompt
+    else:
+        raise _bad("prompt", "required: a string, a list of strings, a list of token ids, or a list of those")
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(engine.tokenizer.encode(item))
+            texts.append(item)
+        else:
+            vocab = engine.model_config.vocab_size
+            bad = next((t for t in item if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise _bad("prompt", f"token id {bad} is outside the vocabulary (size {vocab})")
+            ids.append(list(item))
+            texts.append(engine.tokenizer.decode(item))
+    return ids, texts
+
+
+def read_call(engine: Engine, body: Any, chat: bool) -> Call:
+    """Checks an OpenAI request body against the model; raises ApiError naming the field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise _bad(unknown[0], f"unknown field; this endpoint takes {', '.join(sorted(known))}")
+    model = _typed(body, "model", "str")
+    if model is not None and model != engine.model_name:
+        raise _unknown_model(engine, model)
+    _refuse_unsupported(body, chat)
+    values, max_param = _sampling(body, chat)
+    n = _n(body, chat)
+    stream = bool(_typed(body, "stream", "bool"))
+    options = _typed(body, "stream_options", "object") or {}
+    if options and not stream:
+        raise _bad("stream_options", "only allowed when stream is true")
+    if set(options) - {"include_usage", "continuous_usage_stats"}:
+        raise _bad("stream_options", "takes include_usage")
+    include_usage = bool(options.get("include_usage"))
+    if chat:
+        want = _typed(body, "logprobs", "bool")
+        top = _typed(body, "top_logprobs", "int")
+        if top is not None and not want:
+            raise _bad("top_logprobs", "needs logprobs: true")
+        logprobs = (top or 0) if want else None
+        echo = False
+        try:
+            text = engine.tokenizer.apply_chat_template(_messages(engine, body), add_generation_prompt=True)
+        except TokenizerError as exc:
+            raise _bad("messages", str(exc)) from exc
+        prompts, texts = [engine.tokenizer.encode(text)], [text]
+    else:
+        logprobs = _typed(body, "logprobs", "int")
+        echo = bool(_typed(body, "echo", "bool"))
+        if echo and logprobs is not None:
+            raise _bad("echo", "together with logprobs is not supported (prompt logprobs are not computed)")
+        prompts, texts = _prompts(engine, body)
+    if len(prompts) * n > MAX_CHOICES:
+        raise _bad("n", f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts)} x {n}")
+    if logprobs is not None:
+        values["logprobs"] = logprobs
+    lower, upper = _hint(body)
+    given = "max_tokens" in values
+    if not given and not chat:
+        values["max_tokens"] = 16  # OpenAI's and vLLM's default for completions
+    return Call(
+        chat=chat,
+        model=engine.model_name,
+        prompts=prompts,
+        texts=texts,
+        params=SamplingParams(**values),
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        echo=echo,
+        logprobs=logprobs,
+        lower_hint=lower,
+        upper_hint=upper,
+        max_tokens_param=max_param,
+        max_tokens_given=given,
+    )
+
+
+def _param_of(exc: InvalidRequest, call: Call) -> str:
+    """The OpenAI field an engine validation error is about."""
+    name = exc.field.removeprefix("sampling.")
+    if name.startswith("prompt"):
+        return "messages" if call.chat else "prompt"
+    if name == "max_tokens":
+        return call.max_tokens_param
+    if name == "request_id":
+        return "X-Request-Id"
+    return name
+
+
+def make_requests(engine: Engine, call: Call, request_id: str) -> list[Request]:
+    """One engine request per choice (prompt-major, as OpenAI numbers choices); raises ApiError naming the field."""
+    reqs = []
+    capacity = engine.num_kv_blocks * engine.config.kv_block_size
+    single = len(call.prompts) * call.n == 1
+    for p, prompt in enumerate(call.prompts):
+        params = call.params
+        if not call.max_tokens_given and call.chat:  # up to the context (and what the cache can hold)
+            room = min(engine.model_config.context_length, capacity) - len(prompt)
+            params = replace(params, max_tokens=max(1, room))
+        for j in range(call.n):
+            choice_params = params
+            if params.seed is not None and j:
+                choice_params = replace(params, seed=params.seed + j)
+            index = p * call.n + j
+            try:
+                reqs.append(
+                    engine.new_request(
+                        prompt,
+                        choice_params,
+                        request_id=request_id if single else f"{request_id}-{index}",
+                        lower_hint=call.lower_hint,
+                        upper_hint=call.upper_hint,
+                        prompt_field="prompt",
+                    )
+                )
+            except InvalidRequest as exc:
+                param = _param_of(exc, call)
+                message = str(exc).removeprefix(f"{exc.field}: ")
+                where = f"{param}[{p}]" if len(call.prompts) > 1 and param == "prompt" else param
+                raise ApiError(400, f"{where}: {message}", param) from exc
+    return reqs
+
+
+# ------------------------------------------------------------------------------------------ building answers
+
+
+class Choice:
+    """One choice's answer so far, from its engine events."""
+
+    def __init__(self, index: int, call: Call, engine: Engine, prompt_text: str) -> None:
+        self.index = index
+        self.call = call
+        self.tokenizer = engine.tokenizer
+        self.text = prompt_text if call.echo else ""
+        self.entries: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.offset = len(self.text)  # text offset of the next logprob entry (completions' text_offset)
+        self.final: Finished | None = None
+        self.role_sent = False
+
+    def _token(self, token_id: int) -> str:
+        raw = self.tokenizer.token_bytes[token_id]
+        return raw.decode("utf-8", errors="replace") if raw else self.tokenizer.token_text(token_id)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        raw = self.tokenizer.token_bytes[token_id] or self.tokenizer.token_text(token_id).encode("utf-8")
+        return list(raw)
+
+    def logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any] | None:
+        if self.call.logprobs is None:
+            return None
+        if self.call.chat:
+            return {
+                "content": [
+                    {
+                        "token": self._token(tok),
+                        "logprob": max(lp, _MIN_LOGPROB),
+                        "bytes": self._bytes(tok),
+                        "top_logprobs": [
+                            {"token": self._token(t), "logprob": max(v, _MIN_LOGPROB), "bytes": self._bytes(t)}
+                            for t, v in top
+                        ],
+                    }
+                    for tok, lp, top in entries
+                ]
+            }
+        tokens, offsets, tops = [], [], []
+        for tok, lp, top in entries:
+            text = self._token(tok)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            alternatives = {self._token(t): max(v, _MIN_LOGPROB) for t, v in top}
+            alternatives.setdefault(text, max(lp, _MIN_LOGPROB))
+            tops.append(alternatives)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [max(lp, _MIN_LOGPROB) for _, lp, _ in entries],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def finish_fields(self) -> dict[str, Any]:
+        f = self.final
+        if f is None:
+            return {"finish_reason": None}
+        return {"finish_reason": _FINISH[f.reason], "stop_reason": f.stop or None}
+
+
+def _usage(choices: list[Choice], n: int) -> dict[str, Any]:
+    finals = [c.final for c in choices if c.final is not None]
+    firsts = [c.final for c in choices[::n] if c.final is not None]  # one choice per prompt counts its prompt
+    prompt = sum(f.prompt_tokens for f in firsts)
+    completion = sum(f.completion_tokens for f in finals)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(f.cached_tokens for f in firsts)},
+    }
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+async def _merged(
+    engine: Engine, streams: list[AsyncGenerator[list[Event]]]
+) -> AsyncGenerator[tuple[int, list[Event]]]:
+    """Every choice's event batches as they come, tagged with the choice's index; closing this stops (and so
+    aborts) the unfinished ones."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for batch in only:
+                yield 0, batch
+        return
+    queue: asyncio.Queue[tuple[int, list[Event]] | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[list[Event]]) -> None:
+        async with contextlib.aclosing(stream):
+            async for batch in stream:
+                await queue.put((i, batch))
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------------------------------- the app
+
+
+class OpenAIService:
+    """The handlers; `holder.engine` is the engine once it has loaded (None before)."""
+
+    def __init__(self, holder: Any, metrics: Callable[[], bytes] | None = None) -> None:
+        self.holder = holder
+        self.metrics = metrics
+
+    def _engine(self) -> Engine:
+        engine: Engine | None = self.holder.engine
+        if engine is None:
+            raise ApiError(503, "the model is still loading")
+        return engine
+
+    async def models(self, request: web.Request) -> web.Response:
+        engine = self._engine()
+        return web.json_response({"object": "list", "data": [self._model_card(engine)]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        engine = self._engine()
+        name = request.match_info["name"]
+        if name != engine.model_name:
+            raise _unknown_model(engine, name)
+        return web.json_response(self._model_card(engine))
+
+    def _model_card(self, engine: Engine) -> dict[str, Any]:
+        return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "optimist",
+                "max_model_len": engine.model_config.context_length}  # fmt: skip
+
+    async def health(self, request: web.Request) -> web.Response:
+        engine = self.holder.engine
+        ready = engine is not None and engine.load().ready
+        return web.Response(status=200 if ready else 503, text="" if ready else "not ready\n")
+
+    async def version(self, request: web.Request) -> web.Response:
+        try:
+            version = metadata.version("optimist")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return web.json_response({"version": version})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.metrics(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        engine = self._engine()
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+        call = read_call(engine, body, chat)
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        reqs = make_requests(engine, call, request.headers.get("X-Request-Id") or response_id)
+        streams: list[AsyncGenerator[list[Event]]] = []
+        try:
+            for req in reqs:
+                streams.append(open_events(engine, req))
+        except RequestFailed as exc:
+            engine.abort([r.id for r in reqs[: len(streams)]])
+            raise ApiError(_HTTP_STATUS.get(exc.code, 500), exc.message) from exc
+        choices = [Choice(i, call, engine, call.texts[i // call.n]) for i in range(len(reqs))]
+        head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": call.model}  # fmt: skip
+        events = _merged(engine, streams)
+        if call.stream:
+            return await self._stream(request, call, choices, head, events)
+        async with contextlib.aclosing(events):
+            async for i, batch in events:
+                choice = choices[i]
+                for ev in batch:
+                    if isinstance(ev, Chunk):
+                        choice.text += ev.text
+                        choice.entries.extend(ev.logprobs)
+                    else:
+                        choice.final = ev
+                        if ev.error is not None:
+                            raise ApiError(500, f"engine error: {ev.error}")
+        out = []
+        for c in choices:
+            item: dict[str, Any] = {"index": c.index}
+            if chat:
+                item["message"] = {"role": "assistant", "content": c.text}
+            else:
+                item["text"] = c.text
+            item["logprobs"] = c.logprobs(c.entries)
+            item.update(c.finish_fields())
+            out.append(item)
+        return web.json_response({**head, "choices": out, "usage": _usage(choices, call.n)}, dumps=_dumps)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        call: Call,
+        choices: list[Choice],
+        head: dict[str, Any],
+        events: AsyncGenerator[tuple[int, list[Event]]],
+    ) -> web.StreamResponse:
+        head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})  # fmt: skip
+        await response.prepare(request)
+
+        async def send(choice_items: list[dict[str, Any]], usage: Any = None) -> None:
+            chunk = {**head, "choices": choice_items}
+            if call.include_usage:
+                chunk["usage"] = usage
+            await response.write(b"data: " + _json_bytes(chunk) + b"\n\n")
+
+        def item(c: Choice, text: str, entries: list[Any], done: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"index": c.index}
+            if call.chat:
+                delta: dict[str, Any] = {}
+                if not c.role_sent:
+                    delta["role"] = "assistant"
+                    c.role_sent = True
+                if text or not done:
+                    delta["content"] = text
+                out["delta"] = delta
+            else:
+                out["text"] = text
+            out["logprobs"] = c.logprobs(entries)
+            out.update(c.finish_fields() if done else {"finish_reason": None})
+            return out
+
+        try:
+            if call.chat:  # OpenAI opens every chat choice with the role and empty content
+                await send([item(c, "", [], False) for c in choices])
+            elif call.echo:
+                await send([item(c, c.text, [], False) for c in choices])
+            async with contextlib.aclosing(events):
+                async for i, batch in events:
+                    c = choices[i]
+                    text = "".join(ev.text for ev in batch if isinstance(ev, Chunk))
+                    entries = [e for ev in batch if isinstance(ev, Chunk) for e in ev.logprobs]
+                    final = next((ev for ev in batch if isinstance(ev, Finished)), None)
+                    if final is not None and final.error is not None:
+                        error = {"message": f"engine error: {final.error}", "type": "server_error", "param": None,
+                                 "code": None}  # fmt: skip
+                        await response.write(b"data: " + _json_bytes({"error": error}) + b"\n\n")
+                        break
+                    c.final = final
+                    if text or entries or final is not None:
+                        await send([item(c, text, entries, final is not None)])
+            if call.include_usage and all(c.final is not None for c in choices):
+                chunk = {**head, "choices": [], "usage": _usage(choices, call.n)}
+                await response.write(b"data: " + _json_bytes(chunk) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            log.debug("client went away during %s", head["id"])  # its requests were aborted as events closed
+        return response
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        elif exc.status == 404:
+            message = f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, /v1/models"
+        else:
+            message = exc.reason
+        return error_response(exc.status, message)
+
+
+def make_app(service: OpenAIService) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+    app.router.add_post("/v1/completions", service.completions)
+    app.router.add_post("/v1/chat/completions", service.chat_completions)
+    app.router.add_get("/v1/models", service.models)
+    app.router.add_get("/v1/models/{name}", service.model)
+    app.router.add_get("/health", service.health)
+    app.router.add_get("/version", service.version)
+    app.router.add_get("/metrics", service.prometheus)
+    return app
+
+
+class HttpServer:
+    """The app on host:port in the caller's event loop (port 0: a free one, see `.port` after start)."""
+
+    def __init__(self, service: OpenAIService, host: str, port: int) -> None:
+        self.service = service
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that disconnects cancels its handler, whose streams abort its requests
+        self.runner = web.AppRunner(make_app(self.service), handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.requested_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port} (HTTP): {exc.strerror}") from exc
+        self.port = int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None

@@ -1,0 +1,378 @@
+"""The OpenAI-compatible HTTP API over a real socket, driven by the real `openai` client (and raw HTTP where the
+bytes matter), in front of the real default model: answers equal the gRPC API's, streaming, several prompts and
+choices, logprobs, errors that name the field, disconnects that free KV blocks, loading and draining."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import grpc
+import openai
+import pytest
+
+from optimist.engine.api import engine_pb2 as pb
+from optimist.engine.api import engine_pb2_grpc as pb_grpc
+from optimist.engine.config import EngineConfig
+from optimist.engine.engine import Engine
+
+from ..conftest import LoadingServer, ServerThread
+
+FRANCE = "The capital of France is"
+COUNT = "One, two, three, four,"
+TEXT_PART = {"type": "text", "text": "of France?"}
+USER_X = [{"role": "user", "content": "x"}]
+
+
+@pytest.fixture(scope="module")
+def api(engine: Engine) -> Iterator[ServerThread]:
+    srv = ServerThread(engine.config, engine_factory=lambda: engine, http=True)
+    srv.call(srv.server.load())
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(api: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.http_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def grpc_answer(api: ServerThread, request: pb.GenerateRequest) -> tuple[str, pb.Final]:
+    text, final = "", None
+    with grpc.insecure_channel(api.address) as channel:
+        for msg in pb_grpc.EngineStub(channel).Generate(request, timeout=300):
+            if msg.HasField("chunk"):
+                text += msg.chunk.text
+            else:
+                final = msg.final
+    assert final is not None
+    return text, final
+
+
+def post(url: str, path: str, body: Any, method: str = "POST") -> tuple[int, dict[str, Any]]:
+    """Raw HTTP: (status, the body decoded when it is JSON, else {})."""
+    parts = urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, body=data if method == "POST" else None, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    is_json = resp.getheader("Content-Type", "").startswith("application/json")
+    return resp.status, json.loads(payload) if is_json else {}
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        load = engine.load()
+        if load.running == 0 and load.waiting == 0 and load.kv_blocks_used == 0:
+            return
+        assert time.monotonic() < deadline, f"engine still busy: {load.running} running, {load.kv_blocks_used} blocks"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------ answers
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, engine: Engine) -> None:
+    assert [m.id for m in client.models.list()] == [engine.model_name]
+    assert client.models.retrieve(engine.model_name).id == engine.model_name
+    with pytest.raises(openai.NotFoundError, match="this server serves"):
+        client.models.retrieve("gpt-4o")
+
+
+def test_completion_equals_the_grpc_answer(client: openai.OpenAI, api: ServerThread, engine: Engine) -> None:
+    out = client.completions.create(model=engine.model_name, prompt=FRANCE, max_tokens=8, temperature=0)
+    greedy = pb.SamplingParams(temperature=0, max_tokens=8)
+    text, final = grpc_answer(api, pb.GenerateRequest(text=FRANCE, sampling=greedy))
+    assert out.choices[0].text == text and "Paris" in text
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (final.usage.prompt_tokens, 8)
+    assert out.usage.total_tokens == final.usage.prompt_tokens + 8
+    assert out.id.startswith("cmpl-") and out.object == "text_completion" and out.model == engine.model_name
+    ids = engine.tokenizer.encode(FRANCE)
+    by_ids = client.completions.create(model=engine.model_name, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == text
+    echoed = client.completions.create(model=engine.model_name, prompt=FRANCE, max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == FRANCE + text
+
+
+def test_chat_completion_equals_the_grpc_chat_answer(client: openai.OpenAI, api: ServerThread, engine: Engine) -> None:
+    question = "What is the capital of France?"
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=[{"role": "user", "content": question}], temperature=0
+    )
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=question)])
+    # no max_tokens: a chat answer runs to its end (up to the context), as OpenAI's does
+    greedy = pb.SamplingParams(temperature=0, max_tokens=4000)
+    text, final = grpc_answer(api, pb.GenerateRequest(chat=chat, sampling=greedy))
+    message = out.choices[0].message
+    assert message.role == "assistant" and message.content == text and "Paris" in text
+    assert out.choices[0].finish_reason == "stop" and final.finish_reason == pb.FINISH_REASON_EOS
+    assert out.usage is not None and out.usage.prompt_tokens == final.usage.prompt_tokens
+    assert out.usage.completion_tokens == final.usage.completion_tokens
+    # text parts and the newer "developer" role read as plain content and "system"
+    parts = client.chat.completions.create(
+        model=engine.model_name,
+        messages=[
+            {"role": "developer", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the capital "}, TEXT_PART]},
+        ],
+        temperature=0,
+        max_completion_tokens=12,
+    )
+    plain = client.chat.completions.create(
+        model=engine.model_name,
+        messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=12,
+    )
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_chat_stream_adds_up_to_the_whole_answer(client: openai.OpenAI, engine: Engine) -> None:
+    messages: Any = [{"role": "user", "content": "Name three rivers."}]
+    whole = client.chat.completions.create(model=engine.model_name, messages=messages, temperature=0, max_tokens=24)
+    chunks = list(
+        client.chat.completions.create(
+            model=engine.model_name,
+            messages=messages,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
+    body = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in body if c.choices[0].finish_reason] == ["length"]
+    assert body[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and whole.usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_several_prompts_and_n_give_prompt_major_choices(client: openai.OpenAI, engine: Engine) -> None:
+    one = [
+        client.completions.create(model=engine.model_name, prompt=p, max_tokens=6, temperature=0).choices[0].text
+        for p in (FRANCE, COUNT)
+    ]
+    out = client.completions.create(model=engine.model_name, prompt=[FRANCE, COUNT], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [one[0], one[0], one[1], one[1]]
+    assert out.usage is not None
+    prompt_tokens = len(engine.tokenizer.encode(FRANCE)) + len(engine.tokenizer.encode(COUNT))
+    assert out.usage.prompt_tokens == prompt_tokens  # each prompt counted once, not once per choice
+    assert out.usage.completion_tokens == 4 * 6
+    streamed: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for chunk in client.completions.create(
+        model=engine.model_name, prompt=[FRANCE, COUNT], n=2, max_tokens=6, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert streamed == {i: c.text for i, c in enumerate(out.choices)}
+    assert finished == dict.fromkeys(range(4), "length")
+
+
+def test_seeded_choices_are_reproducible_and_differ(client: openai.OpenAI, engine: Engine) -> None:
+    def texts(n: int) -> list[str]:
+        out = client.completions.create(
+            model=engine.model_name, prompt="Once upon a time", n=n, max_tokens=12, temperature=1.0, seed=7
+        )
+        return [c.text for c in out.choices]
+
+    first = texts(3)
+    assert texts(3) == first
+    assert first[0] == texts(1)[0]  # choice i samples with seed + i
+    assert len(set(first)) > 1
+
+
+def test_stop_strings_end_the_answer_and_are_reported(client: openai.OpenAI, engine: Engine) -> None:
+    free = client.completions.create(model=engine.model_name, prompt=COUNT, max_tokens=8, temperature=0)
+    assert "," in free.choices[0].text
+    out = client.completions.create(model=engine.model_name, prompt=COUNT, max_tokens=8, temperature=0, stop=[","])
+    choice = out.choices[0]
+    assert choice.text == free.choices[0].text.split(",")[0]
+    assert choice.finish_reason == "stop"
+    assert choice.model_extra is not None and choice.model_extra.get("stop_reason") == ","
+
+
+def test_logprobs_in_both_forms(client: openai.OpenAI, engine: Engine) -> None:
+    out = client.completions.create(model=engine.model_name, prompt=FRANCE, max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == 5 and "".join(lp.tokens) == out.choices[0].text
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 3 <= len(top) <= 4 and logprob <= 0
+        assert top[token] == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+    chat = client.chat.completions.create(
+        model=engine.model_name,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs
+    assert content is not None and content.content is not None and len(content.content) == 6
+    assert bytes(b for e in content.content for b in (e.bytes or [])).decode() == chat.choices[0].message.content
+    for entry in content.content:
+        assert len(entry.top_logprobs) == 2 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+    plain = client.chat.completions.create(
+        model=engine.model_name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].logprobs is None
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+BAD = [
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 65}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stop": [1, 2]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "output_length_hint": {"lower": 9, "upper": 3}}, 400, "output_length_hint"),
+    ("/v1/completions", {"prompt": "x", "output_length_hint": {"lower": 0}}, 400, "output_length_hint.lower"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 99999999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "word " * 9000}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    ("/v1/chat/completions", {"messages": USER_X, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": USER_X, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": USER_X, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": USER_X, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER_X, "echo": True}, 400, "echo"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD, ids=[f"{b[0]}:{b[3]}" for b in BAD])
+def test_bad_requests_get_an_error_naming_the_field(
+    api: ServerThread, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    code, reply = post(api.http_url, path, body)
+    assert code == status, reply
+    error = reply["error"]
+    assert error["message"].startswith(f"{param}: ") or error["message"].startswith(f"{param}["), error
+    assert error["param"] == param.split("[")[0].split(".")[0] or error["param"] == param
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_malformed_http_gets_json_errors_and_good_requests_still_work(api: ServerThread, engine: Engine) -> None:
+    code, reply = post(api.http_url, "/v1/completions", b"{not json")
+    assert code == 400 and reply["error"]["message"].startswith("the request body is not JSON")
+    code, reply = post(api.http_url, "/v1/completions", [1, 2])
+    assert code == 400 and "JSON object" in reply["error"]["message"]
+    code, reply = post(api.http_url, "/v1/completions", {}, method="GET")
+    assert code == 405 and "GET is not allowed on /v1/completions" in reply["error"]["message"]
+    code, reply = post(api.http_url, "/v2/everything", {})
+    assert code == 404 and "/v1/chat/completions" in reply["error"]["message"]
+    code, reply = post(api.http_url, "/v1/completions", {"prompt": FRANCE, "max_tokens": 3, "temperature": 0})
+    assert code == 200 and reply["usage"]["completion_tokens"] == 3
+    wait_idle(engine)
+
+
+# ------------------------------------------------------------------------------------ life cycle and load
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_kv_blocks(api: ServerThread, engine: Engine, stream: bool) -> None:
+    parts = urlparse(api.http_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    body = {"prompt": FRANCE, "max_tokens": 3000, "ignore_eos": True, "temperature": 0, "stream": stream}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: {")
+    else:
+        deadline = time.monotonic() + 60
+        while engine.load().running == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+    assert engine.load().kv_blocks_used > 0
+    conn.sock.close()  # type: ignore[union-attr]
+    conn.close()
+    wait_idle(engine)  # aborted: 3,000 tokens would take minutes
+
+
+def test_metrics_and_health_on_the_http_port(api: ServerThread, engine: Engine) -> None:
+    parts = urlparse(api.http_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain")
+    # the series the Gateway API Inference Extension's endpoint picker scrapes on the port it routes to
+    wanted = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
+    for series in (*wanted, "optimist_lower_bound_kv_demand_ratio"):
+        assert f"{series}{{" in text
+    assert f'model_name="{engine.model_name}"' in text
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200
+    conn.request("GET", "/version")
+    resp = conn.getresponse()
+    assert resp.status == 200 and "version" in json.loads(resp.read())
+    conn.close()
+
+
+def test_loading_server_answers_503_until_ready(engine: Engine) -> None:
+    srv = LoadingServer(engine, http=True)
+    try:
+        code, reply = post(srv.http_url, "/v1/completions", {"prompt": "x"})
+        assert code == 503 and reply["error"]["message"] == "the model is still loading"
+        assert post(srv.http_url, "/health", None, method="GET")[0] == 503
+        srv.finish_loading()
+        assert post(srv.http_url, "/health", None, method="GET")[0] == 200
+    finally:
+        srv.release.set()
+        srv.thread.stop()
+
+
+def test_a_draining_engine_refuses_new_work_with_503(tiny_gguf: Any) -> None:
+    eng = Engine(EngineConfig(model=tiny_gguf, kv_cache_tokens=512))
+    srv = ServerThread(eng.config, engine_factory=lambda: eng, http=True)
+    try:
+        srv.call(srv.server.load())
+        code, reply = post(srv.http_url, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3})
+        assert code == 200 and reply["usage"]["completion_tokens"] == 3
+        eng.drain(1.0)
+        code, reply = post(srv.http_url, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3})
+        assert code == 503 and "draining" in reply["error"]["message"]
+        assert post(srv.http_url, "/health", None, method="GET")[0] == 503
+    finally:
+        srv.stop()
+        eng.shutdown()
