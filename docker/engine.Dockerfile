@@ -36,6 +36,6 @@ RUN pip install . \
 RUN groupadd --gid 10001 optimist && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin optimist
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 ENTRYPOINT ["optimist"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000"]

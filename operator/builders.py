@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .crd import API_VERSION, ENGINE_PORT, KIND, METRICS_PORT, defaulted_spec
+from .crd import API_VERSION, ENGINE_PORT, HTTP_PORT, KIND, METRICS_PORT, defaulted_spec
 
 Manifest = dict[str, Any]
 
@@ -108,7 +108,7 @@ def _meta(pool: Manifest, name: str, component: str = "engine") -> Manifest:
 def engine_args(spec: Manifest) -> list[str]:
     """`optimist serve` arguments for the pool's engine container."""
     model, engine, res = spec["model"], spec["engine"], spec["resources"]
-    args = ["serve", "--host", "0.0.0.0", "--port", str(ENGINE_PORT)]
+    args = ["serve", "--host", "0.0.0.0", "--port", str(ENGINE_PORT), "--http-port", str(HTTP_PORT)]
     args += ["--device", "cuda" if res["gpus"] > 0 else "cpu"]
     if model["source"] != "builtin":
         args += ["--model", f"{MODEL_DIR}/{model['path']}"]
@@ -162,7 +162,10 @@ def _engine_container(spec: Manifest) -> Manifest:
             {"name": "HOME", "value": "/tmp"},  # caches (tokenizer, Triton) need a writable home
             {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
         ],
-        "ports": [{"name": "grpc", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": ENGINE_PORT, "protocol": "TCP"},
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+        ],
         # grpc.health.v1 answers NOT_SERVING while the model loads and while draining.
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": math.ceil(engine["startupSeconds"] / 10)},
         "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
@@ -269,7 +272,8 @@ def build_deployment(pool: Manifest, spec: Manifest) -> Manifest:
 
 
 def build_grpc_service(pool: Manifest) -> Manifest:
-    """Headless: gRPC keeps long-lived HTTP/2 connections, so clients balance over the pod addresses."""
+    """Headless: gRPC keeps long-lived HTTP/2 connections, so clients balance over the pod addresses. It also
+    names the OpenAI-compatible HTTP port."""
     name = pool["metadata"]["name"]
     return {
         "apiVersion": SERVICE.api_version,
@@ -285,7 +289,8 @@ def build_grpc_service(pool: Manifest) -> Manifest:
                     "targetPort": "grpc",
                     "protocol": "TCP",
                     "appProtocol": "kubernetes.io/h2c",
-                }
+                },
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
             ],
         },
     }
@@ -433,7 +438,9 @@ def build_service_monitor(pool: Manifest, spec: Manifest) -> Manifest:
 
 
 def build_gateway_pool(pool: Manifest, spec: Manifest) -> Manifest:
-    """The Gateway API Inference Extension's InferencePool (same name, other group) selecting our pods."""
+    """The Gateway API Inference Extension's InferencePool (same name, other group) selecting our pods. With
+    appProtocol http (the default) the gateway routes to the OpenAI-compatible port, whose request bodies the
+    endpoint picker parses and whose /metrics it scrapes (it scrapes the first target port)."""
     name, gateway = pool["metadata"]["name"], spec["gateway"]
     picker = gateway["endpointPickerRef"]
     ref: Manifest = {
@@ -450,7 +457,7 @@ def build_gateway_pool(pool: Manifest, spec: Manifest) -> Manifest:
         "metadata": _meta(pool, name, "gateway"),
         "spec": {
             "selector": {"matchLabels": selector_labels(name)},
-            "targetPorts": [{"number": ENGINE_PORT}],
+            "targetPorts": [{"number": HTTP_PORT if gateway["appProtocol"] == "http" else ENGINE_PORT}],
             "appProtocol": gateway["appProtocol"],
             "endpointPickerRef": ref,
         },

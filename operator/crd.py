@@ -23,6 +23,7 @@ CATEGORIES = ["optimist"]
 SCHEDULERS = ["amin", "amin-learned", "amax", "fcfs"]
 SCALE_METRICS = ["lowerBoundDemand", "queueDepth", "kvUsage"]
 ENGINE_PORT = 50051
+HTTP_PORT = 8000  # the engine's OpenAI-compatible HTTP API (and /metrics, where the endpoint picker scrapes)
 METRICS_PORT = 9090
 DEFAULT_ENGINE_IMAGE = "ghcr.io/optimist-serving/engine:0.1.0"
 
@@ -320,7 +321,11 @@ def _gateway() -> Schema:
         {
             "enabled": _bool("create the Gateway API InferencePool", False),
             "appProtocol": _str(
-                "protocol of the target port", enum=["kubernetes.io/h2c", "http"], default="kubernetes.io/h2c"
+                "which port the gateway routes to: http = the engine's OpenAI-compatible API on 8000 (what the "
+                "endpoint picker parses, and where it scrapes /metrics); kubernetes.io/h2c = the gRPC port 50051 "
+                "(needs a picker that parses optimist.v1 requests)",
+                enum=["http", "kubernetes.io/h2c"],
+                default="http",
             ),
             "endpointPickerRef": _obj(
                 "the endpoint picker extension",

@@ -67,8 +67,8 @@ def test_minimal_pool_children(minimal: dict[str, Any]) -> None:
     assert engine["image"] == "ghcr.io/optimist-serving/engine:0.1.0"
     assert engine["command"] == ["optimist"]
     assert engine["args"] == [
-        "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "cuda", "--scheduler", "amin",
-        "--max-num-seqs", "64", "--max-batched-tokens", "2048",
+        "serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--device", "cuda",
+        "--scheduler", "amin", "--max-num-seqs", "64", "--max-batched-tokens", "2048",
     ]  # fmt: skip
     assert engine["resources"] == {
         "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
@@ -97,6 +97,12 @@ def test_minimal_pool_children(minimal: dict[str, Any]) -> None:
     assert grpc["clusterIP"] == "None"  # headless: clients balance over pod addresses
     assert grpc["selector"] == selector
     assert grpc["ports"][0]["port"] == 50051 and grpc["ports"][0]["appProtocol"] == "kubernetes.io/h2c"
+    assert grpc["ports"][1] == {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP",
+                                "appProtocol": "http"}  # fmt: skip
+    assert engine["ports"] == [
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+    ]
     metrics = children["Service/smollm2-metrics"]
     assert metrics["spec"]["ports"][0]["port"] == 9090
     assert metrics["metadata"]["labels"]["app.kubernetes.io/component"] == "metrics"
@@ -121,7 +127,7 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
     pod = dep["spec"]["template"]["spec"]
     engine = pod["containers"][0]
     assert engine["args"] == [
-        "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "cuda",
+        "serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--device", "cuda",
         "--model", "/models/llama-3-8b-instruct",
         "--served-model-name", "llama-3-8b-instruct", "--max-model-len", "32768",
         "--scheduler", "amin", "--kv-cache-memory-fraction", "0.85",
@@ -167,8 +173,8 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
     assert gw["apiVersion"] == "inference.networking.k8s.io/v1"
     assert gw["spec"] == {
         "selector": {"matchLabels": {"app.kubernetes.io/name": "optimist", "optimist.dev/pool": "llama3-8b"}},
-        "targetPorts": [{"number": 50051}],
-        "appProtocol": "kubernetes.io/h2c",
+        "targetPorts": [{"number": 8000}],
+        "appProtocol": "http",
         "endpointPickerRef": {
             "group": "",
             "kind": "Service",
@@ -177,6 +183,9 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
             "port": {"number": 9002},
         },
     }
+    full["spec"]["gateway"]["appProtocol"] = "kubernetes.io/h2c"  # the gRPC port instead
+    gw = by_kind(b.build_children(full))["InferencePool/llama3-8b"]
+    assert (gw["spec"]["targetPorts"], gw["spec"]["appProtocol"]) == ([{"number": 50051}], "kubernetes.io/h2c")
 
 
 def test_keda_scaled_object_sums_the_pool_signal(minimal: dict[str, Any]) -> None:
