@@ -306,8 +306,11 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
     options = _typed(body, "stream_options", "object") or {}
     if options and not stream:
         raise _bad("stream_options", "only allowed when stream is true")
-    if set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise _bad("stream_options", "takes include_usage")
+    if set(options) - {"include_usage"}:
+        raise _bad(
+            f"stream_options.{sorted(set(options) - {'include_usage'})[0]}",
+            "unknown; stream_options takes include_usage",
+        )
     include_usage = bool(options.get("include_usage"))
     if chat:
         want = _typed(body, "logprobs", "bool")

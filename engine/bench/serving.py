@@ -137,6 +137,53 @@ def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tok
     return Result("optimist", concurrency, len(prompts), total, wall, ttfts, itls)
 
 
+def run_http(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Result:
+    """The same work through the OpenAI-compatible API: streamed /v1/completions over HTTP/1.1, one connection per
+    client thread. Tokens are counted from the final usage; a chunk carries the tokens of one engine batch."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    ttfts: list[float] = []
+    itls: list[float] = []
+    total = 0
+    lock = threading.Lock()
+    parts = urlparse(url)
+    local = threading.local()
+
+    def one(ids: list[int]) -> None:
+        nonlocal total
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=600)
+        body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        start = time.perf_counter()
+        local.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = local.conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        stamps: list[float] = []
+        n = 0
+        for line in resp:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+        with lock:
+            total += n
+            ttfts.append(stamps[0] - start)
+            itls.extend(b - a for a, b in itertools.pairwise(stamps))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, prompts))
+    wall = time.perf_counter() - start
+    return Result("optimist (OpenAI HTTP)", concurrency, len(prompts), total, wall, ttfts, itls, "ITL: chunk gaps")
+
+
 # -------------------------------------------------------------------------------------------- baselines
 
 
@@ -224,15 +271,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(headers, [[f"{r[k]:.1f}" if k == "tokens_per_s" else r[k] for k in keys] for r in rows])
 
 
-def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Popen[bytes], str]:
+def _free_port() -> int:
     import socket
-
-    from ..client import wait_ready
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port), "--no-http"]
+        return int(s.getsockname()[1])
+
+
+def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """(process, gRPC address, OpenAI HTTP URL or "")."""
+    from ..client import wait_ready
+
+    port = _free_port()
+    http_port = _free_port() if "http" in args.apis else None
+    http = ["--http-port", str(http_port)] if http_port else ["--no-http"]
+    cmd = [sys.executable, "-m", "optimist.engine.cli", "serve", "--port", str(port), *http]
     if args.model:
         cmd += ["--model", str(args.model)]
     cmd += ["--kv-cache-tokens", str(args.kv_cache_tokens), "--max-num-seqs", str(max(args.concurrency))]
@@ -242,7 +296,7 @@ def _start_server(args: argparse.Namespace, weights: str) -> tuple[subprocess.Po
     proc = subprocess.Popen(cmd)
     address = f"127.0.0.1:{port}"
     wait_ready(address, timeout_s=600)
-    return proc, address
+    return proc, address, f"http://127.0.0.1:{http_port}" if http_port else ""
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -278,17 +332,24 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     # A running server was started with its own weights: measure it once, under its address.
     for weights in [args.server] if args.server else args.weights:
-        proc, address = (None, args.server) if args.server else _start_server(args, weights)
+        proc, address, url = (None, args.server, "") if args.server else _start_server(args, weights)
         label = f"optimist (server at {weights})" if args.server else f"optimist ({weights} weights)"
         try:
             run_engine(address, prompts[:2], 2, 4)  # warm-up
+            if url:
+                run_http(url, prompts[:2], 2, 4)
             for c in args.concurrency:
                 n = max(c, args.requests) if c > 1 else args.single_requests
                 work = [prompts[i % len(prompts)] for i in range(n)]
-                print(f"bench: {label}, concurrency {c}, {n} requests", file=sys.stderr)
-                result = run_engine(address, work, c, args.max_tokens)
-                result.system = label
-                rows.append(result)
+                for api in args.apis:  # one after the other at each level: the same server, the same minutes
+                    print(f"bench: {label}, {api}, concurrency {c}, {n} requests", file=sys.stderr)
+                    if api == "http":
+                        result = run_http(url, work, c, args.max_tokens)
+                        result.system = f"{label[:-1]}, OpenAI HTTP)"
+                    else:
+                        result = run_engine(address, work, c, args.max_tokens)
+                        result.system = label
+                    rows.append(result)
         finally:
             if proc is not None:
                 proc.terminate()
@@ -315,6 +376,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         "results": summaries,
     }
     write_report(args.out, report, table)
+    grpc_rows = {(r.system, r.concurrency): r for r in rows}
+    for r in rows:
+        if r.system.endswith("OpenAI HTTP)"):
+            base = grpc_rows.get((r.system.replace(", OpenAI HTTP)", ")"), r.concurrency))
+            if base is not None and base.tokens_per_s > 0:
+                ratio = r.tokens_per_s / base.tokens_per_s
+                print(f"bench: {r.system} x{r.concurrency} = {ratio:.2f}x gRPC (tok/s)", file=sys.stderr)
     ours = [r for r in rows if r.system.startswith("optimist")]
     for r in rows:
         if not r.system.startswith("optimist") and ours:
@@ -326,6 +394,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 BASELINES = ("transformers", "llamacpp")
 WEIGHTS = ("auto", "float", "fp16", "int4")
+APIS = ("grpc", "http")
 
 
 def comma_list(allowed: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
@@ -367,6 +436,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=comma_list(WEIGHTS, "weight mode"),
         default=["float", "fp16", "int4"],
         help="engine weight modes to run (ignored with --server)",
+    )
+    serve.add_argument(
+        "--apis",
+        type=comma_list(APIS, "API"),
+        default=["grpc"],
+        help="how to drive the engine: grpc (optimist.v1.Engine) and/or http (the OpenAI-compatible API, same server)",
     )
     serve.add_argument(
         "--prefix-caching", action="store_true", help="let the engine reuse the repeated prompts' K/V (default: off)"

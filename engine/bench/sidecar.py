@@ -23,8 +23,8 @@ def cmd_bench_sidecar(args: argparse.Namespace) -> int:
     model_path = args.model or default_model_path()
     prompts = prompt_set(load_model(model_path).tokenizer)[:-1]
     work = [prompts[i % len(prompts)] for i in range(args.requests)]
-    args.concurrency = [args.concurrency_level]
-    proc, address = _start_server(args, "float")
+    args.concurrency, args.apis = [args.concurrency_level], ["grpc"]
+    proc, address, _ = _start_server(args, "float")
     runs: dict[str, list[Result]] = {"without": [], "with": []}
     try:
         run_engine(address, work[:4], 4, 4)  # warm-up
