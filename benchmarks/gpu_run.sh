@@ -60,7 +60,7 @@ case "${1:-kernels}" in
     python3 -c "import grpc_tools" 2>/dev/null || skip+=(--deselect tests/engine/test_proto.py::test_committed_stubs_match_the_proto)
     python3 -m pytest -q -p no:cacheprovider "${skip[@]}" tests/engine tests/attention 2>&1 |
       tee "$OUT/tests-engine.log"
-    python3 -m optimist.engine.cli bench serve --model "$MODEL" --weights float --baselines transformers \
+    python3 -m optimist.engine.cli bench serve --model "$MODEL" --weights float --baselines transformers --apis grpc,http \
       --out "$OUT/serving-gpu.json" 2>&1 | tee "$OUT/serve.log"
     ;;
   *)

@@ -61,6 +61,7 @@ class LoadSnapshot:
     ready: bool
     stats: EngineStats
     sparse_prefill_tokens: int = 0
+    kv_block_size: int = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -383,6 +384,7 @@ class Engine:
                 ready=self._accepting and not self._stopping,
                 stats=_copy_stats(self.stats),
                 sparse_prefill_tokens=self.runner.sparse_tokens,
+                kv_block_size=bs,
             )
 
     def generate(self, request: Request, timeout_s: float = 600.0) -> tuple[list[int], str, Finished]:

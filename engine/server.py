@@ -91,6 +91,7 @@ def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
         sparse_prefill_tokens_total=snap.sparse_prefill_tokens,
         prefix_cache_hit_tokens_total=st.prefix_cache_hit_tokens,
         model_name=model_name,
+        kv_block_size=snap.kv_block_size,
     )
 
 

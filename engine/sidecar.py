@@ -92,6 +92,7 @@ class LoadCollector(Collector):
             return
         names = ["model_name", "pool"]
         labels = [load.model_name, f.config.pool]
+        load_time = time.time()
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=names)
@@ -147,6 +148,24 @@ class LoadCollector(Collector):
             yield gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible name)", load.waiting)
             yield gauge("vllm:num_requests_running", "Requests running (vLLM-compatible name)", load.running)
             yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible name)", usage)
+            # vLLM's name before v1, still the default of older endpoint pickers
+            yield gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0-1 (vLLM's pre-v1 name)", usage)
+            # The endpoint picker's model-server protocol also reads these two info series (the LoRA one is
+            # required: without it a picker marks the endpoint unusable): no adapters here, and the cache layout.
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "LoRA adapters running and waiting (none: this engine serves no adapters); the value is a timestamp",
+                labels=[*names, "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            lora.add_metric([*labels, "0", "", ""], load_time)
+            yield lora
+            cache = GaugeMetricFamily(
+                "vllm:cache_config_info",
+                "KV cache layout (vLLM-compatible info series)",
+                labels=[*names, "block_size", "num_gpu_blocks"],
+            )
+            cache.add_metric([*labels, str(load.kv_block_size), str(load.kv_blocks_total)], 1.0)
+            yield cache
             yield counter(
                 "vllm:prefix_cache_queries", "Prompt tokens looked up (vLLM-compatible name)", load.prompt_tokens_total
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -339,6 +340,13 @@ def test_metrics_and_health_on_the_http_port(api: ServerThread, engine: Engine) 
     for series in (*wanted, "optimist_lower_bound_kv_demand_ratio"):
         assert f"{series}{{" in text
     assert f'model_name="{engine.model_name}"' in text
+    # the picker's model-server protocol also needs the LoRA info series (none here) and reads the cache layout
+    lora = re.search(r"^vllm:lora_requests_info\{(.*)\} (\S+)$", text, re.M)
+    assert lora is not None and 'max_lora="0"' in lora[1] and 'running_lora_adapters=""' in lora[1]
+    assert abs(float(lora[2]) - time.time()) < 60  # a timestamp, as vLLM's
+    cache = re.search(r"^vllm:cache_config_info\{(.*)\} 1.0$", text, re.M)
+    blocks = engine.num_kv_blocks
+    assert cache is not None and 'block_size="16"' in cache[1] and f'num_gpu_blocks="{blocks}"' in cache[1]
     conn.request("GET", "/health")
     resp = conn.getresponse()
     resp.read()
