@@ -95,35 +95,19 @@ def percentile(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------- our engine
 
 
-def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Result:
-    import grpc
-
-    from ..api import engine_pb2 as pb
-    from ..api import engine_pb2_grpc as pb_grpc
-
+def _drive(
+    prompts: list[list[int]], concurrency: int, one: Callable[[list[int]], tuple[float, list[float], int]]
+) -> tuple[int, list[float], list[float], float]:
+    """Runs `one` (a request: its start time, its tokens' arrival times, its token count) over the prompts from
+    `concurrency` client threads; returns (tokens, TTFTs, inter-token gaps, wall seconds)."""
     ttfts: list[float] = []
     itls: list[float] = []
     total = 0
     lock = threading.Lock()
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.EngineStub(channel)
 
-    def one(ids: list[int]) -> None:
+    def run(ids: list[int]) -> None:
         nonlocal total
-        req = pb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=ids),
-            sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-            return_text=False,
-        )
-        start = time.perf_counter()
-        stamps: list[float] = []
-        n = 0
-        for msg in stub.Generate(req):
-            if msg.HasField("chunk") and msg.chunk.token_ids:
-                now = time.perf_counter()
-                k = len(msg.chunk.token_ids)
-                stamps.extend([now] * k)  # a coalesced chunk: its tokens arrived together
-                n += k
+        start, stamps, n = one(ids)
         with lock:
             total += n
             ttfts.append(stamps[0] - start)
@@ -131,8 +115,34 @@ def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tok
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, prompts))
-    wall = time.perf_counter() - start
+        list(pool.map(run, prompts))
+    return total, ttfts, itls, time.perf_counter() - start
+
+
+def run_engine(address: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Result:
+    import grpc
+
+    from ..api import engine_pb2 as pb
+    from ..api import engine_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.EngineStub(channel)
+
+    def one(ids: list[int]) -> tuple[float, list[float], int]:
+        req = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=ids),
+            sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            return_text=False,
+        )
+        start = time.perf_counter()
+        stamps: list[float] = []
+        for msg in stub.Generate(req):
+            if msg.HasField("chunk") and msg.chunk.token_ids:
+                # a coalesced chunk: its tokens arrived together
+                stamps.extend([time.perf_counter()] * len(msg.chunk.token_ids))
+        return start, stamps, len(stamps)
+
+    total, ttfts, itls, wall = _drive(prompts, concurrency, one)
     channel.close()
     return Result("optimist", concurrency, len(prompts), total, wall, ttfts, itls)
 
@@ -144,15 +154,10 @@ def run_http(url: str, prompts: list[list[int]], concurrency: int, max_tokens: i
     import json
     from urllib.parse import urlparse
 
-    ttfts: list[float] = []
-    itls: list[float] = []
-    total = 0
-    lock = threading.Lock()
     parts = urlparse(url)
     local = threading.local()
 
-    def one(ids: list[int]) -> None:
-        nonlocal total
+    def one(ids: list[int]) -> tuple[float, list[float], int]:
         if not hasattr(local, "conn"):
             local.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=600)
         body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
@@ -172,15 +177,9 @@ def run_http(url: str, prompts: list[list[int]], concurrency: int, max_tokens: i
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
-        with lock:
-            total += n
-            ttfts.append(stamps[0] - start)
-            itls.extend(b - a for a, b in itertools.pairwise(stamps))
+        return start, stamps, n
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, prompts))
-    wall = time.perf_counter() - start
+    total, ttfts, itls, wall = _drive(prompts, concurrency, one)
     return Result("optimist (OpenAI HTTP)", concurrency, len(prompts), total, wall, ttfts, itls, "ITL: chunk gaps")
 
 

@@ -126,6 +126,7 @@ def test_bench_serve_rejects_unknown_names_before_doing_any_work(capsys: Any) ->
     for argv, named in (
         (["bench", "serve", "--baselines", "transformers,llama.cpp"], "unknown baseline llama.cpp"),
         (["bench", "serve", "--weights", "fp16,int8"], "unknown weight mode int8"),
+        (["bench", "serve", "--apis", "grpc,rest"], "unknown API rest"),
         (["bench", "serve", "--concurrency", "1,0"], "at least 1"),
         (["bench", "serve", "--concurrency", "8,x"], "whole numbers"),
     ):
