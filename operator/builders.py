@@ -272,8 +272,7 @@ def build_deployment(pool: Manifest, spec: Manifest) -> Manifest:
 
 
 def build_grpc_service(pool: Manifest) -> Manifest:
-    """Headless: gRPC keeps long-lived HTTP/2 connections, so clients balance over the pod addresses. It also
-    names the OpenAI-compatible HTTP port."""
+    """Headless: gRPC keeps long-lived HTTP/2 connections, so clients balance over the pod addresses."""
     name = pool["metadata"]["name"]
     return {
         "apiVersion": SERVICE.api_version,
@@ -289,8 +288,25 @@ def build_grpc_service(pool: Manifest) -> Manifest:
                     "targetPort": "grpc",
                     "protocol": "TCP",
                     "appProtocol": "kubernetes.io/h2c",
-                },
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+                }
+            ],
+        },
+    }
+
+
+def build_http_service(pool: Manifest) -> Manifest:
+    """The OpenAI-compatible API behind one virtual IP (`<name>-http:8000`): HTTP/1.1 clients open short or
+    pooled connections, which kube-proxy spreads over the ready pods."""
+    name = pool["metadata"]["name"]
+    return {
+        "apiVersion": SERVICE.api_version,
+        "kind": SERVICE.kind,
+        "metadata": _meta(pool, f"{name}-http", "api"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
             ],
         },
     }
@@ -467,7 +483,12 @@ def build_gateway_pool(pool: Manifest, spec: Manifest) -> Manifest:
 def build_children(pool: Manifest) -> list[Manifest]:
     """Every object the pool owns, given its spec (defaults applied here)."""
     spec = defaulted_spec(pool)
-    children = [build_deployment(pool, spec), build_grpc_service(pool), build_metrics_service(pool)]
+    children = [
+        build_deployment(pool, spec),
+        build_grpc_service(pool),
+        build_http_service(pool),
+        build_metrics_service(pool),
+    ]
     mode = spec["autoscaling"]["mode"]
     if mode == "hpa":
         children.append(build_hpa(pool, spec))

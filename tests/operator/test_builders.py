@@ -32,6 +32,7 @@ def test_minimal_pool_children(minimal: dict[str, Any]) -> None:
         "Deployment/smollm2",
         "PodDisruptionBudget/smollm2",
         "Service/smollm2",
+        "Service/smollm2-http",
         "Service/smollm2-metrics",
     ]
     owner = {
@@ -97,8 +98,12 @@ def test_minimal_pool_children(minimal: dict[str, Any]) -> None:
     assert grpc["clusterIP"] == "None"  # headless: clients balance over pod addresses
     assert grpc["selector"] == selector
     assert grpc["ports"][0]["port"] == 50051 and grpc["ports"][0]["appProtocol"] == "kubernetes.io/h2c"
-    assert grpc["ports"][1] == {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP",
-                                "appProtocol": "http"}  # fmt: skip
+    assert len(grpc["ports"]) == 1
+    api = children["Service/smollm2-http"]  # OpenAI clients: one virtual IP spread over the ready pods
+    assert api["spec"]["type"] == "ClusterIP" and api["spec"]["selector"] == selector
+    assert api["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP",
+                                     "appProtocol": "http"}]  # fmt: skip
+    assert api["metadata"]["labels"]["app.kubernetes.io/component"] == "api"  # not scraped by the ServiceMonitor
     assert engine["ports"] == [
         {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
         {"name": "http", "containerPort": 8000, "protocol": "TCP"},
@@ -118,6 +123,7 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
         "InferencePool/llama3-8b",
         "PodDisruptionBudget/llama3-8b",
         "Service/llama3-8b",
+        "Service/llama3-8b-http",
         "Service/llama3-8b-metrics",
         "ServiceMonitor/llama3-8b",
     ]

@@ -51,7 +51,8 @@ def test_example_pool_from_kubectl_to_ready(kubectl: Kubectl, kube: Kube, start_
     assert pool is not None
     uid = pool["metadata"]["uid"]
 
-    children = [(b.DEPLOYMENT, "smollm2"), (b.SERVICE, "smollm2"), (b.SERVICE, "smollm2-metrics"), (b.PDB, "smollm2")]
+    children = [(b.DEPLOYMENT, "smollm2"), (b.SERVICE, "smollm2"), (b.SERVICE, "smollm2-http"),
+                (b.SERVICE, "smollm2-metrics"), (b.PDB, "smollm2")]  # fmt: skip
     for kind, name in children:
         child = wait_for(lambda k=kind, n=name: kube.get(k, NS, n), what=f"{kind.kind}/{name}")
         refs = child["metadata"]["ownerReferences"]
@@ -114,7 +115,8 @@ def test_spec_changes_and_scale_reach_the_deployment(kubectl: Kubectl, kube: Kub
 
 def _versions(kube: Kube) -> dict[str, str]:
     found = {}
-    for kind, name in [(b.DEPLOYMENT, "llama3-8b"), (b.SERVICE, "llama3-8b"), (b.SERVICE, "llama3-8b-metrics"),
+    for kind, name in [(b.DEPLOYMENT, "llama3-8b"), (b.SERVICE, "llama3-8b"), (b.SERVICE, "llama3-8b-http"),
+                       (b.SERVICE, "llama3-8b-metrics"),
                        (b.HPA, "llama3-8b"), (b.PDB, "llama3-8b"), (b.SERVICE_MONITOR, "llama3-8b"),
                        (b.GATEWAY_POOL, "llama3-8b")]:  # fmt: skip
         obj = kube.get(kind, "serving", name)
