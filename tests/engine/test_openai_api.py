@@ -9,6 +9,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
 
@@ -326,6 +327,38 @@ def test_a_client_that_goes_away_frees_its_kv_blocks(api: ServerThread, engine: 
     conn.sock.close()  # type: ignore[union-attr]
     conn.close()
     wait_idle(engine)  # aborted: 3,000 tokens would take minutes
+
+
+def test_concurrent_streams_finish_while_another_client_drops(client: openai.OpenAI, api: ServerThread,
+                                                              engine: Engine) -> None:  # fmt: skip
+    prompts = [f"Write a list of {k} fruits:" for k in range(2, 10)]
+
+    def stream(prompt: str) -> tuple[str, str | None, int]:
+        text, reason, usage = "", None, 0
+        for chunk in client.completions.create(
+            model=engine.model_name, prompt=prompt, max_tokens=24, temperature=0.7, seed=1, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        ):  # fmt: skip
+            for c in chunk.choices:
+                text += c.text
+                reason = c.finish_reason or reason
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+        return text, reason, usage
+
+    parts = urlparse(api.http_url)
+    dropper = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    body = {"prompt": FRANCE, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream, p) for p in prompts]
+        dropper.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = dropper.getresponse()
+        assert resp.readline().startswith(b"data: {")
+        resp.close()
+        dropper.close()  # the client goes away mid-stream
+        results = [f.result(timeout=300) for f in futures]
+    assert all(reason == "length" and usage == 24 and text for text, reason, usage in results)
+    wait_idle(engine)
 
 
 def test_metrics_and_health_on_the_http_port(api: ServerThread, engine: Engine) -> None:
