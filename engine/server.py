@@ -261,7 +261,7 @@ def metrics_renderer(service: EngineService) -> Callable[[], bytes]:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LoadCollector(_OwnLoad(service)))  # type: ignore[arg-type]
+    registry.register(LoadCollector(_OwnLoad(service)))
     return lambda: bytes(generate_latest(registry))
 
 

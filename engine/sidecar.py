@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, generate_latest
@@ -76,10 +77,23 @@ class LoadFollower:
             backoff = min(backoff * 2, 5.0)
 
 
+class LoadSource(Protocol):
+    """Where a LoadCollector reads: the sidecar's LoadFollower, or the engine's own load (server.py)."""
+
+    @property
+    def config(self) -> SidecarConfig: ...
+
+    @property
+    def fresh(self) -> bool: ...
+
+    @property
+    def latest(self) -> pb.Load | None: ...
+
+
 class LoadCollector(Collector):
     """Turns the latest snapshot into Prometheus families (native optimist_* names, vLLM bucket sets)."""
 
-    def __init__(self, follower: LoadFollower) -> None:
+    def __init__(self, follower: LoadSource) -> None:
         self.follower = follower
 
     def collect(self) -> Iterator[Metric]:
