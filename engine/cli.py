@@ -120,10 +120,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return config
 
 
-async def _serve(config: EngineConfig, host: str, port: int, grace_s: float, http_port: int | None) -> None:
+async def _serve(
+    config: EngineConfig, host: str, port: int, grace_s: float, http_port: int | None, api_key: str | None
+) -> None:
     from .server import Server
 
-    server = Server(config, host, port, grace_s, http_port=http_port)
+    server = Server(config, host, port, grace_s, http_port=http_port, api_key=api_key)
     await server.start()
     http = f"; OpenAI-compatible HTTP on {host}:{server.http.port}" if server.http else ""
     print(f"optimist: gRPC on {host}:{server.port}{http}; loading the model", file=sys.stderr, flush=True)
@@ -136,9 +138,24 @@ async def _serve(config: EngineConfig, host: str, port: int, grace_s: float, htt
     await server.serve_forever()
 
 
+def read_api_key(path: Path | None) -> str | None:
+    """The OpenAI API's key from a file (a mounted Secret: the key never shows in the process list)."""
+    if path is None:
+        return None
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--api-key-file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(f"--api-key-file: {path} must hold one key without spaces, got {len(key)} characters")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     http_port = None if args.no_http else args.http_port
-    asyncio.run(_serve(engine_config(args), args.host, args.port, args.grace_period, http_port))
+    config = engine_config(args)
+    api_key = read_api_key(args.api_key_file)
+    asyncio.run(_serve(config, args.host, args.port, args.grace_period, http_port, api_key))
     return 0
 
 
@@ -334,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = a free port",
     )
     serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="a file holding the key the OpenAI API's /v1 routes require as `Authorization: Bearer KEY`",
+    )
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     serve.set_defaults(func=cmd_serve)
 

@@ -20,12 +20,15 @@ scheduled, batched, cached and measured like any other.
   draining, 500 engine failure. A client that disconnects aborts its requests, which frees their KV blocks.
 - `GET /health` (200 when the engine takes requests, else 503), `GET /version`, and `GET /metrics`: the
   sidecar's series (native names and the `vllm:` ones the endpoint picker reads) from the engine in process.
+- With an API key (`--api-key-file`), the /v1 routes need `Authorization: Bearer KEY` (401 otherwise); the rest
+  stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -55,9 +58,9 @@ _HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
-_ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               503: "service_unavailable"}  # fmt: skip
+_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}  # fmt: skip
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity; vLLM reports impossible tokens with this value too
 
 # Fields each endpoint reads; anything else is refused by name. `user`, `metadata`, `store`, `service_tier` and
@@ -523,9 +526,10 @@ async def _merged(
 class OpenAIService:
     """The handlers; `holder.engine` is the engine once it has loaded (None before)."""
 
-    def __init__(self, holder: Any, metrics: Callable[[], bytes] | None = None) -> None:
+    def __init__(self, holder: Any, metrics: Callable[[], bytes] | None = None, api_key: str | None = None) -> None:
         self.holder = holder
         self.metrics = metrics
+        self.api_key = api_key
 
     def _engine(self) -> Engine:
         engine: Engine | None = self.holder.engine
@@ -685,28 +689,45 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status == 413:
-            message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
-        elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}"
-        elif exc.status == 404:
-            message = f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, /v1/models"
-        else:
-            message = exc.reason
-        return error_response(exc.status, message)
+def _authorize(request: web.Request, api_key: str | None) -> None:
+    """With an API key set, the /v1 routes need `Authorization: Bearer KEY` (the probes, /metrics and /version
+    stay open: kubelet, Prometheus and the endpoint picker carry no key)."""
+    if api_key is None or not request.path.startswith("/v1/"):
+        return
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not given:
+        raise ApiError(401, "Authorization: required (Bearer API key)", None, "invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Authorization: the API key is not valid", None, "invalid_api_key")
+
+
+def _middleware(api_key: str | None) -> Any:
+    @web.middleware
+    async def errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+        try:
+            _authorize(request, api_key)
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 413:
+                message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
+            elif exc.status == 405:
+                message = f"{request.method} is not allowed on {request.path}"
+            elif exc.status == 404:
+                message = f"no route {request.path}; routes: /v1/completions, /v1/chat/completions, /v1/models"
+            else:
+                message = exc.reason
+            return error_response(exc.status, message)
+
+    return errors
 
 
 def make_app(service: OpenAIService) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_middleware(service.api_key)])
     app.router.add_post("/v1/completions", service.completions)
     app.router.add_post("/v1/chat/completions", service.chat_completions)
     app.router.add_get("/v1/models", service.models)

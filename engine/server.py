@@ -277,6 +277,7 @@ class Server:
         grace_s: float = 30.0,
         engine_factory: Callable[[], Engine] | None = None,
         http_port: int | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.config = config
         self.engine_factory = engine_factory
@@ -286,6 +287,7 @@ class Server:
         self.service = EngineService()
         self.port = 0
         self.http_port = http_port
+        self.api_key = api_key
         self.http: HttpServer | None = None
 
     async def start(self) -> None:
@@ -305,7 +307,7 @@ class Server:
             raise OSError(f"cannot listen on {self.address}")
         if self.http_port is not None:
             self.http = HttpServer(
-                OpenAIService(self.service, metrics_renderer(self.service)), self.host, self.http_port
+                OpenAIService(self.service, metrics_renderer(self.service), self.api_key), self.host, self.http_port
             )
             await self.http.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -17,6 +17,7 @@ Manifest = dict[str, Any]
 MANAGED_BY = "optimist-operator"
 POOL_LABEL = "optimist.dev/pool"
 MODEL_DIR = "/models"
+API_KEY_DIR = "/etc/optimist/api-key"  # the apiKeySecret volume
 UID = 10001  # the images' non-root user
 SIDECAR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 # Default scale targets per metric: a replica near KV exhaustion by its own prediction, 4 waiting requests, or
@@ -128,6 +129,8 @@ def engine_args(spec: Manifest) -> list[str]:
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]), "--max-batched-tokens", str(engine["maxBatchedTokens"])]
     if engine["sparsePrefill"]["enabled"]:
         args += ["--sparse-prefill-threshold", str(engine["sparsePrefill"]["threshold"])]
+    if "apiKeySecret" in engine:
+        args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
     return args + list(engine.get("extraArgs", []))
 
 
@@ -151,6 +154,8 @@ def _engine_container(spec: Manifest) -> Manifest:
     mounts: list[Manifest] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec["model"]["source"] != "builtin":
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    if "apiKeySecret" in engine:
+        mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     probe = {"grpc": {"port": ENGINE_PORT}}
     return {
         "name": "engine",
@@ -207,6 +212,12 @@ def _volumes(spec: Manifest) -> list[Manifest]:
     elif model["source"] == "image":
         pull = spec["images"]["pullPolicy"]
         volumes.append({"name": "model", "image": {"reference": model["image"], "pullPolicy": pull}})
+    secret = spec["engine"].get("apiKeySecret")
+    if secret:  # readable by the pod's group (fsGroup) only
+        items = [{"key": secret["key"], "path": "api-key"}]
+        volumes.append(
+            {"name": "api-key", "secret": {"secretName": secret["name"], "items": items, "defaultMode": 0o440}}
+        )
     return volumes
 
 

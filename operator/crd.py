@@ -157,6 +157,18 @@ def _engine() -> Schema:
             "startupSeconds": _int(
                 "time allowed for loading the model before the pod is restarted", minimum=10, maximum=86400, default=900
             ),
+            "apiKeySecret": _obj(
+                "a Secret in the pool's namespace holding the key the OpenAI-compatible API's /v1 routes require "
+                "(Authorization: Bearer KEY); mounted as a file, never passed on the command line",
+                {
+                    "name": _str("the Secret's name", minLength=1, maxLength=253),
+                    "key": _str(
+                        "the Secret's data key holding the API key", default="api-key", minLength=1, maxLength=253
+                    ),
+                },
+                required=["name"],
+                default=False,
+            ),
             "extraArgs": {
                 "type": "array",
                 "items": {"type": "string"},

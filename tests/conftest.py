@@ -80,12 +80,19 @@ class ServerThread:
         engine_factory: Callable[[], Engine] | None = None,
         port: int = 0,
         http: bool = False,
+        api_key: str | None = None,
     ) -> None:
         from optimist.engine.server import Server
 
         self.loop = asyncio.new_event_loop()
         self.server = Server(
-            config, "127.0.0.1", port, grace_s=5.0, engine_factory=engine_factory, http_port=0 if http else None
+            config,
+            "127.0.0.1",
+            port,
+            grace_s=5.0,
+            engine_factory=engine_factory,
+            http_port=0 if http else None,
+            api_key=api_key,
         )
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()

@@ -90,6 +90,26 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
     assert f"OpenAI-compatible HTTP on 127.0.0.1:{http_port}" in log
 
 
+@pytest.mark.parametrize(("content", "named"), [(None, "cannot read"), ("", "must hold one key"),
+                                                 ("two words", "must hold one key")])  # fmt: skip
+def test_serve_with_a_bad_api_key_file_exits_with_a_one_line_reason(
+    tiny_gguf: Path, tmp_path: Path, content: str | None, named: str
+) -> None:
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    proc = subprocess.run(
+        [*OPTIMIST, "serve", "--model", str(tiny_gguf), "--port", str(free_port()), "--http-port", "0",
+         "--api-key-file", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("optimist serve: error: --api-key-file:") and named in last and str(key_file) in last
+
+
 def test_serve_on_a_taken_http_port_exits_with_a_one_line_reason(tiny_gguf: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

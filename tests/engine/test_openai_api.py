@@ -55,12 +55,15 @@ def grpc_answer(api: ServerThread, request: pb.GenerateRequest) -> tuple[str, pb
     return text, final
 
 
-def post(url: str, path: str, body: Any, method: str = "POST") -> tuple[int, dict[str, Any]]:
+def post(
+    url: str, path: str, body: Any, method: str = "POST", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """Raw HTTP: (status, the body decoded when it is JSON, else {})."""
     parts = urlparse(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request(method, path, body=data if method == "POST" else None, headers={"Content-Type": "application/json"})
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method, path, body=data if method == "POST" else None, headers=sent)
     resp = conn.getresponse()
     payload = resp.read()
     conn.close()
@@ -414,6 +417,32 @@ def test_a_draining_engine_refuses_new_work_with_503(tiny_gguf: Any) -> None:
         code, reply = post(srv.http_url, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3})
         assert code == 503 and "draining" in reply["error"]["message"]
         assert post(srv.http_url, "/health", None, method="GET")[0] == 503
+    finally:
+        srv.stop()
+        eng.shutdown()
+
+
+def test_an_api_key_guards_the_v1_routes_only(tiny_gguf: Any) -> None:
+    eng = Engine(EngineConfig(model=tiny_gguf, kv_cache_tokens=512))
+    srv = ServerThread(eng.config, engine_factory=lambda: eng, http=True, api_key="s3cret-key")
+    try:
+        srv.call(srv.server.load())
+        body = {"prompt": [5, 6, 7], "max_tokens": 3}
+        code, reply = post(srv.http_url, "/v1/completions", body)
+        assert code == 401 and reply["error"]["code"] == "invalid_api_key"
+        assert reply["error"]["message"].startswith("Authorization: required")
+        for wrong in ("Bearer nope", "Basic s3cret-key", "s3cret-key"):
+            code, reply = post(srv.http_url, "/v1/completions", body, headers={"Authorization": wrong})
+            assert code == 401 and reply["error"]["message"] == "Authorization: the API key is not valid", wrong
+        assert post(srv.http_url, "/v1/models", None, method="GET")[0] == 401
+        keyed = openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="s3cret-key", max_retries=0)
+        assert (
+            keyed.completions.create(model=eng.model_name, prompt=[5, 6, 7], max_tokens=3).usage.completion_tokens == 3
+        )
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{srv.http_url}/v1", api_key="other", max_retries=0).models.list()
+        for path in ("/health", "/metrics", "/version"):  # probes and scrapers carry no key
+            assert post(srv.http_url, path, None, method="GET")[0] == 200, path
     finally:
         srv.stop()
         eng.shutdown()

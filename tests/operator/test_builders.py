@@ -138,10 +138,15 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
         "--served-model-name", "llama-3-8b-instruct", "--max-model-len", "32768",
         "--scheduler", "amin", "--kv-cache-memory-fraction", "0.85",
         "--max-num-seqs", "128", "--max-batched-tokens", "4096",
-        "--sparse-prefill-threshold", "16384", "--kv-block-size", "16",
+        "--sparse-prefill-threshold", "16384", "--api-key-file", "/etc/optimist/api-key/api-key",
+        "--kv-block-size", "16",
     ]  # fmt: skip
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in engine["volumeMounts"]
+    assert {"name": "api-key", "mountPath": "/etc/optimist/api-key", "readOnly": True} in engine["volumeMounts"]
     volumes = {v["name"]: v for v in pod["volumes"]}
+    # the Secret's key as a file the engine (group fsGroup) can read and nobody else
+    assert volumes["api-key"]["secret"] == {"secretName": "llama3-8b-api-key", "defaultMode": 0o440,
+                                            "items": [{"key": "api-key", "path": "api-key"}]}  # fmt: skip
     assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "8Gi"
     assert engine["resources"]["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}

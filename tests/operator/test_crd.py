@@ -84,6 +84,8 @@ INVALID = [
     ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
     ({"rollout": {"maxSurge": "a lot"}}, "spec.rollout.maxSurge"),
     ({"modle": {}}, "Additional properties are not allowed ('modle' was unexpected)"),
+    ({"engine": {"apiKeySecret": {"key": "token"}}}, "spec.engine.apiKeySecret: 'name' is a required property"),
+    ({"engine": {"apiKeySecret": {"name": ""}}}, "spec.engine.apiKeySecret.name: '' should be non-empty"),
     # CEL rules (cross-field)
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "autoscaling.minReplicas must not exceed maxReplicas"),
     ({"autoscaling": {"mode": "hpa", "minReplicas": 0}}, "scale to zero) needs mode keda"),
