@@ -148,17 +148,34 @@ class LoadCollector(Collector):
         for reason, count in sorted(load.finished_total.items()):
             finished.add_metric([*labels, reason], count)
         yield finished
-        for name, doc, hist in (
-            ("optimist_time_to_first_token_seconds", "Time to first token", load.time_to_first_token_s),
-            ("optimist_inter_token_latency_seconds", "Time between tokens of a request", load.inter_token_latency_s),
-            ("optimist_e2e_request_latency_seconds", "Arrival to finish", load.e2e_latency_s),
-            ("optimist_request_queue_time_seconds", "Arrival to first admission", load.queue_time_s),
-        ):
-            h = HistogramMetricFamily(name, doc, labels=names)
-            bounds = [*(_le(b) for b in hist.upper_bounds), "+Inf"]
-            h.add_metric(labels, list(zip(bounds, hist.cumulative_counts, strict=True)), sum_value=hist.sum)
-            yield h
+        histograms = (
+            ("time_to_first_token_seconds", "Time to first token", load.time_to_first_token_s),
+            ("inter_token_latency_seconds", "Time between tokens of a request", load.inter_token_latency_s),
+            ("e2e_request_latency_seconds", "Arrival to finish", load.e2e_latency_s),
+            ("request_queue_time_seconds", "Arrival to first admission", load.queue_time_s),
+        )
+        for name, doc, hist in histograms:
+            yield _histogram(f"optimist_{name}", doc, names, labels, hist)
         if f.config.vllm_compat:
+            # vLLM's own names for the request series, so its Grafana dashboards and alerts read this engine too
+            for name, doc, hist in histograms:
+                yield _histogram(f"vllm:{name}", f"{doc} (vLLM-compatible name)", names, labels, hist)
+            yield counter("vllm:prompt_tokens", "Prompt tokens (vLLM-compatible name)", load.prompt_tokens_total)
+            yield counter(
+                "vllm:generation_tokens", "Generated tokens (vLLM-compatible name)", load.generation_tokens_total
+            )
+            yield counter("vllm:num_preemptions", "Preemptions (vLLM-compatible name)", load.evictions_total)
+            success = CounterMetricFamily(
+                "vllm:request_success", "Finished requests by reason (vLLM-compatible name and reasons)",
+                labels=[*names, "finished_reason"],
+            )  # fmt: skip
+            by_reason: dict[str, float] = {}
+            for reason, count in load.finished_total.items():
+                key = _VLLM_REASON.get(reason, reason)
+                by_reason[key] = by_reason.get(key, 0) + count
+            for reason, count in sorted(by_reason.items()):
+                success.add_metric([*labels, reason], count)
+            yield success
             yield gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible name)", load.waiting)
             yield gauge("vllm:num_requests_running", "Requests running (vLLM-compatible name)", load.running)
             yield gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible name)", usage)
@@ -192,6 +209,16 @@ class LoadCollector(Collector):
 
 def _le(bound: float) -> str:
     return repr(float(bound))
+
+
+_VLLM_REASON = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "abort"}
+
+
+def _histogram(name: str, doc: str, names: list[str], labels: list[str], hist: pb.Histogram) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=names)
+    bounds = [*(_le(b) for b in hist.upper_bounds), "+Inf"]
+    h.add_metric(labels, list(zip(bounds, hist.cumulative_counts, strict=True)), sum_value=hist.sum)
+    return h
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -125,6 +125,10 @@ def test_metrics_health_and_promtool(tiny_server: ServerThread) -> None:
         )
         values = samples(text)
         assert values["optimist_requests_finished_total[length]"] == 3
+        # vLLM's names for the same series (its dashboards and alerts), reasons in its words
+        assert values["vllm:request_success_total[length]"] == 3 and values["vllm:generation_tokens_total"] == 15
+        assert values["vllm:time_to_first_token_seconds_count"] == 3 and values["vllm:num_preemptions_total"] == 0
+        assert values["vllm:prompt_tokens_total"] == values["optimist_prompt_tokens_total"] > 0
         assert values["optimist_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
         assert values["vllm:kv_cache_usage_perc"] == 0 and values["optimist_kv_blocks_capacity"] == 6
         assert values["optimist_time_to_first_token_seconds_count"] == 3
@@ -261,3 +265,29 @@ def test_sidecar_follows_an_engine_restart_without_restarting(tiny_gguf: Path) -
     finally:
         sidecar.terminate()
         sidecar.wait(timeout=10)
+
+
+def test_vllm_request_success_uses_vllm_reasons() -> None:
+    """EOS and stop strings are both vLLM's "stop"; our "aborted" is its "abort"."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from optimist.engine.metrics import TTFT_BUCKETS, Histogram
+    from optimist.engine.server import histogram_to_proto
+    from optimist.engine.sidecar import LoadCollector, SidecarConfig
+
+    empty = histogram_to_proto(Histogram(TTFT_BUCKETS))
+
+    class Fixed:
+        config = SidecarConfig(pool="p")
+        fresh = True
+        latest = pb.Load(
+            model_name="m", kv_blocks_total=8, finished_total={"eos": 2, "stop": 1, "aborted": 1},
+            time_to_first_token_s=empty, inter_token_latency_s=empty, e2e_latency_s=empty, queue_time_s=empty,
+        )  # fmt: skip
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoadCollector(Fixed()))
+    values = samples(generate_latest(registry).decode())
+    assert values["vllm:request_success_total[stop]"] == 3 and values["vllm:request_success_total[abort]"] == 1
+    assert "vllm:request_success_total[eos]" not in values
+    assert values["optimist_requests_finished_total[eos]"] == 2  # the native series keeps our own reasons
