@@ -69,6 +69,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise InvalidRequest(f"sampling.{name}", f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what a torch.Generator takes
+            raise InvalidRequest("sampling.seed", f"must be a 64-bit integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest("sampling.logprobs", f"must be in [0, 20], got {self.logprobs}")
         if len(self.stop) > max_stop_strings:

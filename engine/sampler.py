@@ -59,7 +59,7 @@ def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)
+        ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)
         ranks = torch.arange(vocab, device=device)[None, :]
         remove = ranks >= ks[:, None]
         probs = sorted_logits.softmax(dim=-1)

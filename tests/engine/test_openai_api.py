@@ -16,7 +16,10 @@ from urllib.parse import urlparse
 import grpc
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from optimist.engine import openai_api as oa
 from optimist.engine.api import engine_pb2 as pb
 from optimist.engine.api import engine_pb2_grpc as pb_grpc
 from optimist.engine.config import EngineConfig
@@ -252,6 +255,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "n": 65}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
@@ -305,6 +309,9 @@ def test_malformed_http_gets_json_errors_and_good_requests_still_work(api: Serve
     code, reply = post(api.http_url, "/v2/everything", {})
     assert code == 404 and "/v1/chat/completions" in reply["error"]["message"]
     code, reply = post(api.http_url, "/v1/completions", {"prompt": FRANCE, "max_tokens": 3, "temperature": 0})
+    assert code == 200 and reply["usage"]["completion_tokens"] == 3
+    # JSON numbers have no bounds: a top_k past the vocabulary means all of it, not an overflow in the sampler
+    code, reply = post(api.http_url, "/v1/completions", {"prompt": FRANCE, "max_tokens": 3, "top_k": 10**30})
     assert code == 200 and reply["usage"]["completion_tokens"] == 3
     wait_idle(engine)
 
@@ -446,3 +453,36 @@ def test_an_api_key_guards_the_v1_routes_only(tiny_gguf: Any) -> None:
     finally:
         srv.stop()
         eng.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- fuzzing the reader
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+_FIELDS = sorted(oa._CHAT_FIELDS | oa._COMPLETION_FIELDS | {"bogus"})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chat=st.booleans(),
+    body=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=6)
+    | st.fixed_dictionaries(
+        {
+            "messages": st.lists(st.dictionaries(st.sampled_from(["role", "content", "name"]), _VALUES), max_size=3),
+            "prompt": _VALUES | st.lists(st.integers(-5, 60000), max_size=5),
+        }
+    ),
+)
+def test_any_json_body_is_answered_or_refused_by_name(engine: Engine, chat: bool, body: dict[str, Any]) -> None:
+    """Whatever JSON arrives, reading it either makes engine requests or raises ApiError (a 4xx naming a field):
+    never another exception, which would be a 500."""
+    try:
+        call = oa.read_call(engine, body, chat)
+        reqs = oa.make_requests(engine, call, "fuzz")
+    except oa.ApiError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        return
+    assert len(reqs) == len(call.prompts) * call.n >= 1
