@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 import grpc
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from optimist.engine import openai_api as oa
@@ -24,6 +25,7 @@ from optimist.engine.api import engine_pb2 as pb
 from optimist.engine.api import engine_pb2_grpc as pb_grpc
 from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
+from optimist.engine.sampler import sample
 
 from ..conftest import LoadingServer, ServerThread
 
@@ -457,32 +459,54 @@ def test_an_api_key_guards_the_v1_routes_only(tiny_gguf: Any) -> None:
 
 # ------------------------------------------------------------------------------------------- fuzzing the reader
 
+_EDGES = st.sampled_from([0, -1, 1, 20, 21, 2**31, 2**63, 2**64, -(2**63) - 1, 10**30, 1e308, -1e308, 1e-300])
 _VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | _EDGES
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=8,
 )
 _FIELDS = sorted(oa._CHAT_FIELDS | oa._COMPLETION_FIELDS | {"bogus"})
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SCALARS = (
+    st.none() | st.booleans() | _EDGES | st.integers(-3, 40) | st.floats(-3, 3) | st.floats(allow_nan=True)
+    | st.text(max_size=6) | st.lists(st.integers(-2, 60000), max_size=3) | st.lists(st.text(max_size=3), max_size=3)
+)  # fmt: skip
+_COMMON_TUNABLE = sorted(oa._COMMON - {"model", "stream", "logit_bias"})
+
+
+def _good_with(base: dict[str, Any], fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """A good request with a few fields set to anything (mostly of the right kind, often at edges)."""
+    return st.builds(lambda extra: {**base, **extra}, st.dictionaries(st.sampled_from(fields), _SCALARS, max_size=3))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    chat=st.booleans(),
-    body=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=6)
-    | st.fixed_dictionaries(
-        {
-            "messages": st.lists(st.dictionaries(st.sampled_from(["role", "content", "name"]), _VALUES), max_size=3),
-            "prompt": _VALUES | st.lists(st.integers(-5, 60000), max_size=5),
-        }
+    body=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=6)  # anything at all
+    | _good_with({"prompt": "Hello"}, [*_COMMON_TUNABLE, "echo", "best_of"])
+    | _good_with({"prompt": [[1, 2], [3]]}, [*_COMMON_TUNABLE, "echo"])
+    | _good_with(
+        {"messages": [{"role": "user", "content": "Hi"}]}, [*_COMMON_TUNABLE, "top_logprobs", "max_completion_tokens"]
     ),
 )
-def test_any_json_body_is_answered_or_refused_by_name(engine: Engine, chat: bool, body: dict[str, Any]) -> None:
-    """Whatever JSON arrives, reading it either makes engine requests or raises ApiError (a 4xx naming a field):
-    never another exception, which would be a 500."""
+def test_any_json_body_is_answered_or_refused_by_name(engine: Engine, body: dict[str, Any]) -> None:
+    """Whatever JSON arrives, reading it either makes engine requests that the sampler takes, or raises ApiError (a
+    4xx naming a field): never another exception, which would be a 500 or, in the sampler, a failed engine step."""
+    chat = "messages" in body
     try:
         call = oa.read_call(engine, body, chat)
         reqs = oa.make_requests(engine, call, "fuzz")
     except oa.ApiError as exc:
         assert 400 <= exc.status < 500 and exc.message
+        event(f"refused: {exc.param}")
         return
+    event("accepted")
     assert len(reqs) == len(call.prompts) * call.n >= 1
+    logits = torch.randn(len(reqs), engine.model_config.vocab_size)
+    result = sample(logits, reqs, engine.tokenizer.eos_ids)
+    assert all(0 <= t < engine.model_config.vocab_size for t in result.token_ids)
