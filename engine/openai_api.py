@@ -34,7 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -157,7 +157,6 @@ class Call:
     upper_hint: int | None = None
     max_tokens_param: str = "max_tokens"
     max_tokens_given: bool = False
-    request_ids: list[str] = field(default_factory=list)
 
 
 def _sampling(body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], str]:
@@ -584,7 +583,8 @@ class OpenAIService:
             raise ApiError(400, f"the request body is not JSON: {exc}") from exc
         call = read_call(engine, body, chat)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        reqs = make_requests(engine, call, request.headers.get("X-Request-Id") or response_id)
+        request_id = request.headers.get("X-Request-Id") or response_id
+        reqs = make_requests(engine, call, request_id)
         streams: list[AsyncGenerator[list[Event]]] = []
         try:
             for req in reqs:
@@ -596,8 +596,9 @@ class OpenAIService:
         head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": call.model}  # fmt: skip
         events = _merged(engine, streams)
+        headers = {"X-Request-Id": request_id}  # what the gRPC Abort takes (with -i per choice when several)
         if call.stream:
-            return await self._stream(request, call, choices, head, events)
+            return await self._stream(request, call, choices, head, events, headers)
         async with contextlib.aclosing(events):
             async for i, batch in events:
                 choice = choices[i]
@@ -619,7 +620,8 @@ class OpenAIService:
             item["logprobs"] = c.logprobs(c.entries)
             item.update(c.finish_fields())
             out.append(item)
-        return web.json_response({**head, "choices": out, "usage": _usage(choices, call.n)}, dumps=_dumps)
+        body = {**head, "choices": out, "usage": _usage(choices, call.n)}
+        return web.json_response(body, dumps=_dumps, headers=headers)
 
     async def _stream(
         self,
@@ -628,10 +630,11 @@ class OpenAIService:
         choices: list[Choice],
         head: dict[str, Any],
         events: AsyncGenerator[tuple[int, list[Event]]],
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         head = {**head, "object": "chat.completion.chunk" if call.chat else "text_completion"}
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                               "Cache-Control": "no-cache"})  # fmt: skip
+                                               "Cache-Control": "no-cache", **headers})  # fmt: skip
         await response.prepare(request)
 
         async def send(choice_items: list[dict[str, Any]], usage: Any = None) -> None:

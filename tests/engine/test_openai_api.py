@@ -373,6 +373,24 @@ def test_concurrent_streams_finish_while_another_client_drops(client: openai.Ope
     wait_idle(engine)
 
 
+def test_the_request_id_header_lets_grpc_abort_an_http_request(api: ServerThread, engine: Engine) -> None:
+    parts = urlparse(api.http_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    body = {"prompt": FRANCE, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    headers = {"Content-Type": "application/json", "X-Request-Id": "http-abort-1"}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("X-Request-Id") == "http-abort-1"
+    assert resp.readline().startswith(b"data: {")
+    with grpc.insecure_channel(api.address) as channel:
+        aborted = pb_grpc.EngineStub(channel).Abort(pb.AbortRequest(request_ids=["http-abort-1"]))
+    assert list(aborted.aborted) == ["http-abort-1"]
+    chunks = [json.loads(line[6:]) for line in resp if line.startswith(b"data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    conn.close()
+    wait_idle(engine)
+
+
 def test_metrics_and_health_on_the_http_port(api: ServerThread, engine: Engine) -> None:
     parts = urlparse(api.http_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
