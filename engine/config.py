@@ -28,6 +28,7 @@ class ModelConfig:
     rms_norm_eps: float
     context_length: int
     tie_embeddings: bool
+    attention_bias: bool = False  # the Q, K and V projections add a bias (Qwen2)
 
     @property
     def q_size(self) -> int:

@@ -36,11 +36,14 @@ def tiny_vocab() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def hf_config(tie: bool) -> dict[str, Any]:
+def hf_config(tie: bool, arch: str = "llama") -> dict[str, Any]:
+    """arch: llama, or qwen2 (Q/K/V biases)."""
     tokens, _ = tiny_vocab()
+    extra = {"use_sliding_window": False} if arch == "qwen2" else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **extra,
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
         "vocab_size": len(tokens),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -58,8 +61,9 @@ def hf_config(tie: bool) -> dict[str, Any]:
     }
 
 
-def random_weights(tie: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """HF-named weights, scaled so logits are far from flat (greedy choices are not near-ties)."""
+def random_weights(tie: bool, seed: int = 0, bias: bool = False) -> dict[str, torch.Tensor]:
+    """HF-named weights, scaled so logits are far from flat (greedy choices are not near-ties); `bias`: Q/K/V
+    biases as large as the projections' outputs (qwen2)."""
     cfg = hf_config(tie)
     g = torch.Generator().manual_seed(seed)
     h, inter, v = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["vocab_size"])
@@ -80,6 +84,9 @@ def random_weights(tie: bool, seed: int = 0) -> dict[str, torch.Tensor]:
         w[p + "self_attn.k_proj.weight"] = mat(kv, h) * 2
         w[p + "self_attn.v_proj.weight"] = mat(kv, h)
         w[p + "self_attn.o_proj.weight"] = mat(h, q)
+        if bias:
+            for name, size in (("q", q), ("k", kv), ("v", kv)):
+                w[p + f"self_attn.{name}_proj.bias"] = torch.randn(size, generator=g)
         w[p + "mlp.gate_proj.weight"] = mat(inter, h)
         w[p + "mlp.up_proj.weight"] = mat(inter, h)
         w[p + "mlp.down_proj.weight"] = mat(h, inter)
@@ -88,13 +95,14 @@ def random_weights(tie: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     return w
 
 
-def write_hf_dir(folder: Path, tie: bool = False, seed: int = 0) -> Path:
+def write_hf_dir(folder: Path, tie: bool = False, seed: int = 0, arch: str = "llama") -> Path:
     from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config(tie)))
-    save_file({k: v.contiguous() for k, v in random_weights(tie, seed).items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config(tie, arch)))
+    weights = random_weights(tie, seed, bias=arch == "qwen2")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
     tokens, merges = tiny_vocab()
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

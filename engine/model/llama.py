@@ -146,6 +146,10 @@ class Attention(nn.Module):
         self.kv_size = config.kv_size
         self.wqkv = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=False)
         self.wo = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        # Kept beside the projection, not in it: the float16 and native linear layers that replace wqkv carry none.
+        self.qkv_bias: nn.Parameter | None = None
+        if config.attention_bias:
+            self.qkv_bias = nn.Parameter(torch.zeros(config.q_size + 2 * config.kv_size), requires_grad=False)
 
     def forward(
         self,
@@ -158,6 +162,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.wqkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias.to(qkv.dtype)
         # Queries and keys are adjacent columns: one rotary call for both (decode is bound by the op count).
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim)
         rows = meta.native_prefill and t >= ELEMENTWISE_ROWS and qkv.dtype == torch.float32
@@ -347,7 +353,9 @@ class Llama(nn.Module):
         """Takes the loader's parameter names and fuses wq/wk/wv into one matmul."""
         expected = {"embed", "norm"} | ({"lm_head"} if self.lm_head is not None else set())
         for i in range(self.config.num_layers):
-            names = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+            names: tuple[str, ...] = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
+            if self.config.attention_bias:
+                names += ("bq", "bk", "bv")
             expected |= {f"layers.{i}.{n}" for n in names}
         missing = sorted(expected - weights.keys())
         if missing:
@@ -362,6 +370,9 @@ class Llama(nn.Module):
                 w = {n: weights[f"layers.{i}.{n}"] for n in ("wq", "wk", "wv")}
                 self._copy(block.attn_norm.weight, weights[f"layers.{i}.attn_norm"], f"layers.{i}.attn_norm")
                 self._copy(block.attn.wqkv.weight, torch.cat([w["wq"], w["wk"], w["wv"]]), f"layers.{i}.wqkv")
+                if block.attn.qkv_bias is not None:
+                    b = [weights[f"layers.{i}.{n}"] for n in ("bq", "bk", "bv")]
+                    self._copy(block.attn.qkv_bias, torch.cat(b), f"layers.{i}.qkv_bias")
                 self._copy(block.attn.wo.weight, weights[f"layers.{i}.wo"], f"layers.{i}.wo")
                 self._copy(block.ffn_norm.weight, weights[f"layers.{i}.ffn_norm"], f"layers.{i}.ffn_norm")
                 self._copy(block.mlp.w_gate.weight, weights[f"layers.{i}.w_gate"], f"layers.{i}.w_gate")

@@ -100,7 +100,9 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_blocks: bool) -> Lo
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})".splitlines()[0]) from exc
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
-        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (only llama)")
+        raise ModelLoadError(
+            f"{path}: architecture {arch!r} is not supported (GGUF: llama; Hugging Face folders: llama, mistral, qwen2)"
+        )
     n_head = int(_gguf_field(reader, "llama.attention.head_count"))
     hidden = int(_gguf_field(reader, "llama.embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
@@ -181,6 +183,9 @@ _HF_NAMES = {
     "self_attn.k_proj.weight": "wk",
     "self_attn.v_proj.weight": "wv",
     "self_attn.o_proj.weight": "wo",
+    "self_attn.q_proj.bias": "bq",
+    "self_attn.k_proj.bias": "bk",
+    "self_attn.v_proj.bias": "bv",
     "post_attention_layernorm.weight": "ffn_norm",
     "mlp.gate_proj.weight": "w_gate",
     "mlp.up_proj.weight": "w_up",
@@ -195,10 +200,16 @@ def _load_hf_dir(path: Path, progress: ProgressFn | None) -> LoadedModel:
     if not config_file.exists():
         raise ModelLoadError(f"{path}: no config.json in the model folder")
     raw = json.loads(config_file.read_text())
-    if raw.get("model_type", "llama") not in ("llama", "mistral"):
-        raise ModelLoadError(f"{path}: model_type {raw.get('model_type')!r} is not supported (only llama)")
+    model_type = raw.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported (llama, mistral or qwen2)")
     if raw.get("rope_scaling"):
         raise ModelLoadError(f"{path}: rope_scaling {raw['rope_scaling']!r} is not supported yet")
+    if raw.get("use_sliding_window"):
+        raise ModelLoadError(f"{path}: use_sliding_window is not supported (attention here spans the whole context)")
+    if raw.get("mlp_bias") or (model_type != "qwen2" and raw.get("attention_bias")):
+        raise ModelLoadError(f"{path}: biases in the {'MLP' if raw.get('mlp_bias') else 'output projection'} are "
+                             "not supported (Q/K/V biases are, as in qwen2)")  # fmt: skip
     n_head = int(raw["num_attention_heads"])
     rope = raw.get("rope_parameters") or {}
     config = ModelConfig(
@@ -214,6 +225,7 @@ def _load_hf_dir(path: Path, progress: ProgressFn | None) -> LoadedModel:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         context_length=int(raw.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2",
     )
     config.validate()
     files = sorted(path.glob("*.safetensors"))

@@ -813,8 +813,8 @@ class NativeDecoder:
     def supports(model: Llama) -> bool:
         """Whether every linear layer of `model` reads native blocks (weights=int4 on a fully quantized file)."""
         config = model.config
-        if config.head_dim > 512 or config.num_heads % config.num_kv_heads:
-            return False
+        if config.head_dim > 512 or config.num_heads % config.num_kv_heads or config.attention_bias:
+            return False  # (the C decoder adds no Q/K/V bias)
         linears = [getattr(owner, attr) for b in model.blocks() for owner, attr in b.linears()]
         return all(isinstance(layer, NativeLinear) for layer in linears)
 

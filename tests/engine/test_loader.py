@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,25 @@ def test_hf_folder_without_weights(tmp_path: Path, tiny_dir: Path) -> None:
     shutil.copytree(tiny_dir, folder)
     (folder / "model.safetensors").unlink()
     assert_one_line_error(folder, "no *.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"model_type": "gemma"}, "model_type 'gemma' is not supported (llama, mistral or qwen2)"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window is not supported"),
+        ({"attention_bias": True}, "biases in the output projection are not supported"),
+        ({"mlp_bias": True}, "biases in the MLP are not supported"),
+    ],
+)
+def test_hf_configs_it_cannot_run_are_named(
+    tmp_path: Path, tiny_dir: Path, change: dict[str, object], named: str
+) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    assert_one_line_error(folder, named)
 
 
 def test_loads_both_formats_with_tokenizer_and_template(tiny_gguf: Path, tiny_dir: Path) -> None:

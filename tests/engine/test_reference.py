@@ -13,6 +13,8 @@ from optimist.engine.engine import Engine
 from optimist.engine.model.llama import prompt_logits
 from optimist.engine.request import FinishReason, SamplingParams
 
+from .. import tiny_llama
+
 # Greedy choices may differ only where the reference's top two logits are this close (float summation order).
 TIE_GAP = 2e-3
 
@@ -81,16 +83,21 @@ def _tiny_engine(path: Path) -> Engine:
     return Engine(EngineConfig(model=path, weights="float", dtype="float32", kv_cache_tokens=4096))  # as the reference
 
 
-@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
-def test_tiny_random_llama_matches_transformers(kind: str, tiny_gguf: Path, tiny_dir: Path) -> None:
+@pytest.mark.parametrize("kind", ["gguf", "safetensors", "qwen2"])
+def test_tiny_random_llama_matches_transformers(
+    kind: str, tiny_gguf: Path, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The tiny Llama from both formats, and a tiny Qwen2 (Q/K/V biases) from a Hugging Face folder."""
     from transformers import AutoModelForCausalLM
 
     if kind == "gguf":
         ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name).eval()
         engine = _tiny_engine(tiny_gguf)
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
-        engine = _tiny_engine(tiny_dir)
+        folder = tiny_dir if kind == "safetensors" else tiny_llama.write_hf_dir(tmp_path_factory.mktemp("q"), arch=kind)
+        ref_model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        assert type(ref_model).__name__ == ("Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM")
+        engine = _tiny_engine(folder)
     try:
         for prompt in ["the cat sat on the mat", "in a hole in the ground", "x"]:
             ids = engine.tokenizer.encode(prompt)
@@ -102,3 +109,23 @@ def test_tiny_random_llama_matches_transformers(kind: str, tiny_gguf: Path, tiny
             assert_same_or_tie(ref_model, ids, greedy(engine, ids, 20), ref)
     finally:
         engine.shutdown()
+
+
+def test_tiny_qwen2_answers_alike_in_each_cpu_weight_mode(tmp_path: Path) -> None:
+    """The Q/K/V biases live beside the projection, so float16 weights (the CPU default for these folders) keep
+    them: logits as close to exact float32 weights' as for a Llama (test_quant's bound), and the serving path runs."""
+    folder = tiny_llama.write_hf_dir(tmp_path / "qwen2", arch="qwen2", seed=3)
+    exact = Engine(EngineConfig(model=folder, device="cpu", weights="float", kv_cache_tokens=1024))
+    fast = Engine(EngineConfig(model=folder, device="cpu", weights="auto", kv_cache_tokens=1024))
+    try:
+        assert fast.model_config.attention_bias and fast.model.native_decoder is None
+        for text in ("the cat sat", "in a hole in the ground", "x"):
+            ids = exact.tokenizer.encode(text)
+            ref = prompt_logits(exact.model, ids)
+            assert (prompt_logits(fast.model, ids) - ref).abs().max().item() < 0.004 * ref.abs().max().item(), text
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            tokens, _, final = fast.generate(fast.new_request(ids, params))
+            assert len(tokens) == 12 and final.reason == FinishReason.LENGTH
+    finally:
+        exact.shutdown()
+        fast.shutdown()
