@@ -121,13 +121,15 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, tie: bool = True, seed: int = 0) -> Path:
+def write_gguf(path: Path, tie: bool = True, seed: int = 0, arch: str = "llama") -> Path:
+    """As llama.cpp's converter writes it: Llama's Q/K rows permuted, Qwen2's not (NeoX rotary) but with biases."""
     import gguf
 
-    cfg = hf_config(tie)
-    w = {k: v.numpy().astype(np.float32) for k, v in random_weights(tie, seed).items()}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
+    cfg = hf_config(tie, arch)
+    qwen2 = arch == "qwen2"
+    w = {k: v.numpy().astype(np.float32) for k, v in random_weights(tie, seed, bias=qwen2).items()}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
     writer.add_block_count(int(cfg["num_hidden_layers"]))
     writer.add_context_length(int(cfg["max_position_embeddings"]))
     writer.add_embedding_length(int(cfg["hidden_size"]))
@@ -141,7 +143,7 @@ def write_gguf(path: Path, tie: bool = True, seed: int = 0) -> Path:
     writer.add_file_type(0)
     tokens, merges = tiny_vocab()
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre("qwen2" if qwen2 else "default")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     writer.add_token_merges(merges)
@@ -167,11 +169,13 @@ def write_gguf(path: Path, tie: bool = True, seed: int = 0) -> Path:
     for i in range(int(cfg["num_hidden_layers"])):
         for hf, gg in names.items():
             t = w[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
+            if gg == "attn_q" and not qwen2:
                 t = _permute(t, 4)
-            elif gg == "attn_k":
+            elif gg == "attn_k" and not qwen2:
                 t = _permute(t, 2)
             writer.add_tensor(f"blk.{i}.{gg}.weight", t)
+            if qwen2 and gg in ("attn_q", "attn_k", "attn_v"):
+                writer.add_tensor(f"blk.{i}.{gg}.bias", w[f"model.layers.{i}.{hf}.bias"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

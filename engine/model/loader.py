@@ -80,6 +80,7 @@ _GGUF_NAMES = {
     "ffn_up": "w_up",
     "ffn_down": "w_down",
 }
+_GGUF_BIASES = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}
 
 
 def _gguf_field(reader: GGUFFile, key: str, default: Any = None) -> Any:
@@ -99,30 +100,31 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_blocks: bool) -> Lo
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})".splitlines()[0]) from exc
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(
-            f"{path}: architecture {arch!r} is not supported (GGUF: llama; Hugging Face folders: llama, mistral, qwen2)"
-        )
-    n_head = int(_gguf_field(reader, "llama.attention.head_count"))
-    hidden = int(_gguf_field(reader, "llama.embedding_length"))
+    if arch not in ("llama", "qwen2"):
+        raise ModelLoadError(f"{path}: architecture {arch!r} is not supported (llama or qwen2)")
+    n_head = int(_gguf_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_gguf_field(reader, f"{arch}.embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path}: GGUF file has no token_embd.weight tensor")
-    vocab = int(_gguf_field(reader, "llama.vocab_size", default=tensors["token_embd.weight"].shape[-1]))
+    vocab = int(_gguf_field(reader, f"{arch}.vocab_size", default=tensors["token_embd.weight"].shape[-1]))
     config = ModelConfig(
         name=str(_gguf_field(reader, "general.name", default=path.stem)),
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        num_layers=int(_gguf_field(reader, "llama.block_count")),
+        intermediate_size=int(_gguf_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_gguf_field(reader, f"{arch}.block_count")),
         num_heads=n_head,
-        num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", default=n_head)),
-        head_dim=int(_gguf_field(reader, "llama.rope.dimension_count", default=hidden // n_head)),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", default=10000.0)),
-        rms_norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", default=1e-5)),
-        context_length=int(_gguf_field(reader, "llama.context_length", default=2048)),
+        num_kv_heads=int(_gguf_field(reader, f"{arch}.attention.head_count_kv", default=n_head)),
+        head_dim=int(_gguf_field(reader, f"{arch}.rope.dimension_count", default=hidden // n_head)),
+        rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", default=10000.0)),
+        rms_norm_eps=float(_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", default=1e-5)),
+        context_length=int(_gguf_field(reader, f"{arch}.context_length", default=2048)),
         tie_embeddings="output.weight" not in tensors,
+        attention_bias=arch == "qwen2",
     )
+    # llama.cpp permutes Llama's Q/K rows for its interleaved rotary; Qwen2's keep Hugging Face's order (NeoX rotary)
+    permuted = arch == "llama"
     config.validate()
 
     weights: dict[str, torch.Tensor] = {}
@@ -142,9 +144,14 @@ def _load_gguf(path: Path, progress: ProgressFn | None, keep_blocks: bool) -> Lo
         parts = name.split(".")
         if parts[0] == "blk":
             layer, kind = int(parts[1]), parts[2]
-            if kind not in _GGUF_NAMES:
+            if parts[-1] == "bias" and config.attention_bias and kind in _GGUF_BIASES:
+                weights[f"layers.{layer}.{_GGUF_BIASES[kind]}"] = torch.from_numpy(np.array(array, dtype=np.float32))
+                if progress is not None:
+                    progress(i + 1, len(tensors))
+                continue
+            if kind not in _GGUF_NAMES or parts[-1] != "weight":
                 raise ModelLoadError(f"{path}: unexpected tensor {name}")
-            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(kind)
+            heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}.get(kind) if permuted else None
             if heads is not None:
                 if array is not None:
                     array = _unpermute_rope(array, heads)

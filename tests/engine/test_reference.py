@@ -83,16 +83,19 @@ def _tiny_engine(path: Path) -> Engine:
     return Engine(EngineConfig(model=path, weights="float", dtype="float32", kv_cache_tokens=4096))  # as the reference
 
 
-@pytest.mark.parametrize("kind", ["gguf", "safetensors", "qwen2"])
+@pytest.mark.parametrize("kind", ["gguf", "safetensors", "qwen2", "qwen2-gguf"])
 def test_tiny_random_llama_matches_transformers(
     kind: str, tiny_gguf: Path, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The tiny Llama from both formats, and a tiny Qwen2 (Q/K/V biases) from a Hugging Face folder."""
+    """The tiny Llama and a tiny Qwen2 (Q/K/V biases, NeoX rotary in GGUF) from both formats."""
     from transformers import AutoModelForCausalLM
 
-    if kind == "gguf":
-        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name).eval()
-        engine = _tiny_engine(tiny_gguf)
+    if kind in ("gguf", "qwen2-gguf"):
+        path = tiny_gguf
+        if kind == "qwen2-gguf":
+            path = tiny_llama.write_gguf(tmp_path_factory.mktemp("qg") / "tiny.gguf", arch="qwen2")
+        ref_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+        engine = _tiny_engine(path)
     else:
         folder = tiny_dir if kind == "safetensors" else tiny_llama.write_hf_dir(tmp_path_factory.mktemp("q"), arch=kind)
         ref_model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()

@@ -71,3 +71,23 @@ def test_invalid_utf8_at_the_end_becomes_a_replacement_character(engine: Engine)
     partial = [detok.add(i) for i in ids[:-1]]
     assert "".join(partial) == ""
     assert detok.flush() == "\ufffd"
+
+
+def test_qwen2_gguf_splits_text_as_transformers_does(tmp_path: Path) -> None:
+    """Qwen2's pre-tokenizer (one digit per piece, contractions, newline runs) as transformers converts it from
+    the same GGUF file: the same pieces and the same ids."""
+    from transformers import AutoTokenizer
+
+    from optimist.engine.model.loader import load_model
+
+    from .. import tiny_llama
+
+    path = tiny_llama.write_gguf(tmp_path / "tiny.gguf", arch="qwen2")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    ours = load_model(path).tokenizer
+    for text in ("I'll pay 12345 dollars,\n\n  don't   you?\tOK 3.14", "the cat\r\nsat  on 2024-01-02"):
+        assert ours.backend.pre_tokenizer.pre_tokenize_str(text) == (
+            ref.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        )
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert [p for p, _ in ours.backend.pre_tokenizer.pre_tokenize_str("12345")] == list("12345")
