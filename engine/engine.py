@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,8 @@ from .model.loader import ProgressFn, load_model
 from .model.quant import fp16_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
-from .runner import ModelRunner
-from .sampler import sample
+from .runner import ModelRunner, PromptSpan
+from .sampler import prompt_logprobs, sample
 from .scheduler.policies import make_policy
 from .scheduler.predictor import LowerBoundPredictor
 from .scheduler.scheduler import Scheduler
@@ -341,6 +341,8 @@ class Engine:
         )
         if 0 < cfg.sparse_prefill_threshold < len(prompt_ids):
             req.hash_root = b"sparse"  # its K/V come from sparse prefill: never shared with dense requests
+        if params.prompt_logprobs is not None:  # every prompt position is computed here: nothing from the cache
+            req.hash_root = b"prompt-logprobs:" + req.id.encode()
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
@@ -477,14 +479,21 @@ class Engine:
                 self.stats.queue.observe(now - s.request.arrival)
                 self.stats.prompt_tokens += len(s.request.prompt_ids)
                 self.stats.prefix_cache_hit_tokens += s.request.cached_tokens
-        logits, owners = self.runner.execute(plan.scheduled)
+        logits, owners, prompt_spans = self.runner.execute(plan.scheduled)
         with self._lock:
             self.scheduler.cache_computed(plan.scheduled)
+        scored = sum(span.count for span in prompt_spans)
+        prompt_lps = [(span, prompt_logprobs(logits, row, span)) for span, row in _rows(prompt_spans)]
+        logits = logits[scored:]
         reqs = [s.request for s in owners]
         result = sample(logits, reqs, self.tokenizer.eos_ids)
         now = time.monotonic()
         with self._lock:
             self.stats.steps += 1
+            for span, entries in prompt_lps:  # before the request's first token (the same step may sample it)
+                if span.request.status is Status.RUNNING:
+                    span.request.prompt_logprobs_next = span.first + span.count
+                    _emit(self._requests[span.request.id][1], Chunk([], "", prompt_logprobs=entries))
             for i, req in enumerate(reqs):
                 self._on_token(req, result.token_ids[i], result.logprobs[i], now)
 
@@ -544,6 +553,14 @@ class Engine:
                 error=error,
             ),
         )
+
+
+def _rows(spans: list[PromptSpan]) -> Iterator[tuple[PromptSpan, int]]:
+    """Each prompt span with its first row (they lead the step's logits, in order)."""
+    row = 0
+    for span in spans:
+        yield span, row
+        row += span.count
 
 
 def _emit(sink: Sink, event: Event) -> None:

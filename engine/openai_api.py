@@ -14,7 +14,8 @@ scheduled, batched, cached and measured like any other.
   rather than being silently ignored. The `X-Request-Id` header names the engine request (its choices `ID-0`,
   `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
 - Defaults as OpenAI's: completions 16 tokens, chat completions up to the context; `n` choices of one prompt
-  are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical).
+  are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical). `echo` with
+  `logprobs` also scores the prompt (its tokens lead the logprobs, the first with null values).
 - Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) and the message starts with the
   field: 400 bad request, 404 unknown model or route, 413 body too large, 429 waiting queue full, 503 loading or
   draining, 500 engine failure. A client that disconnects aborts its requests, which frees their KV blocks.
@@ -329,13 +330,13 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
     else:
         logprobs = _typed(body, "logprobs", "int")
         echo = bool(_typed(body, "echo", "bool"))
-        if echo and logprobs is not None:
-            raise _bad("echo", "together with logprobs is not supported (prompt logprobs are not computed)")
         prompts, texts = _prompts(engine, body)
     if len(prompts) * n > MAX_CHOICES:
         raise _bad("n", f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts)} x {n}")
     if logprobs is not None:
         values["logprobs"] = logprobs
+        if echo:  # the echoed prompt's tokens come with their logprobs too (scoring a text, as evaluation harnesses do)
+            values["prompt_logprobs"] = logprobs
     lower, upper = _hint(body)
     given = "max_tokens" in values
     if not given and not chat:
@@ -410,15 +411,31 @@ def make_requests(engine: Engine, call: Call, request_id: str) -> list[Request]:
 class Choice:
     """One choice's answer so far, from its engine events."""
 
-    def __init__(self, index: int, call: Call, engine: Engine, prompt_text: str) -> None:
+    def __init__(self, index: int, call: Call, engine: Engine, prompt_text: str, prompt_ids: list[int]) -> None:
         self.index = index
         self.call = call
         self.tokenizer = engine.tokenizer
         self.text = prompt_text if call.echo else ""
         self.entries: list[tuple[int, float, list[tuple[int, float]]]] = []
-        self.offset = len(self.text)  # text offset of the next logprob entry (completions' text_offset)
+        # echo with logprobs: the prompt's tokens lead the logprobs, the first one without a value (nothing before
+        # it to condition on), as OpenAI's; the rest arrive from the engine (prompt_entries) before any new token
+        self.scored_prompt = call.echo and call.logprobs is not None
+        self.first_prompt_id = prompt_ids[0]
+        self.prompt_len = len(prompt_ids)
+        self.prompt_entries: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.echoed = False
+        self.offset = 0 if self.scored_prompt else len(self.text)  # text offset of the next logprob entry
         self.final: Finished | None = None
         self.role_sent = False
+
+    @property
+    def prompt_scored(self) -> bool:
+        return len(self.prompt_entries) >= self.prompt_len - 1
+
+    def prompt_logprobs(self) -> dict[str, Any] | None:
+        """The echoed prompt's logprobs block (completions form), once every prompt token is scored."""
+        head: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(self.first_prompt_id, None, None)]
+        return self.logprobs([*head, *self.prompt_entries])
 
     def _token(self, token_id: int) -> str:
         raw = self.tokenizer.token_bytes[token_id]
@@ -428,7 +445,9 @@ class Choice:
         raw = self.tokenizer.token_bytes[token_id] or self.tokenizer.token_text(token_id).encode("utf-8")
         return list(raw)
 
-    def logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any] | None:
+    def logprobs(self, entries: list[Any]) -> dict[str, Any] | None:
+        """OpenAI's logprobs block for `entries` ((token, logprob, top alternatives); completions also take a
+        logprob and alternatives of None: the echoed prompt's first token)."""
         if self.call.logprobs is None:
             return None
         if self.call.chat:
@@ -446,18 +465,23 @@ class Choice:
                     for tok, lp, top in entries
                 ]
             }
-        tokens, offsets, tops = [], [], []
+        tokens: list[str] = []
+        offsets: list[int] = []
+        tops: list[dict[str, float] | None] = []
         for tok, lp, top in entries:
             text = self._token(tok)
             tokens.append(text)
             offsets.append(self.offset)
             self.offset += len(text)
+            if lp is None:
+                tops.append(None)
+                continue
             alternatives = {self._token(t): max(v, _MIN_LOGPROB) for t, v in top}
             alternatives.setdefault(text, max(lp, _MIN_LOGPROB))
             tops.append(alternatives)
         return {
             "tokens": tokens,
-            "token_logprobs": [max(lp, _MIN_LOGPROB) for _, lp, _ in entries],
+            "token_logprobs": [None if lp is None else max(lp, _MIN_LOGPROB) for _, lp, _ in entries],
             "top_logprobs": tops,
             "text_offset": offsets,
         }
@@ -592,7 +616,9 @@ class OpenAIService:
         except RequestFailed as exc:
             engine.abort([r.id for r in reqs[: len(streams)]])
             raise ApiError(_HTTP_STATUS.get(exc.code, 500), exc.message) from exc
-        choices = [Choice(i, call, engine, call.texts[i // call.n]) for i in range(len(reqs))]
+        choices = [
+            Choice(i, call, engine, call.texts[i // call.n], call.prompts[i // call.n]) for i in range(len(reqs))
+        ]
         head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": call.model}  # fmt: skip
         events = _merged(engine, streams)
@@ -606,6 +632,7 @@ class OpenAIService:
                     if isinstance(ev, Chunk):
                         choice.text += ev.text
                         choice.entries.extend(ev.logprobs)
+                        choice.prompt_entries.extend(ev.prompt_logprobs)
                     else:
                         choice.final = ev
                         if ev.error is not None:
@@ -617,7 +644,11 @@ class OpenAIService:
                 item["message"] = {"role": "assistant", "content": c.text}
             else:
                 item["text"] = c.text
-            item["logprobs"] = c.logprobs(c.entries)
+            if c.scored_prompt:
+                first: list[Any] = [(c.first_prompt_id, None, None)]
+                item["logprobs"] = c.logprobs([*first, *c.prompt_entries, *c.entries])
+            else:
+                item["logprobs"] = c.logprobs(c.entries)
             item.update(c.finish_fields())
             out.append(item)
         body = {**head, "choices": out, "usage": _usage(choices, call.n)}
@@ -662,11 +693,16 @@ class OpenAIService:
         try:
             if call.chat:  # OpenAI opens every chat choice with the role and empty content
                 await send([item(c, "", [], False) for c in choices])
-            elif call.echo:
+            elif call.echo and call.logprobs is None:
                 await send([item(c, c.text, [], False) for c in choices])
             async with contextlib.aclosing(events):
                 async for i, batch in events:
                     c = choices[i]
+                    c.prompt_entries.extend(e for ev in batch if isinstance(ev, Chunk) for e in ev.prompt_logprobs)
+                    if c.scored_prompt and not c.echoed and c.prompt_scored:  # the prompt, with its logprobs
+                        c.echoed = True
+                        await send([{"index": c.index, "text": c.text, "logprobs": c.prompt_logprobs(),
+                                     "finish_reason": None}])  # fmt: skip
                     text = "".join(ev.text for ev in batch if isinstance(ev, Chunk))
                     entries = [e for ev in batch if isinstance(ev, Chunk) for e in ev.logprobs]
                     final = next((ev for ev in batch if isinstance(ev, Finished)), None)

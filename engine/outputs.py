@@ -14,6 +14,8 @@ class Chunk:
     token_ids: list[int]
     text: str
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    # with prompt_logprobs: (prompt token, its logprob, top alternatives) for prompt tokens 1.. in order
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass

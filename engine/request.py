@@ -36,6 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +74,8 @@ class SamplingParams:
             raise InvalidRequest("sampling.seed", f"must be a 64-bit integer, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequest("sampling.logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequest("sampling.prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}")
         if len(self.stop) > max_stop_strings:
             raise InvalidRequest("sampling.stop", f"at most {max_stop_strings} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -129,6 +132,7 @@ class Request:
     hash_root: bytes = b""
     registered_blocks: int = 0
     cached_tokens: int = 0
+    prompt_logprobs_next: int = 1  # with params.prompt_logprobs: the next prompt index whose logprob is due
 
     # The policies' view of a request (scheduler/policies.py: Job).
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,6 +14,7 @@ from .attention.sparse.config import HeadPattern
 from .kv_cache import slots_of
 from .model import native
 from .model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
+from .request import Request
 from .scheduler.scheduler import ScheduledRequest
 
 # Attention backends on CUDA: all but cuDNN's, which PyTorch prefers for bf16/fp16 on Hopper but which builds an
@@ -20,6 +22,15 @@ from .scheduler.scheduler import ScheduledRequest
 # greedy tokens took 65.5 ms each with cuDNN on first sight of each shape (1.5 ms once all were seen), 3.0 ms
 # without it (2.3 ms repeated).
 GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass
+class PromptSpan:
+    """`count` logits rows scoring `request`'s prompt tokens from index `first` on."""
+
+    request: Request
+    first: int
+    count: int
 
 
 class ModelRunner:
@@ -44,8 +55,11 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, scheduled: Sequence[ScheduledRequest]) -> tuple[torch.Tensor, list[ScheduledRequest]]:
-        """Returns (logits [k, vocab] float32, the k scheduled requests they belong to, in order)."""
+    def execute(
+        self, scheduled: Sequence[ScheduledRequest]
+    ) -> tuple[torch.Tensor, list[ScheduledRequest], list[PromptSpan]]:
+        """Returns (logits [p + k, vocab] float32, the k scheduled requests the last k rows belong to, in order, and
+        the prompt spans the first p rows score: requests that asked for prompt logprobs)."""
         bs = self.block_size
         # Multi-token chunks first, single-token steps (decodes) last and contiguous.
         prefills = [s for s in scheduled if s.num_new > 1]
@@ -56,9 +70,18 @@ class ModelRunner:
         spans: list[PrefillSpan] = []
         logits_rows: list[int] = []
         owners: list[ScheduledRequest] = []
+        prompt_rows: list[int] = []
+        prompt_spans: list[PromptSpan] = []
         for s in prefills:
             req, start, end = s.request, s.request.num_computed, s.request.num_computed + s.num_new
             row = len(tokens)
+            if req.params.prompt_logprobs is not None:
+                # the row at position q scores prompt token q + 1: those not yet scored (a re-prefill after a
+                # preemption computes them again), up to the prompt's end
+                first, last = max(start, req.prompt_logprobs_next - 1), min(end, req.prompt_len - 1)
+                if first < last:
+                    prompt_rows.extend(range(row + first - start, row + last - start))
+                    prompt_spans.append(PromptSpan(req, first + 1, last - first))
             tokens.extend(req.token_at(t) for t in range(start, end))
             positions.extend(range(start, end))
             slots.extend(slots_of(req.block_table, start, end, bs))
@@ -100,14 +123,14 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             prefills=spans,
             decodes=groups,
-            logits_rows=self._tensor(logits_rows),
+            logits_rows=self._tensor(prompt_rows + logits_rows),
             sparse_patterns=self.sparse_patterns,
         )
         with sdpa_kernel(GPU_ATTENTION) if self.device.type == "cuda" else contextlib.nullcontext():
             logits = self.model(self._tensor(tokens), meta, self.kv_cache)
         for s in scheduled:
             s.request.num_computed += s.num_new
-        return logits, owners
+        return logits, owners, prompt_spans
 
 
 def group_by_length(

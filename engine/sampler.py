@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .request import Request
+
+if TYPE_CHECKING:
+    from .runner import PromptSpan
 
 
 @dataclass
@@ -104,3 +108,17 @@ def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Sequence[
             top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist(), strict=True))
             logprobs[i] = (float(lp[j, token_ids[i]]), top)
     return SampleResult(token_ids, logprobs)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, row: int, span: PromptSpan
+) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """(token, logprob, top alternatives) for the prompt tokens `span` scores, from its rows of `logits` (the row
+    at position q scores prompt token q + 1)."""
+    req, k = span.request, span.request.params.prompt_logprobs or 0
+    lp = logits[row : row + span.count].float().log_softmax(dim=-1)
+    targets = torch.tensor(req.prompt_ids[span.first : span.first + span.count], device=lp.device)
+    chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+    top_v, top_i = lp.topk(max(k, 1), dim=-1)
+    tops = [list(zip(i[:k], v[:k], strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+    return list(zip(targets.tolist(), chosen, tops, strict=True))

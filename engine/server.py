@@ -63,6 +63,7 @@ def params_from_proto(s: pb.SamplingParams) -> SamplingParams:
         presence_penalty=opt("presence_penalty", 0.0),
         frequency_penalty=opt("frequency_penalty", 0.0),
         logprobs=opt("logprobs", None),
+        prompt_logprobs=opt("prompt_logprobs", None),
     )
 
 
@@ -160,17 +161,11 @@ class EngineService:
                                 chunk.token_ids.extend(ev.token_ids)
                             if want_text:
                                 chunk.text += ev.text
-                            for tok, lp, top in ev.logprobs:
-                                chunk.logprobs.append(
-                                    pb.TokenLogprobs(
-                                        token_id=tok,
-                                        logprob=lp,
-                                        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top],
-                                    )
-                                )
+                            chunk.logprobs.extend(_token_logprobs(ev.logprobs))
+                            chunk.prompt_logprobs.extend(_token_logprobs(ev.prompt_logprobs))
                         else:
                             final = ev
-                    if chunk.token_ids or chunk.text or chunk.logprobs:
+                    if chunk.token_ids or chunk.text or chunk.logprobs or chunk.prompt_logprobs:
                         yield pb.GenerateResponse(request_id=req.id, chunk=chunk)
                     if final is not None:
                         if final.error is not None:
@@ -212,6 +207,13 @@ class EngineService:
         while True:
             yield load_to_proto(engine.load(), engine.model_name)
             await asyncio.sleep(interval)
+
+
+def _token_logprobs(entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[pb.TokenLogprobs]:
+    return [
+        pb.TokenLogprobs(token_id=tok, logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+        for tok, lp, top in entries
+    ]
 
 
 def _final_to_proto(f: Finished) -> pb.Final:
