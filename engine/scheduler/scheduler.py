@@ -129,6 +129,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> StepPlan:
+        """This step's work: running requests first (preempting for memory as the policy picks), then admissions."""
         budget = self.max_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -137,7 +138,7 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.admitted_seq):
             if req not in self.running or budget == 0:
                 continue
-            num_new = min(req.num_tokens - req.num_computed, budget)
+            num_new = min(_chunk(req), budget)
             while not self._grow(req, req.num_computed + num_new):
                 victim = self.policy.victim(self.running)
                 preempted.append(victim)
@@ -160,7 +161,7 @@ class Scheduler:
                 if not self.policy.admit(self.running, req, capacity, self.allocator.blocks_for):
                     break
                 self._take_cached_prefix(req)
-                num_new = min(req.num_tokens - req.num_computed, budget)
+                num_new = min(_chunk(req), budget)
                 if not self._grow(req, req.num_computed + num_new):
                     self._release(req)  # gives the cached blocks back (they stay cached)
                     break
@@ -173,3 +174,14 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
         return StepPlan(scheduled, preempted)
+
+
+PROMPT_LOGPROBS_CHUNK = 512  # prefill rows per step of a request scoring its prompt: each row's logits are a vocabulary
+
+
+def _chunk(req: Request) -> int:
+    """Tokens `req` has left to compute, capped where its prompt is being scored (every row's logits are kept)."""
+    left = req.num_tokens - req.num_computed
+    if req.params.prompt_logprobs is not None and req.num_computed < req.prompt_len:
+        return min(left, PROMPT_LOGPROBS_CHUNK)
+    return left

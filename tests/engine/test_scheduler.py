@@ -48,6 +48,19 @@ def test_long_prompt_is_prefilled_in_chunks_within_the_token_budget() -> None:
     assert all(s.completes for s in plan.scheduled)
 
 
+def test_a_prompt_being_scored_prefills_in_chunks_of_at_most_512_rows() -> None:
+    """Every scored row keeps a vocabulary of logits: the chunk is capped, the rest of the budget goes to others."""
+    sched = Scheduler(FCFS(), BlockAllocator(256, 16), max_num_seqs=8, max_batched_tokens=2048)
+    params = SamplingParams(max_tokens=10, prompt_logprobs=0)
+    scored = Request(id="scored", prompt_ids=list(range(1, 1201)), params=params)
+    sched.add(scored)
+    sched.add(make(600, "plain"))
+    plan = sched.schedule()
+    assert [(s.request.id, s.num_new) for s in plan.scheduled] == [("scored", 512), ("plain", 600)]
+    scored.num_computed += 512
+    assert next((s.request.id, s.num_new) for s in sched.schedule().scheduled) == ("scored", 512)
+
+
 def test_fcfs_preempts_the_newest_when_the_cache_is_full() -> None:
     sched = Scheduler(FCFS(), BlockAllocator(4, 4), max_num_seqs=8, max_batched_tokens=64)
     a, b = make(7, "a"), make(7, "b")  # two blocks each with room for the first output token
