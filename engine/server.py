@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,11 +23,13 @@ from .config import EngineConfig
 from .engine import Engine, LoadSnapshot
 from .metrics import Histogram
 from .model.tokenizer import TokenizerError
-from .openai_api import HttpServer, OpenAIService
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams
 from .rpc import RequestFailed, malformed, request_events, server_stream, unary
 from .sidecar import LoadCollector, SidecarConfig
+
+if TYPE_CHECKING:
+    from .openai_api import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,8 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
         if self.http_port is not None:
+            from .openai_api import HttpServer, OpenAIService  # aiohttp: only where the HTTP API is served
+
             self.http = HttpServer(
                 OpenAIService(self.service, metrics_renderer(self.service), self.api_key), self.host, self.http_port
             )

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import grpc
-import openai
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -29,6 +28,7 @@ from optimist.engine.sampler import sample
 
 from ..conftest import LoadingServer, ServerThread
 
+openai = pytest.importorskip("openai")  # a test extra (the GPU machine's environment may lack it)
 FRANCE = "The capital of France is"
 COUNT = "One, two, three, four,"
 TEXT_PART = {"type": "text", "text": "of France?"}
