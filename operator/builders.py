@@ -308,32 +308,22 @@ def build_grpc_service(pool: Manifest) -> Manifest:
 def build_http_service(pool: Manifest) -> Manifest:
     """The OpenAI-compatible API behind one virtual IP (`<name>-http:8000`): HTTP/1.1 clients open short or
     pooled connections, which kube-proxy spreads over the ready pods."""
-    name = pool["metadata"]["name"]
-    return {
-        "apiVersion": SERVICE.api_version,
-        "kind": SERVICE.kind,
-        "metadata": _meta(pool, f"{name}-http", "api"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(name),
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
-            ],
-        },
-    }
+    port = {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+    return _cluster_ip_service(pool, "http", "api", port)
 
 
 def build_metrics_service(pool: Manifest) -> Manifest:
+    port = {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}
+    return _cluster_ip_service(pool, "metrics", "metrics", port)
+
+
+def _cluster_ip_service(pool: Manifest, suffix: str, component: str, port: Manifest) -> Manifest:
     name = pool["metadata"]["name"]
     return {
         "apiVersion": SERVICE.api_version,
         "kind": SERVICE.kind,
-        "metadata": _meta(pool, f"{name}-metrics", "metrics"),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(name),
-            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
-        },
+        "metadata": _meta(pool, f"{name}-{suffix}", component),
+        "spec": {"type": "ClusterIP", "selector": selector_labels(name), "ports": [port]},
     }
 
 
