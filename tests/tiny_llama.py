@@ -121,8 +121,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, tie: bool = True, seed: int = 0, arch: str = "llama") -> Path:
-    """As llama.cpp's converter writes it: Llama's Q/K rows permuted, Qwen2's not (NeoX rotary) but with biases."""
+def write_gguf(path: Path, tie: bool = True, seed: int = 0, arch: str = "llama", qtype: Any = None) -> Path:
+    """As llama.cpp's converter writes it: Llama's Q/K rows permuted, Qwen2's not (NeoX rotary) but with biases;
+    `qtype` (a GGMLQuantizationType): the layers' matrices stored in those blocks."""
     import gguf
 
     cfg = hf_config(tie, arch)
@@ -173,7 +174,12 @@ def write_gguf(path: Path, tie: bool = True, seed: int = 0, arch: str = "llama")
                 t = _permute(t, 4)
             elif gg == "attn_k" and not qwen2:
                 t = _permute(t, 2)
-            writer.add_tensor(f"blk.{i}.{gg}.weight", t)
+            if qtype is None:
+                writer.add_tensor(f"blk.{i}.{gg}.weight", t)
+            elif t.ndim == 2:
+                writer.add_tensor(f"blk.{i}.{gg}.weight", gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(f"blk.{i}.{gg}.weight", t)
             if qwen2 and gg in ("attn_q", "attn_k", "attn_v"):
                 writer.add_tensor(f"blk.{i}.{gg}.bias", w[f"model.layers.{i}.{hf}.bias"])
     writer.write_header_to_file()

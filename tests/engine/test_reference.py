@@ -132,3 +132,25 @@ def test_tiny_qwen2_answers_alike_in_each_cpu_weight_mode(tmp_path: Path) -> Non
     finally:
         exact.shutdown()
         fast.shutdown()
+
+
+def test_quantized_qwen2_gguf_runs_the_native_linears_with_its_biases(tmp_path: Path) -> None:
+    """Q8_0 layers: the native kernels (weights=int4) read the blocks, the biases are added beside them, and the
+    all-C decoder (which adds none) stays out; logits as with the same values in float32."""
+    import gguf
+
+    path = tiny_llama.write_gguf(tmp_path / "q8.gguf", arch="qwen2", qtype=gguf.GGMLQuantizationType.Q8_0)
+    exact = Engine(EngineConfig(model=path, device="cpu", weights="float", kv_cache_tokens=1024))
+    fast = Engine(EngineConfig(model=path, device="cpu", weights="int4", kv_cache_tokens=1024))
+    try:
+        assert fast.weights == "int4" and fast.model.native_decoder is None
+        for text in ("the cat sat", "in a hole in the ground"):
+            ids = exact.tokenizer.encode(text)
+            ref = prompt_logits(exact.model, ids)
+            assert (prompt_logits(fast.model, ids) - ref).abs().max().item() < 1e-3 * ref.abs().max().item(), text
+            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            # decode steps too (a C decoder without the biases would answer otherwise)
+            assert fast.generate(fast.new_request(ids, params))[0] == exact.generate(exact.new_request(ids, params))[0]
+    finally:
+        exact.shutdown()
+        fast.shutdown()
