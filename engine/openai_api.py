@@ -19,8 +19,9 @@ scheduled, batched, cached and measured like any other.
 - Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) and the message starts with the
   field: 400 bad request, 404 unknown model or route, 413 body too large, 429 waiting queue full, 503 loading or
   draining, 500 engine failure. A client that disconnects aborts its requests, which frees their KV blocks.
-- `GET /health` (200 when the engine takes requests, else 503), `GET /version`, and `GET /metrics`: the
-  sidecar's series (native names and the `vllm:` ones the endpoint picker reads) from the engine in process.
+- `POST /tokenize` and `/detokenize` (vLLM's), `GET /health` (200 when the engine takes requests, else 503),
+  `GET /version`, and `GET /metrics`: the sidecar's series (native names and the `vllm:` ones the endpoint picker
+  reads) from the engine in process.
 - With an API key (`--api-key-file`), the /v1 routes need `Authorization: Bearer KEY` (401 otherwise); the rest
   stay open for probes and scrapers.
 """
@@ -580,6 +581,52 @@ class OpenAIService:
         ready = engine is not None and engine.load().ready
         return web.Response(status=200 if ready else 503, text="" if ready else "not ready\n")
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: `prompt` (text) or `messages` (through the chat template) -> the token ids."""
+        engine = self._engine()
+        body = await _json_body(request)
+        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_generation_prompt"})
+        if unknown:
+            raise _bad(unknown[0], "unknown field; /tokenize takes model, prompt or messages, add_generation_prompt")
+        model = _typed(body, "model", "str")
+        if model is not None and model != engine.model_name:
+            raise _unknown_model(engine, model)
+        if ("prompt" in body) == ("messages" in body):
+            raise ApiError(400, "prompt: give either prompt (text) or messages", "prompt")
+        if "messages" in body:
+            add = _typed(body, "add_generation_prompt", "bool")
+            try:
+                text = engine.tokenizer.apply_chat_template(
+                    _messages(engine, body), add_generation_prompt=True if add is None else add
+                )
+            except TokenizerError as exc:
+                raise _bad("messages", str(exc)) from exc
+        else:
+            text = _typed(body, "prompt", "str")
+        ids = engine.tokenizer.encode(text or "")
+        return web.json_response(
+            {"count": len(ids), "max_model_len": engine.model_config.context_length, "tokens": ids}
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: `tokens` (ids) -> their text."""
+        engine = self._engine()
+        body = await _json_body(request)
+        unknown = sorted(set(body) - {"model", "tokens"})
+        if unknown:
+            raise _bad(unknown[0], "unknown field; /detokenize takes model and tokens")
+        model = _typed(body, "model", "str")
+        if model is not None and model != engine.model_name:
+            raise _unknown_model(engine, model)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise _bad("tokens", "required: a list of token ids")
+        vocab = engine.model_config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise _bad("tokens", f"token id {bad} is outside the vocabulary (size {vocab})")
+        return web.json_response({"prompt": engine.tokenizer.decode(tokens)})
+
     async def version(self, request: web.Request) -> web.Response:
         try:
             version = metadata.version("optimist")
@@ -600,12 +647,7 @@ class OpenAIService:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         engine = self._engine()
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not JSON: {exc}") from exc
-        call = read_call(engine, body, chat)
+        call = read_call(engine, await _json_body(request, object_only=False), chat)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         request_id = request.headers.get("X-Request-Id") or response_id
         reqs = make_requests(engine, call, request_id)
@@ -724,6 +766,17 @@ class OpenAIService:
         return response
 
 
+async def _json_body(request: web.Request, object_only: bool = True) -> Any:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from exc
+    if object_only and not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
@@ -771,6 +824,8 @@ def make_app(service: OpenAIService) -> web.Application:
     app.router.add_post("/v1/chat/completions", service.chat_completions)
     app.router.add_get("/v1/models", service.models)
     app.router.add_get("/v1/models/{name}", service.model)
+    app.router.add_post("/tokenize", service.tokenize)
+    app.router.add_post("/detokenize", service.detokenize)
     app.router.add_get("/health", service.health)
     app.router.add_get("/version", service.version)
     app.router.add_get("/metrics", service.prometheus)

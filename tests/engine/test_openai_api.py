@@ -528,3 +528,26 @@ def test_any_json_body_is_answered_or_refused_by_name(engine: Engine, body: dict
     logits = torch.randn(len(reqs), engine.model_config.vocab_size)
     result = sample(logits, reqs, engine.tokenizer.eos_ids)
     assert all(0 <= t < engine.model_config.vocab_size for t in result.token_ids)
+
+
+def test_tokenize_and_detokenize_round_trip(api: ServerThread, engine: Engine) -> None:
+    code, reply = post(api.http_url, "/tokenize", {"prompt": FRANCE})
+    ids = engine.tokenizer.encode(FRANCE)
+    assert code == 200 and reply == {"count": len(ids), "max_model_len": 8192, "tokens": ids}
+    code, back = post(api.http_url, "/detokenize", {"tokens": reply["tokens"], "model": engine.model_name})
+    assert code == 200 and back == {"prompt": FRANCE}
+    messages = [{"role": "user", "content": "Hi"}]
+    code, chat = post(api.http_url, "/tokenize", {"messages": messages})
+    templated = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert code == 200 and chat["tokens"] == engine.tokenizer.encode(templated)
+    for path, body, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "model": "gpt-4o"}, "model"),
+        ("/tokenize", {"text": "x"}, "text"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ]:
+        code, reply = post(api.http_url, path, body)
+        assert 400 <= code < 500 and reply["error"]["message"].startswith(f"{param}:"), (path, body, reply)
