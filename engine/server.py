@@ -310,7 +310,12 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.address}")
         if self.http_port is not None:
-            from .openai_api import HttpServer, OpenAIService  # aiohttp: only where the HTTP API is served
+            try:
+                from .openai_api import HttpServer, OpenAIService  # aiohttp: only where the HTTP API is served
+            except ModuleNotFoundError as exc:
+                raise RuntimeError(
+                    f"the OpenAI-compatible API needs {exc.name} (a dependency); or pass --no-http"
+                ) from exc
 
             self.http = HttpServer(
                 OpenAIService(self.service, metrics_renderer(self.service), self.api_key), self.host, self.http_port

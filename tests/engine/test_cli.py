@@ -156,3 +156,13 @@ def test_bench_serve_rejects_unknown_names_before_doing_any_work(capsys: Any) ->
         assert named in capsys.readouterr().err
     args = parser.parse_args(["bench", "serve", "--baselines", "", "--weights", "fp16"])
     assert args.baselines == [] and args.weights == ["fp16"]
+
+
+def test_serve_without_aiohttp_names_it_and_the_way_out(tiny_gguf: Path) -> None:
+    """Where the HTTP server's dependency is missing (a bare GPU environment), serve says so in one line."""
+    args = ["serve", "--model", str(tiny_gguf), "--port", str(free_port()), "--http-port", "0"]
+    code = f"import sys; sys.modules['aiohttp'] = None; from optimist.engine.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("optimist serve: error: the OpenAI-compatible API needs aiohttp") and "--no-http" in last
