@@ -102,6 +102,23 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param)
 
 
+def _check_body(engine: Engine, body: dict[str, Any], known: set[str], where: str) -> None:
+    """No field outside `known`, and `model` (when given) names the served model."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise _bad(unknown[0], f"unknown field; {where} takes {', '.join(sorted(known))}")
+    model = _typed(body, "model", "str")
+    if model is not None and model != engine.model_name:
+        raise _unknown_model(engine, model)
+
+
+def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
+    vocab = engine.model_config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise _bad(param, f"token id {bad} is outside the vocabulary (size {vocab})")
+
+
 # ------------------------------------------------------------------------------------------- reading requests
 
 
@@ -283,10 +300,7 @@ def _prompts(engine: Engine, body: dict[str, Any]) -> tuple[list[list[int]], lis
             ids.append(engine.tokenizer.encode(item))
             texts.append(item)
         else:
-            vocab = engine.model_config.vocab_size
-            bad = next((t for t in item if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise _bad("prompt", f"token id {bad} is outside the vocabulary (size {vocab})")
+            _check_ids(engine, item, "prompt")  # before decoding them for `echo`
             ids.append(list(item))
             texts.append(engine.tokenizer.decode(item))
     return ids, texts
@@ -296,13 +310,7 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
     """Checks an OpenAI request body against the model; raises ApiError naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise _bad(unknown[0], f"unknown field; this endpoint takes {', '.join(sorted(known))}")
-    model = _typed(body, "model", "str")
-    if model is not None and model != engine.model_name:
-        raise _unknown_model(engine, model)
+    _check_body(engine, body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS, "this endpoint")
     _refuse_unsupported(body, chat)
     values, max_param = _sampling(body, chat)
     n = _n(body, chat)
@@ -433,10 +441,9 @@ class Choice:
     def prompt_scored(self) -> bool:
         return len(self.prompt_entries) >= self.prompt_len - 1
 
-    def prompt_logprobs(self) -> dict[str, Any] | None:
-        """The echoed prompt's logprobs block (completions form), once every prompt token is scored."""
-        head: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(self.first_prompt_id, None, None)]
-        return self.logprobs([*head, *self.prompt_entries])
+    def prompt_scores(self) -> list[Any]:
+        """The echoed prompt's logprob entries: its first token without values, then the engine's."""
+        return [(self.first_prompt_id, None, None), *self.prompt_entries]
 
     def _token(self, token_id: int) -> str:
         raw = self.tokenizer.token_bytes[token_id]
@@ -585,12 +592,7 @@ class OpenAIService:
         """vLLM's /tokenize: `prompt` (text) or `messages` (through the chat template) -> the token ids."""
         engine = self._engine()
         body = await _json_body(request)
-        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_generation_prompt"})
-        if unknown:
-            raise _bad(unknown[0], "unknown field; /tokenize takes model, prompt or messages, add_generation_prompt")
-        model = _typed(body, "model", "str")
-        if model is not None and model != engine.model_name:
-            raise _unknown_model(engine, model)
+        _check_body(engine, body, {"model", "prompt", "messages", "add_generation_prompt"}, "/tokenize")
         if ("prompt" in body) == ("messages" in body):
             raise ApiError(400, "prompt: give either prompt (text) or messages", "prompt")
         if "messages" in body:
@@ -612,19 +614,11 @@ class OpenAIService:
         """vLLM's /detokenize: `tokens` (ids) -> their text."""
         engine = self._engine()
         body = await _json_body(request)
-        unknown = sorted(set(body) - {"model", "tokens"})
-        if unknown:
-            raise _bad(unknown[0], "unknown field; /detokenize takes model and tokens")
-        model = _typed(body, "model", "str")
-        if model is not None and model != engine.model_name:
-            raise _unknown_model(engine, model)
+        _check_body(engine, body, {"model", "tokens"}, "/detokenize")
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise _bad("tokens", "required: a list of token ids")
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise _bad("tokens", f"token id {bad} is outside the vocabulary (size {vocab})")
+        _check_ids(engine, tokens, "tokens")
         return web.json_response({"prompt": engine.tokenizer.decode(tokens)})
 
     async def version(self, request: web.Request) -> web.Response:
@@ -686,11 +680,7 @@ class OpenAIService:
                 item["message"] = {"role": "assistant", "content": c.text}
             else:
                 item["text"] = c.text
-            if c.scored_prompt:
-                first: list[Any] = [(c.first_prompt_id, None, None)]
-                item["logprobs"] = c.logprobs([*first, *c.prompt_entries, *c.entries])
-            else:
-                item["logprobs"] = c.logprobs(c.entries)
+            item["logprobs"] = c.logprobs([*c.prompt_scores(), *c.entries] if c.scored_prompt else c.entries)
             item.update(c.finish_fields())
             out.append(item)
         body = {**head, "choices": out, "usage": _usage(choices, call.n)}
@@ -743,7 +733,7 @@ class OpenAIService:
                     c.prompt_entries.extend(e for ev in batch if isinstance(ev, Chunk) for e in ev.prompt_logprobs)
                     if c.scored_prompt and not c.echoed and c.prompt_scored:  # the prompt, with its logprobs
                         c.echoed = True
-                        await send([{"index": c.index, "text": c.text, "logprobs": c.prompt_logprobs(),
+                        await send([{"index": c.index, "text": c.text, "logprobs": c.logprobs(c.prompt_scores()),
                                      "finish_reason": None}])  # fmt: skip
                     text = "".join(ev.text for ev in batch if isinstance(ev, Chunk))
                     entries = [e for ev in batch if isinstance(ev, Chunk) for e in ev.logprobs]

@@ -163,7 +163,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.wqkv(x)
         if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias.to(qkv.dtype)
+            qkv.add_(self.qkv_bias)  # (the projection's output is a fresh tensor)
         # Queries and keys are adjacent columns: one rotary call for both (decode is bound by the op count).
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.n_heads + self.n_kv, self.head_dim)
         rows = meta.native_prefill and t >= ELEMENTWISE_ROWS and qkv.dtype == torch.float32
