@@ -97,6 +97,7 @@ class EngineConfig:
     sparse_prefill_threshold: int = 0  # prompts longer than this prefill with sparse attention; 0 = off
     sparse_patterns: Path | None = None  # MInference-format pattern file; None = the model's bundled one or defaults
     prefix_caching: bool = True  # requests share the K/V of full blocks with equal prefixes (kv_cache.py)
+    jump_forward: bool = True  # structured outputs: tokens the language forces are appended unsampled
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")

@@ -36,6 +36,7 @@ from .sampler import prompt_logprobs, sample
 from .scheduler.policies import make_policy
 from .scheduler.predictor import LowerBoundPredictor
 from .scheduler.scheduler import Scheduler
+from .structured import Grammars, allowed_tokens, failure
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,10 @@ class Engine:
             return
         finally:
             loaded.set()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self.grammars.close()
 
     def _setup(self, progress: ProgressFn | None) -> None:
         config = self.config
@@ -199,6 +203,8 @@ class Engine:
         )
         self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
+        self.jump_forward = config.jump_forward  # may be switched while serving (benchmarks compare both)
 
     def _check_cache_fits(self) -> None:
         """A CPU cache becomes resident as it fills (`zeros_on_demand`): refuse at start one that, with what the
@@ -346,6 +352,8 @@ class Engine:
         if params.seed is not None and not params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
+        if params.structured_output is not None:
+            req.matcher = self.grammars.matcher(params.structured_output)
         return req
 
     def submit(self, request: Request, sink: Sink) -> None:
@@ -479,6 +487,9 @@ class Engine:
                 self.stats.queue.observe(now - s.request.arrival)
                 self.stats.prompt_tokens += len(s.request.prompt_ids)
                 self.stats.prefix_cache_hit_tokens += s.request.cached_tokens
+        # Structured outputs: the token masks of the rows sampled this step, filled while the model runs.
+        constrained = [s.request for s in plan.scheduled if s.completes and s.request.matcher is not None]
+        masks = self.grammars.start_masks(constrained) if constrained else None
         logits, owners, prompt_spans = self.runner.execute(plan.scheduled)
         with self._lock:
             self.scheduler.cache_computed(plan.scheduled)
@@ -486,7 +497,12 @@ class Engine:
         prompt_lps = [(span, prompt_logprobs(logits, row, span)) for span, row in _rows(prompt_spans)]
         logits = logits[scored:]
         reqs = [s.request for s in owners]
-        result = sample(logits, reqs, self.tokenizer.eos_ids)
+        grammar = None
+        if masks is not None:
+            allowed = allowed_tokens(masks.result(), self.grammars.vocab_size, logits.device)
+            order = {id(r): i for i, r in enumerate(reqs)}
+            grammar = ([order[id(r)] for r in constrained], allowed)
+        result = sample(logits, reqs, self.tokenizer.eos_ids, grammar)
         now = time.monotonic()
         with self._lock:
             self.stats.steps += 1
@@ -494,34 +510,66 @@ class Engine:
                 if span.request.status is Status.RUNNING:
                     span.request.prompt_logprobs_next = span.first + span.count
                     _emit(self._requests[span.request.id][1], Chunk([], "", prompt_logprobs=entries))
+            for req in constrained:  # a grammar that failed while its mask was computed ends its request alone
+                if (why := failure(req.matcher)) is not None:
+                    self._finish(req, FinishReason.ABORTED, "", error=f"sampling.structured_output: {why}", invalid=True)
             for i, req in enumerate(reqs):
                 self._on_token(req, result.token_ids[i], result.logprobs[i], now)
 
     def _on_token(
         self, req: Request, token: int, logprobs: tuple[float, list[tuple[int, float]]] | None, now: float
     ) -> None:
+        """Appends a sampled token, and after it the tokens a structured output's language forces; emits them as
+        one chunk and finishes the request when one of them ends it."""
         if req.status is not Status.RUNNING:
             return
         _, sink, state = self._requests[req.id]
-        req.output_ids.append(token)
-        self.stats.generation_tokens += 1
         if req.first_token_at is None:
             req.first_token_at = now
             self.stats.ttft.observe(now - req.arrival)
         elif req.last_token_at is not None:
             self.stats.itl.observe(now - req.last_token_at)
         req.last_token_at = now
-        text, reason, stop = state.append(req, token)
-        lp = [] if logprobs is None else [(token, logprobs[0], logprobs[1])]
-        _emit(sink, Chunk([token], text, lp))
-        if reason is None and req.num_tokens >= self.model_config.context_length:
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            self._finish(req, reason, stop)
-        else:
+        tokens, text, error = [token], "", None
+        lps = [] if logprobs is None else [(token, logprobs[0], logprobs[1])]
+        reason, stop = None, ""
+        i = 0
+        while i < len(tokens):
+            t = tokens[i]
+            i += 1
+            req.output_ids.append(t)
+            self.stats.generation_tokens += 1
+            delta, reason, stop = state.append(req, t)
+            text += delta
+            if reason is None and req.num_tokens >= self.model_config.context_length:
+                text += state.flush()
+                reason = FinishReason.LENGTH
+            if reason is None and req.matcher is not None:
+                if not req.matcher.consume_token(t):
+                    error = failure(req.matcher) or f"token {t} does not continue the language"
+                elif req.matcher.is_stopped():  # the text is complete and nothing may follow
+                    text += state.flush()
+                    reason = FinishReason.EOS
+                elif i == len(tokens) and self._jump_forward(req):
+                    tokens.extend(req.matcher.compute_ff_tokens())
+            if reason is not None or error is not None:
+                del tokens[i:]
+                break
             self.scheduler.on_token(req)
+        _emit(sink, Chunk(tokens, text, lps))
+        if error is not None:
+            self._finish(req, FinishReason.ABORTED, "", error=f"sampling.structured_output: {error}", invalid=True)
+        elif reason is not None:
+            self._finish(req, reason, stop)
 
-    def _finish(self, req: Request, reason: FinishReason, stop: str, error: str | None = None) -> None:
+    def _jump_forward(self, req: Request) -> bool:
+        """Whether the tokens a request's language forces are appended without sampling them: not when the client
+        wants each token's logprobs (a forced token's would be the constrained distribution's, always 0)."""
+        return self.jump_forward and req.params.logprobs is None
+
+    def _finish(
+        self, req: Request, reason: FinishReason, stop: str, error: str | None = None, invalid: bool = False
+    ) -> None:
         """Frees the request's blocks and sends its final event (call with the lock held)."""
         entry = self._requests.pop(req.id, None)
         self._known_ids.discard(req.id)
@@ -551,6 +599,7 @@ class Engine:
                 total_s=now - req.arrival,
                 evictions=req.evictions,
                 error=error,
+                invalid=invalid,
             ),
         )
 

@@ -7,11 +7,16 @@ scheduled, batched, cached and measured like any other.
 - Requests: OpenAI's fields (`model`, `prompt` as a string, a list of strings, a list of token ids or a list of
   those; `messages` with string or text-part content; `max_tokens` / `max_completion_tokens`, `temperature`,
   `top_p`, `n`, `stream`, `stream_options.include_usage`, `stop`, `seed`, `presence_penalty`,
-  `frequency_penalty`, `logprobs` / `top_logprobs`, `echo`, `user`, `response_format` text), vLLM's extra sampling
-  fields (`top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) and ours
-  (`output_length_hint: {"lower", "upper"}`, the scheduler's hint, as in the gRPC API). A field this server does
-  not know, or a feature it does not have (tools, images, logit_bias, suffix, best_of > n), gets a 400 naming it
-  rather than being silently ignored. The `X-Request-Id` header names the engine request (its choices `ID-0`,
+  `frequency_penalty`, `logprobs` / `top_logprobs`, `echo`, `user`), vLLM's extra sampling fields (`top_k`,
+  `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) and ours (`output_length_hint:
+  {"lower", "upper"}`, the scheduler's hint, as in the gRPC API). A field this server does not know, or a feature
+  it does not have (tools, images, logit_bias, suffix, best_of > n), gets a 400 naming it rather than being
+  silently ignored.
+- Structured outputs (engine/structured.py): OpenAI's `response_format` (`text`, `json_object`, `json_schema` with
+  its `schema`), on both endpoints as vLLM, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`,
+  `choice`, `grammar`) with its older spellings `guided_json`, `guided_regex`, `guided_choice`,
+  `guided_grammar`. One constraint per request; a schema, regex or grammar that does not compile is a 400 naming
+  the field it came in. The `X-Request-Id` header names the engine request (its choices `ID-0`,
   `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
 - Defaults as OpenAI's: completions 16 tokens, chat completions up to the context; `n` choices of one prompt
   are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical). `echo` with
@@ -46,7 +51,7 @@ from aiohttp import web
 from .engine import Engine
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Event, Finished
-from .request import FinishReason, InvalidRequest, Request, SamplingParams
+from .request import FinishReason, InvalidRequest, Request, SamplingParams, StructuredOutput
 from .rpc import RequestFailed, open_events
 
 log = logging.getLogger(__name__)
@@ -70,10 +75,16 @@ _MIN_LOGPROB = -9999.0  # JSON has no -Infinity; vLLM reports impossible tokens 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "presence_penalty", "frequency_penalty", "logprobs", "user", "logit_bias", "top_k", "min_p", "min_tokens",
            "repetition_penalty", "ignore_eos", "stop_token_ids", "output_length_hint", "metadata", "store",
-           "service_tier"}  # fmt: skip
+           "service_tier", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+           "guided_grammar"}  # fmt: skip
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                          "tool_choice", "functions", "function_call", "parallel_tool_calls"}  # fmt: skip
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                          "function_call", "parallel_tool_calls"}  # fmt: skip
+# vLLM's structured_outputs keys and the older top-level fields, each with the constraint kind it names
+_STRUCTURED_KEYS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                    "grammar": "grammar"}  # fmt: skip
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}  # fmt: skip
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -176,6 +187,7 @@ class Call:
     upper_hint: int | None = None
     max_tokens_param: str = "max_tokens"
     max_tokens_given: bool = False
+    structured_param: str = "response_format"  # where the client put its structured-output constraint
 
 
 def _sampling(body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], str]:
@@ -214,12 +226,65 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
         for name in ("tool_choice", "function_call"):
             if body.get(name) not in (None, "none"):
                 raise _bad(name, "tool and function calling are not supported by this server")
-        fmt = _typed(body, "response_format", "object")
-        if fmt is not None and fmt.get("type") != "text":
-            raise _bad("response_format", f'only {{"type": "text"}} is supported, got {json.dumps(fmt)[:80]}')
     else:
         if body.get("suffix"):
             raise _bad("suffix", "not supported by this server (no fill-in-the-middle)")
+
+
+def _structured(body: dict[str, Any]) -> tuple[StructuredOutput | None, str]:
+    """The request's structured-output constraint, if any, and the field it came in."""
+    found: list[tuple[str, str, Any]] = []  # (field, kind, value)
+    fmt = _typed(body, "response_format", "object")
+    if fmt is not None:
+        kind = fmt.get("type")
+        extra = sorted(set(fmt) - {"type", "json_schema"})
+        if extra:
+            raise _bad(f"response_format.{extra[0]}", "unknown; response_format takes type and json_schema")
+        if kind == "json_object":
+            found.append(("response_format", "json_object", True))
+        elif kind == "json_schema":
+            spec = _typed(fmt, "json_schema", "object")
+            if spec is None:
+                raise _bad("response_format.json_schema", 'required when type is "json_schema"')
+            unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+            if unknown:
+                raise _bad(f"response_format.json_schema.{unknown[0]}", "unknown; takes name, schema, strict, description")
+            schema = spec.get("schema")
+            if not isinstance(schema, dict | bool):
+                raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
+            found.append(("response_format.json_schema.schema", "json_schema", schema))
+        elif kind != "text":
+            raise _bad("response_format.type", f'must be "text", "json_object" or "json_schema", got {json.dumps(kind)}')
+    outputs = _typed(body, "structured_outputs", "object")
+    if outputs is not None:
+        for key, value in outputs.items():
+            if key not in _STRUCTURED_KEYS:
+                raise _bad(f"structured_outputs.{key}", f"unknown; takes one of {', '.join(_STRUCTURED_KEYS)}")
+            if value is not None and value is not False:
+                found.append((f"structured_outputs.{key}", _STRUCTURED_KEYS[key], value))
+    found.extend((name, kind, body[name]) for name, kind in _GUIDED.items() if body.get(name) is not None)
+    if not found:
+        return None, "response_format"
+    if len(found) > 1:
+        raise _bad(found[1][0], f"only one structured-output constraint per request (already {found[0][0]})")
+    param, kind, value = found[0]
+    if kind == "json_object":
+        if value is not True:
+            raise _bad(param, "must be true")
+        return StructuredOutput("json_object"), param
+    if kind == "json_schema":
+        if isinstance(value, str):  # vLLM takes the schema as an object or as its JSON text
+            return StructuredOutput(kind, value), param
+        if not isinstance(value, dict | bool):
+            raise _bad(param, "must be a JSON Schema (an object)")
+        return StructuredOutput(kind, json.dumps(value)), param
+    if kind == "choice":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(param, "must be a list of strings")
+        return StructuredOutput.choices(value), param
+    if not isinstance(value, str):
+        raise _bad(param, "must be a string")
+    return StructuredOutput(kind, value), param
 
 
 def _n(body: dict[str, Any], chat: bool) -> int:
@@ -346,6 +411,7 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         values["logprobs"] = logprobs
         if echo:  # the echoed prompt's tokens come with their logprobs too (scoring a text, as evaluation harnesses do)
             values["prompt_logprobs"] = logprobs
+    values["structured_output"], structured_param = _structured(body)
     lower, upper = _hint(body)
     given = "max_tokens" in values
     if not given and not chat:
@@ -365,6 +431,7 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         upper_hint=upper,
         max_tokens_param=max_param,
         max_tokens_given=given,
+        structured_param=structured_param,
     )
 
 
@@ -377,6 +444,8 @@ def _param_of(exc: InvalidRequest, call: Call) -> str:
         return call.max_tokens_param
     if name == "request_id":
         return "X-Request-Id"
+    if name.startswith("structured_output"):
+        return call.structured_param
     return name
 
 
@@ -672,7 +741,7 @@ class OpenAIService:
                     else:
                         choice.final = ev
                         if ev.error is not None:
-                            raise ApiError(500, f"engine error: {ev.error}")
+                            raise _failed(call, ev)
         out = []
         for c in choices:
             item: dict[str, Any] = {"index": c.index}
@@ -739,8 +808,9 @@ class OpenAIService:
                     entries = [e for ev in batch if isinstance(ev, Chunk) for e in ev.logprobs]
                     final = next((ev for ev in batch if isinstance(ev, Finished)), None)
                     if final is not None and final.error is not None:
-                        error = {"message": f"engine error: {final.error}", "type": "server_error", "param": None,
-                                 "code": None}  # fmt: skip
+                        failed = _failed(call, final)
+                        error = {"message": failed.message, "type": _ERROR_TYPE[failed.status],
+                                 "param": failed.param, "code": None}  # fmt: skip
                         await response.write(b"data: " + _json_bytes({"error": error}) + b"\n\n")
                         break
                     c.final = final
@@ -754,6 +824,14 @@ class OpenAIService:
         except (ConnectionResetError, ConnectionError):
             log.debug("client went away during %s", head["id"])  # its requests were aborted as events closed
         return response
+
+
+def _failed(call: Call, final: Finished) -> ApiError:
+    """The error for a request the engine failed: its own input (400, naming the field) or a bug (500)."""
+    if final.invalid:
+        message = str(final.error).removeprefix("sampling.structured_output")
+        return ApiError(400, f"{call.structured_param}{message}", call.structured_param)
+    return ApiError(500, f"engine error: {final.error}")
 
 
 async def _json_body(request: web.Request, object_only: bool = True) -> Any:

@@ -29,7 +29,8 @@ class Finished:
     total_s: float
     evictions: int
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    error: str | None = None  # set when the engine failed the request (a bug): the server reports INTERNAL
+    error: str | None = None  # set when the engine failed the request: the server reports INTERNAL, or with
+    invalid: bool = False  # set, INVALID_ARGUMENT (the request's own input failed it: a grammar past its limits)
 
 
 Event = Chunk | Finished

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +20,47 @@ class InvalidRequest(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURED_CHARS = 256 * 1024  # a constraint's text (schema, regex, grammar, the choices as JSON)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The language a request's output is constrained to (engine/structured.py compiles it)."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str = ""  # the JSON Schema, regex or grammar text; for `choice` the choices as a JSON list; json_object: ""
+
+    @property
+    def field(self) -> str:
+        return f"sampling.structured_output.{self.kind}"
+
+    @classmethod
+    def choices(cls, options: list[str] | tuple[str, ...]) -> StructuredOutput:
+        return cls("choice", json.dumps(list(options)))
+
+    def validate(self) -> None:
+        """What can be checked without compiling: the kind, the size, JSON where JSON is due, the choices."""
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequest("sampling.structured_output", f"unknown kind {self.kind!r}")
+        if len(self.spec) > MAX_STRUCTURED_CHARS:
+            raise InvalidRequest(self.field, f"longer than {MAX_STRUCTURED_CHARS} characters ({len(self.spec)})")
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value: Any = json.loads(self.spec)
+            except ValueError as exc:
+                raise InvalidRequest(self.field, f"not valid JSON: {exc}") from exc
+            if self.kind == "json_schema" and not isinstance(value, dict | bool):
+                raise InvalidRequest(self.field, f"a JSON Schema is an object (or a boolean), got {type(value).__name__}")
+            if self.kind == "choice":
+                if not isinstance(value, list) or not value:
+                    raise InvalidRequest(self.field, "needs at least one choice")
+                if not all(isinstance(v, str) and v for v in value):
+                    raise InvalidRequest(self.field, "every choice must be a non-empty string")
+        elif self.kind in ("regex", "grammar") and not self.spec:
+            raise InvalidRequest(self.field, "is empty")
 
 
 @dataclass(frozen=True)
@@ -37,6 +80,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives
+    structured_output: StructuredOutput | None = None  # the language the output is constrained to
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +134,8 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequest("sampling.stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+        if self.structured_output is not None:
+            self.structured_output.validate()
 
 
 class Status(enum.Enum):
@@ -133,6 +179,7 @@ class Request:
     registered_blocks: int = 0
     cached_tokens: int = 0
     prompt_logprobs_next: int = 1  # with params.prompt_logprobs: the next prompt index whose logprob is due
+    matcher: Any = None  # with params.structured_output: its llguidance matcher, advanced token by token
 
     # The policies' view of a request (scheduler/policies.py: Job).
     @property

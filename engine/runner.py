@@ -86,7 +86,9 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(slots_of(req.block_table, start, end, bs))
             context = None if start == 0 else self._tensor(slots_of(req.block_table, 0, end, bs))
-            sparse = 0 < self.sparse_threshold < req.prompt_len
+            # sparse for prompt chunks (and re-prefills) of long prompts; output-only chunks (tokens a structured
+            # output forced) run dense, as decode steps do
+            sparse = 0 < self.sparse_threshold < req.prompt_len and start < req.prompt_len
             int8 = req.prompt_len >= native.WIDEN_ROWS  # where the layers have int8 panels (--prefill-gemm)
             spans.append(PrefillSpan(row, row + s.num_new, context, end, sparse, int8))
             if sparse:

@@ -44,13 +44,27 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
 
 
 def mask_early_stops(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Sequence[int]) -> None:
-    """Before min_tokens, EOS and stop tokens cannot be chosen."""
+    """Before min_tokens, EOS and stop tokens cannot be chosen (unless nothing else can: a structured output's
+    language may be complete, and then it wins)."""
     for row, req in enumerate(requests):
         p = req.params
         if len(req.output_ids) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
             if banned:
+                kept = logits[row, banned].clone()
                 logits[row, banned] = float("-inf")
+                if req.matcher is not None and not bool(torch.isfinite(logits[row]).any()):
+                    logits[row, banned] = kept
+
+
+def mask_grammars(logits: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor) -> None:
+    """Structured outputs: row rows[i] keeps only the tokens allowed[i] marks (the rest of the width stays -inf)."""
+    index = torch.tensor(rows, device=logits.device)
+    vocab = allowed.shape[1]
+    sub = logits[index]
+    sub[:, :vocab] = sub[:, :vocab].masked_fill(~allowed, float("-inf"))
+    sub[:, vocab:] = float("-inf")
+    logits[index] = sub
 
 
 def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -81,9 +95,22 @@ def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request], eos_ids: Sequence[int]) -> SampleResult:
-    """logits: [len(requests), vocab] float32 (modified in place)."""
+def sample(
+    logits: torch.Tensor,
+    requests: Sequence[Request],
+    eos_ids: Sequence[int],
+    grammar: tuple[Sequence[int], torch.Tensor] | None = None,
+) -> SampleResult:
+    """logits: [len(requests), vocab] float32 (may be modified in place). `grammar`: the rows of constrained requests and
+    their allowed tokens ([rows, vocab] bool); logprobs then describe the constrained distribution."""
+    edits = grammar is not None or any(
+        r.params.needs_penalties or len(r.output_ids) < r.params.min_tokens for r in requests
+    )
+    if edits and logits.is_inference():  # the model's output, made under inference_mode: edit a copy
+        logits = logits.clone()
     apply_penalties(logits, requests)
+    if grammar is not None:
+        mask_grammars(logits, *grammar)
     mask_early_stops(logits, requests, eos_ids)
     chosen = logits.argmax(dim=-1)
     sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]

@@ -24,7 +24,7 @@ from .engine import Engine, LoadSnapshot
 from .metrics import Histogram
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Finished
-from .request import FinishReason, InvalidRequest, SamplingParams
+from .request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput
 from .rpc import RequestFailed, malformed, request_events, server_stream, unary
 from .sidecar import LoadCollector, SidecarConfig
 
@@ -66,7 +66,21 @@ def params_from_proto(s: pb.SamplingParams) -> SamplingParams:
         frequency_penalty=opt("frequency_penalty", 0.0),
         logprobs=opt("logprobs", None),
         prompt_logprobs=opt("prompt_logprobs", None),
+        structured_output=structured_from_proto(s.structured_output) if s.HasField("structured_output") else None,
     )
+
+
+def structured_from_proto(so: pb.StructuredOutput) -> StructuredOutput:
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("sampling.structured_output", "set one of json_schema, json_object, regex, choice, grammar")
+    if kind == "json_object":
+        if not so.json_object:
+            raise InvalidRequest("sampling.structured_output.json_object", "must be true when set")
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        return StructuredOutput.choices(list(so.choice.choices))
+    return StructuredOutput(kind, getattr(so, kind))
 
 
 def histogram_to_proto(h: Histogram) -> pb.Histogram:
@@ -170,6 +184,8 @@ class EngineService:
                     if chunk.token_ids or chunk.text or chunk.logprobs or chunk.prompt_logprobs:
                         yield pb.GenerateResponse(request_id=req.id, chunk=chunk)
                     if final is not None:
+                        if final.error is not None and final.invalid:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, final.error)
                         if final.error is not None:
                             await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {final.error}")
                         yield pb.GenerateResponse(request_id=req.id, final=_final_to_proto(final))
