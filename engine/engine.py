@@ -512,7 +512,9 @@ class Engine:
                     _emit(self._requests[span.request.id][1], Chunk([], "", prompt_logprobs=entries))
             for req in constrained:  # a grammar that failed while its mask was computed ends its request alone
                 if (why := failure(req.matcher)) is not None:
-                    self._finish(req, FinishReason.ABORTED, "", error=f"sampling.structured_output: {why}", invalid=True)
+                    self._finish(
+                        req, FinishReason.ABORTED, "", error=f"sampling.structured_output: {why}", invalid=True
+                    )
             for i, req in enumerate(reqs):
                 self._on_token(req, result.token_ids[i], result.logprobs[i], now)
 

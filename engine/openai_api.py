@@ -248,13 +248,17 @@ def _structured(body: dict[str, Any]) -> tuple[StructuredOutput | None, str]:
                 raise _bad("response_format.json_schema", 'required when type is "json_schema"')
             unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
             if unknown:
-                raise _bad(f"response_format.json_schema.{unknown[0]}", "unknown; takes name, schema, strict, description")
+                raise _bad(
+                    f"response_format.json_schema.{unknown[0]}", "unknown; takes name, schema, strict, description"
+                )
             schema = spec.get("schema")
             if not isinstance(schema, dict | bool):
                 raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
             found.append(("response_format.json_schema.schema", "json_schema", schema))
         elif kind != "text":
-            raise _bad("response_format.type", f'must be "text", "json_object" or "json_schema", got {json.dumps(kind)}')
+            raise _bad(
+                "response_format.type", f'must be "text", "json_object" or "json_schema", got {json.dumps(kind)}'
+            )
     outputs = _typed(body, "structured_outputs", "object")
     if outputs is not None:
         for key, value in outputs.items():

@@ -53,7 +53,9 @@ class StructuredOutput:
             except ValueError as exc:
                 raise InvalidRequest(self.field, f"not valid JSON: {exc}") from exc
             if self.kind == "json_schema" and not isinstance(value, dict | bool):
-                raise InvalidRequest(self.field, f"a JSON Schema is an object (or a boolean), got {type(value).__name__}")
+                raise InvalidRequest(
+                    self.field, f"a JSON Schema is an object (or a boolean), got {type(value).__name__}"
+                )
             if self.kind == "choice":
                 if not isinstance(value, list) or not value:
                     raise InvalidRequest(self.field, "needs at least one choice")

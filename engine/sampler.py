@@ -101,8 +101,8 @@ def sample(
     eos_ids: Sequence[int],
     grammar: tuple[Sequence[int], torch.Tensor] | None = None,
 ) -> SampleResult:
-    """logits: [len(requests), vocab] float32 (may be modified in place). `grammar`: the rows of constrained requests and
-    their allowed tokens ([rows, vocab] bool); logprobs then describe the constrained distribution."""
+    """logits: [len(requests), vocab] float32 (may be modified in place). `grammar`: the rows of constrained
+    requests and their allowed tokens ([rows, vocab] bool); logprobs then describe the constrained distribution."""
     edits = grammar is not None or any(
         r.params.needs_penalties or len(r.output_ids) < r.params.min_tokens for r in requests
     )

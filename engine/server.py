@@ -73,7 +73,9 @@ def params_from_proto(s: pb.SamplingParams) -> SamplingParams:
 def structured_from_proto(so: pb.StructuredOutput) -> StructuredOutput:
     kind = so.WhichOneof("kind")
     if kind is None:
-        raise InvalidRequest("sampling.structured_output", "set one of json_schema, json_object, regex, choice, grammar")
+        raise InvalidRequest(
+            "sampling.structured_output", "set one of json_schema, json_object, regex, choice, grammar"
+        )
     if kind == "json_object":
         if not so.json_object:
             raise InvalidRequest("sampling.structured_output.json_object", "must be true when set")

@@ -247,6 +247,80 @@ def test_logprobs_in_both_forms(client: openai.OpenAI, engine: Engine) -> None:
     assert plain.choices[0].logprobs is None
 
 
+# -------------------------------------------------------------------------------------- structured outputs
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PERSON_QUESTION = [{"role": "user", "content": "Return a JSON object with a person's name and age."}]
+
+
+def test_response_format_json_schema_and_json_object(client: openai.OpenAI, engine: Engine) -> None:
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    out = client.chat.completions.create(
+        model=engine.model_name,
+        messages=PERSON_QUESTION,
+        temperature=0,
+        max_tokens=60,
+        response_format=fmt,  # type: ignore[arg-type]
+    )
+    text = out.choices[0].message.content
+    assert text is not None and out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+    streamed = client.chat.completions.create(
+        model=engine.model_name, messages=PERSON_QUESTION, temperature=0, max_tokens=60, response_format=fmt,  # type: ignore[arg-type]
+        stream=True,
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    obj = client.chat.completions.create(
+        model=engine.model_name, messages=PERSON_QUESTION, temperature=0, max_tokens=60,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+
+
+def test_the_openai_client_parses_a_pydantic_model(client: openai.OpenAI, engine: Engine) -> None:
+    """`client.chat.completions.parse(response_format=Model)`: the client sends the model's strict JSON Schema and
+    parses the answer back into the model."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    out = client.chat.completions.parse(
+        model=engine.model_name,
+        messages=PERSON_QUESTION,
+        temperature=0,
+        max_tokens=60,
+        response_format=Person,  # type: ignore[arg-type]
+    )
+    person = out.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name and person.age >= 0
+
+
+def test_vllm_structured_outputs_and_guided_fields(client: openai.OpenAI, engine: Engine) -> None:
+    def complete(extra: dict[str, Any], prompt: str = "The capital of France is") -> str:
+        out = client.completions.create(
+            model=engine.model_name, prompt=prompt, temperature=0, max_tokens=20, extra_body=extra
+        )
+        return out.choices[0].text
+
+    assert complete({"structured_outputs": {"choice": [" Paris", " Lyon", " Rome"]}}) == " Paris"
+    assert complete({"guided_choice": [" Lyon", " Rome"]}) in (" Lyon", " Rome")
+    assert re.fullmatch(r" [A-Z][a-z]+\.", complete({"structured_outputs": {"regex": r" [A-Z][a-z]+\."}}))
+    assert re.fullmatch(r"[0-9]+", complete({"guided_regex": "[0-9]+"}, "2 + 2 ="))
+    grammar = 'start: " " ("yes" | "no")'
+    assert complete({"structured_outputs": {"grammar": grammar}}, "Is Paris in France? Answer:") in (" yes", " no")
+    text = complete({"guided_json": PERSON}, "A person as JSON:")
+    assert set(json.loads(text)) == {"name", "age"}
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 
@@ -282,7 +356,33 @@ BAD = [
         "messages[0].content[0]",
     ),
     ("/v1/chat/completions", {"messages": USER_X, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"messages": USER_X, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": USER_X, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "response_format": {"type": "json_schema"}},
+        400,
+        "response_format.json_schema",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": USER_X,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        },
+        400,
+        "response_format.json_schema.schema",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a+"}},
+        400,
+        "structured_outputs.regex",
+    ),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a(b"}}, 400, "structured_outputs.regex"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"yaml": "a"}}, 400, "structured_outputs.yaml"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"choice": "a"}}, 400, "structured_outputs.choice"),
+    ("/v1/completions", {"prompt": "x", "guided_json": "{oops"}, 400, "guided_json"),
+    ("/v1/completions", {"prompt": "x", "guided_grammar": "start: missing"}, 400, "guided_grammar"),
     ("/v1/chat/completions", {"messages": USER_X, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": USER_X, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": USER_X, "echo": True}, 400, "echo"),

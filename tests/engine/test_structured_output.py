@@ -36,6 +36,9 @@ PERSON = {
 }
 
 
+CAPITAL_AS_JSON = 'Give the capital of France as a JSON object with the key "capital".'
+
+
 def chat(engine: Engine, question: str) -> list[int]:
     return engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": question}]))
 
@@ -45,7 +48,12 @@ def run(engine: Engine, ids: list[int], **params: Any) -> tuple[list[int], str, 
 
 
 def json_params(schema: dict[str, Any] = PERSON, **extra: Any) -> dict[str, Any]:
-    return {"temperature": 0, "max_tokens": 120, "structured_output": StructuredOutput("json_schema", json.dumps(schema)), **extra}
+    return {
+        "temperature": 0,
+        "max_tokens": 120,
+        "structured_output": StructuredOutput("json_schema", json.dumps(schema)),
+        **extra,
+    }
 
 
 @pytest.fixture()
@@ -68,15 +76,17 @@ def test_a_json_schema_answer_is_valid_json_of_that_schema(engine: Engine) -> No
     out, text, final = run(engine, ids, **json_params())
     jsonschema.validate(json.loads(text), PERSON)
     assert final.reason is FinishReason.EOS and final.completion_tokens == len(out)
-    free_out, free_text, _ = run(engine, ids, temperature=0, max_tokens=120)
+    _, free_text, _ = run(engine, ids, temperature=0, max_tokens=120)
     with pytest.raises(ValueError):  # unconstrained, the model answers in prose: the constraint did the work
         json.loads(free_text)
 
 
 def test_json_object_choice_regex_and_grammars(engine: Engine) -> None:
+    _, text, final = run(engine, chat(engine, CAPITAL_AS_JSON), temperature=0, max_tokens=60,
+                         structured_output=StructuredOutput("json_object"))  # fmt: skip
+    assert json.loads(text) == {"capital": "Paris"} and final.reason is FinishReason.EOS
     ids = chat(engine, "What is the capital of France? Answer with a phone number too.")
     cases = [
-        (StructuredOutput("json_object"), lambda t: isinstance(json.loads(t), dict)),
         (StructuredOutput.choices(["Paris", "London", "Berlin"]), lambda t: t in ("Paris", "London", "Berlin")),
         (StructuredOutput("regex", r"\d{3}-\d{4}"), lambda t: re.fullmatch(r"\d{3}-\d{4}", t)),
         (StructuredOutput("grammar", 'start: "yes" | "no" | "maybe " NUMBER\nNUMBER: /[0-9]+/'),
@@ -120,7 +130,9 @@ def test_a_forced_completion_ends_the_request_without_another_step(engine: Engin
     """Once the choice's first token is sampled, the rest is forced and the language complete: one step."""
     ids = chat(engine, "Say something.")
     before = engine.load().stats.steps
-    out, text, final = run(engine, ids, temperature=0, max_tokens=20, structured_output=StructuredOutput.choices(["internationalization"]))
+    out, text, final = run(
+        engine, ids, temperature=0, max_tokens=20, structured_output=StructuredOutput.choices(["internationalization"])
+    )
     assert text == "internationalization" and final.reason is FinishReason.EOS
     assert engine.load().stats.steps - before == 1 and len(out) > 1
 
@@ -152,7 +164,9 @@ def test_a_preempted_constrained_request_resumes_its_language(tiny_gguf: Path) -
     eng = Engine(config)
     try:
         pattern = r"([0-9]{3}-){9}[0-9]{3}"  # 39 characters (\d would take any Unicode digit)
-        prompts = [eng.tokenizer.encode(t)[:24] for t in ("the cat sat on the mat " * 3, "in a hole in the ground " * 3)]
+        prompts = [
+            eng.tokenizer.encode(t)[:24] for t in ("the cat sat on the mat " * 3, "in a hole in the ground " * 3)
+        ]
         params = SamplingParams(temperature=0, max_tokens=60, structured_output=StructuredOutput("regex", pattern))
         alone = [eng.generate(eng.new_request(p, params))[1] for p in prompts]
         finals: list[Finished] = []
@@ -203,7 +217,8 @@ def test_logprobs_describe_the_constrained_choice(engine: Engine) -> None:
     ids = chat(engine, "What is the capital of France?")
     choices = ["Paris", "Parma", "London"]
     req = engine.new_request(
-        ids, SamplingParams(temperature=0, max_tokens=8, logprobs=5, structured_output=StructuredOutput.choices(choices))
+        ids,
+        SamplingParams(temperature=0, max_tokens=8, logprobs=5, structured_output=StructuredOutput.choices(choices)),
     )
     events: list[Event] = []
     done = threading.Event()
@@ -222,7 +237,7 @@ def test_logprobs_describe_the_constrained_choice(engine: Engine) -> None:
     first = entries[0]
     alternatives = [engine.tokenizer.decode([t]) for t, lp in first[2] if lp > -1e30]
     assert alternatives and all(any(c.startswith(a) for c in choices) for a in alternatives), alternatives
-    assert abs(sum(2.718281828 ** lp for _, lp in first[2]) - 1) < 1e-3  # the allowed tokens hold all the mass
+    assert abs(sum(2.718281828**lp for _, lp in first[2]) - 1) < 1e-3  # the allowed tokens hold all the mass
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -234,7 +249,11 @@ def test_logprobs_describe_the_constrained_choice(engine: Engine) -> None:
         (StructuredOutput("regex", "a(b"), "sampling.structured_output.regex", "unclosed group"),
         (StructuredOutput("json_schema", "{not json"), "sampling.structured_output.json_schema", "not valid JSON"),
         (StructuredOutput("json_schema", '{"type": "nonsense"}'), "sampling.structured_output.json_schema", "nonsense"),
-        (StructuredOutput("json_schema", "[1, 2]"), "sampling.structured_output.json_schema", "JSON Schema is an object"),
+        (
+            StructuredOutput("json_schema", "[1, 2]"),
+            "sampling.structured_output.json_schema",
+            "JSON Schema is an object",
+        ),
         (StructuredOutput("choice", "[]"), "sampling.structured_output.choice", "at least one"),
         (StructuredOutput("choice", '["a", ""]'), "sampling.structured_output.choice", "non-empty"),
         (StructuredOutput("grammar", "start: undefined_rule"), "sampling.structured_output.grammar", "undefined_rule"),
@@ -293,3 +312,47 @@ def test_each_request_gets_its_own_matcher(engine: Engine) -> None:
     assert masks[0].nonzero().flatten().tolist() == list(engine.tokenizer.eos_ids)  # complete: only the end
     starts = {engine.tokenizer.decode([t]) for t in masks[1].nonzero().flatten().tolist()}
     assert {"a", "b"} <= starts and all("alpha".startswith(x) or "beta".startswith(x) for x in starts), starts
+
+
+# ------------------------------------------------------------------------------------------- over gRPC
+
+
+def test_grpc_structured_output(server: Any, engine: Engine) -> None:
+    import grpc
+
+    from optimist.engine.api import engine_pb2 as pb
+    from optimist.engine.api import engine_pb2_grpc as pb_grpc
+
+    def generate(
+        structured: pb.StructuredOutput, max_tokens: int = 120, question: str = "Describe a person as JSON."
+    ) -> tuple[str, pb.Final]:
+        sampling = pb.SamplingParams(temperature=0, max_tokens=max_tokens, structured_output=structured)
+        chat_prompt = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=question)])
+        text, final = "", None
+        with grpc.insecure_channel(server.address) as channel:
+            for msg in pb_grpc.EngineStub(channel).Generate(pb.GenerateRequest(chat=chat_prompt, sampling=sampling)):
+                if msg.HasField("chunk"):
+                    text += msg.chunk.text
+                else:
+                    final = msg.final
+        assert final is not None
+        return text, final
+
+    text, final = generate(pb.StructuredOutput(json_schema=json.dumps(PERSON)))
+    jsonschema.validate(json.loads(text), PERSON)
+    assert final.finish_reason == pb.FINISH_REASON_EOS
+    text, _ = generate(pb.StructuredOutput(choice=pb.Choices(choices=["yes", "no"])))
+    assert text in ("yes", "no")
+    text, final = generate(pb.StructuredOutput(json_object=True), 60, CAPITAL_AS_JSON)
+    assert isinstance(json.loads(text), dict) and final.finish_reason == pb.FINISH_REASON_EOS
+    assert re.fullmatch("[A-Z][a-z]+", generate(pb.StructuredOutput(regex="[A-Z][a-z]+"), 12)[0])
+    for structured, field in [
+        (pb.StructuredOutput(regex="a(b"), "sampling.structured_output.regex"),
+        (pb.StructuredOutput(), "sampling.structured_output"),
+        (pb.StructuredOutput(json_object=False), "sampling.structured_output.json_object"),
+        (pb.StructuredOutput(grammar="start: x"), "sampling.structured_output.grammar"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            generate(structured)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(field + ":"), info.value.details()
