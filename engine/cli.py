@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, EngineConfig
 
@@ -87,6 +88,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="do not share the K/V of equal prompt prefixes between requests",
     )
     p.add_argument(
+        "--no-jump-forward",
+        dest="jump_forward",
+        action="store_false",
+        help="structured outputs: sample every token, also those the language forces (default: append them at once)",
+    )
+    p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         default=0.0,
@@ -115,6 +122,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         sparse_prefill_threshold=args.sparse_prefill_threshold,
         sparse_patterns=args.sparse_patterns,
         prefix_caching=args.prefix_caching,
+        jump_forward=args.jump_forward,
     )
     config.validate()
     return config
@@ -165,7 +173,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .api import engine_pb2 as pb
     from .client import build_request, stream
 
+    try:
+        structured = _structured_option(args)
+    except OSError as exc:
+        print(f"optimist generate: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.seed)
+    if structured is not None:
+        request.sampling.structured_output.CopyFrom(structured)
     try:
         for msg in stream(args.server, request, args.timeout):
             if msg.HasField("chunk"):
@@ -183,6 +198,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"optimist generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     return 0
+
+
+def _structured_option(args: argparse.Namespace) -> Any:
+    """The StructuredOutput that generate's --json-schema / --json / --regex / --choice / --grammar asks for."""
+    from .api import engine_pb2 as pb
+
+    def text(value: str) -> str:  # @FILE reads the file, as curl does
+        return Path(value[1:]).read_text() if value.startswith("@") else value
+
+    if args.json_schema is not None:
+        return pb.StructuredOutput(json_schema=text(args.json_schema))
+    if args.json:
+        return pb.StructuredOutput(json_object=True)
+    if args.regex is not None:
+        return pb.StructuredOutput(regex=text(args.regex))
+    if args.choice:
+        return pb.StructuredOutput(choice=pb.Choices(choices=args.choice))
+    if args.grammar is not None:
+        return pb.StructuredOutput(grammar=text(args.grammar))
+    return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -368,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    shape = gen.add_mutually_exclusive_group()  # structured output (@FILE reads a file)
+    shape.add_argument("--json-schema", metavar="SCHEMA", help="the answer is JSON of this JSON Schema (or @FILE)")
+    shape.add_argument("--json", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", help="the answer matches this regular expression (or @FILE)")
+    shape.add_argument("--choice", action="append", help="the answer is one of these (repeat the option)")
+    shape.add_argument("--grammar", help="the answer is a text of this Lark or GBNF grammar (or @FILE)")
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="start the engine on the default model and ask it one question")

@@ -27,6 +27,10 @@ from .model.tokenizer import Tokenizer
 from .request import InvalidRequest, Request, StructuredOutput
 
 CACHE_SIZE = 64  # compiled constraints kept
+# Whitespace JSON may hold between tokens: none, spaces, or one line break and an indentation, as pretty-printers
+# write it. llguidance's default (any run of whitespace) lets a small model emit blank lines until max_tokens; a
+# schema's own "x-guidance": {"whitespace_pattern": ...} still overrides this.
+JSON_WHITESPACE = r"(\r?\n)?[\x20\x09]{0,32}"
 _ERROR_CHARS = 600  # of a compiler message, in the client's error
 
 
@@ -68,10 +72,11 @@ class _Vocabulary:
 def grammar_text(llg: Any, constraint: StructuredOutput) -> str:
     """The llguidance grammar for a constraint (not yet checked)."""
     matcher, kind, spec = llg.LLMatcher, constraint.kind, constraint.spec
+    defaults = {"whitespace_pattern": JSON_WHITESPACE}
     if kind == "json_schema":
-        return str(matcher.grammar_from_json_schema(spec))
+        return str(matcher.grammar_from_json_schema(spec, defaults=defaults))
     if kind == "json_object":
-        return str(matcher.grammar_from_json_schema('{"type": "object"}'))
+        return str(matcher.grammar_from_json_schema('{"type": "object"}', defaults=defaults))
     if kind == "regex":
         return str(matcher.grammar_from_regex(spec))
     if kind == "choice":

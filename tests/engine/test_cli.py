@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,6 +74,30 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
             timeout=120,
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.max_tokens" in bad.stderr
+        schema = tiny_gguf.parent / "schema.json"
+        schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                      "required": ["ok"], "additionalProperties": False}))  # fmt: skip
+        shaped = {
+            ("--regex", "[a-z]{3}-[0-9]{2}"): lambda out: re.fullmatch("[a-z]{3}-[0-9]{2}", out),
+            ("--choice", "yes", "--choice", "no"): lambda out: out in ("yes", "no"),
+            ("--json-schema", f"@{schema}"): lambda out: json.loads(out) in ({"ok": True}, {"ok": False}),
+        }
+        for option, holds in shaped.items():
+            gen = subprocess.run(
+                [*OPTIMIST, "generate", "the", "--server", f"127.0.0.1:{port}", "--max-tokens", "200", *option],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert gen.returncode == 0 and holds(gen.stdout.strip()), (option, gen.stdout, gen.stderr)
+            assert "[eos;" in gen.stderr
+        bad = subprocess.run(
+            [*OPTIMIST, "generate", "the", "--server", f"127.0.0.1:{port}", "--regex", "a(b"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: sampling.structured_output.regex" in bad.stderr
         body = json.dumps({"prompt": "the", "max_tokens": 5, "temperature": 0}).encode()
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/completions", body, timeout=120) as reply:
             answer = json.loads(reply.read())

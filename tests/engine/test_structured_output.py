@@ -194,6 +194,24 @@ def test_a_preempted_constrained_request_resumes_its_language(tiny_gguf: Path) -
         eng.shutdown()
 
 
+def test_json_whitespace_is_bounded(tiny_gguf: Path) -> None:
+    """The tiny model's random weights favour whitespace as much as anything: each gap holds at most one line break
+    and an indentation, so the object ends long before max_tokens instead of in blank lines."""
+    eng = Engine(EngineConfig(model=tiny_gguf, kv_cache_tokens=4096))
+    try:
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        ids = eng.tokenizer.encode("the")
+        for seed in range(6):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=250,
+                                    structured_output=StructuredOutput("json_schema", json.dumps(schema)))  # fmt: skip
+            _, text, final = eng.generate(eng.new_request(ids, params))
+            assert final.reason is FinishReason.EOS, (seed, text)
+            assert json.loads(text)["ok"] in (True, False)
+            assert not re.search(r"\n[ \t]*\n|[ \t]{33}", text), repr(text)
+    finally:
+        eng.shutdown()
+
+
 # ------------------------------------------------------------------------------------------- limits
 
 
