@@ -57,14 +57,13 @@ def mask_early_stops(logits: torch.Tensor, requests: Sequence[Request], eos_ids:
                     logits[row, banned] = kept
 
 
-def mask_grammars(logits: torch.Tensor, rows: Sequence[int], allowed: torch.Tensor) -> None:
-    """Structured outputs: row rows[i] keeps only the tokens allowed[i] marks (the rest of the width stays -inf)."""
-    index = torch.tensor(rows, device=logits.device)
-    vocab = allowed.shape[1]
-    sub = logits[index]
-    sub[:, :vocab] = sub[:, :vocab].masked_fill(~allowed, float("-inf"))
-    sub[:, vocab:] = float("-inf")
-    logits[index] = sub
+def mask_grammars(logits: torch.Tensor, rows: Sequence[int], blocked: torch.Tensor) -> None:
+    """Structured outputs: row rows[i] loses the tokens blocked[i] marks (and any logits beyond its width)."""
+    vocab = blocked.shape[1]
+    for i, row in enumerate(rows):
+        logits[row, :vocab].masked_fill_(blocked[i], float("-inf"))
+        if logits.shape[1] > vocab:
+            logits[row, vocab:] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
@@ -102,7 +101,8 @@ def sample(
     grammar: tuple[Sequence[int], torch.Tensor] | None = None,
 ) -> SampleResult:
     """logits: [len(requests), vocab] float32 (may be modified in place). `grammar`: the rows of constrained
-    requests and their allowed tokens ([rows, vocab] bool); logprobs then describe the constrained distribution."""
+    requests and the tokens each may not take ([rows, vocab] bool); logprobs then describe the constrained
+    distribution."""
     edits = grammar is not None or any(
         r.params.needs_penalties or len(r.output_ids) < r.params.min_tokens for r in requests
     )

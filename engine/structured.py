@@ -128,12 +128,14 @@ class Grammars:
     def start_masks(self, requests: Sequence[Request]) -> Future[torch.Tensor]:
         """Fills the requests' token bitmasks ([n, ceil(vocab / 32)] int32, row i for requests[i]) on a worker
         thread, so it overlaps the step's model work; the matchers must not change until it is done."""
+        # The tensor is made here: a torch operator on the worker would give it an OpenMP team of its own, and
+        # more OpenMP threads than cores slow every operator of the step (see Engine.__init__).
+        bitmask = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="optimist-grammar")
-        return self._worker.submit(self._fill, [r.matcher for r in requests])
+        return self._worker.submit(self._fill, [r.matcher for r in requests], bitmask)
 
-    def _fill(self, matchers: list[Any]) -> torch.Tensor:
-        bitmask = torch.full((len(matchers), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+    def _fill(self, matchers: list[Any], bitmask: torch.Tensor) -> torch.Tensor:
         self._executor.unsafe_compute_mask_ptr(
             [(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), bitmask.shape[1] * 4, len(matchers)
         )
@@ -144,12 +146,16 @@ class Grammars:
             self._worker.shutdown(wait=True)
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[n, vocab] bool from [n, words] int32 bitmasks (bit j of word w: token 32w + j)."""
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def blocked_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[n, vocab] bool, True where a token may not come next, from [n, words] int32 bitmasks (bit j of word w:
+    token 32w + j allowed)."""
     words = bitmask.to(device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    bits = (words[:, :, None] >> shifts) & 1
-    return bits.reshape(words.shape[0], -1)[:, :vocab_size].bool()
+    if device not in _BITS:
+        _BITS[device] = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
+    return ((words[:, :, None] & _BITS[device]) == 0).reshape(words.shape[0], -1)[:, :vocab_size]
 
 
 def failure(matcher: Any) -> str | None:

@@ -474,6 +474,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_policies(kinds)
 
+    from .structured import add_parser as add_structured
+
+    add_structured(kinds)
+
     from .prefill import add_parser as add_prefill
 
     add_prefill(kinds)

@@ -19,7 +19,7 @@ from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.outputs import Chunk, Event, Finished
 from optimist.engine.request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput
-from optimist.engine.structured import allowed_tokens
+from optimist.engine.structured import blocked_tokens
 
 from ..conftest import run_concurrently
 
@@ -326,7 +326,7 @@ def test_each_request_gets_its_own_matcher(engine: Engine) -> None:
         assert a.matcher.consume_token(t)
     assert a.matcher.is_stopped() and not b.matcher.is_stopped()
     cpu = torch.device("cpu")
-    masks = allowed_tokens(engine.grammars._fill([a.matcher, b.matcher]), engine.grammars.vocab_size, cpu)
+    masks = ~blocked_tokens(engine.grammars.start_masks([a, b]).result(), engine.grammars.vocab_size, cpu)
     assert masks[0].nonzero().flatten().tolist() == list(engine.tokenizer.eos_ids)  # complete: only the end
     starts = {engine.tokenizer.decode([t]) for t in masks[1].nonzero().flatten().tolist()}
     assert {"a", "b"} <= starts and all("alpha".startswith(x) or "beta".startswith(x) for x in starts), starts
