@@ -54,7 +54,10 @@ SCHEMAS = {
             "year_of_the_event": {"type": "integer"},
             "event_location": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 30},
+                    "country": {"type": "string", "maxLength": 30},
+                },
                 "required": ["city", "country"],
                 "additionalProperties": False,
             },
@@ -63,10 +66,10 @@ SCHEMAS = {
         "additionalProperties": False,
     },
 }
-QUESTIONS = {
-    "person": ["Describe a person living in {} as JSON.", ["France", "Japan", "Brazil", "Canada", "Kenya", "Italy"]],
-    "product": ["Describe a product sold in a shop in {} as JSON.", ["Paris", "Berlin", "Tokyo", "Madrid", "Oslo"]],
-    "event": ["Describe a historical event that happened in {} as JSON.", ["Egypt", "China", "Greece", "Peru", "India"]],
+QUESTIONS: dict[str, tuple[str, list[str]]] = {
+    "person": ("Describe a person living in {} as JSON.", ["France", "Japan", "Brazil", "Canada", "Kenya", "Italy"]),
+    "product": ("Describe a product sold in a shop in {} as JSON.", ["Paris", "Berlin", "Tokyo", "Madrid", "Oslo"]),
+    "event": ("Describe a historical event that happened in {} as JSON.", ["Egypt", "China", "Greece", "Peru"]),
 }
 
 
@@ -77,7 +80,6 @@ def workload(tokenizer: Any, count: int) -> list[tuple[str, list[int]]]:
     for i in range(count):
         name = names[i % len(names)]
         template, places = QUESTIONS[name]
-        assert isinstance(template, str) and isinstance(places, list)
         text = template.format(places[(i // len(names)) % len(places)])
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
         items.append((name, ids))
