@@ -60,6 +60,7 @@ case "${1:-kernels}" in
     python3 -c "import grpc_tools" 2>/dev/null || skip+=(--deselect tests/engine/test_proto.py::test_committed_stubs_match_the_proto)
     # the OpenAI API's server needs aiohttp (in .whl since session 23); without it only `serve --no-http` runs
     python3 -c "import aiohttp" 2>/dev/null || skip+=(--ignore tests/engine/test_openai_api.py --ignore tests/engine/test_cli.py --deselect tests/engine/test_prompt_logprobs.py::test_openai_echo_with_logprobs_scores_the_prompt)
+    # structured outputs need llguidance (in .whl since session 24); without it those tests skip themselves
     python3 -m pytest -q -p no:cacheprovider "${skip[@]}" tests/engine tests/attention 2>&1 |
       tee "$OUT/tests-engine.log"
     apis=grpc,http

@@ -36,7 +36,7 @@ from .sampler import prompt_logprobs, sample
 from .scheduler.policies import make_policy
 from .scheduler.predictor import LowerBoundPredictor
 from .scheduler.scheduler import Scheduler
-from .structured import Grammars, blocked_tokens, failure
+from .structured import Grammars, failure
 
 log = logging.getLogger(__name__)
 
@@ -499,9 +499,8 @@ class Engine:
         reqs = [s.request for s in owners]
         grammar = None
         if masks is not None:
-            blocked = blocked_tokens(masks.result(), self.grammars.vocab_size, logits.device)
             order = {id(r): i for i, r in enumerate(reqs)}
-            grammar = ([order[id(r)] for r in constrained], blocked)
+            grammar = ([order[id(r)] for r in constrained], masks.result())
         result = sample(logits, reqs, self.tokenizer.eos_ids, grammar)
         now = time.monotonic()
         with self._lock:

@@ -16,6 +16,8 @@ The model looks like Triton's vLLM backend (decoupled, no batch dimension):
   `num_input_tokens`, `num_output_tokens` (this response's).
 - Sampling parameters may also come as request parameters (vLLM's names; a `sampling_parameters` input wins),
   plus `output_length_lower` / `output_length_upper`: the scheduler's output length hint.
+- Structured outputs: `sampling_parameters` may hold vLLM's `structured_outputs` object (`json`, `json_object`,
+  `regex`, `choice`, `grammar`; `guided_decoding`, its older name, too).
 
 Every response carries Triton's `triton_final_response` parameter (true on a request's last one). Bad requests
 get INVALID_ARGUMENT (on ModelStreamInfer: a response whose `error_message` names the field, and the stream goes
@@ -42,7 +44,7 @@ import numpy as np
 from .api import grpc_service_pb2 as pb
 from .engine import Engine
 from .outputs import Chunk, Finished
-from .request import FinishReason, InvalidRequest, SamplingParams
+from .request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput, structured_from_vllm
 from .rpc import RequestFailed, bidi_stream, malformed, request_events, unary
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ SAMPLING: dict[str, str] = {
     "output_length_lower": "int",
     "output_length_upper": "int",
 }
+STRUCTURED = ("structured_outputs", "guided_decoding")  # sampling_parameters keys holding a constraint object
 # request parameters Triton's clients set for the server itself, not for the model
 _RESERVED = {"triton_enable_empty_final_response", "sequence_id", "sequence_start", "sequence_end", "priority",
              "timeout", "headers"}  # fmt: skip
@@ -281,6 +284,7 @@ class Call:
     lower_hint: int | None = None
     upper_hint: int | None = None
     want_logprobs: int | None = None  # the client's own logprobs count (None: `logprobs` answers null)
+    structured_field: str = "sampling_parameters.structured_outputs"  # where its constraint came from
 
 
 def read_call(request: pb.ModelInferRequest) -> Call:
@@ -304,6 +308,7 @@ def read_call(request: pb.ModelInferRequest) -> Call:
 
     # request parameters, then the sampling_parameters JSON, then TensorRT-LLM's scalar inputs: later ones win
     given: dict[str, tuple[Any, str]] = {}
+    structured: list[tuple[str, StructuredOutput]] = []
     for key in request.parameters:
         if key in _RESERVED:
             continue
@@ -319,6 +324,12 @@ def read_call(request: pb.ModelInferRequest) -> Call:
         if not isinstance(body, dict):
             raise BadRequest("inputs.sampling_parameters: must be a JSON object")
         for key, value in body.items():
+            if key in STRUCTURED:  # vLLM's structured_outputs (guided_decoding before v0.10): an object
+                try:
+                    structured.extend(structured_from_vllm(value, f"sampling_parameters.{key}") if value else [])
+                except InvalidRequest as exc:
+                    raise BadRequest(str(exc)) from exc
+                continue
             if key not in SAMPLING:
                 raise BadRequest(f"sampling_parameters.{key}: unknown sampling parameter; known: {', '.join(SAMPLING)}")
             if value is not None:
@@ -342,6 +353,10 @@ def read_call(request: pb.ModelInferRequest) -> Call:
     for key in ("stop", "stop_token_ids"):
         if key in values:
             values[key] = tuple(values[key])
+    if len(structured) > 1:
+        raise BadRequest(f"{structured[1][0]}: only one structured-output constraint (already {structured[0][0]})")
+    if structured:
+        values["structured_output"] = structured[0][1]
     return Call(
         prompt=prompt,
         params=SamplingParams(**values),
@@ -351,6 +366,7 @@ def read_call(request: pb.ModelInferRequest) -> Call:
         lower_hint=lower,
         upper_hint=upper,
         want_logprobs=want_logprobs,
+        structured_field=structured[0][0] if structured else "sampling_parameters.structured_outputs",
     )
 
 
@@ -587,6 +603,8 @@ class KServeService:
                 prompt_field="text_input",
             )
         except InvalidRequest as exc:
+            if exc.field.startswith("sampling.structured_output"):
+                raise BadRequest(f"{call.structured_field}: {str(exc).removeprefix(exc.field + ': ')}") from exc
             raise BadRequest(str(exc).removeprefix("sampling.")) from exc
         answer = Answer(call, request, len(prompt_ids), engine.tokenizer.token_text)
         held: list[Chunk] = []
@@ -595,6 +613,9 @@ class KServeService:
                 async for events in batches:
                     chunks = [e for e in events if isinstance(e, Chunk)]
                     final = events[-1] if isinstance(events[-1], Finished) else None
+                    if final is not None and final.error is not None and final.invalid:
+                        message = final.error.removeprefix("sampling.structured_output")
+                        raise BadRequest(f"{call.structured_field}{message}")
                     if final is not None and final.error is not None:
                         raise BadRequest(f"engine error: {final.error}", grpc.StatusCode.INTERNAL)
                     if call.stream:

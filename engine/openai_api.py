@@ -51,7 +51,15 @@ from aiohttp import web
 from .engine import Engine
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Event, Finished
-from .request import FinishReason, InvalidRequest, Request, SamplingParams, StructuredOutput
+from .request import (
+    FinishReason,
+    InvalidRequest,
+    Request,
+    SamplingParams,
+    StructuredOutput,
+    structured_from_vllm,
+    structured_value,
+)
 from .rpc import RequestFailed, open_events
 
 log = logging.getLogger(__name__)
@@ -80,9 +88,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                           "function_call", "parallel_tool_calls"}  # fmt: skip
-# vLLM's structured_outputs keys and the older top-level fields, each with the constraint kind it names
-_STRUCTURED_KEYS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
-                    "grammar": "grammar"}  # fmt: skip
+# vLLM's older top-level fields, each with the constraint kind it names
 _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}  # fmt: skip
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -233,62 +239,49 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
 
 def _structured(body: dict[str, Any]) -> tuple[StructuredOutput | None, str]:
     """The request's structured-output constraint, if any, and the field it came in."""
-    found: list[tuple[str, str, Any]] = []  # (field, kind, value)
-    fmt = _typed(body, "response_format", "object")
-    if fmt is not None:
-        kind = fmt.get("type")
-        extra = sorted(set(fmt) - {"type", "json_schema"})
-        if extra:
-            raise _bad(f"response_format.{extra[0]}", "unknown; response_format takes type and json_schema")
-        if kind == "json_object":
-            found.append(("response_format", "json_object", True))
-        elif kind == "json_schema":
-            spec = _typed(fmt, "json_schema", "object")
-            if spec is None:
-                raise _bad("response_format.json_schema", 'required when type is "json_schema"')
-            unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
-            if unknown:
-                raise _bad(
-                    f"response_format.json_schema.{unknown[0]}", "unknown; takes name, schema, strict, description"
-                )
-            schema = spec.get("schema")
-            if not isinstance(schema, dict | bool):
-                raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
-            found.append(("response_format.json_schema.schema", "json_schema", schema))
-        elif kind != "text":
-            raise _bad(
-                "response_format.type", f'must be "text", "json_object" or "json_schema", got {json.dumps(kind)}'
-            )
-    outputs = _typed(body, "structured_outputs", "object")
-    if outputs is not None:
-        for key, value in outputs.items():
-            if key not in _STRUCTURED_KEYS:
-                raise _bad(f"structured_outputs.{key}", f"unknown; takes one of {', '.join(_STRUCTURED_KEYS)}")
-            if value is not None and value is not False:
-                found.append((f"structured_outputs.{key}", _STRUCTURED_KEYS[key], value))
-    found.extend((name, kind, body[name]) for name, kind in _GUIDED.items() if body.get(name) is not None)
+    found: list[tuple[str, StructuredOutput]] = []
+    try:
+        fmt = _typed(body, "response_format", "object")
+        if fmt is not None:
+            found.extend(_response_format(fmt))
+        if body.get("structured_outputs") is not None:
+            found.extend(structured_from_vllm(body["structured_outputs"], "structured_outputs"))
+        found.extend(
+            (name, structured_value(kind, body[name], name))
+            for name, kind in _GUIDED.items()
+            if body.get(name) is not None
+        )
+    except InvalidRequest as exc:
+        raise _bad(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from exc
     if not found:
         return None, "response_format"
     if len(found) > 1:
         raise _bad(found[1][0], f"only one structured-output constraint per request (already {found[0][0]})")
-    param, kind, value = found[0]
+    return found[0][1], found[0][0]
+
+
+def _response_format(fmt: dict[str, Any]) -> list[tuple[str, StructuredOutput]]:
+    """OpenAI's response_format: text (nothing), json_object, or json_schema with its schema."""
+    extra = sorted(set(fmt) - {"type", "json_schema"})
+    if extra:
+        raise _bad(f"response_format.{extra[0]}", "unknown; response_format takes type and json_schema")
+    kind = fmt.get("type")
     if kind == "json_object":
-        if value is not True:
-            raise _bad(param, "must be true")
-        return StructuredOutput("json_object"), param
+        return [("response_format", StructuredOutput("json_object"))]
     if kind == "json_schema":
-        if isinstance(value, str):  # vLLM takes the schema as an object or as its JSON text
-            return StructuredOutput(kind, value), param
-        if not isinstance(value, dict | bool):
-            raise _bad(param, "must be a JSON Schema (an object)")
-        return StructuredOutput(kind, json.dumps(value)), param
-    if kind == "choice":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _bad(param, "must be a list of strings")
-        return StructuredOutput.choices(value), param
-    if not isinstance(value, str):
-        raise _bad(param, "must be a string")
-    return StructuredOutput(kind, value), param
+        spec = _typed(fmt, "json_schema", "object")
+        if spec is None:
+            raise _bad("response_format.json_schema", 'required when type is "json_schema"')
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise _bad(f"response_format.json_schema.{unknown[0]}", "unknown; takes name, schema, strict, description")
+        if not isinstance(spec.get("schema"), dict | bool):
+            raise _bad("response_format.json_schema.schema", "must be a JSON Schema object")
+        field = "response_format.json_schema.schema"
+        return [(field, structured_value("json_schema", spec["schema"], field))]
+    if kind != "text":
+        raise _bad("response_format.type", f'must be "text", "json_object" or "json_schema", got {json.dumps(kind)}')
+    return []
 
 
 def _n(body: dict[str, Any], chat: bool) -> int:

@@ -65,6 +65,47 @@ class StructuredOutput:
             raise InvalidRequest(self.field, "is empty")
 
 
+# vLLM's `structured_outputs` keys, each with the constraint kind it names
+VLLM_STRUCTURED_KEYS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                        "grammar": "grammar"}  # fmt: skip
+
+
+def structured_value(kind: str, value: Any, field: str) -> StructuredOutput:
+    """A constraint from a JSON API's value (a schema as an object or its text, choices as a list, regex and
+    grammar as text, json_object as true); raises InvalidRequest naming `field`."""
+    if kind == "json_object":
+        if value is not True:
+            raise InvalidRequest(field, "must be true")
+        return StructuredOutput("json_object")
+    if kind == "json_schema":
+        if isinstance(value, str):
+            return StructuredOutput(kind, value)
+        if not isinstance(value, dict | bool):
+            raise InvalidRequest(field, "must be a JSON Schema (an object)")
+        return StructuredOutput(kind, json.dumps(value))
+    if kind == "choice":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest(field, "must be a list of strings")
+        return StructuredOutput.choices(value)
+    if not isinstance(value, str):
+        raise InvalidRequest(field, "must be a string")
+    return StructuredOutput(kind, value)
+
+
+def structured_from_vllm(value: Any, field: str) -> list[tuple[str, StructuredOutput]]:
+    """The constraints a vLLM `structured_outputs` object sets, each with its field (`field.key`); raises
+    InvalidRequest for what it cannot be."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, "must be an object")
+    found = []
+    for key, item in value.items():
+        if key not in VLLM_STRUCTURED_KEYS:
+            raise InvalidRequest(f"{field}.{key}", f"unknown; takes one of {', '.join(VLLM_STRUCTURED_KEYS)}")
+        if item is not None and item is not False:
+            found.append((f"{field}.{key}", structured_value(VLLM_STRUCTURED_KEYS[key], item, f"{field}.{key}")))
+    return found
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

@@ -151,11 +151,15 @@ _BITS: dict[torch.device, torch.Tensor] = {}
 
 def blocked_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     """[n, vocab] bool, True where a token may not come next, from [n, words] int32 bitmasks (bit j of word w:
-    token 32w + j allowed)."""
+    token 32w + j allowed); tokens beyond the bitmask's width are blocked."""
     words = bitmask.to(device, non_blocking=True)
     if device not in _BITS:
         _BITS[device] = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
-    return ((words[:, :, None] & _BITS[device]) == 0).reshape(words.shape[0], -1)[:, :vocab_size]
+    blocked = ((words[:, :, None] & _BITS[device]) == 0).reshape(words.shape[0], -1)[:, :vocab_size]
+    if blocked.shape[1] < vocab_size:
+        pad = torch.ones(blocked.shape[0], vocab_size - blocked.shape[1], dtype=torch.bool, device=device)
+        blocked = torch.cat([blocked, pad], dim=1)
+    return blocked
 
 
 def failure(matcher: Any) -> str | None:

@@ -649,6 +649,24 @@ void native_silu_mul_rows(float *g, const float *u, int64_t count) {
   for (int64_t i = 0; i < count; i += step) silu_mul(g + i, u + i, count - i < step ? count - i : step);
 }
 
+/* structured outputs: row rows[i] of `logits` (rows `stride` floats apart) gets -inf for each token t < vocab whose
+   bit (bit t % 32 of word t / 32 of bitmask row i, `words` words) is clear; tokens beyond words * 32 as well */
+void native_mask_logits(float *logits, int64_t stride, const int64_t *rows, int64_t n, const int32_t *bitmask,
+                        int64_t words, int64_t vocab) {
+  for (int64_t i = 0; i < n; i++) {
+    float *row = logits + rows[i] * stride;
+    const uint32_t *bits = (const uint32_t *)(bitmask + i * words);
+    for (int64_t w = 0; w < words && w * 32 < vocab; w++) {
+      const uint32_t word = bits[w];
+      if (word == 0xFFFFFFFFu) continue;
+      const int64_t base = w * 32, end = vocab - base < 32 ? vocab - base : 32;
+      for (int64_t j = 0; j < end; j++)
+        if (!((word >> j) & 1u)) row[base + j] = -INFINITY;
+    }
+    for (int64_t t = words * 32; t < vocab; t++) row[t] = -INFINITY;
+  }
+}
+
 #if NATIVE_SIMD
 #define GH 3 /* query heads of one KV group computed together: each key and value row is read once for them */
 #define GK 4 /* keys scored together: GH * GK independent sums hide the multiply-add latency */

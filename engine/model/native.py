@@ -160,6 +160,8 @@ def library() -> ctypes.CDLL:
     lib.native_tile_scores.restype = ctypes.c_int
     lib.native_tile_keys.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p]
     lib.native_tile_keys.restype = i64
+    lib.native_mask_logits.argtypes = [p, i64, p, i64, p, i64, i64]
+    lib.native_mask_logits.restype = None
     return lib
 
 
@@ -186,6 +188,15 @@ def rope_rows_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         return False
     library().native_rope_rows(x.data_ptr(), x.stride(0), m, heads, dim, cos.data_ptr(), sin.data_ptr())
     return True
+
+
+def mask_logits_(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Structured outputs: -inf in logits[rows[i]] (float32, CPU, unit column stride) for every token whose bit is
+    clear in bitmask[i] ([n, words] int32, contiguous; rows int64)."""
+    library().native_mask_logits(
+        logits.data_ptr(), logits.stride(0), rows.data_ptr(), rows.numel(), bitmask.data_ptr(), bitmask.shape[1],
+        logits.shape[1],
+    )  # fmt: skip
 
 
 def silu_mul_(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

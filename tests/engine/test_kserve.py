@@ -3,7 +3,9 @@ tritonclient in its own environment, then the protocol's corners with our genera
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import struct
 import subprocess
 import threading
@@ -395,3 +397,26 @@ def test_reflection_lists_the_inference_service(server: ServerThread) -> None:
         ask = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
         reply = next(refl.ServerReflectionInfo(iter([ask])))
     assert reply.file_descriptor_response.file_descriptor_proto  # grpcurl can describe and call it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llguidance") is None, reason="structured outputs need llguidance")
+def test_structured_outputs_in_sampling_parameters(stub: pb_grpc.GRPCInferenceServiceStub, engine: Engine) -> None:
+    """vLLM's `structured_outputs` object (and `guided_decoding`, its older name) in the sampling_parameters JSON."""
+
+    def answer(structured: dict[str, Any], key: str = "structured_outputs") -> str:
+        params = {"max_tokens": 80, "temperature": 0, key: structured}
+        request = infer_request(engine, sampling_parameters=params, exclude_input_in_output=True)
+        return str(outputs(stub.ModelInfer(request))["text_output"][0])
+
+    assert answer({"choice": [" Paris", " Rome"]}) == " Paris"
+    assert re.fullmatch(r" [A-Z][a-z]+", answer({"regex": r" [A-Z][a-z]+"}, "guided_decoding"))
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}}, "required": ["a"],
+              "additionalProperties": False}  # fmt: skip
+    assert json.loads(answer({"json": schema})).keys() == {"a"}
+    for structured, message in [
+        ({"regex": "a(b"}, "sampling_parameters.structured_outputs.regex: "),
+        ({"yaml": "x"}, "sampling_parameters.structured_outputs.yaml: unknown"),
+        ({"regex": "a", "choice": ["b"]}, "sampling_parameters.structured_outputs.choice: only one"),
+    ]:
+        params = {"max_tokens": 4, "structured_outputs": structured}
+        assert invalid(stub.ModelInfer, infer_request(engine, sampling_parameters=params)).startswith(message)

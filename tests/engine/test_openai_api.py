@@ -5,6 +5,7 @@ choices, logprobs, errors that name the field, disconnects that free KV blocks, 
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import re
 import time
@@ -256,8 +257,12 @@ PERSON = {
     "additionalProperties": False,
 }
 PERSON_QUESTION = [{"role": "user", "content": "Return a JSON object with a person's name and age."}]
+needs_llguidance = pytest.mark.skipif(
+    importlib.util.find_spec("llguidance") is None, reason="structured outputs need llguidance (a dependency)"
+)
 
 
+@needs_llguidance
 def test_response_format_json_schema_and_json_object(client: openai.OpenAI, engine: Engine) -> None:
     import jsonschema
 
@@ -284,6 +289,7 @@ def test_response_format_json_schema_and_json_object(client: openai.OpenAI, engi
     assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
 
 
+@needs_llguidance
 def test_the_openai_client_parses_a_pydantic_model(client: openai.OpenAI, engine: Engine) -> None:
     """`client.chat.completions.parse(response_format=Model)`: the client sends the model's strict JSON Schema and
     parses the answer back into the model."""
@@ -304,6 +310,7 @@ def test_the_openai_client_parses_a_pydantic_model(client: openai.OpenAI, engine
     assert isinstance(person, Person) and person.name and person.age >= 0
 
 
+@needs_llguidance
 def test_vllm_structured_outputs_and_guided_fields(client: openai.OpenAI, engine: Engine) -> None:
     def complete(extra: dict[str, Any], prompt: str = "The capital of France is") -> str:
         out = client.completions.create(

@@ -23,6 +23,8 @@ from optimist.engine.structured import blocked_tokens
 
 from ..conftest import run_concurrently
 
+pytest.importorskip("llguidance")  # a dependency; the GPU machine's environment has it only when .whl carries it
+
 PERSON = {
     "type": "object",
     "properties": {
@@ -374,3 +376,27 @@ def test_grpc_structured_output(server: Any, engine: Engine) -> None:
             generate(structured)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(field + ":"), info.value.details()
+
+
+def test_the_c_mask_and_torchs_agree() -> None:
+    """The CPU engine masks logits in C (native.c); elsewhere (a GPU, no compiler) torch does: the same tokens,
+    including those past the bitmask's width (a model whose logits are wider than its tokenizer)."""
+    from optimist.engine.model import native
+    from optimist.engine.sampler import mask_grammars
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(native.unavailable_reason() or "")
+    gen = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=gen)
+    bitmask[1] = 0
+    bitmask[1, 2] = 1 << 5  # one token allowed: 69
+    logits = torch.randn(4, 140, generator=gen)  # 140 > 4 * 32: the last 12 have no bits
+    by_c, by_torch = logits.clone(), logits.double()
+    mask_grammars(by_c, [0, 1, 3], bitmask)  # float32 on a CPU: C
+    mask_grammars(by_torch, [0, 1, 3], bitmask)  # float64: torch's path
+    assert torch.equal(torch.isinf(by_c), torch.isinf(by_torch))
+    assert torch.equal(by_c[torch.isfinite(by_c)], logits[torch.isfinite(by_c)])
+    assert torch.isfinite(by_c[1]).nonzero().flatten().tolist() == [69]
+    assert torch.isfinite(by_c[2]).all() and torch.isinf(by_c[[0, 1, 3], 128:]).all()
+    bits = [(int(bitmask[0, t // 32]) >> (t % 32)) & 1 for t in range(128)]
+    assert torch.isfinite(by_c[0, :128]).tolist() == [bool(b) for b in bits]
