@@ -194,7 +194,7 @@ def cmd_bench_structured(args: argparse.Namespace) -> int:
     lengths = [len(o) for o in run_mode(engine, work, None, "schema, no jump-forward", args.requests)["outputs"]]
     modes = ["free", "schema, no jump-forward", "schema"]
     rows = []
-    for concurrency in sorted({1, args.requests}):
+    for concurrency in args.concurrency or sorted({1, args.requests}):
         best: dict[str, dict[str, Any]] = {}
         for r in range(args.repeats):
             for mode in modes if r % 2 == 0 else modes[::-1]:
@@ -234,5 +234,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="auto")
     p.add_argument("--requests", type=positive_int, default=15, help="requests per mode (also the larger concurrency)")
     p.add_argument("--repeats", type=positive_int, default=2, help="rounds per mode (the best is kept)")
+    p.add_argument("--concurrency", type=lambda s: [positive_int(c) for c in s.split(",")], default=None,
+                   help="requests at once, comma-separated (default: 1 and --requests)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/structured-cpu.json"))
     p.set_defaults(func=cmd_bench_structured)
