@@ -6,9 +6,11 @@ extraction services send). Three modes over the same prompts, in alternating ord
   so the model does the same work; the share of its answers that are valid JSON of the schema is reported too;
 - `schema, no jump-forward`: every token sampled under the grammar's mask;
 - `schema`: the engine's default, forced tokens appended without a step.
-At each concurrency (1: one request at a time; N: all at once) the table gives tokens per second, mean end-to-end
-latency, engine steps, the mask work per step (worker time) and how long the engine waited for masks after the
-model's forward pass (the part not hidden behind it), and the share of answers valid for their schema.
+At each concurrency (1: one request at a time; N: all at once) the table gives tokens per second (the best round's,
+and each round's ratio to the free and to the no-jump-forward mode run beside it: this machine drifts more between
+rounds than between neighbours), mean end-to-end latency, engine steps, the mask work per step (worker time) and
+how long the engine waited for masks after the model's forward pass (the part not hidden behind it), and the share
+of answers valid for their schema.
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ def cmd_bench_structured(args: argparse.Namespace) -> int:
     rows = []
     for concurrency in args.concurrency or sorted({1, args.requests}):
         best: dict[str, dict[str, Any]] = {}
+        walls: dict[str, list[float]] = {mode: [] for mode in modes}
         for r in range(args.repeats):
             for mode in modes if r % 2 == 0 else modes[::-1]:
                 print(f"bench: {mode}, concurrency {concurrency}, round {r + 1}", file=sys.stderr)
@@ -203,12 +206,18 @@ def cmd_bench_structured(args: argparse.Namespace) -> int:
                 row = run_mode(engine, work, lengths, mode, concurrency)
                 row["fill_ms_per_step"] = 1000 * timer.fill_s / max(1, row["steps"])
                 row["wait_ms_per_step"] = 1000 * timer.wait_s / max(1, row["steps"])
+                walls[mode].append(row["wall_s"])
                 if mode not in best or row["wall_s"] < best[mode]["wall_s"]:
                     best[mode] = row
         for mode in modes:
             row = best[mode]
             row["valid_share"] = valid_share(engine, work, row.pop("outputs"))
             row["tok_s"] = row["tokens"] / row["wall_s"]
+            # per round, against the other modes run next to it: this machine drifts more between rounds
+            row["per_round_vs_free"] = [round(f / w, 2) for f, w in zip(walls["free"], walls[mode], strict=True)]
+            row["per_round_vs_no_jump"] = [
+                round(n / w, 2) for n, w in zip(walls["schema, no jump-forward"], walls[mode], strict=True)
+            ]
             rows.append(row)
     timer.restore()
     engine.shutdown()
@@ -217,15 +226,21 @@ def cmd_bench_structured(args: argparse.Namespace) -> int:
         row["tok_s_vs_free"] = row["tok_s"] / free["tok_s"]
         for key in ("wall_s", "mean_latency_s", "tok_s", "fill_ms_per_step", "wait_ms_per_step", "tok_s_vs_free"):
             row[key] = round(row[key], 3 if key.endswith("per_step") else 2)
-    headers = ["mode", "concurrency", "requests", "tokens", "steps", "tok/s", "vs free", "mean latency s",
-               "mask ms/step", "mask wait ms/step", "valid JSON of the schema"]  # fmt: skip
-    keys = ["mode", "concurrency", "requests", "tokens", "steps", "tok_s", "tok_s_vs_free", "mean_latency_s",
-            "fill_ms_per_step", "wait_ms_per_step", "valid_share"]  # fmt: skip
-    table = markdown_table(headers, [[r[k] for k in keys] for r in rows])
+    headers = ["mode", "concurrency", "requests", "tokens", "steps", "tok/s", "vs free", "vs free per round",
+               "vs no jump-forward per round", "mean latency s", "mask ms/step", "mask wait ms/step",
+               "valid JSON of the schema"]  # fmt: skip
+    keys = ["mode", "concurrency", "requests", "tokens", "steps", "tok_s", "tok_s_vs_free", "per_round_vs_free",
+            "per_round_vs_no_jump", "mean_latency_s", "fill_ms_per_step", "wait_ms_per_step",
+            "valid_share"]  # fmt: skip
+    table = markdown_table(headers, [[_cell(r[k]) for k in keys] for r in rows])
     print(table)
     report = {"benchmark": "structured", "weights": args.weights, "repeats": args.repeats, "rows": rows}
     write_report(args.out, report, table)
     return 0
+
+
+def _cell(value: Any) -> Any:
+    return " ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else value
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
