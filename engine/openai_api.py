@@ -10,8 +10,11 @@ scheduled, batched, cached and measured like any other.
   `frequency_penalty`, `logprobs` / `top_logprobs`, `echo`, `user`), vLLM's extra sampling fields (`top_k`,
   `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) and ours (`output_length_hint:
   {"lower", "upper"}`, the scheduler's hint, as in the gRPC API). A field this server does not know, or a feature
-  it does not have (tools, images, logit_bias, suffix, best_of > n), gets a 400 naming it rather than being
-  silently ignored.
+  it does not have (images, logit_bias, suffix, best_of > n, tool_choice "auto"), gets a 400 naming it rather
+  than being silently ignored.
+- Tool calling (engine/tool_calls.py): `tools` with `tool_choice` "required" or a named function, answered as
+  `tool_calls` whose arguments are valid JSON of their function's parameters (structured outputs); "none" answers
+  in text; assistant `tool_calls` and `tool` messages of earlier turns reach the chat template.
 - Structured outputs (engine/structured.py): OpenAI's `response_format` (`text`, `json_object`, `json_schema` with
   its `schema`), on both endpoints as vLLM, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`,
   `choice`, `grammar`) with its older spellings `guided_json`, `guided_regex`, `guided_choice`,
@@ -61,6 +64,7 @@ from .request import (
     structured_value,
 )
 from .rpc import RequestFailed, open_events
+from .tool_calls import ToolError, Tools, message_tool_calls, read_tools
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,8 @@ _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "
                500: "server_error", 503: "service_unavailable"}  # fmt: skip
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity; vLLM reports impossible tokens with this value too
 
-# Fields each endpoint reads; anything else is refused by name. `user`, `metadata`, `store`, `service_tier` and
-# `parallel_tool_calls` are accepted and have no effect here.
+# Fields each endpoint reads; anything else is refused by name. `user`, `metadata`, `store` and `service_tier` are
+# accepted and have no effect here.
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
            "presence_penalty", "frequency_penalty", "logprobs", "user", "logit_bias", "top_k", "min_p", "min_tokens",
            "repetition_penalty", "ignore_eos", "stop_token_ids", "output_length_hint", "metadata", "store",
@@ -194,6 +198,7 @@ class Call:
     max_tokens_param: str = "max_tokens"
     max_tokens_given: bool = False
     structured_param: str = "response_format"  # where the client put its structured-output constraint
+    tools: Tools | None = None  # tool_choice required or a named function: the answers are tool calls
 
 
 def _sampling(body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], str]:
@@ -226,12 +231,10 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     if body.get("logit_bias"):
         raise _bad("logit_bias", "not supported by this server")
     if chat:
-        for name in ("tools", "functions"):
-            if body.get(name):
-                raise _bad(name, "tool and function calling are not supported by this server")
-        for name in ("tool_choice", "function_call"):
-            if body.get(name) not in (None, "none"):
-                raise _bad(name, "tool and function calling are not supported by this server")
+        if body.get("functions"):
+            raise _bad("functions", "the legacy function calling is not supported; send tools and tool_choice")
+        if body.get("function_call") not in (None, "none"):
+            raise _bad("function_call", "the legacy function calling is not supported; send tools and tool_choice")
     else:
         if body.get("suffix"):
             raise _bad("suffix", "not supported by this server (no fill-in-the-middle)")
@@ -312,7 +315,7 @@ def _hint(body: dict[str, Any]) -> tuple[int | None, int | None]:
     return bounds[0], bounds[1]
 
 
-def _messages(engine: Engine, body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(engine: Engine, body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "required: a non-empty list of {role, content} messages")
@@ -339,9 +342,17 @@ def _messages(engine: Engine, body: dict[str, Any]) -> list[dict[str, str]]:
             content = ""
         elif not isinstance(content, str):
             raise _bad(f"{where}.content", "must be a string or a list of text parts")
+        message: dict[str, Any] = {"role": role, "content": content}
         if m.get("tool_calls"):
-            raise _bad(f"{where}.tool_calls", "tool calling is not supported by this server")
-        out.append({"role": role, "content": content})
+            if role != "assistant":
+                raise _bad(f"{where}.tool_calls", "only assistant messages make tool calls")
+            try:
+                message["tool_calls"] = message_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except ToolError as exc:
+                raise _bad(exc.param, str(exc).removeprefix(f"{exc.param}: ")) from exc
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     if engine.tokenizer.chat_template is None:
         raise _bad("messages", f"the model {engine.model_name!r} has no chat template; use /v1/completions")
     return out
@@ -394,11 +405,18 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         logprobs = (top or 0) if want else None
         echo = False
         try:
-            text = engine.tokenizer.apply_chat_template(_messages(engine, body), add_generation_prompt=True)
+            tools = read_tools(body)
+        except ToolError as exc:
+            raise _bad(exc.param, str(exc).removeprefix(f"{exc.param}: ")) from exc
+        try:
+            text = engine.tokenizer.apply_chat_template(
+                _messages(engine, body), add_generation_prompt=True, tools=tools.specs if tools else None
+            )
         except TokenizerError as exc:
             raise _bad("messages", str(exc)) from exc
         prompts, texts = [engine.tokenizer.encode(text)], [text]
     else:
+        tools = None
         logprobs = _typed(body, "logprobs", "int")
         echo = bool(_typed(body, "echo", "bool"))
         prompts, texts = _prompts(engine, body)
@@ -409,6 +427,10 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         if echo:  # the echoed prompt's tokens come with their logprobs too (scoring a text, as evaluation harnesses do)
             values["prompt_logprobs"] = logprobs
     values["structured_output"], structured_param = _structured(body)
+    if tools is not None and (constraint := tools.constraint()) is not None:
+        if values["structured_output"] is not None:
+            raise _bad(structured_param, f"cannot be combined with tool_choice {json.dumps(body['tool_choice'])}")
+        values["structured_output"], structured_param = constraint, tools.param
     lower, upper = _hint(body)
     given = "max_tokens" in values
     if not given and not chat:
@@ -429,6 +451,7 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         max_tokens_param=max_param,
         max_tokens_given=given,
         structured_param=structured_param,
+        tools=tools if tools is not None and tools.mode != "none" else None,
     )
 
 
@@ -502,6 +525,7 @@ class Choice:
         self.offset = 0 if self.scored_prompt else len(self.text)  # text offset of the next logprob entry
         self.final: Finished | None = None
         self.role_sent = False
+        self._calls: list[dict[str, Any]] | None = None
 
     @property
     def prompt_scored(self) -> bool:
@@ -560,10 +584,31 @@ class Choice:
             "text_offset": offsets,
         }
 
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """With tool_choice required or named, the finished answer's calls (None before the end, without tools, or
+        when it was cut short: then the text is the answer)."""
+        tools, f = self.call.tools, self.final
+        if tools is None or f is None or f.reason is not FinishReason.EOS:
+            return None
+        if self._calls is None:
+            self._calls = tools.calls(self.text)
+        return self._calls
+
+    def message(self) -> dict[str, Any]:
+        calls = self.tool_calls()
+        if calls is not None:
+            return {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"role": "assistant", "content": self.text}
+
     def finish_fields(self) -> dict[str, Any]:
         f = self.final
         if f is None:
             return {"finish_reason": None}
+        if self.tool_calls() is not None and self.call.tools is not None:
+            return {
+                "finish_reason": "tool_calls" if self.call.tools.mode == "required" else "stop",
+                "stop_reason": None,
+            }
         return {"finish_reason": _FINISH[f.reason], "stop_reason": f.stop or None}
 
 
@@ -743,7 +788,7 @@ class OpenAIService:
         for c in choices:
             item: dict[str, Any] = {"index": c.index}
             if chat:
-                item["message"] = {"role": "assistant", "content": c.text}
+                item["message"] = c.message()
             else:
                 item["text"] = c.text
             item["logprobs"] = c.logprobs([*c.prompt_scores(), *c.entries] if c.scored_prompt else c.entries)
@@ -779,7 +824,13 @@ class OpenAIService:
                 if not c.role_sent:
                     delta["role"] = "assistant"
                     c.role_sent = True
-                if text or not done:
+                if call.tools is not None:  # tool calls arrive whole, in the choice's last chunk
+                    calls = c.tool_calls() if done else None
+                    if calls is not None:
+                        delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(calls)]
+                    elif done:
+                        delta["content"] = c.text  # cut short: the text is the answer
+                elif text or not done:
                     delta["content"] = text
                 out["delta"] = delta
             else:
@@ -811,6 +862,12 @@ class OpenAIService:
                         await response.write(b"data: " + _json_bytes({"error": error}) + b"\n\n")
                         break
                     c.final = final
+                    if call.tools is not None:  # held until the calls are complete
+                        c.text += text
+                        c.entries.extend(entries)
+                        if final is None:
+                            continue
+                        entries = c.entries
                     if text or entries or final is not None:
                         await send([item(c, text, entries, final is not None)])
             if call.include_usage and all(c.final is not None for c in choices):

@@ -92,7 +92,13 @@ class Tokenizer:
         """A readable form of one token, special tokens included (for reporting a matched stop token)."""
         return self.backend.id_to_token(token_id) or ""
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt for a chat; `tools` (OpenAI's function tools) reach templates that show them to the model."""
         if self.chat_template is None:
             raise TokenizerError("the model has no chat template")
         if self._template is None:
@@ -109,7 +115,11 @@ class Tokenizer:
         try:
             return str(
                 self._template.render(
-                    messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+                    messages=list(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=bos,
+                    eos_token=eos,
+                    tools=list(tools) if tools else None,
                 )
             )
         except TokenizerError:

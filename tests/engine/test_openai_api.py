@@ -328,9 +328,124 @@ def test_vllm_structured_outputs_and_guided_fields(client: openai.OpenAI, engine
     assert set(json.loads(text)) == {"name", "age"}
 
 
+# ------------------------------------------------------------------------------------------------ tool calls
+
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+@needs_llguidance
+def test_a_named_tool_choice_returns_a_call_of_that_function(client: openai.OpenAI, engine: Engine) -> None:
+    import jsonschema
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=WEATHER_QUESTION, temperature=0, max_tokens=60,
+        tools=[WEATHER, TIME], tool_choice=named,  # type: ignore[list-item,arg-type]
+    )  # fmt: skip
+    message = out.choices[0].message
+    assert message.content is None and message.tool_calls is not None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
+    assert out.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model=engine.model_name, messages=WEATHER_QUESTION, temperature=0, max_tokens=60,
+        tools=[WEATHER, TIME], tool_choice=named, stream=True,  # type: ignore[list-item,arg-type]
+    )  # fmt: skip
+    chunks = list(streamed)
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas if d.function] == [
+        ("get_weather", call.function.arguments)
+    ]
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+@needs_llguidance
+def test_required_tool_choice_returns_calls_of_the_tools(client: openai.OpenAI, engine: Engine) -> None:
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}  # type: ignore[index]
+    for parallel in (True, False):
+        out = client.chat.completions.create(
+            model=engine.model_name, messages=WEATHER_QUESTION, temperature=0, max_tokens=120,
+            tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=parallel,  # type: ignore[list-item]
+        )  # fmt: skip
+        calls = out.choices[0].message.tool_calls
+        assert calls and out.choices[0].finish_reason == "tool_calls"
+        assert parallel or len(calls) == 1
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        assert len({c.id for c in calls}) == len(calls)
+
+
+@needs_llguidance
+def test_a_conversation_goes_on_after_a_tool_result(client: openai.OpenAI, engine: Engine) -> None:
+    """The call and its result go back as the next turn's messages; with tool_choice none the answer is text."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(
+        model=engine.model_name, messages=WEATHER_QUESTION, temperature=0, max_tokens=60,
+        tools=[WEATHER], tool_choice=named,  # type: ignore[list-item,arg-type]
+    )  # fmt: skip
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    messages = [
+        *WEATHER_QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})},
+    ]
+    out = client.chat.completions.create(
+        model=engine.model_name, messages=messages, temperature=0, max_tokens=30,  # type: ignore[arg-type]
+        tools=[WEATHER], tool_choice="none",  # type: ignore[list-item]
+    )  # fmt: skip
+    assert out.choices[0].message.content and out.choices[0].message.tool_calls is None
+
+
+def test_chat_templates_receive_the_tools(engine: Engine) -> None:
+    """A template that shows tools to its model (as Qwen2.5's and Llama 3.1's do) gets OpenAI's tool objects."""
+    import dataclasses
+
+    template = (
+        "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}"
+        "({{ t.function.parameters.required | join(',') }}){% endfor %}|{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %} -> {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}|"
+        "{% endfor %}"
+    )
+    tok = dataclasses.replace(engine.tokenizer, chat_template=template, _template=None)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    text = tok.apply_chat_template(
+        [*WEATHER_QUESTION, {"role": "assistant", "content": "", "tool_calls": [call]}],
+        add_generation_prompt=False,
+        tools=[WEATHER, TIME],
+    )
+    assert text.startswith("tools: get_weather(city,unit) get_time(timezone)|user: ")
+    assert "|assistant:  -> get_weather Paris|" in text
+    assert "tools" not in tok.apply_chat_template(WEATHER_QUESTION, add_generation_prompt=False)
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+                       "required": ["timezone"], "additionalProperties": False},
+    },
+}  # fmt: skip
 BAD = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -362,7 +477,66 @@ BAD = [
         400,
         "messages[0].content[0]",
     ),
-    ("/v1/chat/completions", {"messages": USER_X, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": USER_X, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("/v1/chat/completions", {"messages": USER_X, "tools": [WEATHER]}, 400, "tool_choice"),  # auto: no parser
+    ("/v1/chat/completions", {"messages": USER_X, "tool_choice": "required"}, 400, "tool_choice"),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+        400,
+        "tool_choice.function.name",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "tools": [WEATHER, WEATHER], "tool_choice": "required"},
+        400,
+        "tools[1].function.name",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"},
+        400,
+        "tools[0].function.name",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": USER_X,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+            "tool_choice": "required",
+        },
+        400,
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": USER_X,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        400,
+        "tools[0].function.parameters",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": USER_X, "tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    ("/v1/chat/completions", {"messages": USER_X, "functions": [{"name": "f"}]}, 400, "functions"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tools": [WEATHER], "tool_choice": "none"},
+        200,
+        "",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]},
+        400,
+        "messages[0].tool_calls[0]",
+    ),
     ("/v1/chat/completions", {"messages": USER_X, "response_format": {"type": "xml"}}, 400, "response_format.type"),
     (
         "/v1/chat/completions",
@@ -400,8 +574,10 @@ BAD = [
 def test_bad_requests_get_an_error_naming_the_field(
     api: ServerThread, path: str, body: dict[str, Any], status: int, param: str
 ) -> None:
-    code, reply = post(api.http_url, path, body)
+    code, reply = post(api.http_url, path, {**body, "max_tokens": body.get("max_tokens", 4)})
     assert code == status, reply
+    if status == 200:  # a near miss that is fine
+        return
     error = reply["error"]
     assert error["message"].startswith(f"{param}: ") or error["message"].startswith(f"{param}["), error
     assert error["param"] == param.split("[")[0].split(".")[0] or error["param"] == param
