@@ -406,7 +406,8 @@ def test_chat_templates_receive_the_tools(engine: Engine) -> None:
 
     template = (
         "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}"
-        "({{ t.function.parameters.required | join(',') }}){% endfor %}|{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "({{ t.function.parameters.required | join(',') }}){% endfor %}|{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
         "{% for c in m.tool_calls or [] %} -> {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}|"
         "{% endfor %}"
     )
