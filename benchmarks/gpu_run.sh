@@ -67,6 +67,11 @@ case "${1:-kernels}" in
     python3 -c "import aiohttp" 2>/dev/null || apis=grpc
     python3 -m optimist.engine.cli bench serve --model "$MODEL" --weights float --baselines transformers --apis $apis \
       --out "$OUT/serving-gpu.json" 2>&1 | tee "$OUT/serve.log"
+    # structured outputs on a GPU: is the mask work hidden behind the forward pass there? (needs llguidance)
+    if python3 -c "import llguidance" 2>/dev/null; then
+      python3 -m optimist.engine.cli bench structured --model "$MODEL" --weights float --concurrency 1,15 \
+        --out "$OUT/structured-gpu.json" 2>&1 | tee "$OUT/structured.log"
+    fi
     ;;
   *)
     echo "usage: $0 kernels|tests|engine|quick" >&2
