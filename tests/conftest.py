@@ -151,6 +151,23 @@ def server(engine: Engine) -> Iterator[ServerThread]:
     srv.stop()
 
 
+def events_of(engine: Engine, request: Any, timeout_s: float = 300) -> list[Any]:
+    """Submits one request and returns every event it got, the Finished last."""
+    from optimist.engine.outputs import Event, Finished
+
+    events: list[Event] = []
+    done = threading.Event()
+
+    def sink(ev: Event) -> None:
+        events.append(ev)
+        if isinstance(ev, Finished):
+            done.set()
+
+    engine.submit(request, sink)
+    assert done.wait(timeout_s), "the request did not finish"
+    return events
+
+
 def run_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600) -> list[list[int]]:
     """Submits every request at once (they share the engine's steps); each one's output token ids, once all end."""
     from optimist.engine.outputs import Event, Finished

@@ -3,7 +3,6 @@ its prefill chunks, equal to one whole-prompt forward pass; over gRPC and as Ope
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,17 @@ from optimist.engine.api import engine_pb2_grpc as pb_grpc
 from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.model.llama import prompt_logits
-from optimist.engine.outputs import Chunk, Event, Finished
+from optimist.engine.outputs import Chunk, Finished
 from optimist.engine.request import SamplingParams
 
-from ..conftest import ServerThread
+from ..conftest import ServerThread, events_of
 
 TEXT = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
 
 
 def run(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[Any], list[int], Finished]:
     """(prompt logprob entries, generated tokens, final), checking prompt entries come before any token."""
-    events: list[Event] = []
-    done = threading.Event()
-
-    def sink(ev: Event) -> None:
-        events.append(ev)
-        if isinstance(ev, Finished):
-            done.set()
-
-    engine.submit(engine.new_request(ids, params), sink)
-    assert done.wait(300)
+    events = events_of(engine, engine.new_request(ids, params))
     chunks = [e for e in events if isinstance(e, Chunk)]
     scored = [i for i, c in enumerate(chunks) if c.prompt_logprobs]
     tokens_at = [i for i, c in enumerate(chunks) if c.token_ids]

@@ -21,7 +21,7 @@ from optimist.engine.outputs import Chunk, Event, Finished
 from optimist.engine.request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput
 from optimist.engine.structured import blocked_tokens
 
-from ..conftest import run_concurrently
+from ..conftest import events_of, run_concurrently
 
 pytest.importorskip("llguidance")  # a dependency; the GPU machine's environment has it only when .whl carries it
 
@@ -240,17 +240,7 @@ def test_logprobs_describe_the_constrained_choice(engine: Engine) -> None:
         ids,
         SamplingParams(temperature=0, max_tokens=8, logprobs=5, structured_output=StructuredOutput.choices(choices)),
     )
-    events: list[Event] = []
-    done = threading.Event()
-
-    def sink(ev: Event) -> None:
-        events.append(ev)
-        if isinstance(ev, Finished):
-            done.set()
-
-    engine.submit(req, sink)
-    assert done.wait(120)
-    chunks = [e for e in events if isinstance(e, Chunk)]
+    chunks = [e for e in events_of(engine, req) if isinstance(e, Chunk)]
     tokens = [t for c in chunks for t in c.token_ids]
     entries = [e for c in chunks for e in c.logprobs]
     assert len(entries) == len(tokens) >= 2 and "".join(c.text for c in chunks) in choices
@@ -343,19 +333,16 @@ def test_grpc_structured_output(server: Any, engine: Engine) -> None:
     from optimist.engine.api import engine_pb2 as pb
     from optimist.engine.api import engine_pb2_grpc as pb_grpc
 
+    from .test_server import collect
+
     def generate(
         structured: pb.StructuredOutput, max_tokens: int = 120, question: str = "Describe a person as JSON."
     ) -> tuple[str, pb.Final]:
         sampling = pb.SamplingParams(temperature=0, max_tokens=max_tokens, structured_output=structured)
         chat_prompt = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=question)])
-        text, final = "", None
         with grpc.insecure_channel(server.address) as channel:
-            for msg in pb_grpc.EngineStub(channel).Generate(pb.GenerateRequest(chat=chat_prompt, sampling=sampling)):
-                if msg.HasField("chunk"):
-                    text += msg.chunk.text
-                else:
-                    final = msg.final
-        assert final is not None
+            request = pb.GenerateRequest(chat=chat_prompt, sampling=sampling)
+            _, text, final, _ = collect(pb_grpc.EngineStub(channel).Generate(request))
         return text, final
 
     text, final = generate(pb.StructuredOutput(json_schema=json.dumps(PERSON)))
