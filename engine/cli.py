@@ -236,6 +236,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         wait_ready(address, timeout_s=300)
         print(f"> {args.prompt}", flush=True)
         args.server, args.chat, args.seed, args.timeout = address, True, None, 300
+        args.json_schema = args.regex = args.choice = args.grammar = None  # a free answer
+        args.json = False
         return cmd_generate(args)
     finally:
         server.terminate()

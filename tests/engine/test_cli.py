@@ -118,6 +118,13 @@ def test_serve_generate_and_graceful_sigterm(tiny_gguf: Path) -> None:
     assert f"OpenAI-compatible HTTP on 127.0.0.1:{http_port}" in log
 
 
+def test_demo_answers_the_readme_question() -> None:
+    """`make demo`'s command: the engine on the default model, one question over gRPC, the answer, a clean stop."""
+    demo = subprocess.run([*OPTIMIST, "demo", "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "Paris" in demo.stdout and "prompt +" in demo.stderr
+
+
 @pytest.mark.parametrize(("content", "named"), [(None, "cannot read"), ("", "must hold one key"),
                                                  ("two words", "must hold one key")])  # fmt: skip
 def test_serve_with_a_bad_api_key_file_exits_with_a_one_line_reason(
