@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import math
@@ -32,6 +33,7 @@ class StructuredOutput:
 
     kind: str  # one of STRUCTURED_KINDS
     spec: str = ""  # the JSON Schema, regex or grammar text; for `choice` the choices as a JSON list; json_object: ""
+    whitespace: str | None = None  # JSON kinds: a regex of the whitespace between tokens ("" none); None: default
 
     @property
     def field(self) -> str:
@@ -63,6 +65,12 @@ class StructuredOutput:
                     raise InvalidRequest(self.field, "every choice must be a non-empty string")
         elif self.kind in ("regex", "grammar") and not self.spec:
             raise InvalidRequest(self.field, "is empty")
+        if self.whitespace is not None and self.kind not in ("json_schema", "json_object"):
+            raise InvalidRequest(
+                "sampling.structured_output.whitespace_pattern", f"only for JSON kinds, not {self.kind}"
+            )
+        if self.whitespace is not None and len(self.whitespace) > 1024:
+            raise InvalidRequest("sampling.structured_output.whitespace_pattern", "longer than 1024 characters")
 
 
 # vLLM's `structured_outputs` keys, each with the constraint kind it names
@@ -98,11 +106,28 @@ def structured_from_vllm(value: Any, field: str) -> list[tuple[str, StructuredOu
     if not isinstance(value, dict):
         raise InvalidRequest(field, "must be an object")
     found = []
+    whitespace = None
     for key, item in value.items():
+        if key in ("disable_any_whitespace", "whitespace_pattern"):  # options of the JSON kinds
+            if key == "disable_any_whitespace" and not isinstance(item, bool | None):
+                raise InvalidRequest(f"{field}.{key}", "must be true or false")
+            if key == "whitespace_pattern" and not isinstance(item, str | None):
+                raise InvalidRequest(f"{field}.{key}", "must be a string (a regex)")
+            if item is True:
+                whitespace = ""
+            elif isinstance(item, str) and whitespace is None:
+                whitespace = item
+            continue
         if key not in VLLM_STRUCTURED_KEYS:
-            raise InvalidRequest(f"{field}.{key}", f"unknown; takes one of {', '.join(VLLM_STRUCTURED_KEYS)}")
+            known = [*VLLM_STRUCTURED_KEYS, "disable_any_whitespace", "whitespace_pattern"]
+            raise InvalidRequest(f"{field}.{key}", f"unknown; takes {', '.join(known)}")
         if item is not None and item is not False:
             found.append((f"{field}.{key}", structured_value(VLLM_STRUCTURED_KEYS[key], item, f"{field}.{key}")))
+    if whitespace is not None:
+        json_kinds = [(f, c) for f, c in found if c.kind in ("json_schema", "json_object")]
+        if len(json_kinds) != len(found) or not found:
+            raise InvalidRequest(f"{field}.whitespace_pattern", "only with json or json_object")
+        found = [(f, dataclasses.replace(c, whitespace=whitespace)) for f, c in found]
     return found
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -76,13 +77,14 @@ def structured_from_proto(so: pb.StructuredOutput) -> StructuredOutput:
         raise InvalidRequest(
             "sampling.structured_output", "set one of json_schema, json_object, regex, choice, grammar"
         )
+    whitespace = so.whitespace_pattern if so.HasField("whitespace_pattern") else None
     if kind == "json_object":
         if not so.json_object:
             raise InvalidRequest("sampling.structured_output.json_object", "must be true when set")
-        return StructuredOutput("json_object")
+        return StructuredOutput("json_object", whitespace=whitespace)
     if kind == "choice":
-        return StructuredOutput.choices(list(so.choice.choices))
-    return StructuredOutput(kind, getattr(so, kind))
+        return dataclasses.replace(StructuredOutput.choices(list(so.choice.choices)), whitespace=whitespace)
+    return StructuredOutput(kind, getattr(so, kind), whitespace=whitespace)
 
 
 def histogram_to_proto(h: Histogram) -> pb.Histogram:

@@ -72,7 +72,8 @@ class _Vocabulary:
 def grammar_text(llg: Any, constraint: StructuredOutput) -> str:
     """The llguidance grammar for a constraint (not yet checked)."""
     matcher, kind, spec = llg.LLMatcher, constraint.kind, constraint.spec
-    defaults = {"whitespace_pattern": JSON_WHITESPACE}
+    pattern = JSON_WHITESPACE if constraint.whitespace is None else constraint.whitespace
+    defaults = {"whitespace_pattern": pattern}
     if kind == "json_schema":
         return str(matcher.grammar_from_json_schema(spec, defaults=defaults))
     if kind == "json_object":

@@ -326,6 +326,8 @@ def test_vllm_structured_outputs_and_guided_fields(client: openai.OpenAI, engine
     assert complete({"structured_outputs": {"grammar": grammar}}, "Is Paris in France? Answer:") in (" yes", " no")
     text = complete({"guided_json": PERSON}, "A person as JSON:")
     assert set(json.loads(text)) == {"name", "age"}
+    compact = complete({"structured_outputs": {"json": PERSON, "disable_any_whitespace": True}}, "A person as JSON:")
+    assert json.loads(compact) and compact == json.dumps(json.loads(compact), separators=(",", ":"))
 
 
 # ------------------------------------------------------------------------------------------------ tool calls
@@ -564,6 +566,18 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"yaml": "a"}}, 400, "structured_outputs.yaml"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"choice": "a"}}, 400, "structured_outputs.choice"),
     ("/v1/completions", {"prompt": "x", "guided_json": "{oops"}, 400, "guided_json"),
+    (
+        "/v1/completions",
+        {"prompt": "x", "structured_outputs": {"regex": "a", "disable_any_whitespace": True}},
+        400,
+        "structured_outputs.whitespace_pattern",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "x", "structured_outputs": {"json_object": True, "whitespace_pattern": 3}},
+        400,
+        "structured_outputs.whitespace_pattern",
+    ),
     ("/v1/completions", {"prompt": "x", "guided_grammar": "start: missing"}, 400, "guided_grammar"),
     ("/v1/chat/completions", {"messages": USER_X, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": USER_X, "max_completion_tokens": 0}, 400, "max_completion_tokens"),

@@ -214,6 +214,25 @@ def test_json_whitespace_is_bounded(tiny_gguf: Path) -> None:
         eng.shutdown()
 
 
+def test_compact_json_and_a_whitespace_pattern(engine: Engine) -> None:
+    """whitespace "" makes compact JSON (no whitespace outside strings), a pattern allows exactly that whitespace;
+    the default lets this model pretty-print."""
+    ids = chat(engine, CAPITAL_AS_JSON)
+
+    def answer(whitespace: str | None) -> str:
+        constraint = StructuredOutput("json_object", whitespace=whitespace)
+        _, text, final = run(engine, ids, temperature=0, max_tokens=60, structured_output=constraint)
+        assert final.reason is FinishReason.EOS and json.loads(text) == {"capital": "Paris"}
+        return text
+
+    assert "\n" in answer(None)  # the model's own pretty-printing
+    assert answer("") == '{"capital":"Paris"}'
+    spaced = answer(" ")  # at most one space per gap
+    assert "\n" not in spaced and "  " not in spaced
+    with pytest.raises(InvalidRequest, match=r"^sampling.structured_output.whitespace_pattern: only for JSON"):
+        engine.new_request(ids, SamplingParams(structured_output=StructuredOutput("regex", "a+", whitespace="")))
+
+
 # ------------------------------------------------------------------------------------------- limits
 
 
@@ -352,12 +371,15 @@ def test_grpc_structured_output(server: Any, engine: Engine) -> None:
     assert text in ("yes", "no")
     text, final = generate(pb.StructuredOutput(json_object=True), 60, CAPITAL_AS_JSON)
     assert isinstance(json.loads(text), dict) and final.finish_reason == pb.FINISH_REASON_EOS
+    compact = pb.StructuredOutput(json_object=True, whitespace_pattern="")
+    assert generate(compact, 60, CAPITAL_AS_JSON)[0] == '{"capital":"Paris"}'
     assert re.fullmatch("[A-Z][a-z]+", generate(pb.StructuredOutput(regex="[A-Z][a-z]+"), 12)[0])
     for structured, field in [
         (pb.StructuredOutput(regex="a(b"), "sampling.structured_output.regex"),
         (pb.StructuredOutput(), "sampling.structured_output"),
         (pb.StructuredOutput(json_object=False), "sampling.structured_output.json_object"),
         (pb.StructuredOutput(grammar="start: x"), "sampling.structured_output.grammar"),
+        (pb.StructuredOutput(regex="a", whitespace_pattern=""), "sampling.structured_output.whitespace_pattern"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             generate(structured)
