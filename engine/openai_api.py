@@ -19,8 +19,8 @@ scheduled, batched, cached and measured like any other.
   its `schema`), on both endpoints as vLLM, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`,
   `choice`, `grammar`; `disable_any_whitespace`, `whitespace_pattern`) with its older spellings `guided_json`,
   `guided_regex`, `guided_choice`, `guided_grammar`. One constraint per request; a schema, regex or grammar that
-  does not compile is a 400 naming the field it came in. The `X-Request-Id` header names the engine request (its choices `ID-0`,
-  `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
+  does not compile is a 400 naming the field it came in. The `X-Request-Id` header names the engine request (its
+  choices `ID-0`, `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
 - Defaults as OpenAI's: completions 16 tokens, chat completions up to the context; `n` choices of one prompt
   are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical). `echo` with
   `logprobs` also scores the prompt (its tokens lead the logprobs, the first with null values).
