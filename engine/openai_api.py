@@ -11,7 +11,8 @@ scheduled, batched, cached and measured like any other.
   `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`) and ours (`output_length_hint:
   {"lower", "upper"}`, the scheduler's hint, as in the gRPC API). A field this server does not know, or a feature
   it does not have (images, logit_bias, suffix, best_of > n, tool_choice "auto"), gets a 400 naming it rather
-  than being silently ignored.
+  than being silently ignored. The `X-Request-Id` header names the engine request (its choices `ID-0`, `ID-1`,
+  ... when there are several), so the gRPC `Abort` can cancel it.
 - Tool calling (engine/tool_calls.py): `tools` with `tool_choice` "required" or a named function, answered as
   `tool_calls` whose arguments are valid JSON of their function's parameters (structured outputs); "none" answers
   in text; assistant `tool_calls` and `tool` messages of earlier turns reach the chat template.
@@ -19,8 +20,7 @@ scheduled, batched, cached and measured like any other.
   its `schema`), on both endpoints as vLLM, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`,
   `choice`, `grammar`; `disable_any_whitespace`, `whitespace_pattern`) with its older spellings `guided_json`,
   `guided_regex`, `guided_choice`, `guided_grammar`. One constraint per request; a schema, regex or grammar that
-  does not compile is a 400 naming the field it came in. The `X-Request-Id` header names the engine request (its
-  choices `ID-0`, `ID-1`, ... when there are several), so the gRPC `Abort` can cancel it.
+  does not compile is a 400 naming the field it came in.
 - Defaults as OpenAI's: completions 16 tokens, chat completions up to the context; `n` choices of one prompt
   are sampled independently (with a `seed`, choice i uses seed + i: reproducible, not identical). `echo` with
   `logprobs` also scores the prompt (its tokens lead the logprobs, the first with null values).
