@@ -64,7 +64,7 @@ from .request import (
     structured_value,
 )
 from .rpc import RequestFailed, open_events
-from .tool_calls import ToolError, Tools, message_tool_calls, read_tools
+from .tool_calls import Tools, message_tool_calls, read_tools
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,11 @@ def _unknown_model(engine: Engine, name: str) -> ApiError:
 
 def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param)
+
+
+def _bad_field(exc: InvalidRequest) -> ApiError:
+    """A 400 for a request check that names the OpenAI field itself."""
+    return _bad(exc.field, str(exc).removeprefix(f"{exc.field}: "))
 
 
 def _check_body(engine: Engine, body: dict[str, Any], known: set[str], where: str) -> None:
@@ -255,7 +260,7 @@ def _structured(body: dict[str, Any]) -> tuple[StructuredOutput | None, str]:
             if body.get(name) is not None
         )
     except InvalidRequest as exc:
-        raise _bad(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from exc
+        raise _bad_field(exc) from exc
     if not found:
         return None, "response_format"
     if len(found) > 1:
@@ -348,8 +353,8 @@ def _messages(engine: Engine, body: dict[str, Any]) -> list[dict[str, Any]]:
                 raise _bad(f"{where}.tool_calls", "only assistant messages make tool calls")
             try:
                 message["tool_calls"] = message_tool_calls(m["tool_calls"], f"{where}.tool_calls")
-            except ToolError as exc:
-                raise _bad(exc.param, str(exc).removeprefix(f"{exc.param}: ")) from exc
+            except InvalidRequest as exc:
+                raise _bad_field(exc) from exc
         if role == "tool" and isinstance(m.get("tool_call_id"), str):
             message["tool_call_id"] = m["tool_call_id"]
         out.append(message)
@@ -406,8 +411,8 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         echo = False
         try:
             tools = read_tools(body)
-        except ToolError as exc:
-            raise _bad(exc.param, str(exc).removeprefix(f"{exc.param}: ")) from exc
+        except InvalidRequest as exc:
+            raise _bad_field(exc) from exc
         try:
             text = engine.tokenizer.apply_chat_template(
                 _messages(engine, body), add_generation_prompt=True, tools=tools.specs if tools else None

@@ -18,17 +18,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .request import StructuredOutput
+from .request import InvalidRequest, StructuredOutput
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-class ToolError(ValueError):
-    """A tools field is invalid; `param` names it (the API answers 400)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -94,39 +86,41 @@ class Tools:
 
 
 def read_tools(body: dict[str, Any]) -> Tools | None:
-    """The request's tools and tool_choice, checked; raises ToolError naming the field."""
+    """The request's tools and tool_choice, checked; raises InvalidRequest naming the field."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
-        raise ToolError("parallel_tool_calls", "must be true or false")
+        raise InvalidRequest("parallel_tool_calls", "must be true or false")
     if not tools:
         if choice not in (None, "none"):
-            raise ToolError("tool_choice", "needs tools")
+            raise InvalidRequest("tool_choice", "needs tools")
         return None
     if not isinstance(tools, list):
-        raise ToolError("tools", "must be a list of function tools")
+        raise InvalidRequest("tools", "must be a list of function tools")
     specs, names = [], set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise ToolError(where, 'must be {"type": "function", "function": {...}}')
+            raise InvalidRequest(where, 'must be {"type": "function", "function": {...}}')
         fn = tool["function"]
         unknown = sorted(set(fn) - {"name", "description", "parameters", "strict"})
         if unknown:
-            raise ToolError(f"{where}.function.{unknown[0]}", "unknown; takes name, description, parameters, strict")
+            raise InvalidRequest(
+                f"{where}.function.{unknown[0]}", "unknown; takes name, description, parameters, strict"
+            )
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ToolError(f"{where}.function.name", "must be 1-64 letters, digits, _ or -")
+            raise InvalidRequest(f"{where}.function.name", "must be 1-64 letters, digits, _ or -")
         if name in names:
-            raise ToolError(f"{where}.function.name", f"{name!r} is already a tool")
+            raise InvalidRequest(f"{where}.function.name", f"{name!r} is already a tool")
         names.add(name)
         if "description" in fn and not isinstance(fn["description"], str):
-            raise ToolError(f"{where}.function.description", "must be a string")
+            raise InvalidRequest(f"{where}.function.description", "must be a string")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise ToolError(f"{where}.function.parameters", "must be a JSON Schema object")
+            raise InvalidRequest(f"{where}.function.parameters", "must be a JSON Schema object")
         specs.append({"type": "function", "function": fn})
     if choice in (None, "auto"):
-        raise ToolError(
+        raise InvalidRequest(
             "tool_choice",
             '"auto" (the default with tools) needs a parser for the model\'s own tool-call markup, which this server '
             'does not have: send "required", a named function ({"type": "function", "function": {"name": ...}}) '
@@ -138,23 +132,25 @@ def read_tools(body: dict[str, Any]) -> Tools | None:
         return Tools(specs, "required", parallel=parallel is not False)
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ToolError(
+        raise InvalidRequest(
             "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "function": {"name"}}'
         )
     if fn["name"] not in names:
-        raise ToolError("tool_choice.function.name", f"{fn['name']!r} is not among the tools")
+        raise InvalidRequest("tool_choice.function.name", f"{fn['name']!r} is not among the tools")
     return Tools(specs, "named", name=fn["name"])
 
 
 def message_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """An assistant message's tool_calls, for the chat template: arguments decoded from JSON where they are."""
     if not isinstance(value, list):
-        raise ToolError(where, "must be a list of tool calls")
+        raise InvalidRequest(where, "must be a list of tool calls")
     out = []
     for j, call in enumerate(value):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
-            raise ToolError(f"{where}[{j}]", 'must be {"id", "type": "function", "function": {"name", "arguments"}}')
+            raise InvalidRequest(
+                f"{where}[{j}]", 'must be {"id", "type": "function", "function": {"name", "arguments"}}'
+            )
         try:
             arguments: Any = json.loads(fn["arguments"])
         except ValueError:
