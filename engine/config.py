@@ -7,6 +7,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from .speculative import SpeculativeConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names it."""
@@ -98,6 +100,11 @@ class EngineConfig:
     sparse_patterns: Path | None = None  # MInference-format pattern file; None = the model's bundled one or defaults
     prefix_caching: bool = True  # requests share the K/V of full blocks with equal prefixes (kv_cache.py)
     jump_forward: bool = True  # structured outputs: tokens the language forces are appended unsampled
+    # speculative decoding with n-gram drafts (speculative.py): up to this many guessed tokens per decode step,
+    # looked up from the latest earlier occurrence of the last n tokens, n in [min, max]; 0 = off
+    speculative_tokens: int = 0
+    speculative_ngram_min: int = 1
+    speculative_ngram_max: int = 4
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")
@@ -124,8 +131,15 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be 0 (the model's own) or positive, got {self.max_model_len}")
         if not 0.0 <= self.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction must be in [0, 1), got {self.kv_cache_memory_fraction}")
+        problem = self.speculative.validate()
+        if problem is not None:
+            raise ConfigError(problem)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig(self.speculative_tokens, self.speculative_ngram_min, self.speculative_ngram_max)
 
     @property
     def num_kv_blocks(self) -> int:

@@ -7,6 +7,7 @@ Callers (the gRPC server, tests, benchmarks) submit requests with a sink; the en
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import itertools
 import logging
@@ -32,10 +33,11 @@ from .model.quant import fp16_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
 from .runner import ModelRunner, PromptSpan
-from .sampler import prompt_logprobs, sample
+from .sampler import Logprobs, prompt_logprobs, sample
 from .scheduler.policies import make_policy
 from .scheduler.predictor import LowerBoundPredictor
-from .scheduler.scheduler import Scheduler
+from .scheduler.scheduler import ScheduledRequest, Scheduler
+from .speculative import accepted, eligible, propose
 from .structured import Grammars, failure
 
 log = logging.getLogger(__name__)
@@ -205,6 +207,7 @@ class Engine:
         self.stats = EngineStats()
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.jump_forward = config.jump_forward  # may be switched while serving (benchmarks compare both)
+        self.speculative = config.speculative  # likewise
 
     def _check_cache_fits(self) -> None:
         """A CPU cache becomes resident as it fills (`zeros_on_demand`): refuse at start one that, with what the
@@ -474,6 +477,7 @@ class Engine:
                             self._finish(req, FinishReason.ABORTED, "", error=f"{type(exc).__name__}: {exc}")
 
     def _step(self) -> None:
+        self._propose_drafts()
         with self._lock:
             plan = self.scheduler.schedule()
         if not plan.scheduled:
@@ -491,19 +495,20 @@ class Engine:
         constrained = [s.request for s in plan.scheduled if s.completes and s.request.matcher is not None]
         masks = self.grammars.start_masks(constrained) if constrained else None
         logits, owners, prompt_spans = self.runner.execute(plan.scheduled)
-        with self._lock:
-            self.scheduler.cache_computed(plan.scheduled)
         scored = sum(span.count for span in prompt_spans)
         prompt_lps = [(span, prompt_logprobs(logits, row, span)) for span, row in _rows(prompt_spans)]
         logits = logits[scored:]
-        reqs = [s.request for s in owners]
+        # one row per owner, and one more per draft: the request as it would be had the drafts before it been kept
+        rows = [r for s in owners for r in _row_views(s)]
         grammar = None
         if masks is not None:
-            order = {id(r): i for i, r in enumerate(reqs)}
+            order = {id(r): i for i, r in enumerate(rows)}
             grammar = ([order[id(r)] for r in constrained], masks.result())
-        result = sample(logits, reqs, self.tokenizer.eos_ids, grammar)
+        result = sample(logits, rows, self.tokenizer.eos_ids, grammar)
+        kept = self._verify(owners, result.token_ids, result.logprobs)
         now = time.monotonic()
         with self._lock:
+            self.scheduler.cache_computed(plan.scheduled)
             self.stats.steps += 1
             for span, entries in prompt_lps:  # before the request's first token (the same step may sample it)
                 if span.request.status is Status.RUNNING:
@@ -514,14 +519,46 @@ class Engine:
                     self._finish(
                         req, FinishReason.ABORTED, "", error=f"sampling.structured_output: {why}", invalid=True
                     )
-            for i, req in enumerate(reqs):
-                self._on_token(req, result.token_ids[i], result.logprobs[i], now)
+            for s, (tokens, lps) in zip(owners, kept, strict=True):
+                self._on_token(s.request, tokens, lps, now)
+                if s.drafts:
+                    self.scheduler.trim(s.request)
 
-    def _on_token(
-        self, req: Request, token: int, logprobs: tuple[float, list[tuple[int, float]]] | None, now: float
-    ) -> None:
-        """Appends a sampled token, and after it the tokens a structured output's language forces; emits them as
-        one chunk and finishes the request when one of them ends it."""
+    def _propose_drafts(self) -> None:
+        """Speculative decoding: the drafts each decoding request's next step computes (speculative.py)."""
+        spec = self.speculative
+        if not spec.tokens:
+            return
+        ctx = self.model_config.context_length
+        for req in self.scheduler.running:
+            decoding = req.num_computed + 1 == req.num_tokens
+            req.draft = propose(req, spec, ctx) if decoding and eligible(req) else []
+
+    def _verify(
+        self, owners: Sequence[ScheduledRequest], sampled: list[int], logprobs: list[Logprobs | None]
+    ) -> list[tuple[list[int], list[Logprobs | None]]]:
+        """Each owner's tokens this step (and their logprobs): its row's sample, or with drafts the drafts every
+        earlier row's sample confirmed and the first sample that differs (or follows the last). Rejected drafts'
+        positions stop counting as computed."""
+        kept = []
+        row = 0
+        for s in owners:
+            n = 1 + s.drafts
+            tokens, lps = sampled[row : row + n], logprobs[row : row + n]
+            row += n
+            if s.drafts:
+                a = accepted(s.request.draft[: s.drafts], tokens)
+                tokens, lps = tokens[: a + 1], lps[: a + 1]
+                s.request.num_computed -= s.drafts - a
+                self.stats.spec_drafts += 1
+                self.stats.spec_draft_tokens += s.drafts
+                self.stats.spec_accepted_tokens += a
+            kept.append((tokens, lps))
+        return kept
+
+    def _on_token(self, req: Request, sampled: list[int], logprobs: list[Logprobs | None], now: float) -> None:
+        """Appends a step's sampled tokens (one, or more with drafts), and after them the tokens a structured
+        output's language forces; emits them as one chunk and finishes the request when one of them ends it."""
         if req.status is not Status.RUNNING:
             return
         _, sink, state = self._requests[req.id]
@@ -531,8 +568,8 @@ class Engine:
         elif req.last_token_at is not None:
             self.stats.itl.observe(now - req.last_token_at)
         req.last_token_at = now
-        tokens, text, error = [token], "", None
-        lps = [] if logprobs is None else [(token, logprobs[0], logprobs[1])]
+        tokens, text, error = list(sampled), "", None
+        lps = [(t, lp[0], lp[1]) for t, lp in zip(sampled, logprobs, strict=True) if lp is not None]
         reason, stop = None, ""
         i = 0
         while i < len(tokens):
@@ -554,7 +591,7 @@ class Engine:
                 elif i == len(tokens) and self._jump_forward(req):
                     tokens.extend(req.matcher.compute_ff_tokens())
             if reason is not None or error is not None:
-                del tokens[i:]
+                del tokens[i:], lps[i:]
                 break
             self.scheduler.on_token(req)
         _emit(sink, Chunk(tokens, text, lps))
@@ -605,6 +642,17 @@ class Engine:
         )
 
 
+def _row_views(s: ScheduledRequest) -> Iterator[Request]:
+    """What the sampler reads for each of an owner's rows: the request, then for the row after draft j a shallow
+    copy whose output holds drafts[:j] (penalties and min_tokens count them; the seed's generator is shared)."""
+    req = s.request
+    yield req
+    for j in range(1, s.drafts + 1):
+        view = copy.copy(req)
+        view.output_ids = req.output_ids + req.draft[:j]
+        yield view
+
+
 def _rows(spans: list[PromptSpan]) -> Iterator[tuple[PromptSpan, int]]:
     """Each prompt span with its first row (they lead the step's logits, in order)."""
     row = 0
@@ -622,6 +670,4 @@ def _emit(sink: Sink, event: Event) -> None:
 
 
 def _copy_stats(stats: EngineStats) -> EngineStats:
-    import copy
-
     return copy.deepcopy(stats)

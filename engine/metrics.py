@@ -44,6 +44,10 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0  # prompt tokens of first admissions taken from the prefix cache
     generation_tokens: int = 0
     steps: int = 0
+    # speculative decoding: steps of a request that carried drafts, the drafts they carried, and those kept
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"eos": 0, "stop": 0, "length": 0, "aborted": 0})
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))

@@ -248,6 +248,10 @@ class Request:
     cached_tokens: int = 0
     prompt_logprobs_next: int = 1  # with params.prompt_logprobs: the next prompt index whose logprob is due
     matcher: Any = None  # with params.structured_output: its llguidance matcher, advanced token by token
+    # Speculative decoding (speculative.py): this step's guessed next tokens, computed after the last real one, and
+    # the n-gram index they are looked up in
+    draft: list[int] = field(default_factory=list)
+    ngrams: Any = None
 
     # The policies' view of a request (scheduler/policies.py: Job).
     @property
@@ -279,5 +283,9 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token_at(self, index: int) -> int:
+        """The token at `index`: the prompt's, the output's, then this step's drafts'."""
         n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
+        if index < n:
+            return self.prompt_ids[index]
+        m = len(self.output_ids)
+        return self.output_ids[index - n] if index - n < m else self.draft[index - n - m]

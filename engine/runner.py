@@ -58,12 +58,14 @@ class ModelRunner:
     def execute(
         self, scheduled: Sequence[ScheduledRequest]
     ) -> tuple[torch.Tensor, list[ScheduledRequest], list[PromptSpan]]:
-        """Returns (logits [p + k, vocab] float32, the k scheduled requests the last k rows belong to, in order, and
-        the prompt spans the first p rows score: requests that asked for prompt logprobs)."""
+        """Returns (logits [p + k, vocab] float32, the scheduled requests whose next token is sampled, to which the
+        last k rows belong in order, one row each and one more per draft, and the prompt spans the first p rows
+        score: requests that asked for prompt logprobs)."""
         bs = self.block_size
-        # Multi-token chunks first, single-token steps (decodes) last and contiguous.
-        prefills = [s for s in scheduled if s.num_new > 1]
-        decodes = [s for s in scheduled if s.num_new == 1]
+        # Multi-token chunks first, single-token steps (decodes) last and contiguous; a decode with drafts is one
+        # decode row per position (each attends to the cache up to itself: the rows' K/V are stored first).
+        prefills = [s for s in scheduled if s.num_new > 1 and not s.drafts]
+        decodes = [s for s in scheduled if s.num_new == 1 or s.drafts]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -97,29 +99,34 @@ class ModelRunner:
                 logits_rows.append(row + s.num_new - 1)
                 owners.append(s)
         groups: list[DecodeGroup] = []
-        for group in group_by_length(decodes):
-            # Context slots of each sequence from a padded block-table tensor (padding hits block 0, masked).
+        packed: dict[tuple[int, int], int] = {}  # (id of the scheduled request, position) -> row in the batch
+        decode_rows = [DecodeRow(s, s.request.num_computed + j) for s in decodes for j in range(s.num_new)]
+        for group in group_by_length(decode_rows):
+            # Context slots of each row from a padded block-table tensor (padding hits block 0, masked).
             first = len(tokens)
-            lengths = [s.request.num_computed + 1 for s in group]
+            lengths = [d.length for d in group]
             max_len = max(lengths)
             max_blocks = -(-max_len // bs)
             blocks = torch.zeros((len(group), max_blocks), dtype=torch.long)
-            for i, s in enumerate(group):
-                req, pos = s.request, s.request.num_computed
+            for i, d in enumerate(group):
+                req, pos = d.scheduled.request, d.position
+                packed[id(d.scheduled), pos] = first + i
                 tokens.append(req.token_at(pos))
                 positions.append(pos)
                 slots.append(req.block_table[pos // bs] * bs + pos % bs)
                 n_blocks = -(-(pos + 1) // bs)
                 blocks[i, :n_blocks] = torch.tensor(req.block_table[:n_blocks])
-                if s.completes:
-                    logits_rows.append(first + i)
-                    owners.append(s)
             table = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(group), -1)[:, :max_len]
             mask = None
             if min(lengths) != max_len:
                 lens = self._tensor(lengths)
                 mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
             groups.append(DecodeGroup(first, len(tokens), table.to(self.device), mask, lengths))
+        for s in decodes:  # each completing request's rows together, in position order
+            if s.completes:
+                start = s.request.num_computed
+                logits_rows.extend(packed[id(s), pos] for pos in range(start, start + s.num_new))
+                owners.append(s)
         meta = AttentionMeta(
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),
@@ -135,27 +142,38 @@ class ModelRunner:
         return logits, owners, prompt_spans
 
 
-def group_by_length(
-    decodes: Sequence[ScheduledRequest], waste: float = 1.3, slack: int = 64
-) -> list[list[ScheduledRequest]]:
-    """Splits decodes into groups of similar context length, longest first.
+@dataclass
+class DecodeRow:
+    """One single-token row of a decode step: a request's position (its last token's, or a draft's)."""
+
+    scheduled: ScheduledRequest
+    position: int
+
+    @property
+    def length(self) -> int:
+        """The context the row attends to."""
+        return self.position + 1
+
+
+def group_by_length(rows: Sequence[DecodeRow], waste: float = 1.3, slack: int = 64) -> list[list[DecodeRow]]:
+    """Splits decode rows into groups of similar context length, longest first.
 
     A padded batch attends over B x max_len slots; one long sequence among short ones would make every row pay
-    for its length. A sequence joins the current group while the padded area stays within `waste` times the real
+    for its length. A row joins the current group while the padded area stays within `waste` times the real
     one, or its length is within `slack` of the group's longest.
     """
-    ordered = sorted(decodes, key=lambda s: s.request.num_computed, reverse=True)
-    groups: list[list[ScheduledRequest]] = []
+    ordered = sorted(rows, key=lambda r: r.length, reverse=True)
+    groups: list[list[DecodeRow]] = []
     total = 0
-    for s in ordered:
-        length = s.request.num_computed + 1
+    for row in ordered:
+        length = row.length
         if groups:
-            longest = groups[-1][0].request.num_computed + 1
+            longest = groups[-1][0].length
             padded = (len(groups[-1]) + 1) * longest
             if padded <= waste * (total + length) or longest - length <= slack:
-                groups[-1].append(s)
+                groups[-1].append(row)
                 total += length
                 continue
-        groups.append([s])
+        groups.append([row])
         total = length
     return groups

@@ -22,10 +22,13 @@ if TYPE_CHECKING:
     from .runner import PromptSpan
 
 
+Logprobs = tuple[float, list[tuple[int, float]]]  # the chosen token's logprob and the top-n (token, logprob)
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen, top-n) per row, when asked for
+    logprobs: list[Logprobs | None]  # per row, when asked for
 
 
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -131,7 +134,7 @@ def sample(
         chosen[rows] = (probs / noise).argmax(dim=-1)
     token_ids: list[int] = chosen.tolist()
 
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(requests)
+    logprobs: list[Logprobs | None] = [None] * len(requests)
     wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if wanted:
         rows = torch.tensor(wanted, device=logits.device)

@@ -19,12 +19,13 @@ from .policies import Policy
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new: int  # tokens computed this step, starting at request.num_computed
+    num_new: int  # tokens computed this step, starting at request.num_computed (drafts included)
+    drafts: int = 0  # of them, speculative tokens after the request's last one (request.draft[:drafts])
 
     @property
     def completes(self) -> bool:
         """After this step every token of the request is cached: its next token gets sampled."""
-        return self.request.num_computed + self.num_new == self.request.num_tokens
+        return self.request.num_computed + self.num_new - self.drafts == self.request.num_tokens
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Scheduler:
         request.block_table = []
         request.num_computed = 0
         request.registered_blocks = 0
+        request.draft = []
 
     def _hashes(self, request: Request, n_blocks: int) -> list[bytes]:
         """The content hashes of the request's first `n_blocks` full blocks (extended as tokens arrive)."""
@@ -119,6 +121,26 @@ class Scheduler:
         request.block_table.extend(self.allocator.allocate(need))
         return True
 
+    def _drafts(self, request: Request, num_new: int, budget: int) -> int:
+        """How many of a decoding request's drafts this step computes: within the token budget, in cache slots its
+        blocks have spare, and in new blocks only while no request waits for memory. Never a preemption."""
+        if not request.draft or num_new != 1 or request.num_computed + 1 != request.num_tokens:
+            return 0
+        want = min(len(request.draft), budget)
+        bs = self.allocator.block_size
+        blocks = len(request.block_table) + (0 if self.waiting else self.allocator.num_free)
+        want = max(0, min(want, blocks * bs - request.num_tokens))
+        if want and not self._grow(request, request.num_tokens + want):
+            return 0  # (cannot happen: the blocks were counted free)
+        return want
+
+    def trim(self, request: Request) -> None:
+        """Frees the blocks past what a request's tokens need (drafts that were not kept may leave one)."""
+        keep = self.allocator.blocks_for(request.num_tokens)
+        if len(request.block_table) > keep:
+            self.allocator.free(request.block_table[keep:])
+            del request.block_table[keep:]
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
@@ -148,8 +170,9 @@ class Scheduler:
                 if victim is req:
                     break
             if req in self.running:
-                scheduled.append(ScheduledRequest(req, num_new))
-                budget -= num_new
+                drafts = self._drafts(req, num_new, budget - num_new)
+                scheduled.append(ScheduledRequest(req, num_new + drafts, drafts))
+                budget -= num_new + drafts
 
         # Admissions, in the policy's order, only when nothing had to be preempted this step.
         if not preempted:

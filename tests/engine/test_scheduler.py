@@ -125,18 +125,18 @@ def test_engine_under_kv_pressure_every_policy_completes_with_the_unconstrained_
 
 
 def test_decode_grouping_keeps_a_long_context_from_padding_the_short_ones() -> None:
-    from optimist.engine.runner import group_by_length
+    from optimist.engine.runner import DecodeRow, group_by_length
     from optimist.engine.scheduler.scheduler import ScheduledRequest
 
-    def decode(n_computed: int, rid: str) -> ScheduledRequest:
+    def decode(n_computed: int, rid: str) -> DecodeRow:
         r = make(n_computed + 1, rid)
         r.num_computed = n_computed
-        return ScheduledRequest(r, 1)
+        return DecodeRow(ScheduledRequest(r, 1), n_computed)
 
     batch = [decode(100 + i, f"s{i}") for i in range(30)] + [decode(900, "long"), decode(850, "long2")]
     groups = group_by_length(batch)
-    assert sorted(s.request.id for g in groups for s in g) == sorted(s.request.id for s in batch)
-    assert [s.request.id for s in groups[0]] == ["long", "long2"]
-    padded = sum(len(g) * (g[0].request.num_computed + 1) for g in groups)
-    actual = sum(s.request.num_computed + 1 for s in batch)
+    assert sorted(r.scheduled.request.id for g in groups for r in g) == sorted(r.scheduled.request.id for r in batch)
+    assert [r.scheduled.request.id for r in groups[0]] == ["long", "long2"]
+    padded = sum(len(g) * g[0].length for g in groups)
+    actual = sum(r.length for r in batch)
     assert padded <= 1.3 * actual  # one padded batch would be 32 x 901 slots, 3.4x the real ones
