@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -94,11 +95,57 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="structured outputs: sample every token, also those the language forces (default: append them at once)",
     )
     p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=EngineConfig.speculative_tokens,
+        help="speculative decoding: up to this many tokens per decode step guessed from earlier occurrences of the "
+        "request's last tokens (n-gram prompt lookup) and checked in the same step; 0 = off",
+    )
+    p.add_argument("--speculative-ngram-min", type=int, default=EngineConfig.speculative_ngram_min)
+    p.add_argument("--speculative-ngram-max", type=int, default=EngineConfig.speculative_ngram_max)
+    p.add_argument(
+        "--speculative-config",
+        type=_speculative_json,
+        default=None,
+        help='vLLM\'s form of the three options above, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram is the only method)',
+    )
+    p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         default=0.0,
         help="CUDA: size the KV cache as this share of the memory free after loading (overrides --kv-cache-tokens)",
     )
+
+
+_VLLM_SPECULATIVE_KEYS = {
+    "num_speculative_tokens": "speculative_tokens",
+    "prompt_lookup_min": "speculative_ngram_min",
+    "prompt_lookup_max": "speculative_ngram_max",
+}
+
+
+def _speculative_json(text: str) -> dict[str, int]:
+    """--speculative-config: vLLM's JSON object, as EngineConfig fields; argparse reports the ValueError's text."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    method = value.get("method", "ngram")
+    if method != "ngram":
+        raise argparse.ArgumentTypeError(f"method {method!r} is not offered; only ngram (prompt lookup)")
+    fields = {}
+    for key, item in value.items():
+        if key == "method":
+            continue
+        if key not in _VLLM_SPECULATIVE_KEYS:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r}; takes method, {', '.join(_VLLM_SPECULATIVE_KEYS)}")
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise argparse.ArgumentTypeError(f"{key} must be an integer, got {item!r}")
+        fields[_VLLM_SPECULATIVE_KEYS[key]] = item
+    return fields
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -123,7 +170,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         sparse_patterns=args.sparse_patterns,
         prefix_caching=args.prefix_caching,
         jump_forward=args.jump_forward,
+        speculative_tokens=args.speculative_tokens,
+        speculative_ngram_min=args.speculative_ngram_min,
+        speculative_ngram_max=args.speculative_ngram_max,
     )
+    if args.speculative_config is not None:
+        config = dataclasses.replace(config, **args.speculative_config)
     config.validate()
     return config
 

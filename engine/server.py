@@ -113,6 +113,9 @@ def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
         prefix_cache_hit_tokens_total=st.prefix_cache_hit_tokens,
         model_name=model_name,
         kv_block_size=snap.kv_block_size,
+        spec_drafts_total=st.spec_drafts,
+        spec_draft_tokens_total=st.spec_draft_tokens,
+        spec_accepted_tokens_total=st.spec_accepted_tokens,
     )
 
 

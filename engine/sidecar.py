@@ -135,6 +135,13 @@ class LoadCollector(Collector):
         yield counter("optimist_prompt_tokens", "Prompt tokens admitted", load.prompt_tokens_total)
         yield counter("optimist_generation_tokens", "Tokens generated", load.generation_tokens_total)
         yield counter("optimist_engine_steps", "Engine steps run", load.steps_total)
+        speculative = (
+            ("num_drafts", "Request steps that carried speculative drafts", load.spec_drafts_total),
+            ("num_draft_tokens", "Speculative draft tokens computed", load.spec_draft_tokens_total),
+            ("num_accepted_tokens", "Speculative draft tokens kept", load.spec_accepted_tokens_total),
+        )
+        for name, doc, value in speculative:
+            yield counter(f"optimist_spec_decode_{name}", doc, value)
         for name, what, tokens in (
             ("optimist_sparse_prefill", "prefilled with sparse attention", load.sparse_prefill_tokens_total),
             ("optimist_prefix_cache_hit", "whose K/V came from the prefix cache", load.prefix_cache_hit_tokens_total),
@@ -165,6 +172,8 @@ class LoadCollector(Collector):
                 "vllm:generation_tokens", "Generated tokens (vLLM-compatible name)", load.generation_tokens_total
             )
             yield counter("vllm:num_preemptions", "Preemptions (vLLM-compatible name)", load.evictions_total)
+            for name, doc, value in speculative:
+                yield counter(f"vllm:spec_decode_{name}", f"{doc} (vLLM-compatible name)", value)
             success = CounterMetricFamily(
                 "vllm:request_success", "Finished requests by reason (vLLM-compatible name and reasons)",
                 labels=[*names, "finished_reason"],

@@ -267,7 +267,7 @@ class Histogram(_message.Message):
     def __init__(self, upper_bounds: _Optional[_Iterable[float]] = ..., cumulative_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "evictions_total", "prompt_tokens_total", "generation_tokens_total", "lower_bound_demand_blocks", "finished_total", "time_to_first_token_s", "inter_token_latency_s", "e2e_latency_s", "queue_time_s", "ready", "steps_total", "sparse_prefill_tokens_total", "model_name", "prefix_cache_hit_tokens_total", "kv_block_size")
+    __slots__ = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "evictions_total", "prompt_tokens_total", "generation_tokens_total", "lower_bound_demand_blocks", "finished_total", "time_to_first_token_s", "inter_token_latency_s", "e2e_latency_s", "queue_time_s", "ready", "steps_total", "sparse_prefill_tokens_total", "model_name", "prefix_cache_hit_tokens_total", "kv_block_size", "spec_drafts_total", "spec_draft_tokens_total", "spec_accepted_tokens_total")
     class FinishedTotalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +294,9 @@ class Load(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     kv_blocks_used: int
@@ -313,4 +316,7 @@ class Load(_message.Message):
     model_name: str
     prefix_cache_hit_tokens_total: int
     kv_block_size: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., lower_bound_demand_blocks: _Optional[int] = ..., finished_total: _Optional[_Mapping[str, int]] = ..., time_to_first_token_s: _Optional[_Union[Histogram, _Mapping]] = ..., inter_token_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., e2e_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., queue_time_s: _Optional[_Union[Histogram, _Mapping]] = ..., ready: _Optional[bool] = ..., steps_total: _Optional[int] = ..., sparse_prefill_tokens_total: _Optional[int] = ..., model_name: _Optional[str] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
+    spec_drafts_total: int
+    spec_draft_tokens_total: int
+    spec_accepted_tokens_total: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., lower_bound_demand_blocks: _Optional[int] = ..., finished_total: _Optional[_Mapping[str, int]] = ..., time_to_first_token_s: _Optional[_Union[Histogram, _Mapping]] = ..., inter_token_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., e2e_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., queue_time_s: _Optional[_Union[Histogram, _Mapping]] = ..., ready: _Optional[bool] = ..., steps_total: _Optional[int] = ..., sparse_prefill_tokens_total: _Optional[int] = ..., model_name: _Optional[str] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., spec_drafts_total: _Optional[int] = ..., spec_draft_tokens_total: _Optional[int] = ..., spec_accepted_tokens_total: _Optional[int] = ...) -> None: ...
