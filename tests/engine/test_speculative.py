@@ -1,0 +1,383 @@
+"""Speculative decoding with n-gram drafts, on the real default model: the same greedy answers in fewer steps (the
+exact float32 engine and the int4 one whose decode steps run in C), sampling law with penalties counted over the
+drafts, limits (max_tokens, stop strings, EOS), logprobs, mixed batches, memory (drafts never preempt, spare blocks
+are given back) and preemption, the counters in /metrics, the CLI and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from optimist.engine.config import ConfigError, EngineConfig
+from optimist.engine.engine import Engine, _row_views
+from optimist.engine.kv_cache import BlockAllocator
+from optimist.engine.outputs import Chunk, Event, Finished
+from optimist.engine.request import FinishReason, Request, SamplingParams, StructuredOutput
+from optimist.engine.sampler import sample
+from optimist.engine.scheduler.policies import make_policy
+from optimist.engine.scheduler.scheduler import ScheduledRequest, Scheduler
+from optimist.engine.speculative import NgramIndex, SpeculativeConfig, accepted, draft_room, propose
+
+from ..conftest import run_concurrently
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump. Sphinx of black quartz, judge my vow."
+)
+REPEAT = "Repeat the following text exactly, word for word:\n\n" + TEXT
+CODE = (
+    "Rename the variable `total` to `result` in this Python function and show the whole function:\n\n"
+    "def average(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n"
+)
+QUESTION = "What is the capital of France?"
+ON = SpeculativeConfig(tokens=4)
+OFF = SpeculativeConfig()
+
+
+def chat(engine: Engine, question: str) -> list[int]:
+    return engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+
+
+class Run:
+    def __init__(self, engine: Engine, spec: SpeculativeConfig, ids: list[int], **params: Any) -> None:
+        """One request alone on `engine` with speculation set to `spec`: its tokens, text, final event, the steps
+        it took and the drafts kept."""
+        before = engine.speculative
+        engine.speculative = spec
+        steps, kept = engine.stats.steps, engine.stats.spec_accepted_tokens
+        try:
+            self.tokens, self.text, self.final = engine.generate(engine.new_request(ids, SamplingParams(**params)))
+        finally:
+            engine.speculative = before
+        self.steps = engine.stats.steps - steps
+        self.accepted = engine.stats.spec_accepted_tokens - kept
+
+
+@pytest.fixture(scope="module")
+def int4_engine(model_path: Path) -> Iterator[Engine]:
+    """The default model as a CPU serves it by default: the file's 4-bit blocks, decode steps in one C call."""
+    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=8192))
+    if eng.model.native_decoder is None:
+        eng.shutdown()
+        pytest.skip("the native decoder does not run here (no C compiler)")
+    yield eng
+    eng.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ drafts
+
+
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix() -> None:
+    index = NgramIndex(1, 3)
+    #           0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 9, 1, 6, 7, 2, 3, 5, 6, 7]
+    # the suffix (5, 6, 7) occurred at 0..2 (followed by 8, 9), (6, 7) also at 6..7 (followed by 2): longest wins
+    assert index.propose(tokens, 3) == [8, 9, 1]
+    tokens += [4]  # (4,) never occurred before
+    assert index.propose(tokens, 3) == []
+    tokens += [6]  # (4, 6) did not occur, (6,) last at 11
+    assert index.propose(tokens, 2) == [7, 4]
+    # growing the sequence step by step finds what a fresh index finds
+    assert NgramIndex(1, 3).propose(tokens, 2) == [7, 4]
+
+
+def test_a_period_continues_into_the_suffix_itself() -> None:
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    assert NgramIndex(1, 4).propose(tokens, 4) == [3, 1, 2]  # the occurrence at 3..4 is followed by 3, 1, 2
+
+
+def test_ngram_min_bounds_the_matches() -> None:
+    assert NgramIndex(2, 3).propose([4, 5, 9, 5], 2) == []  # only (5,) occurred before
+    assert NgramIndex(1, 3).propose([4, 5, 9, 5], 2) == [9, 5]
+
+
+def test_accepted_counts_the_confirmed_prefix() -> None:
+    assert accepted([7, 8, 9], [7, 8, 9, 4]) == 3
+    assert accepted([7, 8, 9], [7, 3, 9, 4]) == 1
+    assert accepted([7, 8, 9], [1, 8, 9, 4]) == 0
+    assert accepted([], [5]) == 0
+
+
+def test_drafts_stay_within_max_tokens_and_the_context() -> None:
+    req = Request("r", list(range(10)), SamplingParams(max_tokens=5))
+    req.output_ids = [1, 2]
+    assert draft_room(req, context_length=100) == 2  # 2 produced; 2 drafts + the step's own token make 5
+    assert draft_room(req, context_length=14) == 1
+    req.output_ids = [1, 2, 3, 4]
+    assert draft_room(req, context_length=100) == 0
+    assert propose(req, ON, 100) == []
+
+
+# --------------------------------------------------------------------------------------- the same answers
+
+
+@pytest.mark.parametrize("which", ["float32", "int4"])
+def test_greedy_answers_are_unchanged_and_copying_takes_fewer_steps(
+    which: str, engine: Engine, int4_engine: Engine
+) -> None:
+    eng = engine if which == "float32" else int4_engine
+    for prompt in (REPEAT, CODE, QUESTION):
+        ids = chat(eng, prompt)
+        off = Run(eng, OFF, ids, temperature=0, max_tokens=64)
+        on = Run(eng, ON, ids, temperature=0, max_tokens=64)
+        assert on.tokens == off.tokens, prompt
+        assert on.final.reason == off.final.reason
+        assert on.final.completion_tokens == off.final.completion_tokens
+        assert off.steps == len(off.tokens)  # one token a step (the prefill step samples the first)
+        if prompt == REPEAT:  # (the tiny model rewrites the code rather than copy it)
+            assert on.accepted > len(on.tokens) / 2, prompt
+            assert on.steps < 0.65 * off.steps, (prompt, on.steps, off.steps)
+
+
+def test_penalties_and_min_tokens_count_the_drafts_before_each_row(engine: Engine) -> None:
+    ids = chat(engine, REPEAT)
+    for params in (
+        {"repetition_penalty": 1.02},  # (a stronger one penalises every prompt token: the answer copies none)
+        {"frequency_penalty": 0.8, "presence_penalty": 0.4},
+        {"min_tokens": 50, "max_tokens": 56},
+    ):
+        args = {"temperature": 0, "max_tokens": 48, **params}
+        off, on = Run(engine, OFF, ids, **args), Run(engine, ON, ids, **args)
+        assert on.tokens == off.tokens, params
+        assert on.accepted > 0, params
+
+
+def test_speculative_sampling_keeps_the_distribution() -> None:
+    """One step of a request with one draft, many times: the first token follows row 0's distribution and, when
+    it is the draft, the second follows row 1's as the plain decode step would compute it after the draft, with the
+    presence penalty now counting the draft (a second draw from the unpenalised row would be off by far)."""
+    torch.manual_seed(0)
+    vocab, draft, trials = 6, 2, 6000
+    row0 = torch.tensor([0.5, 0.1, 1.2, -0.3, 0.0, 0.4])
+    row1 = torch.tensor([0.2, 0.9, 1.5, 0.1, -1.0, 0.3])
+    params = SamplingParams(temperature=1.0, presence_penalty=1.5, max_tokens=8)
+    req = Request("r", [0, 1], params)
+    req.output_ids = [5]
+    req.draft = [draft]
+    views = list(_row_views(ScheduledRequest(req, 2, drafts=1)))
+    assert views[0] is req and views[1].output_ids == [5, draft] and req.output_ids == [5]
+    firsts, seconds = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(trials):
+        tokens = sample(torch.stack([row0, row1]), views, eos_ids=[]).token_ids
+        firsts[tokens[0]] += 1
+        if accepted([draft], tokens) == 1:
+            seconds[tokens[1]] += 1
+
+    def penalised(row: torch.Tensor, output: list[int]) -> torch.Tensor:
+        seen = torch.zeros(vocab)
+        seen[output] = 1.0
+        return (row - 1.5 * seen).softmax(0)
+
+    p0, p1 = penalised(row0, [5]), penalised(row1, [5, draft])
+    assert (firsts / trials - p0).abs().max() < 0.025
+    hits = seconds.sum()
+    assert abs(hits / trials - p0[draft]) < 0.025
+    assert (seconds / hits - p1).abs().max() < 0.04
+    assert (p1 - penalised(row1, [5])).abs().max() > 0.1  # the check above tells the two apart
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(engine: Engine) -> None:
+    ids = chat(engine, REPEAT)
+    runs = [Run(engine, ON, ids, temperature=0.7, top_p=0.95, seed=11, max_tokens=40) for _ in range(2)]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].accepted > 0
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def test_max_tokens_stop_strings_and_eos_end_where_they_would(engine: Engine) -> None:
+    ids = chat(engine, REPEAT)
+    off = Run(engine, OFF, ids, temperature=0, max_tokens=200)
+    assert off.final.reason is FinishReason.EOS
+    on = Run(engine, ON, ids, temperature=0, max_tokens=200)
+    assert (on.tokens, on.final.reason) == (off.tokens, FinishReason.EOS)
+    for n in (1, 2, 7, 13):
+        on = Run(engine, ON, ids, temperature=0, max_tokens=n)
+        assert on.tokens == off.tokens[:n] and on.final.reason is FinishReason.LENGTH
+    stop = "five dozen"
+    off = Run(engine, OFF, ids, temperature=0, max_tokens=80, stop=[stop])
+    on = Run(engine, ON, ids, temperature=0, max_tokens=80, stop=[stop])
+    assert on.final.reason is FinishReason.STOP and on.final.stop == stop
+    assert on.text == off.text and stop not in on.text and on.text.endswith("Pack my box with ")
+
+
+def test_logprobs_are_each_rows_own(engine: Engine) -> None:
+    def logprobs(spec: SpeculativeConfig) -> list[Any]:
+        before = engine.speculative
+        engine.speculative = spec
+        try:
+            req = engine.new_request(chat(engine, REPEAT), SamplingParams(temperature=0, max_tokens=30, logprobs=2))
+            events: list[Event] = []
+            done = threading.Event()
+
+            def sink(ev: Event) -> None:
+                events.append(ev)
+                if isinstance(ev, Finished):
+                    done.set()
+
+            engine.submit(req, sink)
+            assert done.wait(120)
+        finally:
+            engine.speculative = before
+        return [lp for ev in events if isinstance(ev, Chunk) for lp in ev.logprobs]
+
+    off, on = logprobs(OFF), logprobs(ON)
+    assert [t for t, _, _ in on] == [t for t, _, _ in off] and len(on) == 30
+    for (_, a, top_a), (_, b, top_b) in zip(on, off, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+# ------------------------------------------------------------------------------------------ batches, memory
+
+
+def test_a_mixed_batch_gives_each_request_its_solo_answer(engine: Engine) -> None:
+    pytest.importorskip("llguidance")
+    prompts = [chat(engine, p) for p in (REPEAT, CODE, QUESTION, "Write a haiku about rain.")]
+    params = [SamplingParams(temperature=0, max_tokens=48) for _ in prompts]
+    # a structured output takes no drafts; its rows share the steps
+    params[3] = SamplingParams(temperature=0, max_tokens=48, structured_output=StructuredOutput.choices(["yes", "no"]))
+    solo = [Run(engine, OFF, p, **vars_of(sp)).tokens for p, sp in zip(prompts, params, strict=True)]
+    before = engine.speculative
+    engine.speculative = ON
+    try:
+        together = run_concurrently(engine, [engine.new_request(p, sp) for p, sp in zip(prompts, params, strict=True)])
+    finally:
+        engine.speculative = before
+    assert together == solo
+
+
+def vars_of(params: SamplingParams) -> dict[str, Any]:
+    return {f: getattr(params, f) for f in params.__dataclass_fields__}
+
+
+def _decoding(scheduler: Scheduler, prompt: int, draft: list[int], rid: str) -> Request:
+    """A running request one token behind (its prompt computed, its first token sampled), holding its blocks."""
+    req = Request(rid, list(range(prompt)), SamplingParams(max_tokens=64))
+    req.output_ids = [1]
+    req.block_table = scheduler.allocator.allocate(scheduler.allocator.blocks_for(prompt + 1))
+    req.num_computed = prompt
+    req.draft = list(draft)
+    scheduler.running.append(req)
+    return req
+
+
+def test_drafts_use_spare_slots_and_never_preempt() -> None:
+    sched = Scheduler(make_policy("fcfs"), BlockAllocator(5, 4, prefix_caching=False), 8, 64)
+    a = _decoding(sched, 5, [7, 7, 7, 7], "a")  # 6 tokens in 2 blocks: 2 spare slots
+    b = _decoding(sched, 9, [7, 7, 7, 7], "b")  # 10 tokens in 3 blocks: 2 spare slots, and no block left
+    assert sched.allocator.num_free == 0
+    plan = sched.schedule()
+    assert not plan.preempted and sched.running == [a, b]
+    assert [(s.num_new, s.drafts) for s in plan.scheduled] == [(3, 2), (3, 2)]
+    assert (len(a.block_table), len(b.block_table)) == (2, 3)
+
+
+def test_drafts_take_new_blocks_only_while_nobody_waits() -> None:
+    def scheduler_with(waiting: bool) -> tuple[Scheduler, Request]:
+        sched = Scheduler(make_policy("fcfs"), BlockAllocator(8, 4, prefix_caching=False), 8, 64)
+        req = _decoding(sched, 7, [3, 3, 3, 3], "a")  # 8 tokens: 2 full blocks, no spare slot
+        if waiting:
+            sched.add(Request("w", list(range(40)), SamplingParams(max_tokens=4)))  # cannot be admitted: too long
+        return sched, req
+
+    sched, req = scheduler_with(waiting=False)
+    (s,) = sched.schedule().scheduled
+    assert s.drafts == 4 and len(req.block_table) == 3  # a third block for the drafts' positions 8..11
+    req.num_computed += s.num_new - (s.drafts - 1)  # one draft kept (as the engine counts after verifying)
+    req.output_ids += [3, 9]
+    sched.trim(req)
+    assert len(req.block_table) == 3  # 10 tokens: the third block is in use
+    req.output_ids = req.output_ids[:1]
+    sched.trim(req)
+    assert len(req.block_table) == 2 and sched.allocator.num_free == 6
+
+    sched, req = scheduler_with(waiting=True)
+    (s,) = [s for s in sched.schedule().scheduled if s.request is req]
+    assert s.drafts == 0 and s.num_new == 1 and len(req.block_table) == 2
+
+
+def test_preempted_requests_with_drafts_resume_with_their_solo_answers(tiny_gguf: Path) -> None:
+    """The tiny model under memory pressure: requests lose their blocks and are re-prefilled, drafts or not."""
+    config = EngineConfig(
+        model=tiny_gguf, kv_cache_tokens=128, max_num_batched_tokens=32, max_num_seqs=4, speculative_tokens=4
+    )
+    eng = Engine(config)
+    try:
+        prompts = [eng.tokenizer.encode(t)[:30] for t in ("the cat sat on the mat " * 4, "a b c d e f g " * 5)]
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        eng.speculative = OFF
+        alone = [eng.generate(eng.new_request(p, params))[0] for p in prompts]
+        eng.speculative = ON
+        finals: list[Finished] = []
+        outputs: list[list[int]] = [[], []]
+        done = threading.Semaphore(0)
+
+        def sink_for(i: int) -> Any:
+            def sink(ev: Event) -> None:
+                if isinstance(ev, Chunk):
+                    outputs[i].extend(ev.token_ids)
+                else:
+                    finals.append(ev)
+                    done.release()
+
+            return sink
+
+        for i, p in enumerate(prompts):
+            eng.submit(eng.new_request(p, params), sink_for(i))
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        assert sum(f.evictions for f in finals) > 0, "no preemption: the test needs a smaller cache"
+        assert eng.stats.spec_accepted_tokens > 0, "no draft was kept: the test needs more repetitive prompts"
+        assert outputs == alone
+        assert eng.allocator.num_used == 0
+    finally:
+        eng.shutdown()
+
+
+# ------------------------------------------------------------------------------------ counters, CLI, config
+
+
+def test_the_counters_reach_metrics(engine: Engine) -> None:
+    from optimist.engine.server import load_to_proto
+
+    before = load_to_proto(engine.load(), "m")
+    run = Run(engine, ON, chat(engine, REPEAT), temperature=0, max_tokens=40)
+    after = load_to_proto(engine.load(), "m")
+    kept = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
+    assert kept == run.accepted > 0
+    assert after.spec_draft_tokens_total - before.spec_draft_tokens_total >= kept
+    assert after.spec_drafts_total > before.spec_drafts_total
+
+
+def test_bad_speculative_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match="speculative_tokens"):
+        EngineConfig(speculative_tokens=-1).validate()
+    with pytest.raises(ConfigError, match="n-gram sizes"):
+        EngineConfig(speculative_tokens=2, speculative_ngram_min=3, speculative_ngram_max=2).validate()
+
+
+def test_the_cli_takes_vllms_speculative_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from optimist.engine.cli import build_parser, engine_config
+
+    parser = build_parser()
+    spec = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    config = engine_config(parser.parse_args(["serve", "--speculative-config", json.dumps(spec)]))
+    assert (config.speculative_tokens, config.speculative_ngram_min, config.speculative_ngram_max) == (5, 2, 3)
+    config = engine_config(parser.parse_args(["serve", "--speculative-tokens", "3"]))
+    assert config.speculative == SpeculativeConfig(3, 1, 4)
+    for bad, words in (
+        ({"method": "eagle", "num_speculative_tokens": 2}, "only ngram"),
+        ({"num_speculative_tokens": "2"}, "must be an integer"),
+        ({"draft_model": "x"}, "unknown key 'draft_model'"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--speculative-config", json.dumps(bad)])
+        assert words in capsys.readouterr().err
