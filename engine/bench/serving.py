@@ -478,6 +478,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_structured(kinds)
 
+    from .speculative import add_parser as add_speculative
+
+    add_speculative(kinds)
+
     from .prefill import add_parser as add_prefill
 
     add_prefill(kinds)
