@@ -37,7 +37,7 @@ from .sampler import Logprobs, prompt_logprobs, sample
 from .scheduler.policies import make_policy
 from .scheduler.predictor import LowerBoundPredictor
 from .scheduler.scheduler import ScheduledRequest, Scheduler
-from .speculative import accepted, eligible, propose
+from .speculative import Speculator, accepted
 from .structured import Grammars, failure
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size)
         self.jump_forward = config.jump_forward  # may be switched while serving (benchmarks compare both)
         self.speculative = config.speculative  # likewise
+        self.speculator = Speculator()
 
     def _check_cache_fits(self) -> None:
         """A CPU cache becomes resident as it fills (`zeros_on_demand`): refuse at start one that, with what the
@@ -477,7 +478,8 @@ class Engine:
                             self._finish(req, FinishReason.ABORTED, "", error=f"{type(exc).__name__}: {exc}")
 
     def _step(self) -> None:
-        self._propose_drafts()
+        # speculative decoding: the drafts each decoding request's step computes (speculative.py)
+        self.speculator.propose(self.scheduler.running, self.speculative, self.model_config.context_length)
         with self._lock:
             plan = self.scheduler.schedule()
         if not plan.scheduled:
@@ -494,6 +496,7 @@ class Engine:
         # Structured outputs: the token masks of the rows sampled this step, filled while the model runs.
         constrained = [s.request for s in plan.scheduled if s.completes and s.request.matcher is not None]
         masks = self.grammars.start_masks(constrained) if constrained else None
+        started = time.perf_counter()
         logits, owners, prompt_spans = self.runner.execute(plan.scheduled)
         scored = sum(span.count for span in prompt_spans)
         prompt_lps = [(span, prompt_logprobs(logits, row, span)) for span, row in _rows(prompt_spans)]
@@ -505,6 +508,8 @@ class Engine:
             order = {id(r): i for i, r in enumerate(rows)}
             grammar = ([order[id(r)] for r in constrained], masks.result())
         result = sample(logits, rows, self.tokenizer.eos_ids, grammar)
+        if len(rows) == sum(s.num_new for s in plan.scheduled):  # a decode step: the drafts' cost model learns
+            self.speculator.cost.observe(len(rows), time.perf_counter() - started)
         kept = self._verify(owners, result.token_ids, result.logprobs)
         now = time.monotonic()
         with self._lock:
@@ -524,16 +529,6 @@ class Engine:
                 if s.drafts:
                     self.scheduler.trim(s.request)
 
-    def _propose_drafts(self) -> None:
-        """Speculative decoding: the drafts each decoding request's next step computes (speculative.py)."""
-        spec = self.speculative
-        if not spec.tokens:
-            return
-        ctx = self.model_config.context_length
-        for req in self.scheduler.running:
-            decoding = req.num_computed + 1 == req.num_tokens
-            req.draft = propose(req, spec, ctx) if decoding and eligible(req) else []
-
     def _verify(
         self, owners: Sequence[ScheduledRequest], sampled: list[int], logprobs: list[Logprobs | None]
     ) -> list[tuple[list[int], list[Logprobs | None]]]:
@@ -550,6 +545,7 @@ class Engine:
                 a = accepted(s.request.draft[: s.drafts], tokens)
                 tokens, lps = tokens[: a + 1], lps[: a + 1]
                 s.request.num_computed -= s.drafts - a
+                self.speculator.record(s.request, s.drafts, a)
                 self.stats.spec_drafts += 1
                 self.stats.spec_draft_tokens += s.drafts
                 self.stats.spec_accepted_tokens += a
@@ -644,7 +640,7 @@ class Engine:
 
 def _row_views(s: ScheduledRequest) -> Iterator[Request]:
     """What the sampler reads for each of an owner's rows: the request, then for the row after draft j a shallow
-    copy whose output holds drafts[:j] (penalties and min_tokens count them; the seed's generator is shared)."""
+    copy whose output holds drafts[:j] (penalties, min_tokens and a seed's draws count them)."""
     req = s.request
     yield req
     for j in range(1, s.drafts + 1):

@@ -252,6 +252,9 @@ class Request:
     # the n-gram index they are looked up in
     draft: list[int] = field(default_factory=list)
     ngrams: Any = None
+    spec_tried: float = 0.0  # drafts tried and kept recently (decayed counts: speculative.Speculator.record)
+    spec_kept: float = 0.0
+    spec_explored: int = 0  # drafts tried in all
 
     # The policies' view of a request (scheduler/policies.py: Job).
     @property

@@ -1,8 +1,9 @@
 """Turns one step's logits into next tokens, one row per request, honouring each request's sampling params.
 
 Greedy rows take the argmax. Sampled rows apply temperature, top-k, top-p and min-p, then draw with the
-exponential race (argmax of p / E, E ~ Exp(1)): a request with a seed draws E from its own generator, so its
-samples do not depend on which other requests share the batch.
+exponential race (argmax of p / E, E ~ Exp(1)): a request with a seed draws E for its n-th output token from its
+own generator seeded from (seed, n), so its samples depend neither on which other requests share the batch nor on
+how its tokens are grouped into steps (speculative drafts, re-prefill after a preemption).
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def _filter(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     return probs
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of a request's draw for output position `position` (SplitMix64 of the two)."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 @torch.inference_mode()  # the model's logits are inference tensors: edited in place only in this mode
 def sample(
     logits: torch.Tensor,
@@ -130,7 +139,12 @@ def sample(
         probs = _filter(logits[rows], [requests[i] for i in sampled_rows])
         noise = torch.empty_like(probs)
         for j, i in enumerate(sampled_rows):
-            noise[j].exponential_(generator=requests[i].generator)
+            req = requests[i]
+            if req.generator is not None and req.params.seed is not None:
+                # the draw for output position n is the seed's n-th stream: the same however the request's tokens
+                # are grouped into steps (drafts, preemption) and whatever shares the batch
+                req.generator.manual_seed(position_seed(req.params.seed, len(req.output_ids)))
+            noise[j].exponential_(generator=req.generator)
         chosen[rows] = (probs / noise).argmax(dim=-1)
     token_ids: list[int] = chosen.tolist()
 

@@ -44,26 +44,43 @@ def test_sampling_follows_the_distribution() -> None:
     r = req(seed=7)
     counts = torch.zeros(3)
     for _ in range(3000):
-        counts[sample(logits(probs.log().tolist()), [r], EOS).token_ids[0]] += 1
+        token = sample(logits(probs.log().tolist()), [r], EOS).token_ids[0]
+        counts[token] += 1
+        r.output_ids.append(token)  # a seeded request's draws differ by output position
     assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
+
+
+def test_a_seeded_draw_depends_only_on_the_seed_and_the_output_position() -> None:
+    """However a request's tokens are grouped into steps (speculative drafts re-sample a position whose draft was
+    rejected; a preempted request resumes), the token at output position n is drawn the same way."""
+    row = logits(torch.randn(500).tolist())
+    a, b = req(seed=99), req(seed=99)
+    b.output_ids = [1, 2, 3]
+    first = [sample(row.clone(), [a], EOS).token_ids[0] for _ in range(5)]
+    assert len(set(first)) == 1  # position 0, again and again
+    a.output_ids = [7, 7, 7]  # (which tokens came before does not matter to the draw, only how many)
+    assert sample(row.clone(), [a], EOS).token_ids == sample(row.clone(), [b], EOS).token_ids
+    draws = set()
+    for n in range(40):
+        a.output_ids = [0] * n
+        draws.add(sample(row.clone(), [a], EOS).token_ids[0])
+    assert len(draws) > 10  # positions draw independently
 
 
 def test_seeded_requests_are_reproducible_whatever_shares_the_batch() -> None:
     row = torch.randn(1000).tolist()
 
-    def draw(batch_with: list[Request]) -> list[int]:
-        mine = req(seed=1234)
-        out = []
+    def draw(batch_with: list[Request], seed: int = 1234) -> list[int]:
+        mine = req(seed=seed)
         for _ in range(20):
             rows = [row] * (1 + len(batch_with))
-            out.append(sample(logits(*rows), [*batch_with, mine], EOS).token_ids[-1])
-        return out
+            mine.output_ids.append(sample(logits(*rows), [*batch_with, mine], EOS).token_ids[-1])
+        return mine.output_ids
 
     alone = draw([])
     assert draw([req(), req(seed=99)]) == alone
     assert len(set(alone)) > 1  # really sampled, not greedy
-    other = req(seed=4321)
-    assert [sample(logits(row), [other], EOS).token_ids[0] for _ in range(20)] != alone
+    assert draw([], seed=4321) != alone
 
 
 def test_repetition_penalty_discourages_seen_tokens() -> None:

@@ -22,7 +22,15 @@ from optimist.engine.request import FinishReason, Request, SamplingParams, Struc
 from optimist.engine.sampler import sample
 from optimist.engine.scheduler.policies import make_policy
 from optimist.engine.scheduler.scheduler import ScheduledRequest, Scheduler
-from optimist.engine.speculative import NgramIndex, SpeculativeConfig, accepted, draft_room, propose
+from optimist.engine.speculative import (
+    NgramIndex,
+    SpeculativeConfig,
+    Speculator,
+    StepCost,
+    accepted,
+    draft_room,
+    propose,
+)
 
 from ..conftest import run_concurrently
 
@@ -114,6 +122,71 @@ def test_drafts_stay_within_max_tokens_and_the_context() -> None:
     assert propose(req, ON, 100) == []
 
 
+def test_the_step_cost_model_recovers_its_line() -> None:
+    cost = StepCost()
+    assert cost.coefficients() is None
+    for rows in [1, 2, 5, 3, 8, 1, 4] * 5:
+        cost.observe(rows, 0.004 + 0.0025 * rows)
+    a, b = cost.coefficients() or (0, 0)
+    assert a == pytest.approx(0.004) and b == pytest.approx(0.0025)
+    flat = StepCost(prior=0.25)
+    for _ in range(10):
+        flat.observe(2, 0.006)  # one batch size only: the mean step, split by the prior
+    a, b = flat.coefficients() or (0, 0)
+    assert a + 2 * b == pytest.approx(0.006) and b == pytest.approx(0.25 * a)
+
+
+def _speculator(a: float, b: float) -> Speculator:
+    spec = Speculator()
+    for rows in (1, 2, 3, 4, 6, 8):
+        spec.cost.observe(rows, a + b * rows)
+    return spec
+
+
+def _drafting(n: int, kept: float, tried: float) -> list[Request]:
+    reqs = []
+    for i in range(n):
+        req = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=64))
+        req.spec_kept, req.spec_tried, req.spec_explored = kept, tried, 100
+        reqs.append(req)
+    return reqs
+
+
+def test_drafts_are_kept_only_where_they_are_expected_to_pay() -> None:
+    def depths(spec: Speculator, reqs: list[Request], k: int = 4) -> list[int]:
+        drafts = {r: [9] * k for r in reqs}
+        spec.choose(drafts, len(reqs))
+        return [len(d) for d in drafts.values()]
+
+    # nearly free rows (a GPU step): every draft of a request that keeps most
+    assert depths(_speculator(0.010, 0.00001), _drafting(4, kept=9, tried=10)) == [4] * 4
+    # rows at 40% of a one-row step (this 2-core CPU): one request alone takes a few, a batch of 16 none
+    cpu = _speculator(0.0043, 0.0029)
+    alone = depths(cpu, _drafting(1, kept=9, tried=10))[0]
+    assert 2 <= alone <= 4
+    assert depths(cpu, _drafting(4, kept=9, tried=10)) == [1] * 4
+    assert depths(cpu, _drafting(16, kept=9, tried=10)) == [0] * 16
+    # a request whose drafts are rarely kept drafts nothing, even alone
+    assert depths(cpu, _drafting(1, kept=1, tried=10)) == [0]
+    # but one that has not tried yet tries its first draft
+    (new,) = _drafting(1, kept=0, tried=0)
+    new.spec_explored = 0
+    assert depths(cpu, [new, *_drafting(15, kept=1, tried=10)]) == [1] + [0] * 15
+
+
+def test_the_engine_wide_rate_is_where_a_request_starts() -> None:
+    spec = Speculator()
+    (req,) = _drafting(1, kept=0, tried=0)
+    assert spec.rate(req) == pytest.approx(0.5)
+    for _ in range(50):
+        spec.record(req, 4, 4)
+    (fresh,) = _drafting(1, kept=0, tried=0)
+    assert spec.rate(fresh) > 0.9 and spec.rate(req) > 0.9
+    for _ in range(30):
+        spec.record(req, 4, 0)  # the request's text stopped repeating: its own rate falls fast
+    assert spec.rate(req) < 0.3 < spec.engine_rate()
+
+
 # --------------------------------------------------------------------------------------- the same answers
 
 
@@ -182,11 +255,16 @@ def test_speculative_sampling_keeps_the_distribution() -> None:
     assert (p1 - penalised(row1, [5])).abs().max() > 0.1  # the check above tells the two apart
 
 
-def test_seeded_sampling_with_drafts_is_reproducible(engine: Engine) -> None:
+def test_seeded_sampled_answers_are_the_same_with_and_without_drafts(engine: Engine) -> None:
+    """A seed's draw for output position n is fixed (sampler.position_seed), and every row's distribution is the
+    plain step's: so a seeded answer does not depend on which drafts were tried or kept."""
     ids = chat(engine, REPEAT)
-    runs = [Run(engine, ON, ids, temperature=0.7, top_p=0.95, seed=11, max_tokens=40) for _ in range(2)]
-    assert runs[0].tokens == runs[1].tokens
-    assert runs[0].accepted > 0
+    for seed in (11, 12, 13):
+        args = {"temperature": 0.8, "top_p": 0.95, "seed": seed, "max_tokens": 40}
+        off, on = Run(engine, OFF, ids, **args), Run(engine, ON, ids, **args)
+        assert on.tokens == off.tokens, seed
+        assert on.accepted > 0 and on.steps < off.steps
+    assert Run(engine, OFF, ids, **{**args, "seed": 14}).tokens != off.tokens
 
 
 # ------------------------------------------------------------------------------------------------ limits
