@@ -62,10 +62,12 @@ class ModelRunner:
         last k rows belong in order, one row each and one more per draft, and the prompt spans the first p rows
         score: requests that asked for prompt logprobs)."""
         bs = self.block_size
-        # Multi-token chunks first, single-token steps (decodes) last and contiguous; a decode with drafts is one
-        # decode row per position (each attends to the cache up to itself: the rows' K/V are stored first).
-        prefills = [s for s in scheduled if s.num_new > 1 and not s.drafts]
-        decodes = [s for s in scheduled if s.num_new == 1 or s.drafts]
+        # Prompt chunks first, single-token rows (decodes) last and contiguous. A few output tokens computed at once
+        # (speculative drafts, tokens a structured output forced) are decode rows too, one per position: each
+        # attends to the cache up to itself (a step stores all rows' K/V before attending), and on CPU the step
+        # stays on the all-C decode path.
+        decodes = [s for s in scheduled if _decode_rows(s)]
+        prefills = [s for s in scheduled if not _decode_rows(s)]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -122,10 +124,10 @@ class ModelRunner:
                 lens = self._tensor(lengths)
                 mask = (torch.arange(max_len, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
             groups.append(DecodeGroup(first, len(tokens), table.to(self.device), mask, lengths))
-        for s in decodes:  # each completing request's rows together, in position order
+        for s in decodes:  # each completing request's sampled rows together: its last token's, then its drafts'
             if s.completes:
-                start = s.request.num_computed
-                logits_rows.extend(packed[id(s), pos] for pos in range(start, start + s.num_new))
+                end = s.request.num_computed + s.num_new
+                logits_rows.extend(packed[id(s), pos] for pos in range(end - 1 - s.drafts, end))
                 owners.append(s)
         meta = AttentionMeta(
             positions=self._tensor(positions),
@@ -140,6 +142,15 @@ class ModelRunner:
         for s in scheduled:
             s.request.num_computed += s.num_new
         return logits, owners, prompt_spans
+
+
+OUTPUT_ROWS = 16  # most output tokens of one request a step computes as decode rows (not a prefill chunk)
+
+
+def _decode_rows(s: ScheduledRequest) -> bool:
+    """Whether a scheduled request's tokens run as decode rows: one token, drafts, or a few output tokens."""
+    req = s.request
+    return s.num_new == 1 or s.drafts > 0 or (req.num_computed >= req.prompt_len and s.num_new <= OUTPUT_ROWS)
 
 
 @dataclass
