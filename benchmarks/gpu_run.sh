@@ -72,6 +72,9 @@ case "${1:-kernels}" in
       python3 -m optimist.engine.cli bench structured --model "$MODEL" --weights float --concurrency 1,15 \
         --out "$OUT/structured-gpu.json" 2>&1 | tee "$OUT/structured.log"
     fi
+    # speculative decoding on a GPU, whose decode rows cost nearly nothing: do the drafts pay at batch 4 and 12 there?
+    python3 -m optimist.engine.cli bench speculative --model "$MODEL" --weights float --concurrency 1,4,12 \
+      --out "$OUT/speculative-gpu.json" 2>&1 | tee "$OUT/speculative.log"
     ;;
   *)
     echo "usage: $0 kernels|tests|engine|quick" >&2

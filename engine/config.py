@@ -101,8 +101,9 @@ class EngineConfig:
     prefix_caching: bool = True  # requests share the K/V of full blocks with equal prefixes (kv_cache.py)
     jump_forward: bool = True  # structured outputs: tokens the language forces are appended unsampled
     # speculative decoding with n-gram drafts (speculative.py): up to this many guessed tokens per decode step,
-    # looked up from the latest earlier occurrence of the last n tokens, n in [min, max]; 0 = off
-    speculative_tokens: int = 0
+    # looked up from the latest earlier occurrence of the last n tokens, n in [min, max], and kept only where they
+    # are expected to pay (speculative.Speculator); 0 = off
+    speculative_tokens: int = 4
     speculative_ngram_min: int = 1
     speculative_ngram_max: int = 4
 

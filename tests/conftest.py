@@ -52,6 +52,17 @@ def engine(model_path: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
+def int4_engine(model_path: Path) -> Iterator[Engine]:
+    """The default model as a CPU serves it by default: the file's 4-bit blocks, decode steps in one C call."""
+    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=8192))
+    if eng.model.native_decoder is None:
+        eng.shutdown()
+        pytest.skip("the native decoder does not run here (no C compiler)")
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_path: Path) -> Any:
     """transformers loading the same GGUF file (the correctness reference)."""
     from transformers import AutoModelForCausalLM

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +64,6 @@ class Run:
             engine.speculative = before
         self.steps = engine.stats.steps - steps
         self.accepted = engine.stats.spec_accepted_tokens - kept
-
-
-@pytest.fixture(scope="module")
-def int4_engine(model_path: Path) -> Iterator[Engine]:
-    """The default model as a CPU serves it by default: the file's 4-bit blocks, decode steps in one C call."""
-    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=8192))
-    if eng.model.native_decoder is None:
-        eng.shutdown()
-        pytest.skip("the native decoder does not run here (no C compiler)")
-    yield eng
-    eng.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ drafts
@@ -424,7 +412,12 @@ def test_preempted_requests_with_drafts_resume_with_their_solo_answers(tiny_gguf
 
 
 def test_the_counters_reach_metrics(engine: Engine) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
     from optimist.engine.server import load_to_proto
+    from optimist.engine.sidecar import LoadCollector, SidecarConfig
+
+    from .test_sidecar import samples
 
     before = load_to_proto(engine.load(), "m")
     run = Run(engine, ON, chat(engine, REPEAT), temperature=0, max_tokens=40)
@@ -433,6 +426,21 @@ def test_the_counters_reach_metrics(engine: Engine) -> None:
     assert kept == run.accepted > 0
     assert after.spec_draft_tokens_total - before.spec_draft_tokens_total >= kept
     assert after.spec_drafts_total > before.spec_drafts_total
+
+    class Latest:
+        config = SidecarConfig(pool="p")
+        fresh = True
+        latest = after
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LoadCollector(Latest()))
+    values = samples(generate_latest(registry).decode())
+    for name, value in (
+        ("num_drafts", after.spec_drafts_total),
+        ("num_draft_tokens", after.spec_draft_tokens_total),
+        ("num_accepted_tokens", after.spec_accepted_tokens_total),
+    ):
+        assert values[f"optimist_spec_decode_{name}_total"] == values[f"vllm:spec_decode_{name}_total"] == value
 
 
 def test_bad_speculative_settings_are_named() -> None:

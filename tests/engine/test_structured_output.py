@@ -128,6 +128,35 @@ def test_jump_forward_takes_fewer_steps_for_the_same_answer(engine: Engine, jump
     assert steps[False] == len(answers[False][0])  # one step per token without it
 
 
+def test_forced_tokens_run_as_decode_rows_in_c(int4_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU's int4 engine the forced tokens of a step are computed as decode rows of the all-C decoder (one
+    row per position; before, the chunk took the per-layer prefill path), with the same answer as without."""
+    decoder = int4_engine.model.native_decoder
+    assert decoder is not None
+    rows: list[int] = []  # rows of each C decode call
+    real = decoder.run
+
+    def run_counting(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return real(x, *rest)
+
+    monkeypatch.setattr(decoder, "run", run_counting)
+    ids = chat(int4_engine, "Describe a person living in France as JSON.")
+    before = int4_engine.jump_forward
+    try:
+        int4_engine.jump_forward = False
+        plain = run(int4_engine, ids, **json_params())
+        calls = len(rows)
+        int4_engine.jump_forward = True
+        forced = run(int4_engine, ids, **json_params())
+    finally:
+        int4_engine.jump_forward = before
+    assert forced[0] == plain[0]
+    assert set(rows[:calls]) == {1}  # one request: one row a step
+    assert max(rows[calls:]) > 3  # a key's forced tokens in one C call
+    assert len(rows) - calls < 0.75 * calls  # and fewer steps, every one of them in C
+
+
 def test_a_forced_completion_ends_the_request_without_another_step(engine: Engine) -> None:
     """Once the choice's first token is sampled, the rest is forced and the language complete: one step."""
     ids = chat(engine, "Say something.")
