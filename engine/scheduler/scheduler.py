@@ -151,7 +151,8 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> StepPlan:
-        """This step's work: running requests first (preempting for memory as the policy picks), then admissions."""
+        """This step's work: running requests first (preempting for memory as the policy picks), then admissions,
+        then the running requests' speculative drafts where room is left."""
         budget = self.max_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -170,9 +171,8 @@ class Scheduler:
                 if victim is req:
                     break
             if req in self.running:
-                drafts = self._drafts(req, num_new, budget - num_new)
-                scheduled.append(ScheduledRequest(req, num_new + drafts, drafts))
-                budget -= num_new + drafts
+                scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
 
         # Admissions, in the policy's order, only when nothing had to be preempted this step.
         if not preempted:
@@ -196,6 +196,14 @@ class Scheduler:
                 req.admitted_seq = next(self._admitted_seq)
                 scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
+
+        # Speculative drafts last: in what budget and memory every request's own tokens and the admissions left.
+        for s in scheduled:
+            drafts = self._drafts(s.request, s.num_new, budget)
+            if drafts:
+                s.num_new += drafts
+                s.drafts = drafts
+                budget -= drafts
         return StepPlan(scheduled, preempted)
 
 

@@ -346,6 +346,21 @@ def test_drafts_use_spare_slots_and_never_preempt() -> None:
     assert (len(a.block_table), len(b.block_table)) == (2, 3)
 
 
+def test_drafts_never_take_the_block_a_later_request_needs_for_its_own_token() -> None:
+    sched = Scheduler(make_policy("fcfs"), BlockAllocator(6, 4, prefix_caching=False), 8, 64)
+    a = _decoding(sched, 7, [3, 3, 3, 3], "a")  # 8 tokens in 2 full blocks; its drafts would need a new one
+    b = Request("b", list(range(12)), SamplingParams(max_tokens=64))
+    b.output_ids = [1]  # 13 tokens: its own next position (12) needs a fourth block
+    b.block_table = sched.allocator.allocate(3)
+    b.num_computed = 12
+    sched.running.append(b)
+    assert sched.allocator.num_free == 1
+    plan = sched.schedule()
+    assert not plan.preempted and sched.running == [a, b]
+    assert [(s.request.id, s.num_new, s.drafts) for s in plan.scheduled] == [("a", 1, 0), ("b", 1, 0)]
+    assert len(b.block_table) == 4
+
+
 def test_drafts_take_new_blocks_only_while_nobody_waits() -> None:
     def scheduler_with(waiting: bool) -> tuple[Scheduler, Request]:
         sched = Scheduler(make_policy("fcfs"), BlockAllocator(8, 4, prefix_caching=False), 8, 64)
