@@ -83,6 +83,26 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix() -> 
     assert NgramIndex(1, 3).propose(tokens, 2) == [7, 4]
 
 
+def _brute_force(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    last = len(tokens) - 1
+    for n in range(min(n_max, last), n_min - 1, -1):
+        suffix = tokens[last - n + 1 :]
+        for end in range(last - 1, n - 2, -1):
+            if tokens[end - n + 1 : end + 1] == suffix:
+                return tokens[end + 1 : end + 1 + k]
+    return []
+
+
+def test_lookups_equal_a_brute_force_search_as_the_sequence_grows() -> None:
+    rng = torch.Generator().manual_seed(5)
+    for n_min, n_max, vocab in ((1, 4, 6), (2, 3, 4), (1, 1, 20), (3, 5, 3)):
+        tokens = torch.randint(0, vocab, (300,), generator=rng).tolist()
+        index = NgramIndex(n_min, n_max)
+        for length in range(1, 300, 7):
+            grown = tokens[:length]
+            assert index.propose(grown, 5) == _brute_force(grown, 5, n_min, n_max), (n_min, n_max, length)
+
+
 def test_a_period_continues_into_the_suffix_itself() -> None:
     tokens = [1, 2, 3, 1, 2, 3, 1, 2]
     assert NgramIndex(1, 4).propose(tokens, 4) == [3, 1, 2]  # the occurrence at 3..4 is followed by 3, 1, 2
