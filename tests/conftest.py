@@ -179,19 +179,18 @@ def events_of(engine: Engine, request: Any, timeout_s: float = 300) -> list[Any]
     return events
 
 
-def run_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600) -> list[list[int]]:
-    """Submits every request at once (they share the engine's steps); each one's output token ids, once all end."""
+def events_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600) -> list[list[Any]]:
+    """Submits every request at once (they share the engine's steps); each one's events, the Finished last."""
     from optimist.engine.outputs import Event, Finished
 
-    outputs: list[list[int]] = [[] for _ in requests]
+    events: list[list[Event]] = [[] for _ in requests]
     done = threading.Semaphore(0)
 
     def sink_for(i: int) -> Callable[[Event], None]:
         def sink(ev: Event) -> None:
+            events[i].append(ev)
             if isinstance(ev, Finished):
                 done.release()
-            else:
-                outputs[i].extend(ev.token_ids)
 
         return sink
 
@@ -199,4 +198,9 @@ def run_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600
         engine.submit(req, sink_for(i))
     for _ in requests:
         assert done.acquire(timeout=timeout_s), "a request did not finish"
-    return outputs
+    return events
+
+
+def run_concurrently(engine: Engine, requests: list[Any], timeout_s: float = 600) -> list[list[int]]:
+    """Submits every request at once (they share the engine's steps); each one's output token ids, once all end."""
+    return [[t for ev in evs[:-1] for t in ev.token_ids] for evs in events_concurrently(engine, requests, timeout_s)]

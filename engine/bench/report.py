@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,3 +48,34 @@ def best_alternating(first: Callable[[], None], second: Callable[[], None], repe
             fn()
             best[fn] = min(best[fn], time.perf_counter() - t0)
     return best[first], best[second]
+
+
+def serve_in_batches(
+    engine: Any, make_request: Callable[[int], Any], count: int, concurrency: int
+) -> tuple[list[list[int]], list[float], float]:
+    """Submits requests 0..count-1 to an in-process engine, `concurrency` at a time (each batch finished before the
+    next starts); returns each one's output token ids, each one's end-to-end latency, and the wall time."""
+    from ..outputs import Chunk, Event, Finished
+
+    outputs: list[list[int]] = [[] for _ in range(count)]
+    latencies = [0.0] * count
+    sem = threading.Semaphore(0)
+
+    def sink_for(i: int) -> Callable[[Event], None]:
+        def sink(ev: Event) -> None:
+            if isinstance(ev, Chunk):
+                outputs[i].extend(ev.token_ids)
+            elif isinstance(ev, Finished):
+                latencies[i] = ev.total_s
+                sem.release()
+
+        return sink
+
+    start = time.perf_counter()
+    for first in range(0, count, concurrency):
+        batch = range(first, min(first + concurrency, count))
+        for i in batch:
+            engine.submit(make_request(i), sink_for(i))
+        for _ in batch:
+            sem.acquire()
+    return outputs, latencies, time.perf_counter() - start

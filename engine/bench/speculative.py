@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_table, positive_int, write_report
+from .report import markdown_table, positive_int, serve_in_batches, write_report
 
 PASSAGES = [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. How vexingly quick daft "
@@ -64,36 +62,16 @@ def workload(tokenizer: Any, name: str, count: int) -> list[list[int]]:
 
 def run_mode(engine: Any, work: list[list[int]], tokens: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
     """Serves the workload with `tokens` drafts per step (0 = off); returns its measures and the outputs."""
-    from ..outputs import Chunk, Event, Finished
     from ..request import SamplingParams
     from ..speculative import SpeculativeConfig
 
     engine.speculative = SpeculativeConfig(tokens, engine.config.speculative_ngram_min,
                                            engine.config.speculative_ngram_max)  # fmt: skip
-    outputs: list[list[int]] = [[] for _ in work]
-    latencies = [0.0] * len(work)
-    sem = threading.Semaphore(0)
-
-    def sink_for(i: int) -> Any:
-        def sink(ev: Event) -> None:
-            if isinstance(ev, Chunk):
-                outputs[i].extend(ev.token_ids)
-            elif isinstance(ev, Finished):
-                latencies[i] = ev.total_s
-                sem.release()
-
-        return sink
-
     before = engine.load().stats
-    start = time.perf_counter()
-    for first in range(0, len(work), concurrency):
-        batch = range(first, min(first + concurrency, len(work)))
-        for i in batch:
-            engine.submit(engine.new_request(work[i], SamplingParams(temperature=0, max_tokens=max_tokens)),
-                          sink_for(i))  # fmt: skip
-        for _ in batch:
-            sem.acquire()
-    wall = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    outputs, latencies, wall = serve_in_batches(
+        engine, lambda i: engine.new_request(work[i], params), len(work), concurrency
+    )
     after = engine.load().stats
     drafted = after.spec_draft_tokens - before.spec_draft_tokens
     kept = after.spec_accepted_tokens - before.spec_accepted_tokens

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from .report import markdown_table, positive_int, write_report
+from .report import markdown_table, positive_int, serve_in_batches, write_report
 
 SCHEMAS = {
     "person": {
@@ -129,23 +128,9 @@ class _Waited:
 
 def run_mode(engine: Any, work: list[Any], lengths: list[int] | None, mode: str, concurrency: int) -> dict[str, Any]:
     """Serves the workload in one mode; returns its measures and the outputs."""
-    from ..outputs import Chunk, Event, Finished
     from ..request import SamplingParams, StructuredOutput
 
     engine.jump_forward = mode == "schema"
-    outputs: list[list[int]] = [[] for _ in work]
-    latencies: list[float] = [0.0] * len(work)
-    sem = threading.Semaphore(0)
-
-    def sink_for(i: int) -> Any:
-        def sink(ev: Event) -> None:
-            if isinstance(ev, Chunk):
-                outputs[i].extend(ev.token_ids)
-            elif isinstance(ev, Finished):
-                latencies[i] = ev.total_s
-                sem.release()
-
-        return sink
 
     def request(i: int) -> Any:
         name, ids = work[i]
@@ -158,14 +143,7 @@ def run_mode(engine: Any, work: list[Any], lengths: list[int] | None, mode: str,
         return engine.new_request(ids, params)
 
     steps0 = engine.load().stats.steps
-    start = time.perf_counter()
-    for first in range(0, len(work), concurrency):
-        batch = range(first, min(first + concurrency, len(work)))
-        for i in batch:
-            engine.submit(request(i), sink_for(i))
-        for _ in batch:
-            sem.acquire()
-    wall = time.perf_counter() - start
+    outputs, latencies, wall = serve_in_batches(engine, request, len(work), concurrency)
     steps = engine.load().stats.steps - steps0
     tokens = sum(len(o) for o in outputs)
     return {"mode": mode, "concurrency": concurrency, "requests": len(work), "tokens": tokens, "wall_s": wall,

@@ -6,7 +6,6 @@ are given back) and preemption, the counters in /metrics, the CLI and configurat
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from optimist.engine.config import ConfigError, EngineConfig
 from optimist.engine.engine import Engine, _row_views
 from optimist.engine.kv_cache import BlockAllocator
-from optimist.engine.outputs import Chunk, Event, Finished
+from optimist.engine.outputs import Chunk
 from optimist.engine.request import FinishReason, Request, SamplingParams, StructuredOutput
 from optimist.engine.sampler import sample
 from optimist.engine.scheduler.policies import make_policy
@@ -31,7 +30,7 @@ from optimist.engine.speculative import (
     propose,
 )
 
-from ..conftest import run_concurrently
+from ..conftest import events_concurrently, events_of, run_concurrently
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
@@ -300,16 +299,7 @@ def test_logprobs_are_each_rows_own(engine: Engine) -> None:
         engine.speculative = spec
         try:
             req = engine.new_request(chat(engine, REPEAT), SamplingParams(temperature=0, max_tokens=30, logprobs=2))
-            events: list[Event] = []
-            done = threading.Event()
-
-            def sink(ev: Event) -> None:
-                events.append(ev)
-                if isinstance(ev, Finished):
-                    done.set()
-
-            engine.submit(req, sink)
-            assert done.wait(120)
+            events = events_of(engine, req, timeout_s=120)
         finally:
             engine.speculative = before
         return [lp for ev in events if isinstance(ev, Chunk) for lp in ev.logprobs]
@@ -417,24 +407,9 @@ def test_preempted_requests_with_drafts_resume_with_their_solo_answers(tiny_gguf
         eng.speculative = OFF
         alone = [eng.generate(eng.new_request(p, params))[0] for p in prompts]
         eng.speculative = ON
-        finals: list[Finished] = []
-        outputs: list[list[int]] = [[], []]
-        done = threading.Semaphore(0)
-
-        def sink_for(i: int) -> Any:
-            def sink(ev: Event) -> None:
-                if isinstance(ev, Chunk):
-                    outputs[i].extend(ev.token_ids)
-                else:
-                    finals.append(ev)
-                    done.release()
-
-            return sink
-
-        for i, p in enumerate(prompts):
-            eng.submit(eng.new_request(p, params), sink_for(i))
-        for _ in prompts:
-            assert done.acquire(timeout=120)
+        events = events_concurrently(eng, [eng.new_request(p, params) for p in prompts], timeout_s=120)
+        finals = [evs[-1] for evs in events]
+        outputs = [[t for ev in evs[:-1] for t in ev.token_ids] for evs in events]
         assert sum(f.evictions for f in finals) > 0, "no preemption: the test needs a smaller cache"
         assert eng.stats.spec_accepted_tokens > 0, "no draft was kept: the test needs more repetitive prompts"
         assert outputs == alone

@@ -21,7 +21,7 @@ from optimist.engine.outputs import Chunk, Event, Finished
 from optimist.engine.request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput
 from optimist.engine.structured import blocked_tokens
 
-from ..conftest import events_of, run_concurrently
+from ..conftest import events_concurrently, events_of, run_concurrently
 
 pytest.importorskip("llguidance")  # a dependency; the GPU machine's environment has it only when .whl carries it
 
@@ -200,24 +200,9 @@ def test_a_preempted_constrained_request_resumes_its_language(tiny_gguf: Path) -
         ]
         params = SamplingParams(temperature=0, max_tokens=60, structured_output=StructuredOutput("regex", pattern))
         alone = [eng.generate(eng.new_request(p, params))[1] for p in prompts]
-        finals: list[Finished] = []
-        texts = ["", ""]
-        done = threading.Semaphore(0)
-
-        def sink_for(i: int) -> Any:
-            def sink(ev: Event) -> None:
-                if isinstance(ev, Chunk):
-                    texts[i] += ev.text
-                else:
-                    finals.append(ev)
-                    done.release()
-
-            return sink
-
-        for i, p in enumerate(prompts):
-            eng.submit(eng.new_request(p, params), sink_for(i))
-        for _ in prompts:
-            assert done.acquire(timeout=120)
+        events = events_concurrently(eng, [eng.new_request(p, params) for p in prompts], timeout_s=120)
+        finals = [evs[-1] for evs in events]
+        texts = ["".join(ev.text for ev in evs[:-1]) for evs in events]
         assert sum(f.evictions for f in finals) > 0, "no preemption: the test needs a smaller cache"
         assert texts == alone
         assert all(re.fullmatch(pattern, t) for t in texts)
