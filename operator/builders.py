@@ -129,6 +129,13 @@ def engine_args(spec: Manifest) -> list[str]:
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]), "--max-batched-tokens", str(engine["maxBatchedTokens"])]
     if engine["sparsePrefill"]["enabled"]:
         args += ["--sparse-prefill-threshold", str(engine["sparsePrefill"]["threshold"])]
+    # speculative decoding: only what differs from the engine's defaults (which the CRD's defaults mirror: tested)
+    spec_flags = (("tokens", "--speculative-tokens", 4), ("ngramMin", "--speculative-ngram-min", 1),
+                  ("ngramMax", "--speculative-ngram-max", 4))  # fmt: skip
+    speculative = engine.get("speculativeDecoding", {})
+    for key, flag, default in spec_flags:
+        if speculative.get(key, default) != default:
+            args += [flag, str(speculative[key])]
     if "apiKeySecret" in engine:
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
     return args + list(engine.get("extraArgs", []))

@@ -154,6 +154,17 @@ def _engine() -> Schema:
                     "threshold": _int("prompts longer than this many tokens use it", minimum=1, default=8192),
                 },
             ),
+            "speculativeDecoding": _obj(
+                "n-gram speculative decoding (prompt lookup): decode steps also compute tokens guessed from earlier "
+                "occurrences of a request's last tokens, kept only where the engine expects them to pay; greedy and "
+                "seeded answers are unchanged",
+                {
+                    "tokens": _int("most guessed tokens per decode step (0 = off)", minimum=0, maximum=16, default=4),
+                    "ngramMin": _int("shortest suffix looked up, in tokens", minimum=1, maximum=16, default=1),
+                    "ngramMax": _int("longest suffix looked up, in tokens", minimum=1, maximum=16, default=4),
+                },
+                rules=[("self.ngramMin <= self.ngramMax", "speculativeDecoding.ngramMin must not exceed ngramMax")],
+            ),
             "startupSeconds": _int(
                 "time allowed for loading the model before the pod is restarted", minimum=10, maximum=86400, default=900
             ),

@@ -298,3 +298,31 @@ def test_every_hpa_metric_is_exposed_by_the_adapter_rules(minimal: dict[str, Any
         minimal["spec"]["autoscaling"] = {"mode": "hpa", "metric": metric}
         hpa = by_kind(b.build_children(minimal))["HorizontalPodAutoscaler/smollm2"]
         assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in exposed, metric
+
+
+def test_speculative_decoding_flags_only_where_the_pool_differs_from_the_engine(minimal: dict[str, Any]) -> None:
+    from optimist.engine.config import EngineConfig
+
+    def args(speculative: dict[str, Any] | None) -> list[str]:
+        pool = with_identity(load_example("inferencepool.yaml"), uid="u")
+        if speculative is not None:
+            pool["spec"].setdefault("engine", {})["speculativeDecoding"] = speculative
+        dep = by_kind(b.build_children(pool))["Deployment/smollm2"]
+        return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    # the CRD's defaults are the engine's: a pool that says nothing gets the engine's behaviour and no flags
+    defaults = defaulted_spec({"spec": {}})["engine"]["speculativeDecoding"]
+    engine = EngineConfig()
+    assert defaults == {"tokens": engine.speculative_tokens, "ngramMin": engine.speculative_ngram_min,
+                        "ngramMax": engine.speculative_ngram_max}  # fmt: skip
+    assert not any(a.startswith("--speculative") for a in args(None))
+    assert not any(a.startswith("--speculative") for a in args({"tokens": 4}))
+    off = args({"tokens": 0})
+    assert off[off.index("--speculative-tokens") + 1] == "0"
+    tuned = args({"tokens": 6, "ngramMin": 2, "ngramMax": 5})
+    for flag, value in (
+        ("--speculative-tokens", "6"),
+        ("--speculative-ngram-min", "2"),
+        ("--speculative-ngram-max", "5"),
+    ):
+        assert tuned[tuned.index(flag) + 1] == value

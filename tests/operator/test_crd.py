@@ -99,6 +99,8 @@ INVALID = [
     ({"model": {"weights": "int4"}, "resources": {"gpus": 1}}, "model.weights fp16 and int4 run on CPU only"),
     ({"engine": {"kvCacheDtype": "float16"}}, "engine.kvCacheDtype float32 and float16 are for CPU pods"),
     ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 0}}, "spec.engine.kvCacheDtype: 'int8' is not one of"),
+    ({"engine": {"speculativeDecoding": {"tokens": 17}}}, "spec.engine.speculativeDecoding.tokens: 17 is greater"),
+    ({"engine": {"speculativeDecoding": {"ngramMin": 5}}}, "speculativeDecoding.ngramMin must not exceed ngramMax"),
 ]
 
 
