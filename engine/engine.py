@@ -493,9 +493,13 @@ class Engine:
                 self.stats.queue.observe(now - s.request.arrival)
                 self.stats.prompt_tokens += len(s.request.prompt_ids)
                 self.stats.prefix_cache_hit_tokens += s.request.cached_tokens
-        # Structured outputs: the token masks of the rows sampled this step, filled while the model runs.
-        constrained = [s.request for s in plan.scheduled if s.completes and s.request.matcher is not None]
-        masks = self.grammars.start_masks(constrained) if constrained else None
+        # Structured outputs: the token masks of the rows sampled this step (a request's, then its drafts'),
+        # filled while the model runs.
+        grammar_owners = [s for s in plan.scheduled if s.completes and s.request.matcher is not None]
+        constrained = [s.request for s in grammar_owners]
+        masks = None
+        if grammar_owners:
+            masks = self.grammars.start_masks(constrained, [s.request.draft[: s.drafts] for s in grammar_owners])
         started = time.perf_counter()
         logits, owners, prompt_spans = self.runner.execute(plan.scheduled)
         scored = sum(span.count for span in prompt_spans)
@@ -505,8 +509,9 @@ class Engine:
         rows = [r for s in owners for r in _row_views(s)]
         grammar = None
         if masks is not None:
-            order = {id(r): i for i, r in enumerate(rows)}
-            grammar = ([order[id(r)] for r in constrained], masks.result())
+            first = {id(r): i for i, r in enumerate(rows)}  # (each owner's own row; its drafts' rows follow it)
+            mask_rows = [first[id(s.request)] + j for s in grammar_owners for j in range(1 + s.drafts)]
+            grammar = (mask_rows, masks.result())
         result = sample(logits, rows, self.tokenizer.eos_ids, grammar)
         if len(rows) == sum(s.num_new for s in plan.scheduled):  # a decode step: the drafts' cost model learns
             self.speculator.cost.observe(len(rows), time.perf_counter() - started)

@@ -179,11 +179,11 @@ class Speculator:
         drafts = {}
         for req in running:
             req.draft = []
-            if not (config.tokens and req.num_computed + 1 == req.num_tokens and eligible(req)):
+            if not (config.tokens and req.num_computed + 1 == req.num_tokens):
                 continue
             if req.spec_explored >= self.EXPLORE and self.rate(req) <= bar:
                 continue  # not even its first draft could pay: no lookup (a large batch on a CPU skips them all)
-            draft = propose(req, config, context_length)
+            draft = grammar_valid(req, propose(req, config, context_length))
             if draft:
                 drafts[req] = req.draft = draft
         self.choose(drafts, len(running))
@@ -228,10 +228,13 @@ class Speculator:
             del draft[depth.get(id(req), 0) :]
 
 
-def eligible(req: Request) -> bool:
-    """Whether a request's decode steps may take drafts: not under a structured output (its tokens come from the
-    grammar's masks, and jump-forward already appends the tokens it forces)."""
-    return req.matcher is None
+def grammar_valid(req: Request, draft: list[int]) -> list[int]:
+    """The drafts a structured output's language allows (all without one): its rows' masks are computed after
+    the drafts before them (structured.Grammars.start_masks), and a draft the language forbids could never be
+    sampled."""
+    if req.matcher is None or not draft:
+        return draft
+    return draft[: req.matcher.validate_tokens(draft)]
 
 
 def draft_room(req: Request, context_length: int) -> int:

@@ -126,20 +126,37 @@ class Grammars:
                 self._cache.move_to_end(constraint)
             return template.deep_copy()
 
-    def start_masks(self, requests: Sequence[Request]) -> Future[torch.Tensor]:
-        """Fills the requests' token bitmasks ([n, ceil(vocab / 32)] int32, row i for requests[i]) on a worker
-        thread, so it overlaps the step's model work; the matchers must not change until it is done."""
+    def start_masks(
+        self, requests: Sequence[Request], drafts: Sequence[Sequence[int]] | None = None
+    ) -> Future[torch.Tensor]:
+        """Fills the requests' token bitmasks ([rows, ceil(vocab / 32)] int32) on a worker thread, so it overlaps
+        the step's model work; the matchers must not change until it is done. Each request has one row, then with
+        speculative `drafts` (valid ones: Speculator.propose checks them) one more per draft, the mask after the
+        drafts before it. Rows after a draft that ends the language allow every token (they are never kept)."""
+        drafts = drafts if drafts is not None else [()] * len(requests)
+        rows = sum(1 + len(d) for d in drafts)
         # The tensor is made here: a torch operator on the worker would give it an OpenMP team of its own, and
         # more OpenMP threads than cores slow every operator of the step (see Engine.__init__).
-        bitmask = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        bitmask = torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="optimist-grammar")
-        return self._worker.submit(self._fill, [r.matcher for r in requests], bitmask)
+        jobs = [(r.matcher, list(d)) for r, d in zip(requests, drafts, strict=True)]
+        return self._worker.submit(self._fill, jobs, bitmask)
 
-    def _fill(self, matchers: list[Any], bitmask: torch.Tensor) -> torch.Tensor:
-        self._executor.unsafe_compute_mask_ptr(
-            [(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), bitmask.shape[1] * 4, len(matchers)
-        )
+    def _fill(self, jobs: list[tuple[Any, list[int]]], bitmask: torch.Tensor) -> torch.Tensor:
+        row_bytes, rows = bitmask.shape[1] * 4, bitmask.shape[0]
+        plain, drafted = [], []  # (llguidance takes drafts only in a call where every matcher has some)
+        k = 0
+        for matcher, draft in jobs:
+            if draft:
+                drafted.append((matcher, k, draft))
+            else:
+                plain.append((matcher, k))
+            k += 1 + len(draft)
+        if plain:
+            self._executor.unsafe_compute_mask_ptr(plain, bitmask.data_ptr(), row_bytes, rows)
+        if drafted:
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(drafted, bitmask.data_ptr(), row_bytes, rows)
         return bitmask
 
     def close(self) -> None:

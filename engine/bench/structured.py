@@ -97,14 +97,14 @@ class _MaskTimer:
         self.grammars._fill = self.fill
         self.grammars.start_masks = self.start
 
-    def fill(self, matchers: list[Any], bitmask: Any) -> Any:
+    def fill(self, jobs: list[Any], bitmask: Any) -> Any:
         t0 = time.perf_counter()
-        out = self._fill(matchers, bitmask)
+        out = self._fill(jobs, bitmask)
         self.fill_s += time.perf_counter() - t0
         return out
 
-    def start(self, requests: Any) -> Any:
-        return _Waited(self, self._start(requests))
+    def start(self, requests: Any, drafts: Any = None) -> Any:
+        return _Waited(self, self._start(requests, drafts))
 
     def reset(self) -> None:
         self.fill_s = self.wait_s = 0.0

@@ -274,6 +274,31 @@ def test_seeded_sampled_answers_are_the_same_with_and_without_drafts(engine: Eng
     assert Run(engine, OFF, ids, **{**args, "seed": 14}).tokens != off.tokens
 
 
+def test_structured_outputs_take_the_drafts_their_language_allows(engine: Engine) -> None:
+    """Extraction into JSON copies values from the prompt: drafts the grammar allows are computed with their masks
+    (each row's mask is the language's after the drafts before it), the same valid answer in fewer steps."""
+    pytest.importorskip("llguidance")
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"full_name": {"type": "string"}, "employer": {"type": "string"}, "city": {"type": "string"}},
+        "required": ["full_name", "employer", "city"],
+        "additionalProperties": False,
+    }
+    text = (
+        "Extract the person's full name, employer and city from this text as JSON.\n\n"
+        "Dr. Margaret Hamilton-Whitfield works for the Northern Lighthouse Engineering Company in Aberdeen."
+    )
+    ids = chat(engine, text)
+    constraint = StructuredOutput("json_schema", json.dumps(schema))
+    args = {"temperature": 0, "max_tokens": 80, "structured_output": constraint}
+    off, on = Run(engine, OFF, ids, **args), Run(engine, ON, ids, **args)
+    assert on.tokens == off.tokens and on.final.reason is FinishReason.EOS
+    jsonschema.validate(json.loads(on.text), schema)
+    assert on.accepted > 0 and on.steps < off.steps
+
+
 # ------------------------------------------------------------------------------------------------ limits
 
 
@@ -318,7 +343,7 @@ def test_a_mixed_batch_gives_each_request_its_solo_answer(engine: Engine) -> Non
     pytest.importorskip("llguidance")
     prompts = [chat(engine, p) for p in (REPEAT, CODE, QUESTION, "Write a haiku about rain.")]
     params = [SamplingParams(temperature=0, max_tokens=48) for _ in prompts]
-    # a structured output takes no drafts; its rows share the steps
+    # a structured output's drafts are those its language allows; its rows share the steps
     params[3] = SamplingParams(temperature=0, max_tokens=48, structured_output=StructuredOutput.choices(["yes", "no"]))
     solo = [Run(engine, OFF, p, **vars_of(sp)).tokens for p, sp in zip(prompts, params, strict=True)]
     before = engine.speculative

@@ -19,6 +19,7 @@ from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.outputs import Chunk, Event, Finished
 from optimist.engine.request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput
+from optimist.engine.speculative import SpeculativeConfig
 from optimist.engine.structured import blocked_tokens
 
 from ..conftest import events_concurrently, events_of, run_concurrently
@@ -60,14 +61,15 @@ def json_params(schema: dict[str, Any] = PERSON, **extra: Any) -> dict[str, Any]
 
 @pytest.fixture()
 def jump_forward(engine: Engine) -> Any:
-    """Switches jump-forward for one test and back."""
-    before = engine.jump_forward
+    """Switches jump-forward for one test and back (speculative drafts off meanwhile: they too save steps)."""
+    before = engine.jump_forward, engine.speculative
+    engine.speculative = SpeculativeConfig(tokens=0)
 
     def switch(on: bool) -> None:
         engine.jump_forward = on
 
     yield switch
-    engine.jump_forward = before
+    engine.jump_forward, engine.speculative = before
 
 
 # ------------------------------------------------------------------------------------------- the languages
@@ -142,7 +144,8 @@ def test_forced_tokens_run_as_decode_rows_in_c(int4_engine: Engine, monkeypatch:
 
     monkeypatch.setattr(decoder, "run", run_counting)
     ids = chat(int4_engine, "Describe a person living in France as JSON.")
-    before = int4_engine.jump_forward
+    before = int4_engine.jump_forward, int4_engine.speculative
+    int4_engine.speculative = SpeculativeConfig(tokens=0)  # (drafts would add rows of their own)
     try:
         int4_engine.jump_forward = False
         plain = run(int4_engine, ids, **json_params())
@@ -150,7 +153,7 @@ def test_forced_tokens_run_as_decode_rows_in_c(int4_engine: Engine, monkeypatch:
         int4_engine.jump_forward = True
         forced = run(int4_engine, ids, **json_params())
     finally:
-        int4_engine.jump_forward = before
+        int4_engine.jump_forward, int4_engine.speculative = before
     assert forced[0] == plain[0]
     assert set(rows[:calls]) == {1}  # one request: one row a step
     assert max(rows[calls:]) > 3  # a key's forced tokens in one C call
