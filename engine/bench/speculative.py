@@ -5,6 +5,8 @@ One engine (the CPU defaults, prefix caching off so every mode computes the same
 chat requests:
 - `copy`: answers that reuse the prompt's text (repeat a passage, fix its spelling, quote it), what extraction,
   editing and retrieval-augmented answers look like;
+- `json`: the first sentence of a passage under a key of a JSON object (a JSON Schema constraint): drafts the
+  language allows, masked row by row, on top of jump-forward;
 - `chat`: open questions, where the answer rarely repeats anything: drafts are seldom found and mostly rejected.
 Modes over the same requests, in alternating order per round: speculation off, and on with each --tokens value. At
 each concurrency (1: one request at a time; N: all at once) the table gives tokens per second (the best round's,
@@ -51,24 +53,43 @@ QUESTIONS = [
 ]
 
 
+QUOTE_SCHEMA = {
+    "type": "object",
+    "properties": {"quote": {"type": "string"}, "word_count": {"type": "integer"}},
+    "required": ["quote", "word_count"],
+    "additionalProperties": False,
+}
+QUOTE_TASK = 'Put the first sentence of this text, word for word, under the key "quote" of a JSON object:\n\n{}'
+
+
 def workload(tokenizer: Any, name: str, count: int) -> list[list[int]]:
     """Chat prompt ids of one workload, cycling over its texts."""
     if name == "copy":
         texts = [COPY_TASKS[i % len(COPY_TASKS)].format(PASSAGES[i % len(PASSAGES)]) for i in range(count)]
+    elif name == "json":
+        texts = [QUOTE_TASK.format(PASSAGES[i % len(PASSAGES)]) for i in range(count)]
+    elif name != "chat":
+        raise ValueError(f"unknown workload {name!r}: copy, json or chat")
     else:
         texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
     return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
 
 
-def run_mode(engine: Any, work: list[list[int]], tokens: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """Serves the workload with `tokens` drafts per step (0 = off); returns its measures and the outputs."""
-    from ..request import SamplingParams
+def run_mode(
+    engine: Any, work: list[list[int]], tokens: int, concurrency: int, max_tokens: int, constrained: bool = False
+) -> dict[str, Any]:
+    """Serves the workload with `tokens` drafts per step (0 = off), under QUOTE_SCHEMA if `constrained`; returns
+    its measures and the outputs."""
+    import json
+
+    from ..request import SamplingParams, StructuredOutput
     from ..speculative import SpeculativeConfig
 
     engine.speculative = SpeculativeConfig(tokens, engine.config.speculative_ngram_min,
                                            engine.config.speculative_ngram_max)  # fmt: skip
     before = engine.load().stats
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    schema = StructuredOutput("json_schema", json.dumps(QUOTE_SCHEMA)) if constrained else None
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, structured_output=schema)
     outputs, latencies, wall = serve_in_batches(
         engine, lambda i: engine.new_request(work[i], params), len(work), concurrency
     )
@@ -93,7 +114,7 @@ def cmd_bench_speculative(args: argparse.Namespace) -> int:
     rows = []
     for name in args.workloads:
         work = workload(engine.tokenizer, name, args.requests)
-        run_mode(engine, work[:2], 0, 2, args.max_tokens)  # warm-up
+        run_mode(engine, work[:2], 0, 2, args.max_tokens, name == "json")  # warm-up
         for concurrency in args.concurrency or sorted({1, args.requests}):
             best: dict[int, dict[str, Any]] = {}
             walls: dict[int, list[float]] = {k: [] for k in modes}
@@ -102,7 +123,7 @@ def cmd_bench_speculative(args: argparse.Namespace) -> int:
             for r in range(args.repeats):
                 for k in modes if r % 2 == 0 else modes[::-1]:
                     print(f"bench: {name}, k={k}, concurrency {concurrency}, round {r + 1}", file=sys.stderr)
-                    row = run_mode(engine, work, k, concurrency, args.max_tokens)
+                    row = run_mode(engine, work, k, concurrency, args.max_tokens, name == "json")
                     if k == 0 and reference is None:
                         reference = row["outputs"]
                     walls[k].append(row["wall_s"])
@@ -150,7 +171,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=96)
     p.add_argument("--tokens", type=lambda s: [positive_int(c) for c in s.split(",")], default=[4],
                    help="drafts per step to compare with off, comma-separated")  # fmt: skip
-    p.add_argument("--workloads", type=lambda s: s.split(","), default=["copy", "chat"])
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=["copy", "json", "chat"])
     p.add_argument("--concurrency", type=lambda s: [positive_int(c) for c in s.split(",")], default=None,
                    help="requests at once, comma-separated (default: 1 and --requests)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/speculative-cpu.json"))

@@ -167,7 +167,9 @@ def cmd_bench_structured(args: argparse.Namespace) -> int:
     from ..config import EngineConfig
     from ..engine import Engine
 
-    engine = Engine(EngineConfig(model=args.model, weights=args.weights, prefix_caching=False))
+    # (speculative drafts off: this bench isolates the constraint and jump-forward; `bench speculative --workloads
+    # json` measures drafts under a schema)
+    engine = Engine(EngineConfig(model=args.model, weights=args.weights, prefix_caching=False, speculative_tokens=0))
     work = workload(engine.tokenizer, args.requests)
     timer = _MaskTimer(engine)
     # the constrained answers' lengths, which the free mode then generates (and a warm-up)
