@@ -66,8 +66,10 @@ class ModelRunner:
         # (speculative drafts, tokens a structured output forced) are decode rows too, one per position: each
         # attends to the cache up to itself (a step stores all rows' K/V before attending), and on CPU the step
         # stays on the all-C decode path.
-        decodes = [s for s in scheduled if _decode_rows(s)]
-        prefills = [s for s in scheduled if not _decode_rows(s)]
+        decodes: list[ScheduledRequest] = []
+        prefills: list[ScheduledRequest] = []
+        for s in scheduled:
+            (decodes if _decode_rows(s) else prefills).append(s)
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
