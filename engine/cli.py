@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,37 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram is the only method)',
     )
     p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters to serve (PEFT directories), each requested by its NAME as the model (OpenAI `model`, "
+        'gRPC `adapter`); vLLM\'s JSON form \'{"name": N, "path": P}\' works too',
+    )
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="LoRA adapters may be used (implied by --lora-modules; needed to load them only while serving)",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=int,
+        default=EngineConfig.max_loras,
+        help="most distinct LoRA adapters among the running requests; requests of another one wait for a slot",
+    )
+    p.add_argument(
+        "--max-lora-rank", type=int, default=EngineConfig.max_lora_rank, help="adapters above it are refused"
+    )
+    p.add_argument("--max-loaded-loras", type=int, default=EngineConfig.max_loaded_loras)
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        help="the OpenAI API's /v1/load_lora_adapter and /v1/unload_lora_adapter work (they read any path the "
+        "server can: keep the API behind a key); also VLLM_ALLOW_RUNTIME_LORA_UPDATING=true",
+    )
+    p.add_argument(
         "--kv-cache-memory-fraction",
         type=float,
         default=0.0,
@@ -148,6 +180,29 @@ def _speculative_json(text: str) -> dict[str, int]:
     return fields
 
 
+def _lora_module(text: str) -> tuple[str, Path]:
+    """--lora-modules item: NAME=PATH, or vLLM's JSON object {"name", "path"[, "base_model_name"]}."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("name"), str)
+            or not isinstance(value.get("path"), str)
+        ):
+            raise argparse.ArgumentTypeError('the JSON form is {"name": NAME, "path": PATH}')
+        unknown = set(value) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown key {sorted(unknown)[0]!r}; takes name, path, base_model_name")
+        return value["name"], Path(value["path"])
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, Path(path)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     config = EngineConfig(
         model=args.model,
@@ -173,6 +228,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         speculative_tokens=args.speculative_tokens,
         speculative_ngram_min=args.speculative_ngram_min,
         speculative_ngram_max=args.speculative_ngram_max,
+        lora_modules=tuple(args.lora_modules),
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_loaded_loras=args.max_loaded_loras,
+        runtime_lora_updating=args.allow_runtime_lora_updating,
     )
     if args.speculative_config is not None:
         config = dataclasses.replace(config, **args.speculative_config)
@@ -233,6 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.seed)
     if structured is not None:
         request.sampling.structured_output.CopyFrom(structured)
+    request.adapter = args.adapter
     try:
         for msg in stream(args.server, request, args.timeout):
             if msg.HasField("chunk"):
@@ -452,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="send one request to a running engine and stream the answer")
     gen.add_argument("prompt")
     gen.add_argument("--server", default="127.0.0.1:50051")
+    gen.add_argument("--adapter", default="", help="a LoRA adapter the server has loaded (default: the base model)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--max-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=None)

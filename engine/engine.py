@@ -15,20 +15,23 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from .attention.sparse.config import pattern_config_for
-from .config import ConfigError, EngineConfig
+from .config import ConfigError, EngineConfig, adapter_name_problem
 from .kv_cache import BlockAllocator, allocate_cache, bytes_per_token, memory_limit, resident_bytes
 from .malloc import keep_freed_memory
 from .metrics import EngineStats
 from .model import native
 from .model.llama import Llama
 from .model.loader import ProgressFn, load_model
+from .model.lora import AdapterError, LoraAdapter, load_adapter
 from .model.quant import fp16_available
 from .outputs import Chunk, Event, Finished, OutputState
 from .request import FinishReason, InvalidRequest, Request, SamplingParams, Status
@@ -43,6 +46,7 @@ from .structured import Grammars, failure
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
+T = TypeVar("T")
 
 
 class EngineUnavailable(RuntimeError):
@@ -51,6 +55,10 @@ class EngineUnavailable(RuntimeError):
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound."""
+
+
+class UnknownAdapter(LookupError):
+    """A request names a LoRA adapter that is not loaded."""
 
 
 @dataclass
@@ -65,6 +73,10 @@ class LoadSnapshot:
     stats: EngineStats
     sparse_prefill_tokens: int = 0
     kv_block_size: int = 16
+    # LoRA adapters of the running and the waiting requests (names), and the most that run at once (0: no LoRA)
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    max_loras: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +92,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _adapter_names(requests: Iterable[Request]) -> tuple[str, ...]:
+    """The distinct adapters of `requests`, by name, in first-seen order."""
+    return tuple(dict.fromkeys(r.adapter.name for r in requests if r.adapter is not None))
 
 
 def _stopper(engine: weakref.ref[Engine]) -> Callable[[], None]:
@@ -108,6 +125,7 @@ class Engine:
         self._lock = threading.Condition()
         self._inbox: list[tuple[Request, Sink]] = []
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []  # run on the engine thread (_on_engine_thread)
         self._requests: dict[str, tuple[Request, Sink, OutputState]] = {}
         self._known_ids: set[str] = set()  # ids accepted and not finished (inbox included)
         self._accepting = True
@@ -199,9 +217,21 @@ class Engine:
             patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)
             if self.device.type == "cuda":
                 self._precompile_sparse_kernels()
+        self.adapters: dict[str, LoraAdapter] = {}
+        if config.lora_enabled:
+            self.model.attach_lora()
+            for name, path in config.lora_modules:
+                try:
+                    self.adapters[name] = self._read_adapter(name, path)
+                except AdapterError as exc:
+                    raise ConfigError(f"lora_modules: {exc}") from exc
         self.runner = ModelRunner(self.model, kv, config.kv_block_size, config.sparse_prefill_threshold, patterns)
         self.scheduler = Scheduler(
-            make_policy(config.scheduler), self.allocator, config.max_num_seqs, config.max_num_batched_tokens
+            make_policy(config.scheduler),
+            self.allocator,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_loras if config.lora_enabled else 0,
         )
         self.predictor = LowerBoundPredictor()
         self.stats = EngineStats()
@@ -209,6 +239,64 @@ class Engine:
         self.jump_forward = config.jump_forward  # may be switched while serving (benchmarks compare both)
         self.speculative = config.speculative  # likewise
         self.speculator = Speculator()
+
+    def _read_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        return load_adapter(name, path, self.model_config, self.config.max_lora_rank, self.device, self.dtype)
+
+    # ------------------------------------------------------------------------------------- LoRA adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
+        """Loads a LoRA adapter while serving (thread-safe; reads the files on the caller's thread). Raises
+        AdapterError naming the problem: LoRA not enabled, a name taken, too many loaded, a file or shape error."""
+        if not self.config.lora_enabled:
+            raise AdapterError("LoRA adapters are not enabled on this server (start it with --enable-lora)")
+        problem = adapter_name_problem(name)
+        if problem is not None:
+            raise AdapterError(problem)
+        if name == self.model_name:
+            raise AdapterError(f"{name!r} is the served model's own name")
+        with self._lock:
+            if name in self.adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+            if len(self.adapters) >= self.config.max_loaded_loras:
+                raise AdapterError(f"{len(self.adapters)} adapters are loaded, the most allowed (max_loaded_loras)")
+        adapter = self._on_engine_thread(lambda: self._read_adapter(name, path))
+        with self._lock:
+            if name in self.adapters:  # loaded meanwhile by another caller
+                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+            self.adapters[name] = adapter
+        log.info("LoRA adapter %s loaded from %s (rank %d, %.1f MB)", name, path, adapter.rank, adapter.nbytes() / 1e6)
+        return adapter
+
+    def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the engine thread between steps and returns what it returns (or raises what it raised):
+        torch work on another thread would give the process a second OpenMP team (see __init__)."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._stopping:
+                raise EngineUnavailable("the engine is stopped")
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future.result()
+
+    def unload_adapter(self, name: str) -> None:
+        """Unloads an adapter: new requests cannot name it; those already accepted finish with it."""
+        with self._lock:
+            if self.adapters.pop(name, None) is None:
+                raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
+        log.info("LoRA adapter %s unloaded", name)
+
+    def loaded_adapters(self) -> list[LoraAdapter]:
+        with self._lock:
+            return list(self.adapters.values())
+
+    def adapter(self, name: str) -> LoraAdapter:
+        """The loaded adapter called `name`; raises UnknownAdapter."""
+        with self._lock:
+            found = self.adapters.get(name)
+        if found is None:
+            raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded")
+        return found
 
     def _check_cache_fits(self) -> None:
         """A CPU cache becomes resident as it fills (`zeros_on_demand`): refuse at start one that, with what the
@@ -316,8 +404,10 @@ class Engine:
         lower_hint: int | None = None,
         upper_hint: int | None = None,
         prompt_field: str = "prompt",
+        adapter: LoraAdapter | None = None,
     ) -> Request:
-        """Validates a request against the model and the cache; raises InvalidRequest naming the field."""
+        """Validates a request against the model and the cache; raises InvalidRequest naming the field. `adapter`:
+        the LoRA adapter it runs with (from `adapter(name)`), None for the base model."""
         cfg, ctx = self.config, self.model_config.context_length
         params.validate(self.model_config.vocab_size, cfg.max_stop_strings, cfg.max_stop_string_chars)
         if not prompt_ids:
@@ -348,9 +438,12 @@ class Engine:
             params=params,
             lower_hint=lower_hint,
             upper_hint=upper_hint,
+            adapter=adapter,
         )
+        if adapter is not None:
+            req.hash_root = adapter.hash_root  # K/V under an adapter are its own: shared only with its requests
         if 0 < cfg.sparse_prefill_threshold < len(prompt_ids):
-            req.hash_root = b"sparse"  # its K/V come from sparse prefill: never shared with dense requests
+            req.hash_root += b"sparse"  # its K/V come from sparse prefill: never shared with dense requests
         if params.prompt_logprobs is not None:  # every prompt position is computed here: nothing from the cache
             req.hash_root = b"prompt-logprobs:" + req.id.encode()
         if params.seed is not None and not params.greedy:
@@ -399,6 +492,9 @@ class Engine:
                 stats=_copy_stats(self.stats),
                 sparse_prefill_tokens=self.runner.sparse_tokens,
                 kv_block_size=bs,
+                running_adapters=_adapter_names(self.scheduler.running),
+                waiting_adapters=_adapter_names(itertools.chain(self.scheduler.waiting, (r for r, _ in self._inbox))),
+                max_loras=self.config.max_loras if self.config.lora_enabled else 0,
             )
 
     def generate(self, request: Request, timeout_s: float = 600.0) -> tuple[list[int], str, Finished]:
@@ -455,12 +551,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self._has_work() or self._stopping):
+                while not (self._inbox or self._aborts or self._calls or self._has_work() or self._stopping):
                     self._lock.wait()
                 if self._stopping:
+                    for _, future in self._calls:
+                        future.set_exception(EngineUnavailable("the engine is stopped"))
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
                 for req, sink in inbox:
                     req.bound = self.predictor.predict(len(req.prompt_ids), req.params.max_tokens, req.lower_hint)
                     self._requests[req.id] = (req, sink, OutputState(req, self.tokenizer))
@@ -468,6 +567,11 @@ class Engine:
                 for rid in aborts:
                     if rid in self._requests:
                         self._finish(self._requests[rid][0], FinishReason.ABORTED, "")
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # the caller's to handle
+                    future.set_exception(exc)
             if self._has_work():
                 try:
                     self._step()

@@ -42,7 +42,7 @@ import grpc
 import numpy as np
 
 from .api import grpc_service_pb2 as pb
-from .engine import Engine
+from .engine import Engine, UnknownAdapter
 from .outputs import Chunk, Finished
 from .request import FinishReason, InvalidRequest, SamplingParams, StructuredOutput, structured_from_vllm
 from .rpc import RequestFailed, bidi_stream, malformed, request_events, unary
@@ -465,7 +465,9 @@ class KServeService:
         infer = isinstance(request, pb.ModelInferRequest)
         key = "model_name" if infer else "name"
         name, version = (request.model_name, request.model_version) if infer else (request.name, request.version)
-        if name != engine.model_name:
+        if name and name != engine.model_name and name in {a.name for a in engine.loaded_adapters()}:
+            pass  # a LoRA adapter of the model serves as a model of its own
+        elif name != engine.model_name:
             raise BadRequest(
                 f"{key}: this server serves {engine.model_name!r}, not {name!r}"
                 if name
@@ -501,10 +503,10 @@ class KServeService:
         return pb.ServerMetadataResponse(name="optimist", version=version, extensions=["parameters"])
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        engine = await self._call(context, lambda: self._model(request))
+        await self._call(context, lambda: self._model(request))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=engine.model_name,
+            name=request.name,  # the model's, or one of its LoRA adapters' (_model checked it)
             versions=[VERSION],
             platform=PLATFORM,
             inputs=[tensor(name=n, datatype=d, shape=s) for n, (d, s, _) in INPUTS.items()],
@@ -512,9 +514,9 @@ class KServeService:
         )
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        engine = await self._call(context, lambda: self._model(request))
+        await self._call(context, lambda: self._model(request))
         config = pb.ModelConfig(
-            name=engine.model_name,
+            name=request.name,
             platform=PLATFORM,
             backend=PLATFORM,
             max_batch_size=0,  # requests carry no batch dimension; the engine batches them itself
@@ -594,6 +596,7 @@ class KServeService:
             raise BadRequest("inputs.stream: ModelInfer answers once; stream with ModelStreamInfer")
         try:
             prompt_ids = engine.tokenizer.encode(call.prompt)
+            adapter = None if request.model_name == engine.model_name else engine.adapter(request.model_name)
             req = engine.new_request(
                 prompt_ids,
                 call.params,
@@ -601,7 +604,10 @@ class KServeService:
                 lower_hint=call.lower_hint,
                 upper_hint=call.upper_hint,
                 prompt_field="text_input",
+                adapter=adapter,
             )
+        except UnknownAdapter as exc:  # unloaded since _model looked
+            raise BadRequest(f"model_name: {exc}", grpc.StatusCode.NOT_FOUND) from exc
         except InvalidRequest as exc:
             if exc.field.startswith("sampling.structured_output"):
                 raise BadRequest(f"{call.structured_field}: {str(exc).removeprefix(exc.field + ': ')}") from exc

@@ -51,7 +51,8 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from .engine import Engine
+from .engine import Engine, UnknownAdapter
+from .model.lora import AdapterError, LoraAdapter
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Event, Finished
 from .request import (
@@ -116,7 +117,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def _unknown_model(engine: Engine, name: str) -> ApiError:
-    return ApiError(404, f"model: this server serves {engine.model_name!r}, not {name!r}", "model", "model_not_found")
+    served = ", ".join(repr(n) for n in [engine.model_name, *(a.name for a in engine.loaded_adapters())])
+    return ApiError(404, f"model: this server serves {served}, not {name!r}", "model", "model_not_found")
+
+
+def _adapter(engine: Engine, name: str | None) -> LoraAdapter | None:
+    """The LoRA adapter a request's `model` names: None for the served model itself (or no `model`)."""
+    if name is None or name == engine.model_name:
+        return None
+    try:
+        return engine.adapter(name)
+    except UnknownAdapter:
+        raise _unknown_model(engine, name) from None
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -128,14 +140,13 @@ def _bad_field(exc: InvalidRequest) -> ApiError:
     return _bad(exc.field, str(exc).removeprefix(f"{exc.field}: "))
 
 
-def _check_body(engine: Engine, body: dict[str, Any], known: set[str], where: str) -> None:
-    """No field outside `known`, and `model` (when given) names the served model."""
+def _check_body(engine: Engine, body: dict[str, Any], known: set[str], where: str) -> LoraAdapter | None:
+    """No field outside `known`, and `model` (when given) names the served model or a loaded LoRA adapter
+    (returned)."""
     unknown = sorted(set(body) - known)
     if unknown:
         raise _bad(unknown[0], f"unknown field; {where} takes {', '.join(sorted(known))}")
-    model = _typed(body, "model", "str")
-    if model is not None and model != engine.model_name:
-        raise _unknown_model(engine, model)
+    return _adapter(engine, _typed(body, "model", "str"))
 
 
 def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
@@ -204,6 +215,7 @@ class Call:
     max_tokens_given: bool = False
     structured_param: str = "response_format"  # where the client put its structured-output constraint
     tools: Tools | None = None  # tool_choice required or a named function: the answers are tool calls
+    adapter: LoraAdapter | None = None  # the LoRA adapter `model` named (None: the base model)
 
 
 def _sampling(body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], str]:
@@ -388,7 +400,7 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
     """Checks an OpenAI request body against the model; raises ApiError naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    _check_body(engine, body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS, "this endpoint")
+    adapter = _check_body(engine, body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS, "this endpoint")
     _refuse_unsupported(body, chat)
     values, max_param = _sampling(body, chat)
     n = _n(body, chat)
@@ -442,7 +454,8 @@ def read_call(engine: Engine, body: Any, chat: bool) -> Call:
         values["max_tokens"] = 16  # OpenAI's and vLLM's default for completions
     return Call(
         chat=chat,
-        model=engine.model_name,
+        model=adapter.name if adapter is not None else engine.model_name,
+        adapter=adapter,
         prompts=prompts,
         texts=texts,
         params=SamplingParams(**values),
@@ -498,6 +511,7 @@ def make_requests(engine: Engine, call: Call, request_id: str) -> list[Request]:
                         lower_hint=call.lower_hint,
                         upper_hint=call.upper_hint,
                         prompt_field="prompt",
+                        adapter=call.adapter,
                     )
                 )
             except InvalidRequest as exc:
@@ -686,18 +700,63 @@ class OpenAIService:
 
     async def models(self, request: web.Request) -> web.Response:
         engine = self._engine()
-        return web.json_response({"object": "list", "data": [self._model_card(engine)]})
+        cards = [self._model_card(engine, None)] + [self._model_card(engine, a) for a in engine.loaded_adapters()]
+        return web.json_response({"object": "list", "data": cards})
 
     async def model(self, request: web.Request) -> web.Response:
         engine = self._engine()
-        name = request.match_info["name"]
-        if name != engine.model_name:
-            raise _unknown_model(engine, name)
-        return web.json_response(self._model_card(engine))
+        return web.json_response(self._model_card(engine, _adapter(engine, request.match_info["name"])))
 
-    def _model_card(self, engine: Engine) -> dict[str, Any]:
-        return {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "optimist",
+    def _model_card(self, engine: Engine, adapter: LoraAdapter | None) -> dict[str, Any]:
+        """The model, or one of its LoRA adapters (with vLLM's `parent`: the base model, and `root`: its files)."""
+        card = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "optimist",
                 "max_model_len": engine.model_config.context_length}  # fmt: skip
+        if adapter is not None:
+            card.update(id=adapter.name, root=str(adapter.path), parent=engine.model_name)
+        return card
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's runtime adapter loading: {"lora_name", "lora_path"} (with --allow-runtime-lora-updating)."""
+        engine = self._runtime_lora()
+        body = await _json_body(request)
+        _check_body(engine, body, {"lora_name", "lora_path", "load_inplace"}, "/v1/load_lora_adapter")
+        name, path = _typed(body, "lora_name", "str"), _typed(body, "lora_path", "str")
+        if not name:
+            raise _bad("lora_name", "required")
+        if not path:
+            raise _bad("lora_path", "required")
+        if _typed(body, "load_inplace", "bool"):
+            with contextlib.suppress(UnknownAdapter):  # replaces an adapter of that name (vLLM's load_inplace)
+                engine.unload_adapter(name)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path)
+        except AdapterError as exc:
+            raise ApiError(400, f"lora_path: {exc}", "lora_path") from exc
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's runtime adapter unloading: {"lora_name"}; requests already running with it finish with it."""
+        engine = self._runtime_lora()
+        body = await _json_body(request)
+        _check_body(engine, body, {"lora_name", "lora_int_id"}, "/v1/unload_lora_adapter")
+        name = _typed(body, "lora_name", "str")
+        if not name:
+            raise _bad("lora_name", "required")
+        try:
+            engine.unload_adapter(name)
+        except UnknownAdapter as exc:
+            raise ApiError(404, f"lora_name: {exc}", "lora_name", "model_not_found") from exc
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _runtime_lora(self) -> Engine:
+        engine = self._engine()
+        if not engine.config.lora_enabled or not engine.config.runtime_lora_updating:
+            raise ApiError(
+                403,
+                "loading and unloading LoRA adapters while serving is off: start the server with --enable-lora "
+                "--allow-runtime-lora-updating (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)",
+            )
+        return engine
 
     async def health(self, request: web.Request) -> web.Response:
         engine = self.holder.engine
@@ -951,6 +1010,8 @@ def make_app(service: OpenAIService) -> web.Application:
     app.router.add_post("/v1/chat/completions", service.chat_completions)
     app.router.add_get("/v1/models", service.models)
     app.router.add_get("/v1/models/{name}", service.model)
+    app.router.add_post("/v1/load_lora_adapter", service.load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", service.unload_lora_adapter)
     app.router.add_post("/tokenize", service.tokenize)
     app.router.add_post("/detokenize", service.detokenize)
     app.router.add_get("/health", service.health)

@@ -247,6 +247,7 @@ class Request:
     registered_blocks: int = 0
     cached_tokens: int = 0
     prompt_logprobs_next: int = 1  # with params.prompt_logprobs: the next prompt index whose logprob is due
+    adapter: Any = None  # the LoRA adapter it runs with (model/lora.py: LoraAdapter), None = the base model
     matcher: Any = None  # with params.structured_output: its llguidance matcher, advanced token by token
     # Speculative decoding (speculative.py): this step's guessed next tokens, computed after the last real one, and
     # the n-gram index they are looked up in

@@ -14,6 +14,7 @@ from .attention.sparse.config import HeadPattern
 from .kv_cache import slots_of
 from .model import native
 from .model.llama import AttentionMeta, DecodeGroup, Llama, PrefillSpan
+from .model.lora import LoraAdapter, LoraBatch
 from .request import Request
 from .scheduler.scheduler import ScheduledRequest
 
@@ -71,6 +72,7 @@ class ModelRunner:
         for s in scheduled:
             (decodes if _decode_rows(s) else prefills).append(s)
         tokens: list[int] = []
+        adapters: list[LoraAdapter | None] = []  # each row's LoRA adapter (None = the base model)
         positions: list[int] = []
         slots: list[int] = []
         spans: list[PrefillSpan] = []
@@ -89,6 +91,7 @@ class ModelRunner:
                     prompt_rows.extend(range(row + first - start, row + last - start))
                     prompt_spans.append(PromptSpan(req, first + 1, last - first))
             tokens.extend(req.token_at(t) for t in range(start, end))
+            adapters.extend([req.adapter] * (end - start))
             positions.extend(range(start, end))
             slots.extend(slots_of(req.block_table, start, end, bs))
             context = None if start == 0 else self._tensor(slots_of(req.block_table, 0, end, bs))
@@ -116,6 +119,7 @@ class ModelRunner:
                 req, pos = d.scheduled.request, d.position
                 packed[id(d.scheduled), pos] = first + i
                 tokens.append(req.token_at(pos))
+                adapters.append(req.adapter)
                 positions.append(pos)
                 slots.append(req.block_table[pos // bs] * bs + pos % bs)
                 n_blocks = -(-(pos + 1) // bs)
@@ -138,6 +142,7 @@ class ModelRunner:
             decodes=groups,
             logits_rows=self._tensor(prompt_rows + logits_rows),
             sparse_patterns=self.sparse_patterns,
+            lora=LoraBatch.of_rows(adapters, self.device),
         )
         with sdpa_kernel(GPU_ATTENTION) if self.device.type == "cuda" else contextlib.nullcontext():
             logits = self.model(self._tensor(tokens), meta, self.kv_cache)

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from . import kserve
 from .api import engine_pb2 as pb
 from .config import EngineConfig
-from .engine import Engine, LoadSnapshot
+from .engine import Engine, LoadSnapshot, UnknownAdapter
 from .metrics import Histogram
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Finished
@@ -116,6 +116,9 @@ def load_to_proto(snap: LoadSnapshot, model_name: str) -> pb.Load:
         spec_drafts_total=st.spec_drafts,
         spec_draft_tokens_total=st.spec_draft_tokens,
         spec_accepted_tokens_total=st.spec_accepted_tokens,
+        running_adapters=list(snap.running_adapters),
+        waiting_adapters=list(snap.waiting_adapters),
+        max_loras=snap.max_loras,
     )
 
 
@@ -158,6 +161,10 @@ class EngineService:
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = await self._ready_engine(context, request)
         try:
+            adapter = engine.adapter(request.adapter) if request.adapter else None
+        except UnknownAdapter as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter: {exc}")
+        try:
             prompt_ids, prompt_field = self._prompt(engine, request)
             hint = request.output_length_hint
             req = engine.new_request(
@@ -167,6 +174,7 @@ class EngineService:
                 lower_hint=hint.lower if hint.HasField("lower") else None,
                 upper_hint=hint.upper if hint.HasField("upper") else None,
                 prompt_field=prompt_field,
+                adapter=adapter,
             )
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -218,6 +226,8 @@ class EngineService:
             dtype=str(engine.dtype).removeprefix("torch."),
             scheduler=cfg.scheduler,
             kv_cache_dtype=str(engine.kv_dtype).removeprefix("torch."),
+            adapters=[pb.AdapterInfo(name=a.name, path=str(a.path), rank=a.rank) for a in engine.loaded_adapters()],
+            max_loras=cfg.max_loras if cfg.lora_enabled else 0,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:

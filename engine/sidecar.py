@@ -131,6 +131,14 @@ class LoadCollector(Collector):
             "Predicted KV need of running and waiting requests (prompt + lower-bound output) over capacity",
             demand,
         )
+        if load.max_loras:
+            yield gauge(
+                "optimist_lora_adapters_running", "LoRA adapters among the running requests", len(load.running_adapters)
+            )
+            yield gauge(
+                "optimist_lora_adapters_waiting", "LoRA adapters among the waiting requests", len(load.waiting_adapters)
+            )
+            yield gauge("optimist_lora_adapters_max", "Most LoRA adapters that run at once (max_loras)", load.max_loras)
         yield counter("optimist_evictions", "Requests preempted to free KV memory", load.evictions_total)
         yield counter("optimist_prompt_tokens", "Prompt tokens admitted", load.prompt_tokens_total)
         yield counter("optimist_generation_tokens", "Tokens generated", load.generation_tokens_total)
@@ -191,13 +199,16 @@ class LoadCollector(Collector):
             # vLLM's name before v1, still the default of older endpoint pickers
             yield gauge("vllm:gpu_cache_usage_perc", "KV cache usage, 0-1 (vLLM's pre-v1 name)", usage)
             # The endpoint picker's model-server protocol also reads these two info series (the LoRA one is
-            # required: without it a picker marks the endpoint unusable): no adapters here, and the cache layout.
+            # required: without it a picker marks the endpoint unusable; its LoRA affinity reads the adapters
+            # running and waiting, and max_lora, the most that run at once), and the cache layout.
             lora = GaugeMetricFamily(
                 "vllm:lora_requests_info",
-                "LoRA adapters running and waiting (none: this engine serves no adapters); the value is a timestamp",
+                "LoRA adapters of the running and the waiting requests, comma-separated (vLLM-compatible info "
+                "series); the value is a timestamp",
                 labels=[*names, "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
-            lora.add_metric([*labels, "0", "", ""], load_time)
+            running_adapters, waiting_adapters = ",".join(load.running_adapters), ",".join(load.waiting_adapters)
+            lora.add_metric([*labels, str(load.max_loras), running_adapters, waiting_adapters], load_time)
             yield lora
             cache = GaugeMetricFamily(
                 "vllm:cache_config_info",

@@ -109,7 +109,7 @@ class OutputLengthHint(_message.Message):
     def __init__(self, lower: _Optional[int] = ..., upper: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "chat", "sampling", "output_length_hint", "return_text", "return_token_ids")
+    __slots__ = ("request_id", "text", "token_ids", "chat", "sampling", "output_length_hint", "return_text", "return_token_ids", "adapter")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_LENGTH_HINT_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -126,7 +127,8 @@ class GenerateRequest(_message.Message):
     output_length_hint: OutputLengthHint
     return_text: bool
     return_token_ids: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_length_hint: _Optional[_Union[OutputLengthHint, _Mapping]] = ..., return_text: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ...) -> None: ...
+    adapter: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., output_length_hint: _Optional[_Union[OutputLengthHint, _Mapping]] = ..., return_text: _Optional[bool] = ..., return_token_ids: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -219,7 +221,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "context_length", "vocab_size", "eos_token_ids", "has_chat_template", "kv_block_size", "kv_blocks_total", "device", "dtype", "scheduler", "kv_cache_dtype")
+    __slots__ = ("model_name", "context_length", "vocab_size", "eos_token_ids", "has_chat_template", "kv_block_size", "kv_blocks_total", "device", "dtype", "scheduler", "kv_cache_dtype", "adapters", "max_loras")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +233,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     context_length: int
     vocab_size: int
@@ -242,7 +246,19 @@ class ModelInfo(_message.Message):
     dtype: str
     scheduler: str
     kv_cache_dtype: str
-    def __init__(self, model_name: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., scheduler: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    max_loras: int
+    def __init__(self, model_name: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., has_chat_template: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., scheduler: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_loras: _Optional[int] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "path", "rank")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    rank: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
@@ -267,7 +283,7 @@ class Histogram(_message.Message):
     def __init__(self, upper_bounds: _Optional[_Iterable[float]] = ..., cumulative_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "evictions_total", "prompt_tokens_total", "generation_tokens_total", "lower_bound_demand_blocks", "finished_total", "time_to_first_token_s", "inter_token_latency_s", "e2e_latency_s", "queue_time_s", "ready", "steps_total", "sparse_prefill_tokens_total", "model_name", "prefix_cache_hit_tokens_total", "kv_block_size", "spec_drafts_total", "spec_draft_tokens_total", "spec_accepted_tokens_total")
+    __slots__ = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "evictions_total", "prompt_tokens_total", "generation_tokens_total", "lower_bound_demand_blocks", "finished_total", "time_to_first_token_s", "inter_token_latency_s", "e2e_latency_s", "queue_time_s", "ready", "steps_total", "sparse_prefill_tokens_total", "model_name", "prefix_cache_hit_tokens_total", "kv_block_size", "spec_drafts_total", "spec_draft_tokens_total", "spec_accepted_tokens_total", "running_adapters", "waiting_adapters", "max_loras")
     class FinishedTotalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +313,9 @@ class Load(_message.Message):
     SPEC_DRAFTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPEC_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPEC_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     kv_blocks_used: int
@@ -319,4 +338,7 @@ class Load(_message.Message):
     spec_drafts_total: int
     spec_draft_tokens_total: int
     spec_accepted_tokens_total: int
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., lower_bound_demand_blocks: _Optional[int] = ..., finished_total: _Optional[_Mapping[str, int]] = ..., time_to_first_token_s: _Optional[_Union[Histogram, _Mapping]] = ..., inter_token_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., e2e_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., queue_time_s: _Optional[_Union[Histogram, _Mapping]] = ..., ready: _Optional[bool] = ..., steps_total: _Optional[int] = ..., sparse_prefill_tokens_total: _Optional[int] = ..., model_name: _Optional[str] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., spec_drafts_total: _Optional[int] = ..., spec_draft_tokens_total: _Optional[int] = ..., spec_accepted_tokens_total: _Optional[int] = ...) -> None: ...
+    running_adapters: _containers.RepeatedScalarFieldContainer[str]
+    waiting_adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_loras: int
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., lower_bound_demand_blocks: _Optional[int] = ..., finished_total: _Optional[_Mapping[str, int]] = ..., time_to_first_token_s: _Optional[_Union[Histogram, _Mapping]] = ..., inter_token_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., e2e_latency_s: _Optional[_Union[Histogram, _Mapping]] = ..., queue_time_s: _Optional[_Union[Histogram, _Mapping]] = ..., ready: _Optional[bool] = ..., steps_total: _Optional[int] = ..., sparse_prefill_tokens_total: _Optional[int] = ..., model_name: _Optional[str] = ..., prefix_cache_hit_tokens_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., spec_drafts_total: _Optional[int] = ..., spec_draft_tokens_total: _Optional[int] = ..., spec_accepted_tokens_total: _Optional[int] = ..., running_adapters: _Optional[_Iterable[str]] = ..., waiting_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ...) -> None: ...

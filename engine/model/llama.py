@@ -21,6 +21,7 @@ from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
 from ..config import ModelConfig
+from .lora import LoraBatch, LoraLinear, lora_rows
 from .native import (
     ELEMENTWISE_ROWS,
     NativeDecoder,
@@ -83,6 +84,7 @@ class AttentionMeta:
     # All decode rows' context slots [B, Lmax] and lengths [B], for the native decode attention (set by Llama)
     decode_table: tuple[torch.Tensor, torch.Tensor] | None = None
     native_prefill: bool = False  # dense prefill chunks of up to prefill_keys() keys in C (set by Llama)
+    lora: LoraBatch | None = None  # rows of requests with LoRA adapters (model/lora.py); None = all base model
 
     def build_decode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode groups' slots padded to one width and their lengths; the groups must be the batch's last rows."""
@@ -464,12 +466,23 @@ class Llama(nn.Module):
         )
         return self.native_decoder is not None
 
+    def attach_lora(self) -> None:
+        """Wraps every linear layer of the blocks so that steps with LoRA rows add the adapters' updates (call
+        after use_native / use_fp16 / attach_native: those read or replace the plain layers)."""
+        for i, block in enumerate(self.blocks()):
+            for owner, attr in block.linears():
+                layer = getattr(owner, attr)
+                if not isinstance(layer, LoraLinear):
+                    setattr(owner, attr, LoraLinear(layer, i, attr))
+
     def _native_layers(
         self, x: torch.Tensor, meta: AttentionMeta, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor | None:
         """The hidden states after the last layer from the native decoder, or None where it does not apply."""
         decoder = self.native_decoder
         if decoder is None or kv_cache is not decoder.kv_cache or meta.prefills or x.shape[0] > decoder.max_rows:
+            return None
+        if meta.lora is not None:  # adapters' updates run in the torch layers (LoraLinear)
             return None
         slots, lens = meta.build_decode_table()
         return decoder.run(x, meta.positions, meta.slot_mapping, slots, lens)
@@ -492,7 +505,7 @@ class Llama(nn.Module):
             meta.native_prefill = self.native_attention
             cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
             sin = self.rope_sin[meta.positions].unsqueeze(1)
-            with int8_rows([(p.start, p.end) for p in meta.prefills if p.int8]):
+            with int8_rows([(p.start, p.end) for p in meta.prefills if p.int8]), lora_rows(meta.lora):
                 for block, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
                     assert isinstance(block, Block)
                     x = x + block.attn(block.attn_norm(x), cos, sin, k_cache, v_cache, meta)

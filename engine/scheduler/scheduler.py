@@ -35,8 +35,16 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, policy: Policy, allocator: BlockAllocator, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        allocator: BlockAllocator,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+        max_loras: int = 0,
+    ) -> None:
         self.policy = policy
+        self.max_loras = max_loras  # most distinct LoRA adapters among the running requests; 0 = no limit
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -141,6 +149,12 @@ class Scheduler:
             self.allocator.free(request.block_table[keep:])
             del request.block_table[keep:]
 
+    def _no_adapter_slot(self, request: Request, running: set[int]) -> bool:
+        """Whether admitting `request` would put more distinct LoRA adapters in the batch than max_loras."""
+        adapter = request.adapter
+        full = bool(self.max_loras) and len(running) >= self.max_loras
+        return full and adapter is not None and adapter.id not in running
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
@@ -178,9 +192,16 @@ class Scheduler:
         if not preempted:
             capacity = self.allocator.num_blocks
             self.policy.prepare(self.waiting, self.running)
+            adapters = {r.adapter.id for r in self.running if r.adapter is not None}
+            adapter_blocked = False
             for req in sorted(self.waiting, key=self.policy.waiting_key):
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
+                if req.adapter is not None and (adapter_blocked or self._no_adapter_slot(req, adapters)):
+                    # waits for an adapter slot; later requests of running adapters wait behind it (or a stream
+                    # of them would keep the slot forever), base-model ones may still go
+                    adapter_blocked = True
+                    continue
                 if not self.policy.admit(self.running, req, capacity, self.allocator.blocks_for):
                     break
                 self._take_cached_prefix(req)
@@ -194,6 +215,8 @@ class Scheduler:
                 self.running.append(req)
                 req.status = Status.RUNNING
                 req.admitted_seq = next(self._admitted_seq)
+                if req.adapter is not None:
+                    adapters.add(req.adapter.id)
                 scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
 
