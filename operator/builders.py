@@ -18,6 +18,7 @@ MANAGED_BY = "optimist-operator"
 POOL_LABEL = "optimist.dev/pool"
 MODEL_DIR = "/models"
 API_KEY_DIR = "/etc/optimist/api-key"  # the apiKeySecret volume
+LORA_DIR = "/lora"  # LoRA adapters on volumes of their own: LORA_DIR/<index in model.loraAdapters>
 UID = 10001  # the images' non-root user
 SIDECAR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 # Default scale targets per metric: a replica near KV exhaustion by its own prediction, 4 waiting requests, or
@@ -136,9 +137,22 @@ def engine_args(spec: Manifest) -> list[str]:
     for key, flag, default in spec_flags:
         if speculative.get(key, default) != default:
             args += [flag, str(speculative[key])]
+    adapters = model.get("loraAdapters", [])
+    if adapters:
+        args += ["--lora-modules", *(f"{a['name']}={_adapter_dir(model, i, a)}" for i, a in enumerate(adapters))]
+        lora = engine.get("lora", {})
+        for key, flag, default in (("maxLoras", "--max-loras", 4), ("maxLoraRank", "--max-lora-rank", 64)):
+            if lora.get(key, default) != default:
+                args += [flag, str(lora[key])]
     if "apiKeySecret" in engine:
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
     return args + list(engine.get("extraArgs", []))
+
+
+def _adapter_dir(model: Manifest, index: int, adapter: Manifest) -> str:
+    """Where a LoRA adapter's folder is in the engine container: in the model's volume, or in its own."""
+    root = MODEL_DIR if adapter.get("source", "model") == "model" else f"{LORA_DIR}/{index}"
+    return f"{root}/{adapter.get('path', '')}".rstrip("/")
 
 
 def _container_security() -> Manifest:
@@ -161,6 +175,9 @@ def _engine_container(spec: Manifest) -> Manifest:
     mounts: list[Manifest] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     if spec["model"]["source"] != "builtin":
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    for i, adapter in enumerate(spec["model"].get("loraAdapters", [])):
+        if adapter.get("source", "model") != "model":
+            mounts.append({"name": f"lora-{i}", "mountPath": f"{LORA_DIR}/{i}", "readOnly": True})
     if "apiKeySecret" in engine:
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     probe = {"grpc": {"port": ENGINE_PORT}}
@@ -219,6 +236,13 @@ def _volumes(spec: Manifest) -> list[Manifest]:
     elif model["source"] == "image":
         pull = spec["images"]["pullPolicy"]
         volumes.append({"name": "model", "image": {"reference": model["image"], "pullPolicy": pull}})
+    for i, adapter in enumerate(model.get("loraAdapters", [])):
+        if adapter.get("source", "model") == "pvc":
+            claim = {"claimName": adapter["claimName"], "readOnly": True}
+            volumes.append({"name": f"lora-{i}", "persistentVolumeClaim": claim})
+        elif adapter.get("source") == "image":
+            pull = spec["images"]["pullPolicy"]
+            volumes.append({"name": f"lora-{i}", "image": {"reference": adapter["image"], "pullPolicy": pull}})
     secret = spec["engine"].get("apiKeySecret")
     if secret:  # readable by the pod's group (fsGroup) only
         items = [{"key": secret["key"], "path": "api-key"}]

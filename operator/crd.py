@@ -115,8 +115,53 @@ def _model() -> Schema:
                 "largest prompt plus output, tokens (default: the model's own)", minimum=16, maximum=1 << 24
             ),
             "servedName": _str("model name reported to clients (default: the model's own)", maxLength=253),
+            "loraAdapters": {
+                "type": "array",
+                "description": "LoRA adapters (PEFT directories) served beside the model: a request picks one by "
+                "its name as the model (OpenAI `model`, gRPC `adapter`); requests of several adapters and of the "
+                "model share batches",
+                "maxItems": 64,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "items": _obj(
+                    "one adapter",
+                    {
+                        "name": _str("the name requests use", minLength=1, maxLength=253, pattern=r"^[^,\s\"\\]+$"),
+                        "source": _str(
+                            "model: a folder inside the model's own volume; pvc: on a PersistentVolumeClaim; image: "
+                            "an OCI image mounted as a volume",
+                            enum=["model", "pvc", "image"],
+                            default="model",
+                        ),
+                        "claimName": _str("PersistentVolumeClaim holding the adapter (source pvc)", minLength=1),
+                        "image": _str("OCI image holding the adapter (source image)", minLength=1),
+                        "path": _str(
+                            "the adapter's folder inside its volume (empty: the volume's root)",
+                            default="",
+                            pattern=r"^(|[^/].*)$",
+                            maxLength=4096,
+                        ),
+                    },
+                    required=["name"],
+                    rules=[
+                        (
+                            "self.source != 'pvc' || has(self.claimName)",
+                            "loraAdapters: claimName is required for source pvc",
+                        ),
+                        (
+                            "self.source != 'image' || has(self.image)",
+                            "loraAdapters: image is required for source image",
+                        ),
+                    ],
+                    default=False,
+                ),
+            },
         },
         rules=[
+            (
+                "!has(self.loraAdapters) || self.source != 'builtin' || self.loraAdapters.all(a, a.source != 'model')",
+                "loraAdapters with source model need a model volume (model.source pvc or image)",
+            ),
             ("self.source != 'pvc' || has(self.claimName)", "model.claimName is required when model.source is pvc"),
             ("self.source != 'image' || has(self.image)", "model.image is required when model.source is image"),
             ("self.source == 'builtin' || self.path != ''", "model.path is required unless model.source is builtin"),
@@ -164,6 +209,18 @@ def _engine() -> Schema:
                     "ngramMax": _int("longest suffix looked up, in tokens", minimum=1, maximum=16, default=4),
                 },
                 rules=[("self.ngramMin <= self.ngramMax", "speculativeDecoding.ngramMin must not exceed ngramMax")],
+            ),
+            "lora": _obj(
+                "LoRA adapters (model.loraAdapters)",
+                {
+                    "maxLoras": _int(
+                        "most distinct adapters among the running requests (requests of another wait for a slot)",
+                        minimum=1,
+                        maximum=64,
+                        default=4,
+                    ),
+                    "maxLoraRank": _int("adapters of a higher rank are refused", minimum=1, maximum=1024, default=64),
+                },
             ),
             "startupSeconds": _int(
                 "time allowed for loading the model before the pod is restarted", minimum=10, maximum=86400, default=900

@@ -151,7 +151,7 @@ def test_the_prefix_cache_keeps_each_adapters_kv_apart(lora_engine: Engine, peft
     computed is recomputed under an adapter, then shared by that adapter's next request."""
     ids = lora_engine.tokenizer.encode(PROMPTS[0] * 5)  # several full blocks
     assert len(ids) > 3 * lora_engine.config.kv_block_size
-    _, base = greedy(lora_engine, ids, None)
+    greedy(lora_engine, ids, None)
     tokens, first = greedy(lora_engine, ids, "terse")
     assert first.cached_tokens == 0
     assert tokens == reference(peft_model, "terse", ids)
@@ -388,7 +388,7 @@ def test_adapters_the_engine_cannot_apply_are_refused_by_name(
 
 
 def test_missing_and_unreadable_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(AdapterError, match="adapter_config.json does not exist"):
+    with pytest.raises(AdapterError, match=r"adapter_config\.json does not exist"):
         load_adapter("x", tmp_path, TINY, 8)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not readable JSON"):
@@ -409,10 +409,32 @@ def test_engine_config_errors_name_the_adapter(model_path: Path, tmp_path: Path)
         EngineConfig(lora_modules=(("a,b", tmp_path),)).validate()
     with pytest.raises(ConfigError, match="max_loras"):
         EngineConfig(max_loras=0).validate()
-    with pytest.raises(ConfigError, match="adapter 'gone'.*does not exist"):
+    with pytest.raises(ConfigError, match=r"adapter 'gone'.*does not exist"):
         Engine(EngineConfig(model=model_path, kv_cache_tokens=256, lora_modules=(("gone", tmp_path / "gone"),)))
 
 
 def test_requests_name_only_loaded_adapters(lora_engine: Engine) -> None:
     with pytest.raises(UnknownAdapter, match="nope"):
         lora_engine.adapter("nope")
+
+
+def test_the_cli_takes_lora_modules_in_both_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    from optimist.engine.cli import build_parser, engine_config
+
+    parser = build_parser()
+    as_json = json.dumps({"name": "b", "path": "/y", "base_model_name": "m"})
+    args = parser.parse_args(["serve", "--lora-modules", "a=/x", as_json, "--max-loras", "2"])
+    config = engine_config(args)
+    assert config.lora_modules == (("a", Path("/x")), ("b", Path("/y")))
+    assert config.lora_enabled and config.max_loras == 2 and not config.runtime_lora_updating
+    args = parser.parse_args(["serve", "--enable-lora", "--allow-runtime-lora-updating"])
+    assert engine_config(args).runtime_lora_updating and engine_config(args).lora_enabled
+    assert not engine_config(parser.parse_args(["serve"])).lora_enabled
+    for bad, words in (
+        ("noequals", "is not NAME=PATH"),
+        ('{"name": "a"}', '{"name": NAME, "path": PATH}'),
+        ('{"name": "a", "path": "/x", "rank": 4}', "unknown key 'rank'"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--lora-modules", bad])
+        assert words in capsys.readouterr().err

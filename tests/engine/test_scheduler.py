@@ -140,3 +140,33 @@ def test_decode_grouping_keeps_a_long_context_from_padding_the_short_ones() -> N
     padded = sum(len(g) * g[0].length for g in groups)
     actual = sum(r.length for r in batch)
     assert padded <= 1.3 * actual  # one padded batch would be 32 x 901 slots, 3.4x the real ones
+
+
+def test_at_most_max_loras_adapters_run_and_a_waiting_one_is_not_starved() -> None:
+    """Requests of a new adapter wait while max_loras others run; base-model requests still go; once one waits for
+    a slot, later requests of running adapters wait behind it (a stream of them would hold the slot forever)."""
+    from types import SimpleNamespace
+
+    x, y = SimpleNamespace(id=1, name="x"), SimpleNamespace(id=2, name="y")
+    sched = Scheduler(FCFS(), BlockAllocator(64, 16), max_num_seqs=8, max_batched_tokens=1000, max_loras=1)
+
+    def add(rid: str, adapter: object) -> Request:
+        req = make(10, rid)
+        req.adapter = adapter
+        sched.add(req)
+        return req
+
+    x1, _, _, _ = add("x1", x), add("y1", y), add("base", None), add("x2", x)
+    plan = sched.schedule()
+    assert [s.request.id for s in plan.scheduled] == ["x1", "base"]
+    assert [r.id for r in sched.waiting] == ["y1", "x2"]
+    sched.remove(x1)
+    plan = sched.schedule()  # x's slot is free: y1 goes first, x2 waits for it in turn
+    ids = [s.request.id for s in plan.scheduled]
+    assert "y1" in ids and "x2" not in ids and [r.id for r in sched.waiting] == ["x2"]
+    unlimited = Scheduler(FCFS(), BlockAllocator(64, 16), max_num_seqs=8, max_batched_tokens=1000, max_loras=0)
+    for rid, adapter in (("a", x), ("b", y)):
+        req = make(10, rid)
+        req.adapter = adapter
+        unlimited.add(req)
+    assert len(unlimited.schedule().scheduled) == 2

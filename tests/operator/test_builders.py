@@ -138,7 +138,9 @@ def test_full_pool_children(full: dict[str, Any]) -> None:
         "--served-model-name", "llama-3-8b-instruct", "--max-model-len", "32768",
         "--scheduler", "amin", "--kv-cache-memory-fraction", "0.85",
         "--max-num-seqs", "128", "--max-batched-tokens", "4096",
-        "--sparse-prefill-threshold", "16384", "--api-key-file", "/etc/optimist/api-key/api-key",
+        "--sparse-prefill-threshold", "16384",
+        "--lora-modules", "sql-assistant=/models/adapters/sql-assistant", "support-bot=/lora/1",
+        "--api-key-file", "/etc/optimist/api-key/api-key",
         "--kv-block-size", "16",
     ]  # fmt: skip
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in engine["volumeMounts"]
@@ -326,3 +328,45 @@ def test_speculative_decoding_flags_only_where_the_pool_differs_from_the_engine(
         ("--speculative-ngram-max", "5"),
     ):
         assert tuned[tuned.index(flag) + 1] == value
+
+
+def test_lora_adapters_become_flags_and_read_only_volumes() -> None:
+    """Adapters in the model's volume are found under its mount; others get a volume each (a PVC or an image)."""
+    from optimist.engine.config import EngineConfig
+
+    pool = with_identity(load_example("inferencepool.yaml"), uid="u")
+    pool["spec"]["model"] = {"source": "pvc", "claimName": "models", "path": "base.gguf", "loraAdapters": [
+        {"name": "sql", "path": "adapters/sql"},
+        {"name": "chat", "source": "pvc", "claimName": "team-adapters", "path": "chat"},
+        {"name": "legal", "source": "image", "image": "ghcr.io/acme/legal-lora:1"},
+    ]}  # fmt: skip
+    pool["spec"]["engine"] = {"lora": {"maxLoras": 2}}
+    pod = by_kind(b.build_children(pool))["Deployment/smollm2"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    at = args.index("--lora-modules")
+    assert args[at + 1 : at + 4] == [
+        f"sql={b.MODEL_DIR}/adapters/sql",
+        f"chat={b.LORA_DIR}/1/chat",
+        f"legal={b.LORA_DIR}/2",
+    ]
+    assert args[args.index("--max-loras") + 1] == "2" and "--max-lora-rank" not in args
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["lora-1"] == {"name": "lora-1", "mountPath": f"{b.LORA_DIR}/1", "readOnly": True}
+    assert "lora-0" not in mounts and mounts["lora-2"]["readOnly"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["lora-1"]["persistentVolumeClaim"] == {"claimName": "team-adapters", "readOnly": True}
+    assert volumes["lora-2"]["image"]["reference"] == "ghcr.io/acme/legal-lora:1"
+    # the engine parses what the operator passes, and the CRD's defaults are the engine's
+    from optimist.engine.cli import build_parser, engine_config
+
+    config = engine_config(build_parser().parse_args(args))
+    assert [n for n, _ in config.lora_modules] == ["sql", "chat", "legal"] and config.max_loras == 2
+    defaults = defaulted_spec({"spec": {}})["engine"]["lora"]
+    assert defaults == {"maxLoras": EngineConfig.max_loras, "maxLoraRank": EngineConfig.max_lora_rank}
+    plain = with_identity(load_example("inferencepool.yaml"), uid="u")
+    assert (
+        "--lora-modules"
+        not in by_kind(b.build_children(plain))["Deployment/smollm2"]["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+    )

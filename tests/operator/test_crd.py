@@ -101,6 +101,12 @@ INVALID = [
     ({"engine": {"kvCacheDtype": "int8"}, "resources": {"gpus": 0}}, "spec.engine.kvCacheDtype: 'int8' is not one of"),
     ({"engine": {"speculativeDecoding": {"tokens": 17}}}, "spec.engine.speculativeDecoding.tokens: 17 is greater"),
     ({"engine": {"speculativeDecoding": {"ngramMin": 5}}}, "speculativeDecoding.ngramMin must not exceed ngramMax"),
+    ({"model": {"loraAdapters": [{"name": "sql"}]}}, "loraAdapters with source model need a model volume"),
+    ({"model": {"loraAdapters": [{"name": "a", "source": "pvc"}]}}, "loraAdapters: claimName is required"),
+    ({"model": {"loraAdapters": [{"name": "a", "source": "image"}]}}, "loraAdapters: image is required"),
+    ({"model": {"loraAdapters": [{"name": "a,b", "source": "image", "image": "x"}]}}, "does not match"),
+    ({"model": {"loraAdapters": [{"source": "image", "image": "x"}]}}, "'name' is a required property"),
+    ({"engine": {"lora": {"maxLoras": 0}}}, "spec.engine.lora.maxLoras: 0 is less than the minimum of 1"),
 ]
 
 
@@ -123,6 +129,8 @@ def test_valid_variations(schema: dict[str, Any]) -> None:
         {"resources": {"gpuResourceName": "nvidia.com/mig-3g.40gb", "memory": 17179869184}},
         {"rollout": {"maxSurge": "25%", "maxUnavailable": 0}},
         {"model": {"source": "image", "image": "ghcr.io/x/y:1", "path": "model.gguf"}},
+        {"model": {"loraAdapters": [{"name": "sql", "source": "pvc", "claimName": "adapters", "path": "sql"}]}},
+        {"model": {"source": "pvc", "claimName": "m", "path": "m.gguf", "loraAdapters": [{"name": "a", "path": "a"}]}},
     ):
         pool = copy.deepcopy(base)
         pool["spec"].update(spec)
