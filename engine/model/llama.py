@@ -482,10 +482,8 @@ class Llama(nn.Module):
         decoder = self.native_decoder
         if decoder is None or kv_cache is not decoder.kv_cache or meta.prefills or x.shape[0] > decoder.max_rows:
             return None
-        if meta.lora is not None:  # adapters' updates run in the torch layers (LoraLinear)
-            return None
         slots, lens = meta.build_decode_table()
-        return decoder.run(x, meta.positions, meta.slot_mapping, slots, lens)
+        return decoder.run(x, meta.positions, meta.slot_mapping, slots, lens, meta.lora)
 
     def init_rope(self) -> None:
         """Computes the rotary tables on the model's device and dtype (call after .to())."""

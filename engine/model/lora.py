@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,11 +60,16 @@ class LoraAdapter:
     rank: int  # the largest rank of its modules
     weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
     id: int = field(default_factory=lambda: next(_ids))  # unique per load: prefix-cache keys use it
+    native: Any = field(default=None, repr=False, compare=False)  # its table for the C decoder (native.py), built once
 
     @property
     def hash_root(self) -> bytes:
         """What its requests' prefix-cache hashes start from: K/V computed with this load of this adapter."""
         return f"lora:{self.id}".encode()
+
+    @property
+    def device(self) -> torch.device:
+        return next((a.device for layer in self.weights for a, _ in layer.values()), torch.device("cpu"))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.weights for pair in layer.values() for t in pair)

@@ -1576,6 +1576,36 @@ int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stri
 #endif
 }
 
+/* LoRA adapters (lora.py): one adapter's update of one linear layer, y += bt^T (a x): a [r, k] (the input's side),
+   bt [r, n] (B transposed, the scale folded in); r = 0 where the adapter leaves the layer alone. */
+typedef struct {
+  const float *a, *bt;
+  int64_t r;
+} lora_pair;
+
+typedef struct {
+  const int64_t *row_adapter; /* [m]: each row's adapter, an index into pairs' first dimension; -1: none */
+  const lora_pair *pairs;     /* [adapters][n_layers][5]: wqkv, wo, gate, up, down */
+} lora_t;
+
+#define LORA_MAX_RANK 1024
+
+/* y [m, n] += each row's adapter's update of layer l's linear layer `slot`, from its input x [m, k]. Rows go to
+   threads; a row's r dot products, then r rows of bt added, in a fixed order (the same result alone or batched). */
+static void lora_add(const lora_t *lo, int64_t n_layers, int64_t l, int slot, const float *x, float *y, int64_t m,
+                     int64_t k, int64_t n) {
+  if (!lo) return;
+#pragma omp parallel for schedule(static) if (m > 4)
+  for (int64_t row = 0; row < m; row++) {
+    const int64_t a = lo->row_adapter[row];
+    if (a < 0) continue;
+    const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
+    float t[LORA_MAX_RANK];
+    for (int64_t j = 0; j < p->r; j++) t[j] = dot(p->a + j * k, x + row * k, k);
+    for (int64_t j = 0; j < p->r; j++) axpy(y + row * n, t[j], p->bt + j * n, n);
+  }
+}
+
 /* floats of workspace native_decode needs for m rows attending to at most max_len keys */
 int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
   const int64_t qkv = (md->n_heads + 2 * md->n_kv) * md->head_dim;
@@ -1604,16 +1634,18 @@ static void kv_store(void *cache, int64_t at, const float *src, int64_t n, int h
 }
 
 int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positions, const int64_t *slot_mapping,
-                  const int64_t *slots, const int64_t *lens, int64_t max_len, float *work) {
+                  const int64_t *slots, const int64_t *lens, int64_t max_len, float *work, const lora_t *lora) {
   const int64_t H = md->hidden, I = md->inter, nh = md->n_heads, nkv = md->n_kv, D = md->head_dim;
   const int64_t qkv_n = (nh + 2 * nkv) * D;
   if (D > 512 || H % QK || I % QK || nh % nkv || (md->kv_half && !NATIVE_F16)) return -1;
   float *h = work, *qkv = h + m * H, *att = qkv + m * qkv_n, *g = att + m * nh * D, *u = g + m * I;
   float *sums = u + m * I, *scores = sums + m * ((I > H ? I : H) / QK);
-  for (int64_t l = 0; l < md->n_layers; l++) {
+  const int64_t L = md->n_layers;
+  for (int64_t l = 0; l < L; l++) {
     const layer_t *ly = md->layers + l;
     rms_norm(x, ly->attn_norm, h, m, H, md->eps);
     if (linear(&ly->wqkv, h, qkv, m, sums)) return -2;
+    lora_add(lora, L, l, 0, h, qkv, m, H, qkv_n);
 #pragma omp parallel for schedule(static) if (m > 4)
     for (int64_t r = 0; r < m; r++) {
       float *row = qkv + r * qkv_n;
@@ -1626,13 +1658,17 @@ int native_decode(const model_t *md, float *x, int64_t m, const int64_t *positio
                          scores, (int)md->kv_half))
       return -2;
     if (linear(&ly->wo, att, h, m, sums)) return -2;
+    lora_add(lora, L, l, 1, att, h, m, nh * D, H);
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
     rms_norm(x, ly->ffn_norm, h, m, H, md->eps);
     if (linear(&ly->gate, h, g, m, sums)) return -2;
+    lora_add(lora, L, l, 2, h, g, m, H, I);
     if (linear(&ly->up, h, u, m, sums)) return -2;
+    lora_add(lora, L, l, 3, h, u, m, H, I);
 #pragma omp parallel for schedule(static) if (m > 4)
     for (int64_t r = 0; r < m; r++) silu_mul(g + r * I, u + r * I, I);
     if (linear(&ly->down, g, h, m, sums)) return -2;
+    lora_add(lora, L, l, 4, g, h, m, I, H);
     for (int64_t i = 0; i < m * H; i++) x[i] += h[i];
   }
   return 0;

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import SLOTS, LoraAdapter, LoraBatch
+
 if TYPE_CHECKING:
     from .llama import Llama
 
@@ -142,7 +144,7 @@ def library() -> ctypes.CDLL:
     lib.native_quantize_rows.restype = None
     lib.native_linear_q8.argtypes = [p, p, p, p, p, p, p, i64, i64, i64]
     lib.native_linear_q8.restype = None
-    lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p]
+    lib.native_decode.argtypes = [p, p, i64, p, p, p, p, i64, p, p]
     lib.native_decode.restype = ctypes.c_int
     lib.native_decode_workspace.argtypes = [p, i64, i64]
     lib.native_decode_workspace.restype = i64
@@ -740,6 +742,50 @@ class _Layer(ctypes.Structure):
     ]
 
 
+class _LoraPair(ctypes.Structure):
+    _fields_ = [("a", _p), ("bt", _p), ("r", _i64)]
+
+
+class _Lora(ctypes.Structure):
+    _fields_ = [("row_adapter", _p), ("pairs", ctypes.POINTER(_LoraPair))]
+
+
+LORA_MAX_RANK = 1024  # native.c's bound on an adapter's rank in the decoder
+
+
+def _lora_pairs(adapter: LoraAdapter, n_layers: int) -> ctypes.Array[_LoraPair]:
+    """An adapter's updates as native_decode reads them ([n_layers][5], lora.SLOTS' order; A and B transposed
+    kept contiguous on the adapter), built once per adapter."""
+    if adapter.native is not None:
+        return adapter.native[0]
+    pairs = (_LoraPair * (n_layers * len(SLOTS)))()
+    keep = []
+    for layer, updates in enumerate(adapter.weights):
+        for i, slot in enumerate(SLOTS):
+            if slot in updates:
+                a, b = updates[slot]
+                a, bt = a.float().contiguous(), b.float().t().contiguous()
+                keep += [a, bt]
+                pairs[layer * len(SLOTS) + i] = _LoraPair(a.data_ptr(), bt.data_ptr(), a.shape[0])
+    adapter.native = (pairs, keep)  # (keep: what the pointers point into)
+    return pairs
+
+
+def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[object]] | None:
+    """The step's adapters for native_decode (and what must stay alive while it runs), or None where one is not
+    on the CPU in float32 or above LORA_MAX_RANK (the torch layers take the step)."""
+    if any(a.rank > LORA_MAX_RANK or a.device.type != "cpu" for a, _ in batch.parts):
+        return None
+    rows = torch.full((m,), -1, dtype=torch.int64)
+    size = n_layers * len(SLOTS)
+    table = (_LoraPair * (size * len(batch.parts)))()
+    for index, (adapter, where) in enumerate(batch.parts):
+        rows[where] = index
+        ctypes.memmove(ctypes.byref(table, index * size * ctypes.sizeof(_LoraPair)),
+                       _lora_pairs(adapter, n_layers), size * ctypes.sizeof(_LoraPair))  # fmt: skip
+    return _Lora(rows.data_ptr(), ctypes.cast(table, ctypes.POINTER(_LoraPair))), [rows, table]
+
+
 class _Model(ctypes.Structure):
     _fields_ = [
         ("n_layers", _i64),
@@ -836,9 +882,16 @@ class NativeDecoder:
         slot_mapping: torch.Tensor,
         slots: torch.Tensor,
         lens: torch.Tensor,
-    ) -> torch.Tensor:
-        """x [m, hidden] embeddings -> last hidden states (in place); slots [m, max_len] int64, lens [m] int64."""
+        lora: LoraBatch | None = None,
+    ) -> torch.Tensor | None:
+        """x [m, hidden] embeddings -> last hidden states (in place); slots [m, max_len] int64, lens [m] int64;
+        `lora`: rows with LoRA adapters. None where the adapters are not ones the C side takes."""
         m, max_len = slots.shape
+        table = None
+        if lora is not None:
+            table = _lora_table(lora, m, self.model.config.num_layers)
+            if table is None:
+                return None
         work = torch.empty(self.lib.native_decode_workspace(self.ptr, m, max_len), dtype=torch.float32)
         rc = self.lib.native_decode(
             self.ptr,
@@ -850,6 +903,7 @@ class NativeDecoder:
             lens.data_ptr(),
             max_len,
             work.data_ptr(),
+            ctypes.byref(table[0]) if table is not None else None,
         )
         if rc == -2:
             raise MemoryError("native_decode: no memory for its weight panels or attention scratch")

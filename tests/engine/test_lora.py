@@ -163,24 +163,42 @@ def test_the_prefix_cache_keeps_each_adapters_kv_apart(lora_engine: Engine, peft
 
 
 def test_int4_weights_with_adapters(model_path: Path, lora_engine: Engine, peft_model: Any) -> None:
-    """The CPU's default engine (the file's 4-bit blocks in C) takes adapters too: steps with adapter rows run
-    the torch layers over the native matmuls plus the updates, base-only decode steps stay in one C call."""
+    """The CPU's default engine (the file's 4-bit blocks in C) takes adapters too, in its all-layers C decode
+    step (each row's adapter update after each matmul) and in the torch layers of prefill steps: its answers
+    are the float32 engine's, alone and in a batch mixing adapters."""
     _, dirs = peft_model
-    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=2048, lora_modules=(("terse", dirs["terse"]),)))
+    eng = Engine(EngineConfig(model=model_path, kv_cache_tokens=2048, lora_modules=tuple(dirs.items())))
     try:
         if eng.model.native_decoder is None:
             pytest.skip("the native decoder does not run here (no C compiler)")
         decoder = eng.model.native_decoder
-        calls = []
+        calls: list[bool] = []
         run = decoder.run
-        decoder.run = lambda *a: calls.append(1) or run(*a)  # type: ignore[method-assign]
-        for prompt in PROMPTS[:2]:
+
+        def counted(*args: Any) -> Any:
+            out = run(*args)
+            calls.append(args[-1] is not None and out is not None)  # a step with adapter rows, in C
+            return out
+
+        decoder.run = counted  # type: ignore[method-assign]
+        plan = [(p, a) for p in PROMPTS[:2] for a in (None, "terse", "rs")]
+        solo = {}
+        for prompt, adapter in plan:
             ids = eng.tokenizer.encode(prompt)
             calls.clear()
-            assert greedy(eng, ids, "terse")[0] == greedy(lora_engine, ids, "terse")[0]
-            assert not calls, "a step with adapter rows ran in the C decoder, which has no adapters"
-            assert greedy(eng, ids, None)[0] == greedy(lora_engine, ids, None)[0]
-            assert calls, "base-model decode steps left the C decoder"
+            solo[prompt, adapter] = greedy(eng, ids, adapter)[0]
+            assert solo[prompt, adapter] == greedy(lora_engine, ids, adapter)[0], (prompt, adapter)
+            assert set(calls) == {adapter is not None}, "decode steps left the C decoder"
+        requests = [
+            eng.new_request(
+                eng.tokenizer.encode(p),
+                SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
+                adapter=eng.adapter(a) if a else None,
+            )
+            for p, a in plan
+        ]
+        for (p, a), events in zip(plan, events_concurrently(eng, requests), strict=True):
+            assert [t for ev in events[:-1] for t in ev.token_ids] == solo[p, a], (p, a)
     finally:
         eng.shutdown()
 
