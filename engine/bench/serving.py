@@ -482,6 +482,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     add_speculative(kinds)
 
+    from .lora import add_parser as add_lora
+
+    add_lora(kinds)
+
     from .prefill import add_parser as add_prefill
 
     add_prefill(kinds)

@@ -68,6 +68,11 @@ class LoraAdapter:
         return f"lora:{self.id}".encode()
 
     @property
+    def width(self) -> int:
+        """The most rows of A in one linear layer (the fused QKV projection stacks up to three modules' ranks)."""
+        return max((a.shape[0] for layer in self.weights for a, _ in layer.values()), default=0)
+
+    @property
     def device(self) -> torch.device:
         return next((a.device for layer in self.weights for a, _ in layer.values()), torch.device("cpu"))
 

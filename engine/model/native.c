@@ -1586,23 +1586,39 @@ typedef struct {
 typedef struct {
   const int64_t *row_adapter; /* [m]: each row's adapter, an index into pairs' first dimension; -1: none */
   const lora_pair *pairs;     /* [adapters][n_layers][5]: wqkv, wo, gate, up, down */
+  int64_t max_rank;           /* the largest r of the pairs */
+  float *t;                   /* scratch [m, max_rank] */
 } lora_t;
 
-#define LORA_MAX_RANK 1024
+#define LORA_COLS 64 /* output columns per task of the second half */
 
-/* y [m, n] += each row's adapter's update of layer l's linear layer `slot`, from its input x [m, k]. Rows go to
-   threads; a row's r dot products, then r rows of bt added, in a fixed order (the same result alone or batched). */
+/* y [m, n] += each row's adapter's update of layer l's linear layer `slot`, from its input x [m, k]: first every
+   (row, j) dot product of x's row with a's row j, then every (row, column block) sum of t[row][j] * bt[j][block],
+   both spread over the threads (one row at a time would leave all but one core idle in a decode step of a few
+   sequences). Each sum's terms are added in a fixed order: the same result alone or batched. */
 static void lora_add(const lora_t *lo, int64_t n_layers, int64_t l, int slot, const float *x, float *y, int64_t m,
                      int64_t k, int64_t n) {
   if (!lo) return;
-#pragma omp parallel for schedule(static) if (m > 4)
-  for (int64_t row = 0; row < m; row++) {
-    const int64_t a = lo->row_adapter[row];
-    if (a < 0) continue;
-    const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
-    float t[LORA_MAX_RANK];
-    for (int64_t j = 0; j < p->r; j++) t[j] = dot(p->a + j * k, x + row * k, k);
-    for (int64_t j = 0; j < p->r; j++) axpy(y + row * n, t[j], p->bt + j * n, n);
+  const int64_t R = lo->max_rank, blocks = (n + LORA_COLS - 1) / LORA_COLS;
+#pragma omp parallel if (m * R * (k + n) > 32768)
+  {
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t row = 0; row < m; row++)
+      for (int64_t j = 0; j < R; j++) {
+        const int64_t a = lo->row_adapter[row];
+        if (a < 0) continue;
+        const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
+        if (j < p->r) lo->t[row * R + j] = dot(p->a + j * k, x + row * k, k);
+      }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t row = 0; row < m; row++)
+      for (int64_t b = 0; b < blocks; b++) {
+        const int64_t a = lo->row_adapter[row];
+        if (a < 0) continue;
+        const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
+        const int64_t c = b * LORA_COLS, w = n - c < LORA_COLS ? n - c : LORA_COLS;
+        for (int64_t j = 0; j < p->r; j++) axpy(y + row * n + c, lo->t[row * R + j], p->bt + j * n + c, w);
+      }
   }
 }
 

@@ -747,10 +747,7 @@ class _LoraPair(ctypes.Structure):
 
 
 class _Lora(ctypes.Structure):
-    _fields_ = [("row_adapter", _p), ("pairs", ctypes.POINTER(_LoraPair))]
-
-
-LORA_MAX_RANK = 1024  # native.c's bound on an adapter's rank in the decoder
+    _fields_ = [("row_adapter", _p), ("pairs", ctypes.POINTER(_LoraPair)), ("max_rank", _i64), ("t", _p)]
 
 
 def _lora_pairs(adapter: LoraAdapter, n_layers: int) -> ctypes.Array[_LoraPair]:
@@ -773,8 +770,8 @@ def _lora_pairs(adapter: LoraAdapter, n_layers: int) -> ctypes.Array[_LoraPair]:
 
 def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[object]] | None:
     """The step's adapters for native_decode (and what must stay alive while it runs), or None where one is not
-    on the CPU in float32 or above LORA_MAX_RANK (the torch layers take the step)."""
-    if any(a.rank > LORA_MAX_RANK or a.device.type != "cpu" for a, _ in batch.parts):
+    on the CPU (the torch layers take the step)."""
+    if any(a.device.type != "cpu" for a, _ in batch.parts):
         return None
     rows = torch.full((m,), -1, dtype=torch.int64)
     size = n_layers * len(SLOTS)
@@ -783,7 +780,10 @@ def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[ob
         rows[where] = index
         ctypes.memmove(ctypes.byref(table, index * size * ctypes.sizeof(_LoraPair)),
                        _lora_pairs(adapter, n_layers), size * ctypes.sizeof(_LoraPair))  # fmt: skip
-    return _Lora(rows.data_ptr(), ctypes.cast(table, ctypes.POINTER(_LoraPair))), [rows, table]
+    rank = max(a.width for a, _ in batch.parts)
+    scratch = torch.empty(m * rank, dtype=torch.float32)
+    pairs = ctypes.cast(table, ctypes.POINTER(_LoraPair))
+    return _Lora(rows.data_ptr(), pairs, rank, scratch.data_ptr()), [rows, table, scratch]
 
 
 class _Model(ctypes.Structure):
