@@ -1577,49 +1577,138 @@ int native_tile_scores(const float *q, int64_t q_head_stride, int64_t q_row_stri
 }
 
 /* LoRA adapters (lora.py): one adapter's update of one linear layer, y += bt^T (a x): a [r, k] (the input's side),
-   bt [r, n] (B transposed, the scale folded in); r = 0 where the adapter leaves the layer alone. */
+   bt [r, n] (B transposed, the scale folded in), float32, or float16 where lora_t.half (half the bytes to read: a
+   decode step is bound by memory traffic); r = 0 where the adapter leaves the layer alone. */
 typedef struct {
-  const float *a, *bt;
+  const void *a, *bt;
   int64_t r;
 } lora_pair;
 
+#if NATIVE_F16
+static inline float dot_h(const uint16_t *a, const float *b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
+  return s;
+}
+
+/* t[j] = row j of a (r rows of k float16) . x, four rows at a time: one load of x feeds four independent chains
+   (dot_h's single chain waits on each FMA's latency); each t[j] sums as dot_h would. */
+static void lora_shrink_h(const uint16_t *a, const float *x, int64_t k, int64_t r, float *t) {
+  int64_t j = 0;
+  for (; j + 4 <= r; j += 4) {
+    const uint16_t *a0 = a + j * k, *a1 = a0 + k, *a2 = a1 + k, *a3 = a2 + k;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a0 + i))), xv, s0);
+      s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a1 + i))), xv, s1);
+      s2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a2 + i))), xv, s2);
+      s3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a3 + i))), xv, s3);
+    }
+    float f0 = hsum(s0), f1 = hsum(s1), f2 = hsum(s2), f3 = hsum(s3);
+    for (; i < k; i++) {
+      f0 += _cvtsh_ss(a0[i]) * x[i], f1 += _cvtsh_ss(a1[i]) * x[i];
+      f2 += _cvtsh_ss(a2[i]) * x[i], f3 += _cvtsh_ss(a3[i]) * x[i];
+    }
+    t[j] = f0, t[j + 1] = f1, t[j + 2] = f2, t[j + 3] = f3;
+  }
+  for (; j < r; j++) t[j] = dot_h(a + j * k, x, k);
+}
+
+/* y[0 .. 64) += sum over j < r of t[j] * bt[j][0 .. 64) (bt's rows n float16 apart), the 64 sums in registers
+   (axpy_h per j would load and store y r times); each element sums in axpy_h's order. */
+static void lora_expand64_h(float *y, const float *t, const uint16_t *bt, int64_t r, int64_t n) {
+  __m256 acc[8];
+  for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(y + 8 * q);
+  for (int64_t j = 0; j < r; j++) {
+    const __m256 tj = _mm256_set1_ps(t[j]);
+    const uint16_t *b = bt + j * n;
+    for (int q = 0; q < 8; q++)
+      acc[q] = _mm256_fmadd_ps(tj, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 8 * q))), acc[q]);
+  }
+  for (int q = 0; q < 8; q++) _mm256_storeu_ps(y + 8 * q, acc[q]);
+}
+
+static inline void axpy_h(float *y, float a, const uint16_t *x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))),
+                                            _mm256_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * _cvtsh_ss(x[i]);
+}
+#endif
+
 typedef struct {
-  const int64_t *row_adapter; /* [m]: each row's adapter, an index into pairs' first dimension; -1: none */
-  const lora_pair *pairs;     /* [adapters][n_layers][5]: wqkv, wo, gate, up, down */
+  int64_t n_adapters;         /* in this step */
+  const int64_t *starts;      /* [n_adapters + 1]: adapter a's rows are rows[starts[a] .. starts[a + 1]) */
+  const int64_t *rows;        /* the rows with an adapter, grouped by adapter */
+  const lora_pair *pairs;     /* [n_adapters][n_layers][5]: wqkv, wo, gate, up, down */
   int64_t max_rank;           /* the largest r of the pairs */
   float *t;                   /* scratch [m, max_rank] */
+  int64_t half;               /* the pairs hold float16 (only where NATIVE_F16) */
 } lora_t;
 
 #define LORA_COLS 64 /* output columns per task of the second half */
 
-/* y [m, n] += each row's adapter's update of layer l's linear layer `slot`, from its input x [m, k]: first every
-   (row, j) dot product of x's row with a's row j, then every (row, column block) sum of t[row][j] * bt[j][block],
-   both spread over the threads (one row at a time would leave all but one core idle in a decode step of a few
-   sequences). Each sum's terms are added in a fixed order: the same result alone or batched. */
+/* y [m, n] += each row's adapter's update of layer l's linear layer `slot`, from its input x [m, k]. Tasks are per
+   adapter, so its weights are read once per step however many rows use it (decode is bound by memory traffic):
+   first per (adapter, j) the dot products of a's row j with each of its rows' x, then per (adapter, block of
+   columns) the sums of t[row][j] * bt[j][block] into each of its rows, both spread over the threads. Each sum's
+   terms are added in a fixed order: the same result alone or batched. */
 static void lora_add(const lora_t *lo, int64_t n_layers, int64_t l, int slot, const float *x, float *y, int64_t m,
                      int64_t k, int64_t n) {
   if (!lo) return;
-  const int64_t R = lo->max_rank, blocks = (n + LORA_COLS - 1) / LORA_COLS;
-#pragma omp parallel if (m * R * (k + n) > 32768)
+  const int64_t R = lo->max_rank, A = lo->n_adapters, blocks = (n + LORA_COLS - 1) / LORA_COLS;
+  const int64_t quads = (R + 3) / 4; /* the first half's tasks take 4 of an adapter's rows of a */
+#pragma omp parallel if (A * R * (k + n) > 32768)
   {
 #pragma omp for collapse(2) schedule(static)
-    for (int64_t row = 0; row < m; row++)
-      for (int64_t j = 0; j < R; j++) {
-        const int64_t a = lo->row_adapter[row];
-        if (a < 0) continue;
+    for (int64_t a = 0; a < A; a++)
+      for (int64_t g = 0; g < quads; g++) {
         const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
-        if (j < p->r) lo->t[row * R + j] = dot(p->a + j * k, x + row * k, k);
+        const int64_t j0 = 4 * g, nj = p->r - j0 < 4 ? p->r - j0 : 4;
+        if (nj <= 0) continue;
+        for (int64_t i = lo->starts[a]; i < lo->starts[a + 1]; i++) {
+          const int64_t row = lo->rows[i];
+          float *t = lo->t + row * R + j0;
+#if NATIVE_F16
+          if (lo->half) {
+            lora_shrink_h((const uint16_t *)p->a + j0 * k, x + row * k, k, nj, t);
+            continue;
+          }
+#endif
+          for (int64_t j = 0; j < nj; j++) t[j] = dot((const float *)p->a + (j0 + j) * k, x + row * k, k);
+        }
       }
 #pragma omp for collapse(2) schedule(static)
-    for (int64_t row = 0; row < m; row++)
+    for (int64_t a = 0; a < A; a++)
       for (int64_t b = 0; b < blocks; b++) {
-        const int64_t a = lo->row_adapter[row];
-        if (a < 0) continue;
         const lora_pair *p = lo->pairs + (a * n_layers + l) * 5 + slot;
         const int64_t c = b * LORA_COLS, w = n - c < LORA_COLS ? n - c : LORA_COLS;
-        for (int64_t j = 0; j < p->r; j++) axpy(y + row * n + c, lo->t[row * R + j], p->bt + j * n + c, w);
+        for (int64_t i = lo->starts[a]; i < lo->starts[a + 1]; i++) {
+          const int64_t row = lo->rows[i];
+          const float *t = lo->t + row * R;
+#if NATIVE_F16
+          if (lo->half && w == LORA_COLS) {
+            lora_expand64_h(y + row * n + c, t, (const uint16_t *)p->bt + c, p->r, n);
+            continue;
+          }
+          if (lo->half) {
+            for (int64_t j = 0; j < p->r; j++) axpy_h(y + row * n + c, t[j], (const uint16_t *)p->bt + j * n + c, w);
+            continue;
+          }
+#endif
+          for (int64_t j = 0; j < p->r; j++) axpy(y + row * n + c, t[j], (const float *)p->bt + j * n + c, w);
+        }
       }
   }
+  (void)m;
 }
 
 /* floats of workspace native_decode needs for m rows attending to at most max_len keys */

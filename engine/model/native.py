@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -747,12 +748,14 @@ class _LoraPair(ctypes.Structure):
 
 
 class _Lora(ctypes.Structure):
-    _fields_ = [("row_adapter", _p), ("pairs", ctypes.POINTER(_LoraPair)), ("max_rank", _i64), ("t", _p)]
+    _fields_ = [("n_adapters", _i64), ("starts", _p), ("rows", _p), ("pairs", ctypes.POINTER(_LoraPair)),
+                ("max_rank", _i64), ("t", _p), ("half", _i64)]  # fmt: skip
 
 
 def _lora_pairs(adapter: LoraAdapter, n_layers: int) -> ctypes.Array[_LoraPair]:
     """An adapter's updates as native_decode reads them ([n_layers][5], lora.SLOTS' order; A and B transposed
-    kept contiguous on the adapter), built once per adapter."""
+    kept contiguous on the adapter, in float16 where the kernels convert it: half the bytes a decode step reads, each
+    weight rounded to 11 significant bits, as the float16 KV cache), built once per adapter."""
     if adapter.native is not None:
         return adapter.native[0]
     pairs = (_LoraPair * (n_layers * len(SLOTS)))()
@@ -761,11 +764,17 @@ def _lora_pairs(adapter: LoraAdapter, n_layers: int) -> ctypes.Array[_LoraPair]:
         for i, slot in enumerate(SLOTS):
             if slot in updates:
                 a, b = updates[slot]
-                a, bt = a.float().contiguous(), b.float().t().contiguous()
+                dtype = torch.float16 if _lora_half() else torch.float32
+                a, bt = a.to(dtype).contiguous(), b.to(dtype).t().contiguous()
                 keep += [a, bt]
                 pairs[layer * len(SLOTS) + i] = _LoraPair(a.data_ptr(), bt.data_ptr(), a.shape[0])
     adapter.native = (pairs, keep)  # (keep: what the pointers point into)
     return pairs
+
+
+def _lora_half() -> int:
+    """Whether the C decoder keeps adapters in float16 (1) or float32 (0): float16 where F16C converts it."""
+    return int(kv_float16())
 
 
 def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[object]] | None:
@@ -773,17 +782,20 @@ def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[ob
     on the CPU (the torch layers take the step)."""
     if any(a.device.type != "cpu" for a, _ in batch.parts):
         return None
-    rows = torch.full((m,), -1, dtype=torch.int64)
     size = n_layers * len(SLOTS)
     table = (_LoraPair * (size * len(batch.parts)))()
+    groups: list[torch.Tensor] = []
     for index, (adapter, where) in enumerate(batch.parts):
-        rows[where] = index
+        groups.append(torch.arange(m)[where] if isinstance(where, slice) else where.cpu())
         ctypes.memmove(ctypes.byref(table, index * size * ctypes.sizeof(_LoraPair)),
                        _lora_pairs(adapter, n_layers), size * ctypes.sizeof(_LoraPair))  # fmt: skip
-    rank = max(a.width for a, _ in batch.parts)
-    scratch = torch.empty(m * rank, dtype=torch.float32)
+    rows = torch.cat(groups).to(torch.int64)
+    starts = torch.tensor([0, *itertools.accumulate(len(g) for g in groups)], dtype=torch.int64)
+    width = max(a.width for a, _ in batch.parts)
+    scratch = torch.empty(m * width, dtype=torch.float32)
     pairs = ctypes.cast(table, ctypes.POINTER(_LoraPair))
-    return _Lora(rows.data_ptr(), pairs, rank, scratch.data_ptr()), [rows, table, scratch]
+    lora = _Lora(len(batch.parts), starts.data_ptr(), rows.data_ptr(), pairs, width, scratch.data_ptr(), _lora_half())
+    return lora, [starts, rows, table, scratch]
 
 
 class _Model(ctypes.Structure):
