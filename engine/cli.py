@@ -352,6 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.server, args.chat, args.seed, args.timeout = address, True, None, 300
         args.json_schema = args.regex = args.choice = args.grammar = None  # a free answer
         args.json = False
+        args.adapter = ""  # the base model
         return cmd_generate(args)
     finally:
         server.terminate()

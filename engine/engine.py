@@ -94,6 +94,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def _group(req: Request) -> str:
+    """What the length predictor keys a request's outputs by: its LoRA adapter's name, "" for the base model."""
+    return req.adapter.name if req.adapter is not None else ""
+
+
 def _adapter_names(requests: Iterable[Request]) -> tuple[str, ...]:
     """The distinct adapters of `requests`, by name, in first-seen order."""
     return tuple(dict.fromkeys(r.adapter.name for r in requests if r.adapter is not None))
@@ -561,7 +566,9 @@ class Engine:
                 aborts, self._aborts = self._aborts, []
                 calls, self._calls = self._calls, []
                 for req, sink in inbox:
-                    req.bound = self.predictor.predict(len(req.prompt_ids), req.params.max_tokens, req.lower_hint)
+                    req.bound = self.predictor.predict(
+                        len(req.prompt_ids), req.params.max_tokens, req.lower_hint, _group(req)
+                    )
                     self._requests[req.id] = (req, sink, OutputState(req, self.tokenizer))
                     self.scheduler.add(req)
                 for rid in aborts:
@@ -722,7 +729,7 @@ class Engine:
         completed = reason is not FinishReason.ABORTED
         self.scheduler.remove(req, completed=completed)
         if completed:
-            self.predictor.observe(len(req.prompt_ids), len(req.output_ids))
+            self.predictor.observe(len(req.prompt_ids), len(req.output_ids), _group(req))
         now = time.monotonic()
         self.stats.finished[reason.value] += 1
         self.stats.e2e.observe(now - req.arrival)

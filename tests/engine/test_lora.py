@@ -456,3 +456,25 @@ def test_the_cli_takes_lora_modules_in_both_forms(capsys: pytest.CaptureFixture[
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--lora-modules", bad])
         assert words in capsys.readouterr().err
+
+
+def test_kserve_serves_adapters_as_models(lora_server: ServerThread, lora_engine: Engine) -> None:
+    from optimist.engine.api import grpc_service_pb2 as kpb
+    from optimist.engine.api import grpc_service_pb2_grpc as kpb_grpc
+
+    from .test_kserve import infer_request, outputs
+
+    prompt = PROMPTS[1]
+    params = {"max_tokens": NEW_TOKENS, "temperature": 0}
+    with grpc.insecure_channel(lora_server.address) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(kpb.ModelReadyRequest(name="rs")).ready
+        assert stub.ModelMetadata(kpb.ModelMetadataRequest(name="rs")).name == "rs"
+        request = infer_request(lora_engine, prompt, sampling_parameters=params, exclude_input_in_output=True)
+        request.model_name = "rs"
+        text = outputs(stub.ModelInfer(request))["text_output"][0]
+        assert text == lora_engine.tokenizer.decode(greedy(lora_engine, lora_engine.tokenizer.encode(prompt), "rs")[0])
+        request.model_name = "nope"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in err.value.details()

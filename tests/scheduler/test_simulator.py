@@ -285,3 +285,21 @@ def test_lower_bound_predictor_prefers_the_hint_then_a_low_quantile_per_prompt_b
     assert p.predict(90, max_tokens=5) == 5  # never above max_tokens
     assert p.predict(10, max_tokens=500) == 1  # another bucket: still unknown
     assert p.predict(90, max_tokens=500, hint=42) == 42  # a client hint wins
+
+
+def test_lower_bound_predictor_learns_each_lora_adapters_lengths() -> None:
+    """Fine-tunes differ most in how much they write: an adapter with enough finished requests of its own gets its
+    own quantile; one without falls back to every request's."""
+    from optimist.engine.scheduler.predictor import LowerBoundPredictor
+
+    p = LowerBoundPredictor(quantile=0.1, min_samples=10)
+    for length in range(1, 101):
+        p.observe(100, 200 + length, group="chat")  # long answers
+        p.observe(100, length % 10 + 5, group="sql")  # short ones
+    assert p.predict(100, max_tokens=1000, group="chat") == 211
+    assert p.predict(100, max_tokens=1000, group="sql") == 6  # the 10th percentile of 5..14, ten of each
+    everyone = p.predict(100, max_tokens=1000, group="new")  # no samples of its own: all requests' quantile
+    assert everyone == p.predict(100, max_tokens=1000) and 6 < everyone < 211
+    for length in range(5):
+        p.observe(100, 1000, group="new")
+    assert p.predict(100, max_tokens=1000, group="new") == everyone  # 5 < min_samples: still the fallback
