@@ -300,6 +300,6 @@ def test_lower_bound_predictor_learns_each_lora_adapters_lengths() -> None:
     assert p.predict(100, max_tokens=1000, group="sql") == 6  # the 10th percentile of 5..14, ten of each
     everyone = p.predict(100, max_tokens=1000, group="new")  # no samples of its own: all requests' quantile
     assert everyone == p.predict(100, max_tokens=1000) and 6 < everyone < 211
-    for length in range(5):
+    for _ in range(5):
         p.observe(100, 1000, group="new")
     assert p.predict(100, max_tokens=1000, group="new") == everyone  # 5 < min_samples: still the fallback
