@@ -85,6 +85,18 @@ _QUANTITY = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 _PERCENT_OR_INT = r"^[0-9]+%$"
 
 
+def _volume_fields(what: str) -> dict[str, Schema]:
+    """Where a volume of weights comes from, for sources pvc and image."""
+    return {
+        "claimName": _str(f"PersistentVolumeClaim holding the {what} (source pvc)", minLength=1),
+        "image": _str(f"OCI image holding the {what} (source image)", minLength=1),
+    }
+
+
+def _relative_path(desc: str) -> Schema:
+    return _str(desc, default="", pattern=r"^(|[^/].*)$", maxLength=4096)
+
+
 def _model() -> Schema:
     return _obj(
         "Where the weights come from.",
@@ -95,14 +107,8 @@ def _model() -> Schema:
                 enum=["builtin", "pvc", "image"],
                 default="builtin",
             ),
-            "claimName": _str("PersistentVolumeClaim holding the model (source pvc)", minLength=1),
-            "image": _str("OCI image holding the model (source image)", minLength=1),
-            "path": _str(
-                "path of the .gguf file or Hugging Face folder inside the volume",
-                default="",
-                pattern=r"^(|[^/].*)$",
-                maxLength=4096,
-            ),
+            **_volume_fields("model"),
+            "path": _relative_path("path of the .gguf file or Hugging Face folder inside the volume"),
             "format": _str("weights format", enum=["gguf", "safetensors"], default="gguf"),
             "weights": _str(
                 "auto: int4 (GGUF) or fp16 on CPU pods, float on GPU pods; float: dequantize at load; fp16: float16 "
@@ -133,14 +139,8 @@ def _model() -> Schema:
                             enum=["model", "pvc", "image"],
                             default="model",
                         ),
-                        "claimName": _str("PersistentVolumeClaim holding the adapter (source pvc)", minLength=1),
-                        "image": _str("OCI image holding the adapter (source image)", minLength=1),
-                        "path": _str(
-                            "the adapter's folder inside its volume (empty: the volume's root)",
-                            default="",
-                            pattern=r"^(|[^/].*)$",
-                            maxLength=4096,
-                        ),
+                        **_volume_fields("adapter"),
+                        "path": _relative_path("the adapter's folder inside its volume (empty: the volume's root)"),
                     },
                     required=["name"],
                     rules=[

@@ -153,11 +153,17 @@ def loading_server(engine: Engine) -> Iterator[LoadingServer]:
     srv.thread.stop()
 
 
+def serving(engine: Engine, http: bool = False) -> ServerThread:
+    """A loaded server in front of an engine the caller owns (stop it with .stop())."""
+    srv = ServerThread(engine.config, engine_factory=lambda: engine, http=http)
+    srv.call(srv.server.load())
+    return srv
+
+
 @pytest.fixture(scope="session")
 def server(engine: Engine) -> Iterator[ServerThread]:
     """A server in front of the shared session engine."""
-    srv = ServerThread(engine.config, engine_factory=lambda: engine)
-    srv.call(srv.server.load())
+    srv = serving(engine)
     yield srv
     srv.stop()
 

@@ -25,7 +25,7 @@ from optimist.engine.model.lora import AdapterError, load_adapter
 from optimist.engine.outputs import Chunk, Finished
 from optimist.engine.request import SamplingParams
 
-from ..conftest import ServerThread, events_concurrently, events_of
+from ..conftest import ServerThread, events_concurrently, events_of, serving
 
 pytestmark = pytest.mark.slow
 
@@ -208,8 +208,7 @@ def test_int4_weights_with_adapters(model_path: Path, lora_engine: Engine, peft_
 
 @pytest.fixture(scope="module")
 def lora_server(lora_engine: Engine) -> Iterator[ServerThread]:
-    srv = ServerThread(lora_engine.config, engine_factory=lambda: lora_engine, http=True)
-    srv.call(srv.server.load())
+    srv = serving(lora_engine, http=True)
     yield srv
     srv.stop()
 
@@ -289,9 +288,8 @@ def test_adapters_load_and_unload_while_serving(
 
 def test_runtime_loading_is_off_unless_allowed(engine: Engine) -> None:
     """A server without LoRA refuses to load adapters, naming the flags."""
-    srv = ServerThread(engine.config, engine_factory=lambda: engine, http=True)
+    srv = serving(engine, http=True)
     try:
-        srv.call(srv.server.load())
         status, text = _post(f"{srv.http_url}/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"})
         assert status == 403 and "--enable-lora" in text
     finally:

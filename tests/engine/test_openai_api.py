@@ -27,7 +27,7 @@ from optimist.engine.config import EngineConfig
 from optimist.engine.engine import Engine
 from optimist.engine.sampler import sample
 
-from ..conftest import LoadingServer, ServerThread
+from ..conftest import LoadingServer, ServerThread, serving
 
 openai = pytest.importorskip("openai")  # a test extra (the GPU machine's environment may lack it)
 FRANCE = "The capital of France is"
@@ -38,8 +38,7 @@ USER_X = [{"role": "user", "content": "x"}]
 
 @pytest.fixture(scope="module")
 def api(engine: Engine) -> Iterator[ServerThread]:
-    srv = ServerThread(engine.config, engine_factory=lambda: engine, http=True)
-    srv.call(srv.server.load())
+    srv = serving(engine, http=True)
     yield srv
     srv.stop()
 
