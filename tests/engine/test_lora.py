@@ -476,3 +476,44 @@ def test_kserve_serves_adapters_as_models(lora_server: ServerThread, lora_engine
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(request)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in err.value.details()
+
+
+def test_under_memory_pressure_adapters_keep_their_answers(tiny_gguf: Path, tmp_path: Path) -> None:
+    """The tiny model with a cache too small for the batch: requests of the same prompt under the base model and two
+    adapters (one twice), after each ran once (its blocks left in the prefix cache), are preempted and re-prefilled,
+    and each answer is the one an engine without prefix caching gives (a block computed under one adapter never
+    serves another); every block is freed after."""
+    from optimist.engine.bench.lora import write_random_adapter
+
+    def engine(**config: Any) -> Engine:
+        eng = Engine(EngineConfig(model=tiny_gguf, max_num_batched_tokens=32, enable_lora=True, **config))
+        for i, name in enumerate(("a", "b")):
+            folder = tmp_path / name
+            if not folder.exists():
+                write_random_adapter(folder, eng.model_config, rank=4, seed=i, std=0.5)
+            eng.load_adapter(name, folder)
+        return eng
+
+    plan = [None, "a", "b", "a"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reference = engine(kv_cache_tokens=1024, prefix_caching=False)
+    try:
+        prompt = reference.tokenizer.encode("the cat sat on the mat " * 8)[:60]
+        alone = {a: reference.generate(reference.new_request(prompt, params, adapter=reference.adapter(a) if a else None))[0]
+                 for a in plan}  # fmt: skip
+    finally:
+        reference.shutdown()
+    assert len({tuple(v) for v in alone.values()}) == 3, "the adapters do not change the tiny model's answer"
+    eng = engine(kv_cache_tokens=192, max_num_seqs=4)
+    try:
+        for a in plan[:3]:  # each one's prompt blocks into the prefix cache
+            assert eng.generate(eng.new_request(prompt, params, adapter=eng.adapter(a) if a else None))[0] == alone[a]
+        requests = [eng.new_request(prompt, params, adapter=eng.adapter(a) if a else None) for a in plan]
+        events = events_concurrently(eng, requests, timeout_s=120)
+        assert sum(evs[-1].evictions for evs in events) > 0, "no preemption: the test needs a smaller cache"
+        assert sum(evs[-1].cached_tokens for evs in events) > 0, "no prefix-cache hit: the test checks nothing"
+        for a, evs in zip(plan, events, strict=True):
+            assert [t for ev in evs[:-1] for t in ev.token_ids] == alone[a], a
+        assert eng.allocator.num_used == 0
+    finally:
+        eng.shutdown()
