@@ -499,8 +499,10 @@ def test_under_memory_pressure_adapters_keep_their_answers(tiny_gguf: Path, tmp_
     reference = engine(kv_cache_tokens=1024, prefix_caching=False)
     try:
         prompt = reference.tokenizer.encode("the cat sat on the mat " * 8)[:60]
-        alone = {a: reference.generate(reference.new_request(prompt, params, adapter=reference.adapter(a) if a else None))[0]
-                 for a in plan}  # fmt: skip
+        alone = {}
+        for a in plan:
+            request = reference.new_request(prompt, params, adapter=reference.adapter(a) if a else None)
+            alone[a] = reference.generate(request)[0]
     finally:
         reference.shutdown()
     assert len({tuple(v) for v in alone.values()}) == 3, "the adapters do not change the tiny model's answer"
