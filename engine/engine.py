@@ -209,6 +209,13 @@ class Engine:
         self.prefill_gemm = "int8" if weights == "int4" and int8 else "float"
         del loaded
         self.model.init_rope()
+        # adapters before the cache: on CUDA its share of free memory is measured after them
+        self.adapters: dict[str, LoraAdapter] = {}
+        for name, path in config.lora_modules:
+            try:
+                self.adapters[name] = self._read_adapter(name, path)
+            except AdapterError as exc:
+                raise ConfigError(f"lora_modules: {exc}") from exc
         self.num_kv_blocks = self._kv_blocks()
         self.allocator = BlockAllocator(self.num_kv_blocks, config.kv_block_size, config.prefix_caching)
         if self.device.type == "cpu":
@@ -222,14 +229,8 @@ class Engine:
             patterns = pattern_config_for(config.sparse_patterns, config.model_path(), self.model_config)
             if self.device.type == "cuda":
                 self._precompile_sparse_kernels()
-        self.adapters: dict[str, LoraAdapter] = {}
-        if config.lora_enabled:
+        if config.lora_enabled:  # (after attach_native, which reads the plain layers)
             self.model.attach_lora()
-            for name, path in config.lora_modules:
-                try:
-                    self.adapters[name] = self._read_adapter(name, path)
-                except AdapterError as exc:
-                    raise ConfigError(f"lora_modules: {exc}") from exc
         self.runner = ModelRunner(self.model, kv, config.kv_block_size, config.sparse_prefill_threshold, patterns)
         self.scheduler = Scheduler(
             make_policy(config.scheduler),

@@ -14,6 +14,7 @@ trained biases, embedding or output-layer adapters (`modules_to_save`), other ta
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -204,11 +205,61 @@ def load_adapter(
     return LoraAdapter(name=name, path=folder, rank=rank, weights=weights)
 
 
+class Stack:
+    """Adapters side by side, per linear layer: A [W, in] holds each adapter's rows at its own offset (zero-padded to
+    its widest such layer), B [out, W] its columns, `owners[slot]` [W] which adapter each column belongs to. One
+    matmul pair then serves every adapter of a step (its rows' other columns masked to zero): a linear layer costs
+    three operators however many adapters the step mixes, instead of four per adapter."""
+
+    def __init__(self, adapters: tuple[LoraAdapter, ...]) -> None:
+        self.adapters = adapters
+        self.pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.owners: dict[str, torch.Tensor] = {}
+        layers = len(adapters[0].weights)
+        device = adapters[0].device
+        for slot in SLOTS:
+            widths = [max((w[slot][0].shape[0] for w in a.weights if slot in w), default=0) for a in adapters]
+            if not any(widths):
+                continue
+            index = torch.arange(len(adapters))
+            self.owners[slot] = torch.repeat_interleave(index, torch.tensor(widths)).to(device)
+            for layer in range(layers):
+                present = [(i, a.weights[layer][slot]) for i, a in enumerate(adapters) if slot in a.weights[layer]]
+                if not present:
+                    continue
+                a0, b0 = present[0][1]
+                a_cat = a0.new_zeros(sum(widths), a0.shape[1])
+                b_cat = b0.new_zeros(b0.shape[0], sum(widths))
+                for i, (a, b) in present:
+                    at = sum(widths[:i])
+                    a_cat[at : at + a.shape[0]] = a
+                    b_cat[:, at : at + b.shape[1]] = b
+                self.pairs[layer, slot] = (a_cat, b_cat)
+
+
+_STACKS: collections.OrderedDict[tuple[int, ...], Stack] = collections.OrderedDict()
+# recent compositions (a running batch's set of adapters changes as requests come and go); each holds a copy of its
+# adapters' weights, memory the KV cache was not sized around: keep few
+_STACKS_KEPT = 2
+
+
+def _stack_of(adapters: tuple[LoraAdapter, ...]) -> Stack:
+    key = tuple(a.id for a in adapters)
+    stack = _STACKS.pop(key, None) or Stack(adapters)
+    _STACKS[key] = stack
+    while len(_STACKS) > _STACKS_KEPT:
+        _STACKS.popitem(last=False)
+    return stack
+
+
 @dataclass
 class LoraBatch:
-    """A step's rows by adapter: (adapter, rows) where rows is a slice (a contiguous run) or an index tensor."""
+    """A step's rows by adapter: (adapter, rows) where rows is a slice (a contiguous run) or an index tensor; and
+    each row's adapter as an index into `parts` (-1: the base model)."""
 
     parts: list[tuple[LoraAdapter, slice | torch.Tensor]]
+    owner: torch.Tensor  # [rows]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of_rows(cls, adapters: Sequence[LoraAdapter | None], device: torch.device) -> LoraBatch | None:
@@ -220,12 +271,29 @@ class LoraBatch:
         if not rows:
             return None
         parts: list[tuple[LoraAdapter, slice | torch.Tensor]] = []
-        for adapter, idx in rows.values():
+        owner = [-1] * len(adapters)
+        for index, (adapter, idx) in enumerate(rows.values()):
+            for i in idx:
+                owner[i] = index
             if idx[-1] - idx[0] + 1 == len(idx):
                 parts.append((adapter, slice(idx[0], idx[-1] + 1)))
             else:
                 parts.append((adapter, torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)))
-        return cls(parts)
+        return cls(parts, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True))
+
+    def update(
+        self, layer: int, slot: str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A [W, in], B [out, W], mask [rows, W]) of a linear layer for this step's adapters; None if none changes
+        it."""
+        stack = _stack_of(tuple(a for a, _ in self.parts))
+        pair = stack.pairs.get((layer, slot))
+        if pair is None:
+            return None
+        mask = self.masks.get(slot)
+        if mask is None:
+            mask = self.masks[slot] = (self.owner[:, None] == stack.owners[slot][None, :]).to(dtype)
+        return pair[0], pair[1], mask
 
 
 _active = threading.local()
@@ -260,15 +328,9 @@ class LoraLinear(nn.Module):
         batch: LoraBatch | None = getattr(_active, "batch", None)
         if batch is None:
             return y
-        for adapter, rows in batch.parts:
-            pair = adapter.weights[self.layer].get(self.slot)
-            if pair is None:
-                continue
-            a, b = pair
-            xs = x[rows]
-            delta = (xs.to(a.dtype) @ a.t()) @ b.t()
-            if isinstance(rows, slice):
-                y[rows] += delta.to(y.dtype)
-            else:
-                y.index_add_(0, rows, delta.to(y.dtype))
+        update = batch.update(self.layer, self.slot, x.dtype)
+        if update is None:
+            return y
+        a, b, mask = update
+        y += ((x.to(a.dtype) @ a.t()).mul_(mask) @ b.t()).to(y.dtype)
         return y
