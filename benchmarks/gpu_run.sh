@@ -75,6 +75,9 @@ case "${1:-kernels}" in
     # speculative decoding on a GPU, whose decode rows cost nearly nothing: do the drafts pay at batch 4 and 12 there?
     python3 -m optimist.engine.cli bench speculative --model "$MODEL" --weights float --concurrency 1,4,12 \
       --out "$OUT/speculative-gpu.json" 2>&1 | tee "$OUT/speculative.log"
+    # LoRA adapters on a GPU (the torch layers' stacked updates): what do one and four adapters cost against base?
+    python3 -m optimist.engine.cli bench lora --model "$MODEL" --weights float --concurrency 1,8 \
+      --out "$OUT/lora-gpu.json" 2>&1 | tee "$OUT/lora.log"
     ;;
   *)
     echo "usage: $0 kernels|tests|engine|quick" >&2

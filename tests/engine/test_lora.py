@@ -44,7 +44,8 @@ def peft_model(hf_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     projection, alpha 16) and "rs" (rank 4 on q, v and down_proj, rsLoRA, down_proj's alpha from alpha_pattern).
     PEFT starts B at zero (an adapter that changes nothing): B is drawn at random here so that each one changes the
     answers."""
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")  # a test extra (absent on a bare GPU machine)
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     torch.manual_seed(0)
     model = get_peft_model(
