@@ -520,3 +520,20 @@ def test_under_memory_pressure_adapters_keep_their_answers(tiny_gguf: Path, tmp_
         assert eng.allocator.num_used == 0
     finally:
         eng.shutdown()
+
+
+def test_optimist_generate_takes_an_adapter(
+    lora_server: ServerThread, lora_engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from optimist.engine.cli import build_parser
+
+    prompt = PROMPTS[1]
+    want = lora_engine.tokenizer.decode(greedy(lora_engine, lora_engine.tokenizer.encode(prompt), "rs", 8)[0])
+    argv = ["generate", prompt, "--server", lora_server.address, "--adapter", "rs", "--max-tokens", "8",
+            "--temperature", "0"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == want + "\n"
+    args = build_parser().parse_args([*argv[:5], "nope", *argv[6:]])
+    assert args.func(args) != 0
+    assert "nope" in capsys.readouterr().err
