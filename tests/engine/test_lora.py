@@ -108,11 +108,14 @@ def lora_engine(model_path: Path, peft_model: Any) -> Iterator[Engine]:
     eng.shutdown()
 
 
+def make(engine: Engine, ids: list[int], adapter: str | None, n: int = NEW_TOKENS) -> Any:
+    """A greedy request of `n` tokens under `adapter` (None: the base model)."""
+    params = SamplingParams(max_tokens=n, temperature=0.0)
+    return engine.new_request(ids, params, adapter=engine.adapter(adapter) if adapter else None)
+
+
 def greedy(engine: Engine, ids: list[int], adapter: str | None, n: int = NEW_TOKENS) -> tuple[list[int], Finished]:
-    req = engine.new_request(
-        ids, SamplingParams(max_tokens=n, temperature=0.0), adapter=engine.adapter(adapter) if adapter else None
-    )
-    events = events_of(engine, req)
+    events = events_of(engine, make(engine, ids, adapter, n))
     final = events[-1]
     assert isinstance(final, Finished) and final.error is None
     return [t for ev in events[:-1] if isinstance(ev, Chunk) for t in ev.token_ids], final
@@ -134,14 +137,7 @@ def test_a_batch_mixing_adapters_equals_each_alone(lora_engine: Engine) -> None:
     forward pass, drafts included): each answer is its solo answer."""
     plan = [(p, a) for p in PROMPTS for a in (None, "terse", "rs")] + [(PROMPTS[0], "terse")]
     solo = {(p, a): greedy(lora_engine, lora_engine.tokenizer.encode(p), a)[0] for p, a in set(plan)}
-    requests = [
-        lora_engine.new_request(
-            lora_engine.tokenizer.encode(p),
-            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
-            adapter=lora_engine.adapter(a) if a else None,
-        )
-        for p, a in plan
-    ]
+    requests = [make(lora_engine, lora_engine.tokenizer.encode(p), a) for p, a in plan]
     answers = events_concurrently(lora_engine, requests)
     for (p, a), events in zip(plan, answers, strict=True):
         assert [t for ev in events[:-1] for t in ev.token_ids] == solo[p, a], (p, a)
@@ -190,14 +186,7 @@ def test_int4_weights_with_adapters(model_path: Path, lora_engine: Engine, peft_
             solo[prompt, adapter] = greedy(eng, ids, adapter)[0]
             assert solo[prompt, adapter] == greedy(lora_engine, ids, adapter)[0], (prompt, adapter)
             assert set(calls) == {adapter is not None}, "decode steps left the C decoder"
-        requests = [
-            eng.new_request(
-                eng.tokenizer.encode(p),
-                SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0),
-                adapter=eng.adapter(a) if a else None,
-            )
-            for p, a in plan
-        ]
+        requests = [make(eng, eng.tokenizer.encode(p), a) for p, a in plan]
         for (p, a), events in zip(plan, events_concurrently(eng, requests), strict=True):
             assert [t for ev in events[:-1] for t in ev.token_ids] == solo[p, a], (p, a)
     finally:
