@@ -251,9 +251,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- LoRA adapters
 
-    def load_adapter(self, name: str, path: str | Path) -> LoraAdapter:
-        """Loads a LoRA adapter while serving (thread-safe; reads the files on the caller's thread). Raises
-        AdapterError naming the problem: LoRA not enabled, a name taken, too many loaded, a file or shape error."""
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> LoraAdapter:
+        """Loads a LoRA adapter while serving (thread-safe, from any thread but the engine's: the files are read
+        and the tensors built on the engine thread between two steps). Raises AdapterError naming the problem: LoRA
+        not enabled, a name taken (unless `replace`: the new files serve that name once read; requests already
+        running with the old ones finish with them), too many loaded, a file or shape error."""
         if not self.config.lora_enabled:
             raise AdapterError("LoRA adapters are not enabled on this server (start it with --enable-lora)")
         problem = adapter_name_problem(name)
@@ -261,15 +263,18 @@ class Engine:
             raise AdapterError(problem)
         if name == self.model_name:
             raise AdapterError(f"{name!r} is the served model's own name")
-        with self._lock:
-            if name in self.adapters:
+
+        def check() -> None:
+            if name in self.adapters and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
-            if len(self.adapters) >= self.config.max_loaded_loras:
+            if name not in self.adapters and len(self.adapters) >= self.config.max_loaded_loras:
                 raise AdapterError(f"{len(self.adapters)} adapters are loaded, the most allowed (max_loaded_loras)")
+
+        with self._lock:
+            check()
         adapter = self._on_engine_thread(lambda: self._read_adapter(name, path))
         with self._lock:
-            if name in self.adapters:  # loaded meanwhile by another caller
-                raise AdapterError(f"an adapter named {name!r} is already loaded (unload it first)")
+            check()  # (another caller may have loaded one meanwhile)
             self.adapters[name] = adapter
         log.info("LoRA adapter %s loaded from %s (rank %d, %.1f MB)", name, path, adapter.rank, adapter.nbytes() / 1e6)
         return adapter

@@ -51,7 +51,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from .engine import Engine, UnknownAdapter
+from .engine import Engine, EngineUnavailable, UnknownAdapter
 from .model.lora import AdapterError, LoraAdapter
 from .model.tokenizer import TokenizerError
 from .outputs import Chunk, Event, Finished
@@ -725,13 +725,15 @@ class OpenAIService:
             raise _bad("lora_name", "required")
         if not path:
             raise _bad("lora_path", "required")
-        if _typed(body, "load_inplace", "bool"):
-            with contextlib.suppress(UnknownAdapter):  # replaces an adapter of that name (vLLM's load_inplace)
-                engine.unload_adapter(name)
+        replace = bool(_typed(body, "load_inplace", "bool"))  # vLLM's: new files for a loaded name
+        if not replace and name in {a.name for a in engine.loaded_adapters()}:
+            raise _bad("lora_name", f"an adapter named {name!r} is already loaded (unload it first, or load_inplace)")
         try:
-            await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path)
+            await asyncio.get_running_loop().run_in_executor(None, engine.load_adapter, name, path, replace)
         except AdapterError as exc:
             raise ApiError(400, f"lora_path: {exc}", "lora_path") from exc
+        except EngineUnavailable as exc:
+            raise ApiError(503, str(exc)) from exc
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:

@@ -252,7 +252,18 @@ def test_adapters_load_and_unload_while_serving(
     assert status == 200, text
     assert json.loads(text)["choices"][0]["text"] == lora_engine.tokenizer.decode(greedy(lora_engine, ids, "rs", 8)[0])
     status, text = _post(f"{url}/v1/load_lora_adapter", {"lora_name": "rs2", "lora_path": str(dirs["rs"])})
-    assert status == 400 and "already loaded" in text
+    assert status == 400 and "already loaded" in text and '"param": "lora_name"' in text
+    # load_inplace: new files under the name (a failed load keeps the old ones)
+    status, text = _post(
+        f"{url}/v1/load_lora_adapter", {"lora_name": "rs2", "lora_path": "/nope", "load_inplace": True}
+    )
+    assert status == 400 and "rs2" in {c["id"] for c in _get(f"{url}/v1/models")["data"]}
+    body = {"lora_name": "rs2", "lora_path": str(dirs["terse"]), "load_inplace": True}
+    assert _post(f"{url}/v1/load_lora_adapter", body)[0] == 200
+    status, text = _post(f"{url}/v1/completions", {"model": "rs2", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert json.loads(text)["choices"][0]["text"] == lora_engine.tokenizer.decode(
+        greedy(lora_engine, ids, "terse", 8)[0]
+    )
     status, text = _post(f"{url}/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "/nonexistent/adapter"})
     assert status == 400 and "adapter_config.json" in text
     assert "bad" not in {c["id"] for c in _get(f"{url}/v1/models")["data"]}
@@ -262,7 +273,7 @@ def test_adapters_load_and_unload_while_serving(
         SamplingParams(max_tokens=40, temperature=0.0),
         adapter=lora_engine.adapter("rs2"),
     )
-    want = greedy(lora_engine, running.prompt_ids, "rs", 40)[0]
+    want = greedy(lora_engine, running.prompt_ids, "terse", 40)[0]  # (rs2 holds terse's files now)
     done: list[Any] = []
     lora_engine.submit(running, done.append)
     assert _post(f"{url}/v1/unload_lora_adapter", {"lora_name": "rs2"})[0] == 200
