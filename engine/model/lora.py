@@ -95,8 +95,14 @@ def _input(config: ModelConfig, slot: str) -> int:
 def _pattern(patterns: dict[str, object], module: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the module name's end."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)  # type: ignore[arg-type]
+        try:
+            found = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as exc:
+            raise AdapterError(f"alpha_pattern key {key!r} is not a regular expression ({exc})") from exc
+        if found:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise AdapterError(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
+            return float(value)
     return default
 
 
@@ -177,8 +183,8 @@ def load_adapter(
         a, b = ab["A"].float(), ab["B"].float()
         slot, part = _MODULES[module]
         want_in, want_out = _input(config, slot), _outputs(config, slot)[part]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != want_in or b.shape != (want_out, r):
+        r = a.shape[0] if a.dim() == 2 else 0
+        if r < 1 or b.dim() != 2 or a.shape[1] != want_in or b.shape != (want_out, r):
             raise AdapterError(
                 f"adapter {name!r}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 f"this model needs [r, {want_in}] and [{want_out}, r] (an adapter for another base model?)"

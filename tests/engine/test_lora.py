@@ -395,6 +395,10 @@ def test_an_adapter_folded_as_peft_scales_it(tmp_path: Path) -> None:
         ({"r": 16}, _pair("q_proj", 16, 64, 64), "max_lora_rank"),
         ({"r": 4}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64)}, "pair"),
         ({"r": 4}, {k: v * float("nan") for k, v in _pair("q_proj", 4, 64, 64).items()}, "non-finite"),
+        ({"r": 0}, _pair("q_proj", 0, 64, 64), "lora_A"),  # rank 0: nothing to scale by
+        ({"r": 4}, {k: v[0] for k, v in _pair("q_proj", 4, 64, 64).items()}, "lora_A"),  # 1-D tensors
+        ({"r": 4, "alpha_pattern": {"q_proj(": 8}}, _pair("q_proj", 4, 64, 64), "not a regular expression"),
+        ({"r": 4, "alpha_pattern": {"q_proj": "8"}}, _pair("q_proj", 4, 64, 64), "must be a number"),
     ],
 )
 def test_adapters_the_engine_cannot_apply_are_refused_by_name(
