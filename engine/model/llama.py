@@ -469,11 +469,12 @@ class Llama(nn.Module):
     def attach_lora(self) -> None:
         """Wraps every linear layer of the blocks so that steps with LoRA rows add the adapters' updates (call
         after use_native / use_fp16 / attach_native: those read or replace the plain layers)."""
+        native = self.config.num_layers if self.native_decoder is not None else 0  # (its float16 adapters)
         for i, block in enumerate(self.blocks()):
             for owner, attr in block.linears():
                 layer = getattr(owner, attr)
                 if not isinstance(layer, LoraLinear):
-                    setattr(owner, attr, LoraLinear(layer, i, attr))
+                    setattr(owner, attr, LoraLinear(layer, i, attr, native))
 
     def _native_layers(
         self, x: torch.Tensor, meta: AttentionMeta, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]

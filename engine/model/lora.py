@@ -266,6 +266,7 @@ class LoraBatch:
     parts: list[tuple[LoraAdapter, slice | torch.Tensor]]
     owner: torch.Tensor  # [rows]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    native: Any = None  # the step's table for the C updates (native.lora_linear_), built on first use
 
     @classmethod
     def of_rows(cls, adapters: Sequence[LoraAdapter | None], device: torch.device) -> LoraBatch | None:
@@ -319,11 +320,14 @@ def lora_rows(batch: LoraBatch | None) -> Iterator[None]:
 class LoraLinear(nn.Module):
     """A linear layer (any of the engine's kinds) plus, inside `lora_rows`, the adapters' low-rank updates."""
 
-    def __init__(self, base: nn.Module, layer: int, slot: str) -> None:
+    def __init__(self, base: nn.Module, layer: int, slot: str, native_layers: int = 0) -> None:
         super().__init__()
         self.base = base
         self.layer = layer
         self.slot = slot
+        # the model's layer count where the updates of steps of a few rows run in C (an int4 engine: the decoder's
+        # code and float16 weights for prefill too); 0: torch's operators over the adapters' own weights
+        self.native_layers = native_layers
 
     @property
     def weight(self) -> torch.Tensor:
@@ -334,6 +338,11 @@ class LoraLinear(nn.Module):
         batch: LoraBatch | None = getattr(_active, "batch", None)
         if batch is None:
             return y
+        if self.native_layers:
+            from .native import lora_linear_
+
+            if lora_linear_(batch, self.native_layers, self.layer, self.slot, x, y):
+                return y
         update = batch.update(self.layer, self.slot, x.dtype)
         if update is None:
             return y

@@ -1711,6 +1711,13 @@ static void lora_add(const lora_t *lo, int64_t n_layers, int64_t l, int slot, co
   (void)m;
 }
 
+/* lora_add for the torch layers' steps (prefill chunks and mixed steps with few rows): y [m, n] += the updates of
+   layer l's linear layer `slot` for the rows of lo's adapters, from x [m, k]. */
+void native_lora(const lora_t *lo, int64_t n_layers, int64_t l, int64_t slot, const float *x, float *y, int64_t m,
+                 int64_t k, int64_t n) {
+  lora_add(lo, n_layers, l, (int)slot, x, y, m, k, n);
+}
+
 /* floats of workspace native_decode needs for m rows attending to at most max_len keys */
 int64_t native_decode_workspace(const model_t *md, int64_t m, int64_t max_len) {
   const int64_t qkv = (md->n_heads + 2 * md->n_kv) * md->head_dim;

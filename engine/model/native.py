@@ -165,6 +165,8 @@ def library() -> ctypes.CDLL:
     lib.native_tile_keys.restype = i64
     lib.native_mask_logits.argtypes = [p, i64, p, i64, p, i64, i64]
     lib.native_mask_logits.restype = None
+    lib.native_lora.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64]
+    lib.native_lora.restype = None
     return lib
 
 
@@ -796,6 +798,28 @@ def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[ob
     pairs = ctypes.cast(table, ctypes.POINTER(_LoraPair))
     lora = _Lora(len(batch.parts), starts.data_ptr(), rows.data_ptr(), pairs, width, scratch.data_ptr(), _lora_half())
     return lora, [starts, rows, table, scratch]
+
+
+LORA_ROWS = 64  # most rows whose adapter updates LoraLinear runs in C (more: torch's GEMMs, which block the rows)
+
+
+def lora_linear_(batch: LoraBatch, n_layers: int, layer: int, slot: str, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """y += the step's adapter updates of one linear layer, in C (one call for every adapter; the decoder's code
+    and float16 weights, so an int4 engine's prefill and decode steps compute the same), where it takes the call:
+    CPU float32 contiguous tensors of at most LORA_ROWS rows. Returns whether it did."""
+    m = x.shape[0]
+    if m > LORA_ROWS or x.dtype != torch.float32 or y.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if not (x.is_contiguous() and y.is_contiguous()):
+        return False
+    if batch.native is None:
+        batch.native = _lora_table(batch, m, n_layers) or False
+    if batch.native is False:
+        return False
+    lora, _ = batch.native
+    library().native_lora(ctypes.byref(lora), n_layers, layer, SLOTS.index(slot), x.data_ptr(), y.data_ptr(), m,
+                          x.shape[1], y.shape[1])  # fmt: skip
+    return True
 
 
 class _Model(ctypes.Structure):
