@@ -541,3 +541,51 @@ def test_optimist_generate_takes_an_adapter(
     args = build_parser().parse_args([*argv[:5], "nope", *argv[6:]])
     assert args.func(args) != 0
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_qwen2_adapter_equals_its_merged_weights(tmp_path: Path) -> None:
+    """Merging W += s B A into a copy of the weights is what an adapter means: a Qwen2 model (Q/K/V biases beside
+    the fused projection's update) with an adapter gives the logits of its merged copy, in a batch with base rows."""
+    from safetensors.torch import load_file, save_file
+
+    from optimist.engine.bench.lora import write_random_adapter
+
+    from .. import tiny_llama
+
+    base_dir = tiny_llama.write_hf_dir(tmp_path / "base", arch="qwen2")
+    eng = Engine(EngineConfig(model=base_dir, weights="float", dtype="float32", kv_cache_tokens=1024, enable_lora=True))
+    merged_dir = tmp_path / "merged"
+    try:
+        adapter_dir = write_random_adapter(tmp_path / "ad", eng.model_config, rank=4, seed=3, std=0.3)
+        eng.load_adapter("ad", adapter_dir)
+        weights = load_file(str(base_dir / "model.safetensors"))
+        lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        scale = json.loads((adapter_dir / "adapter_config.json").read_text())["lora_alpha"] / 4
+        for key in [k for k in lora if k.endswith("lora_A.weight")]:
+            target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            weights[target] = weights[target] + scale * lora[key.replace("lora_A", "lora_B")] @ lora[key]
+        merged_dir.mkdir()
+        for item in base_dir.iterdir():
+            if item.name != "model.safetensors":
+                (merged_dir / item.name).write_bytes(item.read_bytes())
+        save_file(weights, str(merged_dir / "model.safetensors"))
+        prompt = eng.tokenizer.encode("the cat sat on the mat")
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+        both = events_concurrently(eng, [eng.new_request(prompt, params, adapter=eng.adapter("ad")),
+                                         eng.new_request(prompt, params)])  # fmt: skip
+    finally:
+        eng.shutdown()
+    merged = Engine(EngineConfig(model=merged_dir, weights="float", dtype="float32", kv_cache_tokens=1024))
+    try:
+        want = events_of(merged, merged.new_request(prompt, params))
+    finally:
+        merged.shutdown()
+
+    def tokens_and_logprobs(events: list[Any]) -> tuple[list[int], list[float]]:
+        chunks = [ev for ev in events if isinstance(ev, Chunk)]
+        return [t for c in chunks for t in c.token_ids], [lp[1] for c in chunks for lp in c.logprobs]
+
+    got, got_lp = tokens_and_logprobs(both[0])
+    ref, ref_lp = tokens_and_logprobs(want)
+    assert got == ref and tokens_and_logprobs(both[1])[0] != ref
+    assert got_lp == pytest.approx(ref_lp, abs=1e-4)
