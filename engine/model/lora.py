@@ -2,9 +2,10 @@
 
 An adapter adds a low-rank update to some linear layers: y = W x + s * B (A x), A [r, in], B [out, r], s its
 scale (alpha / r, or alpha / sqrt(r) with rsLoRA). The base weights are never merged, so one batch mixes requests
-of several adapters and of the base model: each linear layer computes the base product for every row, then, per
-adapter present in the step, the two thin products for that adapter's rows (`LoraLinear`). With ranks of 8-64
-against hidden sizes in the hundreds or thousands that is a few percent of the layer's work per adapter.
+of several adapters and of the base model: each linear layer computes the base product for every row, then the
+step's adapters' thin products, each applied to its own rows (`LoraLinear`: the C decoder's code on CPU int4
+engines, else the adapters stacked side by side, `Stack`). With ranks of 8-64 against hidden sizes in the hundreds
+or thousands that is a few percent of the layer's work per adapter.
 
 Files are PEFT's (`adapter_config.json` + `adapter_model.safetensors`, as `save_pretrained` writes them and the
 Hub serves them), for the attention and MLP projections of Llama, Mistral and Qwen2 models (q/k/v/o_proj,
@@ -260,13 +261,13 @@ def _stack_of(adapters: tuple[LoraAdapter, ...]) -> Stack:
 
 @dataclass
 class LoraBatch:
-    """A step's rows by adapter: (adapter, rows) where rows is a slice (a contiguous run) or an index tensor; and
-    each row's adapter as an index into `parts` (-1: the base model)."""
+    """A step's rows by adapter: (adapter, its rows in the packed batch), and each row's adapter as an index into
+    `parts` (-1: the base model)."""
 
-    parts: list[tuple[LoraAdapter, slice | torch.Tensor]]
+    parts: list[tuple[LoraAdapter, list[int]]]
     owner: torch.Tensor  # [rows]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    native: Any = None  # the step's table for the C updates (native.lora_linear_), built on first use
+    native: Any = None  # the step's table for the C updates (native.py), built on first use
 
     @classmethod
     def of_rows(cls, adapters: Sequence[LoraAdapter | None], device: torch.device) -> LoraBatch | None:
@@ -277,16 +278,11 @@ class LoraBatch:
                 rows.setdefault(adapter.id, (adapter, []))[1].append(i)
         if not rows:
             return None
-        parts: list[tuple[LoraAdapter, slice | torch.Tensor]] = []
         owner = [-1] * len(adapters)
-        for index, (adapter, idx) in enumerate(rows.values()):
+        for index, (_, idx) in enumerate(rows.values()):
             for i in idx:
                 owner[i] = index
-            if idx[-1] - idx[0] + 1 == len(idx):
-                parts.append((adapter, slice(idx[0], idx[-1] + 1)))
-            else:
-                parts.append((adapter, torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)))
-        return cls(parts, torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True))
+        return cls(list(rows.values()), torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True))
 
     def update(
         self, layer: int, slot: str, dtype: torch.dtype

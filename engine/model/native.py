@@ -779,25 +779,26 @@ def _lora_half() -> int:
     return int(kv_float16())
 
 
-def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> tuple[_Lora, list[object]] | None:
-    """The step's adapters for native_decode (and what must stay alive while it runs), or None where one is not
-    on the CPU (the torch layers take the step)."""
-    if any(a.device.type != "cpu" for a, _ in batch.parts):
-        return None
-    size = n_layers * len(SLOTS)
-    table = (_LoraPair * (size * len(batch.parts)))()
-    groups: list[torch.Tensor] = []
-    for index, (adapter, where) in enumerate(batch.parts):
-        groups.append(torch.arange(m)[where] if isinstance(where, slice) else where.cpu())
-        ctypes.memmove(ctypes.byref(table, index * size * ctypes.sizeof(_LoraPair)),
-                       _lora_pairs(adapter, n_layers), size * ctypes.sizeof(_LoraPair))  # fmt: skip
-    rows = torch.cat(groups).to(torch.int64)
-    starts = torch.tensor([0, *itertools.accumulate(len(g) for g in groups)], dtype=torch.int64)
-    width = max(a.width for a, _ in batch.parts)
-    scratch = torch.empty(m * width, dtype=torch.float32)
-    pairs = ctypes.cast(table, ctypes.POINTER(_LoraPair))
-    lora = _Lora(len(batch.parts), starts.data_ptr(), rows.data_ptr(), pairs, width, scratch.data_ptr(), _lora_half())
-    return lora, [starts, rows, table, scratch]
+def _lora_table(batch: LoraBatch, m: int, n_layers: int) -> _Lora | None:
+    """The step's adapters as the C updates read them (built once per step, kept on the batch with what its
+    pointers point into; the decoder and the torch layers' calls share it), or None where one is not on the CPU."""
+    if batch.native is None:
+        batch.native = False
+        if all(a.device.type == "cpu" for a, _ in batch.parts):
+            size = n_layers * len(SLOTS)
+            table = (_LoraPair * (size * len(batch.parts)))()
+            for index, (adapter, _) in enumerate(batch.parts):
+                ctypes.memmove(ctypes.byref(table, index * size * ctypes.sizeof(_LoraPair)),
+                               _lora_pairs(adapter, n_layers), size * ctypes.sizeof(_LoraPair))  # fmt: skip
+            rows = torch.tensor([i for _, idx in batch.parts for i in idx], dtype=torch.int64)
+            starts = torch.tensor([0, *itertools.accumulate(len(idx) for _, idx in batch.parts)], dtype=torch.int64)
+            width = max(a.width for a, _ in batch.parts)
+            scratch = torch.empty(m * width, dtype=torch.float32)
+            pairs = ctypes.cast(table, ctypes.POINTER(_LoraPair))
+            lora = _Lora(len(batch.parts), starts.data_ptr(), rows.data_ptr(), pairs, width, scratch.data_ptr(),
+                         _lora_half())  # fmt: skip
+            batch.native = (lora, [starts, rows, table, scratch])
+    return batch.native[0] if batch.native else None
 
 
 LORA_ROWS = 64  # most rows whose adapter updates LoraLinear runs in C (more: torch's GEMMs, which block the rows)
@@ -812,11 +813,9 @@ def lora_linear_(batch: LoraBatch, n_layers: int, layer: int, slot: str, x: torc
         return False
     if not (x.is_contiguous() and y.is_contiguous()):
         return False
-    if batch.native is None:
-        batch.native = _lora_table(batch, m, n_layers) or False
-    if batch.native is False:
+    lora = _lora_table(batch, m, n_layers)
+    if lora is None:
         return False
-    lora, _ = batch.native
     library().native_lora(ctypes.byref(lora), n_layers, layer, SLOTS.index(slot), x.data_ptr(), y.data_ptr(), m,
                           x.shape[1], y.shape[1])  # fmt: skip
     return True
@@ -927,7 +926,7 @@ class NativeDecoder:
         if lora is not None:
             table = _lora_table(lora, m, self.model.config.num_layers)
             if table is None:
-                return None
+                return None  # (the torch layers take the step)
         work = torch.empty(self.lib.native_decode_workspace(self.ptr, m, max_len), dtype=torch.float32)
         rc = self.lib.native_decode(
             self.ptr,
@@ -939,7 +938,7 @@ class NativeDecoder:
             lens.data_ptr(),
             max_len,
             work.data_ptr(),
-            ctypes.byref(table[0]) if table is not None else None,
+            ctypes.byref(table) if table is not None else None,
         )
         if rc == -2:
             raise MemoryError("native_decode: no memory for its weight panels or attention scratch")
