@@ -465,9 +465,8 @@ class KServeService:
         infer = isinstance(request, pb.ModelInferRequest)
         key = "model_name" if infer else "name"
         name, version = (request.model_name, request.model_version) if infer else (request.name, request.version)
-        if name and name != engine.model_name and name in {a.name for a in engine.loaded_adapters()}:
-            pass  # a LoRA adapter of the model serves as a model of its own
-        elif name != engine.model_name:
+        # the model, or one of its LoRA adapters as a model of its own
+        if name != engine.model_name and not (name and name in {a.name for a in engine.loaded_adapters()}):
             raise BadRequest(
                 f"{key}: this server serves {engine.model_name!r}, not {name!r}"
                 if name

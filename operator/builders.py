@@ -133,20 +133,23 @@ def engine_args(spec: Manifest) -> list[str]:
     # speculative decoding: only what differs from the engine's defaults (which the CRD's defaults mirror: tested)
     spec_flags = (("tokens", "--speculative-tokens", 4), ("ngramMin", "--speculative-ngram-min", 1),
                   ("ngramMax", "--speculative-ngram-max", 4))  # fmt: skip
-    speculative = engine.get("speculativeDecoding", {})
-    for key, flag, default in spec_flags:
-        if speculative.get(key, default) != default:
-            args += [flag, str(speculative[key])]
+    args += _differing(engine.get("speculativeDecoding", {}), spec_flags)
     adapters = model.get("loraAdapters", [])
     if adapters:
         args += ["--lora-modules", *(f"{a['name']}={_adapter_dir(model, i, a)}" for i, a in enumerate(adapters))]
-        lora = engine.get("lora", {})
-        for key, flag, default in (("maxLoras", "--max-loras", 4), ("maxLoraRank", "--max-lora-rank", 64)):
-            if lora.get(key, default) != default:
-                args += [flag, str(lora[key])]
+        args += _differing(
+            engine.get("lora", {}), (("maxLoras", "--max-loras", 4), ("maxLoraRank", "--max-lora-rank", 64))
+        )
     if "apiKeySecret" in engine:
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
     return args + list(engine.get("extraArgs", []))
+
+
+def _differing(block: Manifest, flags: tuple[tuple[str, str, int], ...]) -> list[str]:
+    """The flags for a block's (key, flag, engine default) whose value differs from the engine's default."""
+    return [
+        part for key, flag, default in flags if block.get(key, default) != default for part in (flag, str(block[key]))
+    ]
 
 
 def _adapter_dir(model: Manifest, index: int, adapter: Manifest) -> str:
