@@ -171,6 +171,8 @@ def _one_length(
     dense_call, backend = _dense(q, k, v)
     repeats = args.repeats if n <= 262144 else 1
     dense_ms = timer(dense_call, repeats)
+    # dense through our kernel is checked against SDPA's output (the kernels' correctness at full size on this GPU)
+    expected = dense_call()[0].transpose(0, 1) if "dense" in chosen else None
     del dense_call
     qe, ke, ve = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # the engine's layout (views)
     rows = torch.linspace(n // 8, n - 1, args.recall_rows, device=device).long().unique()
@@ -188,7 +190,11 @@ def _one_length(
         mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
         for loop in ["-"] if bs else args.loops:
-            kernel_ms = timer(partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop), repeats)
+            call = partial(run, qe, ke, ve, sparse, "nested" if loop == "-" else loop)
+            kernel_ms = timer(call, repeats)
+            error = {}
+            if pattern is None and expected is not None:
+                error["max_abs_error"] = round(float((call().float() - expected.float()).abs().max()), 5)
             total = plan_ms + kernel_ms
             row = {"tokens": n, "pattern": name, "block": BLOCK if bs else block, "loop": loop,
                    "budget": [pattern.a, pattern.b] if pattern else "all", "dense_ms": round(dense_ms, 2),
@@ -196,7 +202,7 @@ def _one_length(
                    "kernel_ms": round(kernel_ms, 2), "sparse_ms": round(total, 2),
                    "speedup": round(dense_ms / total, 2), "recall": round(mass["recall"], 4),
                    "oracle_recall": round(mass["oracle"], 4), "keys_per_row": round(mass["keys"]),
-                   "pairs": round(mass["pairs"], 4)}  # fmt: skip
+                   "pairs": round(mass["pairs"], 4), **error}  # fmt: skip
             print(f"bench: {row}", file=sys.stderr)
             out.append(row)
     return out
@@ -230,6 +236,17 @@ def _everything(hq: int, n: int, block: int, device: Any) -> Any:
     columns = torch.zeros((hq, 1), device=device, dtype=torch.int32)
     index = build_vertical_slash_index(columns, offsets, 0, n, block)
     return SparsePlan(torch.arange(hq, device=device, dtype=torch.int32), index, None, None)
+
+
+def _precompile(dtype: Any, d: int, heads: tuple[int, int], device: Any, blocks: list[int]) -> None:
+    from ..attention.sparse.compile_check import KERNELS, precompile
+    from ..attention.sparse.gpu import BLOCK
+
+    t0 = time.perf_counter()
+    done = 0
+    for block in blocks:  # block-sparse keeps the engine's blocks (see _one_length)
+        done += precompile(dtype, d, heads, device, KERNELS if block == BLOCK else ("vertical_slash",), block=block)
+    print(f"bench: compiled {done} programs in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
 def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
@@ -267,11 +284,21 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench: unknown loop {unknown[0]!r} (choose from nested, flat, auto)", file=sys.stderr)
         return 2
-    chosen = {name: patterns[name] for name in args.patterns}
+    at: dict[int, list[str]] = {}
+    for spec in args.patterns_at:
+        length, _, names = spec.partition("=")
+        if not length.isdigit() or not names or any(name not in patterns for name in names.split(",")):
+            print(f"bench: --patterns-at takes LENGTH=PATTERN[,PATTERN...] with patterns from {', '.join(patterns)}; "
+                  f"got {spec!r}", file=sys.stderr)  # fmt: skip
+            return 2
+        at[int(length)] = names.split(",")
     timer = _timer(device)
     results: list[dict[str, Any]] = []
     print(f"bench: {hq} query heads, {hkv} KV heads, head size {d}, {dtype}, {device}", file=sys.stderr)
+    if cuda:  # as the engine does at start: every candidate compiled on a thread pool, so autotuning only times
+        _precompile(dtype, d, (hq, hkv), device, args.blocks)
     for n in lengths:
+        chosen = {name: patterns[name] for name in at.get(n, args.patterns)}
         try:
             results += _one_length(n, hq, hkv, d, dtype, device, chosen, timer, args)
         except torch.OutOfMemoryError:
@@ -282,14 +309,14 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
             if cuda:
                 torch.cuda.empty_cache()
     headers = ["tokens", "pattern", "block", "loop", "budget", "SDPA ms", "estimate+index ms", "kernel ms",
-               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row"]  # fmt: skip
+               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row", "max error vs SDPA"]  # fmt: skip
     table = markdown_table(
         headers,
         [
             [r["tokens"], r["pattern"], r.get("block", ""), r.get("loop", ""), r.get("budget", ""),
              r.get("dense_ms", ""), r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
              r.get("speedup", r.get("error", "")), r.get("recall", ""), r.get("oracle_recall", ""),
-             r.get("keys_per_row", "")]
+             r.get("keys_per_row", ""), r.get("max_abs_error", "")]
             for r in results
         ],
     )  # fmt: skip
@@ -325,6 +352,13 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", type=ints, default=None, help="HQ,HKV,D (overrides the per-device defaults)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 in the interpreter")
     p.add_argument("--patterns", type=lambda s: s.split(","), default=["vertical_slash", "a_shape", "block_sparse"])
+    p.add_argument(
+        "--patterns-at",
+        action="append",
+        default=[],
+        metavar="LENGTH=PATTERNS",
+        help="the patterns at one length instead of --patterns (repeatable), e.g. 1048576=vertical_slash",
+    )
     p.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash k_v,k_s (MInference's default)")
     p.add_argument("--a-shape", type=ints, default=[1024, 4096], help="A-shape sinks,window")
     p.add_argument("--block-sparse", type=int, default=100, help="key blocks kept per query block")

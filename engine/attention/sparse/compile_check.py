@@ -211,13 +211,15 @@ def precompile(
     kernels: Sequence[str] = KERNELS,
     which: slice = slice(None),
     threads: int | None = None,
+    block: int | None = None,
 ) -> int:
     """Compiles every configuration the launchers autotune over for this model's heads on `device`'s GPU, so that
     a long prompt's first sparse chunk only times them (26 programs, 1-2 s each to compile here, would otherwise
     stall that prompt); chunk sizes are not specialized on, so these are all the programs serving needs. Compiles
     on `threads` threads (default: the CPUs, at most 8; Triton's compiler and ptxas leave the GIL: 20 programs took
     32 s on one thread and 18 s on four on a 2-core machine). A configuration that does not compile is left to the
-    autotuner (which skips what does not fit). Returns how many programs this call compiled."""
+    autotuner (which skips what does not fit). block: query rows per program (default: the engine's). Returns how
+    many programs this call compiled."""
     from concurrent.futures import ThreadPoolExecutor
 
     from triton.runtime._async_compile import AsyncCompileMode
@@ -229,7 +231,7 @@ def precompile(
     with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for kernel in kernels:
             for config in candidates(kernel)[which]:
-                compile_one(kernel, config, dtype, head_dim, 256, 64, heads, device)
+                compile_one(kernel, config, dtype, head_dim, 256, 64, heads, device, block)
     done = sum(programs(k) for k in kernels) - before
     wanted = sum(len(candidates(k)[which]) for k in kernels)
     if done < wanted:
