@@ -309,7 +309,8 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
             if cuda:
                 torch.cuda.empty_cache()
     headers = ["tokens", "pattern", "block", "loop", "budget", "SDPA ms", "estimate+index ms", "kernel ms",
-               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row", "max error vs SDPA"]  # fmt: skip
+               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row",
+               "max error vs SDPA"]  # fmt: skip
     table = markdown_table(
         headers,
         [
