@@ -456,6 +456,31 @@ def test_kernel_benchmark_reports_every_pattern_with_recall(tmp_path) -> None:
     assert out.with_suffix(".md").read_text().startswith("| tokens | pattern |")
 
 
+def test_kernel_benchmark_takes_patterns_per_length_and_checks_dense_against_sdpa(tmp_path) -> None:
+    """--patterns-at replaces the patterns at one length (the GPU run's 1M row runs vertical-slash alone), and the
+    dense row (every key through our kernel) reports its largest difference from SDPA's output."""
+    import argparse
+    import json
+
+    from optimist.engine.bench.sparse_attention import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "sparse.json"
+    argv = ["sparse-attention", "--lengths", "192,256", "--shape", "2,1,16", "--patterns", "dense,a_shape",
+            "--a-shape", "16,64", "--patterns-at", "256=vertical_slash", "--vs", "30,100", "--blocks", "64",
+            "--loops", "flat", "--repeats", "1", "--recall-rows", "4", "--out", str(out)]  # fmt: skip
+    args = parser.parse_args(argv + (["--cpu"] if DEVICE.type == "cpu" else []))
+    assert args.func(args) == 0
+    rows = {(r["tokens"], r["pattern"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(192, "dense"), (192, "a_shape"), (256, "vertical_slash")}
+    assert rows[(192, "dense")]["recall"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[(192, "dense")]["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)  # bf16 on a GPU
+    assert "max_abs_error" not in rows[(192, "a_shape")]  # sparse rows differ from dense by design
+    bad = parser.parse_args(argv[:-2] + ["--patterns-at", "256=nope", "--cpu"])
+    assert bad.func(bad) == 2
+
+
 def test_kernel_benchmark_names_the_fastest_row_at_the_target_recall() -> None:
     from optimist.engine.bench.sparse_attention import best_at_recall
 
