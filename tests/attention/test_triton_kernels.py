@@ -477,7 +477,7 @@ def test_kernel_benchmark_takes_patterns_per_length_and_checks_dense_against_sdp
     assert rows[(192, "dense")]["recall"] == pytest.approx(1.0, abs=1e-5)
     assert rows[(192, "dense")]["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)  # bf16 on a GPU
     assert "max_abs_error" not in rows[(192, "a_shape")]  # sparse rows differ from dense by design
-    bad = parser.parse_args(argv[:-2] + ["--patterns-at", "256=nope", "--cpu"])
+    bad = parser.parse_args([*argv[:-2], "--patterns-at", "256=nope", "--cpu"])
     assert bad.func(bad) == 2
 
 
