@@ -20,6 +20,9 @@ MODEL_DIR = "/models"
 API_KEY_DIR = "/etc/optimist/api-key"  # the apiKeySecret volume
 LORA_DIR = "/lora"  # LoRA adapters on volumes of their own: LORA_DIR/<index in model.loraAdapters>
 UID = 10001  # the images' non-root user
+# sparse prefill's threshold when a pool does not set one: on an H200 (Llama-3-8B heads) sparse attention is about
+# as fast as SDPA's flash at 32K tokens and 2.8x faster at 128K; on CPU it pays from a few thousand (benchmarks/README)
+SPARSE_THRESHOLD_GPU, SPARSE_THRESHOLD_CPU = 32768, 8192
 SIDECAR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
 # Default scale targets per metric: a replica near KV exhaustion by its own prediction, 4 waiting requests, or
 # 80% of its KV blocks in use.
@@ -111,7 +114,8 @@ def engine_args(spec: Manifest) -> list[str]:
     """`optimist serve` arguments for the pool's engine container."""
     model, engine, res = spec["model"], spec["engine"], spec["resources"]
     args = ["serve", "--host", "0.0.0.0", "--port", str(ENGINE_PORT), "--http-port", str(HTTP_PORT)]
-    args += ["--device", "cuda" if res["gpus"] > 0 else "cpu"]
+    gpu = res["gpus"] > 0
+    args += ["--device", "cuda" if gpu else "cpu"]
     if model["source"] != "builtin":
         args += ["--model", f"{MODEL_DIR}/{model['path']}"]
     if model["weights"] != "auto":
@@ -129,7 +133,8 @@ def engine_args(spec: Manifest) -> list[str]:
         args += ["--kv-cache-memory-fraction", str(engine["kvCacheMemoryFraction"])]
     args += ["--max-num-seqs", str(engine["maxNumSeqs"]), "--max-batched-tokens", str(engine["maxBatchedTokens"])]
     if engine["sparsePrefill"]["enabled"]:
-        args += ["--sparse-prefill-threshold", str(engine["sparsePrefill"]["threshold"])]
+        threshold = engine["sparsePrefill"].get("threshold", SPARSE_THRESHOLD_GPU if gpu else SPARSE_THRESHOLD_CPU)
+        args += ["--sparse-prefill-threshold", str(threshold)]
     # speculative decoding: only what differs from the engine's defaults (which the CRD's defaults mirror: tested)
     spec_flags = (("tokens", "--speculative-tokens", 4), ("ngramMin", "--speculative-ngram-min", 1),
                   ("ngramMax", "--speculative-ngram-max", 4))  # fmt: skip

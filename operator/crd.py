@@ -196,7 +196,11 @@ def _engine() -> Schema:
                 "MInference-style sparse attention for long prompts' prefill",
                 {
                     "enabled": _bool("use sparse prefill for long prompts", False),
-                    "threshold": _int("prompts longer than this many tokens use it", minimum=1, default=8192),
+                    "threshold": _int(
+                        "prompts longer than this many tokens use it (default: 32768 on GPU pods, where sparse "
+                        "attention starts to pay near 32K tokens; 8192 on CPU pods)",
+                        minimum=1,
+                    ),
                 },
             ),
             "speculativeDecoding": _obj(

@@ -330,6 +330,27 @@ def test_speculative_decoding_flags_only_where_the_pool_differs_from_the_engine(
         assert tuned[tuned.index(flag) + 1] == value
 
 
+@pytest.mark.parametrize("gpus,threshold", [(1, "32768"), (0, "8192")])
+def test_sparse_prefill_threshold_defaults_to_where_it_pays_on_the_pods_device(gpus: int, threshold: str) -> None:
+    """A pool turning sparse prefill on without a threshold gets the one measured for its device (GPU: 32K, where
+    the kernels start to beat flash; CPU: 8K); a threshold it sets is kept."""
+    pool = with_identity(load_example("inferencepool.yaml"), uid="u")
+    pool["spec"].setdefault("engine", {})["sparsePrefill"] = {"enabled": True}
+    pool["spec"].setdefault("resources", {})["gpus"] = gpus
+
+    def args() -> list[str]:
+        dep = by_kind(b.build_children(pool))["Deployment/smollm2"]
+        return dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    got = args()
+    assert got[got.index("--sparse-prefill-threshold") + 1] == threshold
+    pool["spec"]["engine"]["sparsePrefill"]["threshold"] = 4096
+    got = args()
+    assert got[got.index("--sparse-prefill-threshold") + 1] == "4096"
+    pool["spec"]["engine"]["sparsePrefill"]["enabled"] = False
+    assert "--sparse-prefill-threshold" not in args()
+
+
 def test_lora_adapters_become_flags_and_read_only_volumes() -> None:
     """Adapters in the model's volume are found under its mount; others get a volume each (a PVC or an image)."""
     from optimist.engine.config import EngineConfig
