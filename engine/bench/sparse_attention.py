@@ -205,6 +205,74 @@ def _one_length(
                    "pairs": round(mass["pairs"], 4), **error}  # fmt: skip
             print(f"bench: {row}", file=sys.stderr)
             out.append(row)
+    for chunk in (c for c in args.chunks if c < n):
+        out += _chunked(q, k, v, qe, ke, ve, chunk, chosen, rows, timer, repeats, args)
+    return out
+
+
+def _chunked(
+    q: Any, k: Any, v: Any, qe: Any, ke: Any, ve: Any, chunk: int, chosen: dict[str, Any], rows: Any,
+    timer: Callable[[Callable[[], Any], int], float], repeats: int, args: argparse.Namespace,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The prompt prefilled in chunks of `chunk` queries, as the engine runs it (each chunk after the keys before
+    it): dense through the engine's chunk attention (`attention/chunk.py`: flash, bottom-right causal), the same
+    with an explicit boolean mask (what the engine ran before session 27), and each sparse pattern planned and run
+    per chunk (its estimate from the chunk's own last queries)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..attention.chunk import bottom_right_causal
+    from ..attention.sparse.gpu import plan, run
+
+    n = q.shape[1]
+    spans = [(c0, min(n, c0 + chunk)) for c0 in range(0, n, chunk)]
+
+    def dense(masked: bool) -> Any:
+        outs = []
+        for c0, c1 in spans:
+            qs, ks, vs = q[None, :, c0:c1], k[None, :, :c1], v[None, :, :c1]
+            if masked and c0:
+                keep = torch.arange(c1, device=q.device)[None, :] <= torch.arange(c0, c1, device=q.device)[:, None]
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keep, enable_gqa=True))
+            else:
+                outs.append(bottom_right_causal(qs, ks, vs))
+        return outs
+
+    dense_ms = timer(partial(dense, False), repeats)
+    masked_ms = timer(partial(dense, True), repeats)
+    # the chunks' dense output against one causal call over the whole prompt
+    whole = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
+    error = float((torch.cat(dense(False), dim=2).float() - whole.float()).abs().max())
+    del whole
+    out = []
+    for name, pattern in chosen.items():
+        if pattern is None:
+            continue
+        patterns = [pattern] * q.shape[0]
+
+        def sparse(patterns: list[Any] = patterns, block: int = args.blocks[0]) -> list[Any]:
+            return [run(qe[c0:c1], ke[:c1], ve[:c1], plan(qe[c0:c1], ke[:c1], c0, patterns, block))
+                    for c0, c1 in spans]  # fmt: skip
+
+        sparse_ms = timer(sparse, repeats)
+        plans = [(c0, c1, plan(qe[c0:c1], ke[:c1], c0, patterns, args.blocks[0])) for c0, c1 in spans]
+
+        def rows_mask(h: int, r: Any, plans: list[Any] = plans) -> Any:
+            mask = torch.zeros((len(r), n), dtype=torch.bool, device=q.device)
+            for i, row in enumerate(r.tolist()):
+                c0, c1, p = next(x for x in plans if x[0] <= row < x[1])
+                mask[i, :c1] = p.rows_mask(h, torch.tensor([row - c0], device=q.device))[0]
+            return mask
+
+        mass = mass_kept(q, k, rows_mask, rows, oracle=False)
+        row = {"tokens": n, "pattern": name, "block": args.blocks[0], "loop": "auto", "chunk": chunk,
+               "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2), "masked_dense_ms": round(masked_ms, 2),
+               "dense_backend": "chunks: flash, bottom-right causal", "sparse_ms": round(sparse_ms, 2),
+               "speedup": round(dense_ms / sparse_ms, 2), "recall": round(mass["recall"], 4),
+               "keys_per_row": round(mass["keys"]), "pairs": round(mass["pairs"], 4)}  # fmt: skip
+        row["max_abs_error"] = round(error, 5)  # of the dense chunks (the baseline), not of this sparse row
+        print(f"bench: {row}", file=sys.stderr)
+        out.append(row)
     return out
 
 
@@ -212,14 +280,15 @@ TARGET_RECALL = 0.95  # #4's targets hold the speed-ups to this recall
 
 
 def best_at_recall(results: list[dict[str, Any]], recall: float) -> dict[int, dict[str, Any] | None]:
-    """Per length, the fastest sparse row (dense-through-ours excluded) keeping at least `recall` of the mass, or
-    None where none does."""
+    """Per length, the fastest sparse row over the whole prompt (dense-through-ours and chunked rows excluded)
+    keeping at least `recall` of the mass, or None where none does."""
     best: dict[int, dict[str, Any] | None] = {}
     for r in results:
         if "speedup" not in r:
             continue  # an out-of-memory row
         current = best.setdefault(r["tokens"], None)
-        if r["pattern"] != "dense" and r["recall"] >= recall and (current is None or r["speedup"] > current["speedup"]):
+        eligible = "chunk" not in r and r["pattern"] != "dense" and r["recall"] >= recall
+        if eligible and (current is None or r["speedup"] > current["speedup"]):
             best[r["tokens"]] = r
     return best
 
@@ -308,14 +377,15 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
         finally:
             if cuda:
                 torch.cuda.empty_cache()
-    headers = ["tokens", "pattern", "block", "loop", "budget", "SDPA ms", "estimate+index ms", "kernel ms",
-               "sparse ms", "speed-up", "recall", "oracle at equal keys", "keys per row",
-               "max error vs SDPA"]  # fmt: skip
+    headers = ["tokens", "pattern", "block", "loop", "chunk", "budget", "SDPA ms", "SDPA masked ms",
+               "estimate+index ms", "kernel ms", "sparse ms", "speed-up", "recall", "oracle at equal keys",
+               "keys per row", "max error vs SDPA"]  # fmt: skip
     table = markdown_table(
         headers,
         [
-            [r["tokens"], r["pattern"], r.get("block", ""), r.get("loop", ""), r.get("budget", ""),
-             r.get("dense_ms", ""), r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
+            [r["tokens"], r["pattern"], r.get("block", ""), r.get("loop", ""), r.get("chunk", "-"),
+             r.get("budget", ""), r.get("dense_ms", ""), r.get("masked_dense_ms", ""),
+             r.get("estimate_index_ms", ""), r.get("kernel_ms", ""), r.get("sparse_ms", ""),
              r.get("speedup", r.get("error", "")), r.get("recall", ""), r.get("oracle_recall", ""),
              r.get("keys_per_row", ""), r.get("max_abs_error", "")]
             for r in results
@@ -375,6 +445,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         help="the vertical-slash kernel's range loops to time (nested: one loop per segment; flat: one tile list; "
         "auto: autotuning picks either, the engine's default; default: all three on a GPU, nested,flat without, "
         "where auto runs nested)",
+    )
+    p.add_argument(
+        "--chunks",
+        type=ints,
+        default=[],
+        help="also prefill in chunks of these many queries, as the engine does (dense and sparse per chunk)",
     )
     p.add_argument("--recall-rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention.cpu import bottom_right_causal_attention
+from ..attention.chunk import bottom_right_causal
 from ..attention.sparse.config import HeadPattern
 from ..attention.sparse.gpu import sparse_prefill_attention_triton
 from ..attention.sparse.prefill import sparse_prefill_attention
@@ -200,34 +200,12 @@ class Attention(nn.Module):
                 if prefill_attention(q[span.start : span.end], ks, vs, out[span.start : span.end]):
                     continue
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            if span.context_slots is not None and x.device.type == "cpu":  # no mask to build or to compute under
-                ks = _gather(k_cache, span.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
-                vs = _gather(v_cache, span.context_slots, q.dtype).transpose(0, 1).unsqueeze(0)
-                o = bottom_right_causal_attention(qs, ks, vs)
-                out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
-                continue
             if span.context_slots is None:
-                ks = k[span.start : span.end]
-                vs = v[span.start : span.end]
-                mask = None
-                causal = True
-            else:
+                ks, vs = k[span.start : span.end], v[span.start : span.end]
+            else:  # query i of the chunk sits at context position context_len - n + i and sees keys up to it
                 ks = _gather(k_cache, span.context_slots, q.dtype)
                 vs = _gather(v_cache, span.context_slots, q.dtype)
-                n = span.end - span.start
-                # Query i of the chunk sits at context position context_len - n + i and sees keys up to it.
-                qpos = torch.arange(span.context_len - n, span.context_len, device=x.device)
-                kpos = torch.arange(span.context_len, device=x.device)
-                mask = (kpos[None, :] <= qpos[:, None])[None, None]
-                causal = False
-            o = F.scaled_dot_product_attention(
-                qs,
-                ks.transpose(0, 1).unsqueeze(0),
-                vs.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                is_causal=causal,
-                enable_gqa=True,
-            )
+            o = bottom_right_causal(qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0))
             out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
         if meta.decode_table is not None:
             first = meta.decodes[0].start

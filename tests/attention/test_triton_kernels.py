@@ -469,11 +469,22 @@ def test_kernel_benchmark_takes_patterns_per_length_and_checks_dense_against_sdp
     out = tmp_path / "sparse.json"
     argv = ["sparse-attention", "--lengths", "192,256", "--shape", "2,1,16", "--patterns", "dense,a_shape",
             "--a-shape", "16,64", "--patterns-at", "256=vertical_slash", "--vs", "30,100", "--blocks", "64",
-            "--loops", "flat", "--repeats", "1", "--recall-rows", "4", "--out", str(out)]  # fmt: skip
+            "--loops", "flat", "--chunks", "100", "--repeats", "1", "--recall-rows", "4",
+            "--out", str(out)]  # fmt: skip
     args = parser.parse_args(argv + (["--cpu"] if DEVICE.type == "cpu" else []))
     assert args.func(args) == 0
-    rows = {(r["tokens"], r["pattern"]): r for r in json.loads(out.read_text())["results"]}
+    report = json.loads(out.read_text())
+    chunked = {(r["tokens"], r["pattern"]): r for r in report["results"] if "chunk" in r}
+    rows = {(r["tokens"], r["pattern"]): r for r in report["results"] if "chunk" not in r}
     assert set(rows) == {(192, "dense"), (192, "a_shape"), (256, "vertical_slash")}
+    # prefilled in chunks of 100 queries as the engine does: the sparse patterns (not dense-through-ours), their
+    # dense baseline (bottom-right causal per chunk) equal to one causal call over the whole prompt
+    assert set(chunked) == {(192, "a_shape"), (256, "vertical_slash")}
+    for r in chunked.values():
+        assert r["chunk"] == 100 and 0.3 < r["recall"] <= 1.0 + 1e-6
+        assert r["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)
+    # the targets' reading is about whole prompts
+    assert "chunk" not in report["fastest_at_target_recall"]["256"]
     assert rows[(192, "dense")]["recall"] == pytest.approx(1.0, abs=1e-5)
     assert rows[(192, "dense")]["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)  # bf16 on a GPU
     assert "max_abs_error" not in rows[(192, "a_shape")]  # sparse rows differ from dense by design

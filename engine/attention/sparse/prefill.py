@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ...model.native import estimate_scores, prefill_attention, prefill_keys, sparse_attention, tile_scores
 from ...model.native import tile_keys as native_tile_keys
+from ..chunk import bottom_right_causal
 from ..cpu import bottom_right_causal_attention
 from .config import PER_MILLE, HeadPattern
 from .estimate import (
@@ -249,18 +250,7 @@ def _dense_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     """Every visible key for one KV group (bottom-right causal): q [n, G, D], k/v [L, D], into out [n, G, D]."""
     if native and k.shape[0] <= prefill_keys() and prefill_attention(q, k[:, None], v[:, None], out):
         return
-    qg, kg, vg = q.transpose(0, 1)[None], k[None, None], v[None, None]
-    if _fused_cpu(q.device):
-        o = bottom_right_causal_attention(qg, kg, vg)
-    else:
-        # imported here: torch.nn.attention.bias imports torch._dynamo, ~1 s of every engine start otherwise
-        from torch.nn.attention.bias import causal_lower_right
-
-        n, length = q.shape[0], k.shape[0]
-        shape = (1, q.shape[1], length, k.shape[1])
-        o = F.scaled_dot_product_attention(
-            qg, kg.expand(shape), vg.expand(shape), attn_mask=causal_lower_right(n, length)
-        )
+    o = bottom_right_causal(q.transpose(0, 1)[None], k[None, None], v[None, None])
     out.copy_(o[0].transpose(0, 1))
 
 
