@@ -43,12 +43,17 @@ case "${1:-kernels}" in
     timeout "${BENCH_S:-330}" python3 -m optimist.engine.cli bench sparse-attention --lengths 131072,1048576 \
       --patterns coverage,vertical_slash,dense --patterns-at 1048576=vertical_slash --coverage 950,950 \
       --out "$OUT/sparse-attention-gpu-targets.json" 2>&1 | tee "$OUT/kernels.log"
-    timeout "${TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py \
-      tests/attention/test_compile_check.py 2>&1 | tee "$OUT/tests-attention.log"
+    # 128K prefilled in chunks as the engine runs it, with the torch and the fused Triton estimate (session 27: the
+    # torch estimate's plan per chunk made 4K chunks 0.75x dense)
+    timeout "${CHUNKS_S:-120}" python3 -m optimist.engine.cli bench sparse-attention --lengths 131072 \
+      --patterns vertical_slash --loops auto --blocks 64 --chunks 4096,16384 --estimators torch,triton --repeats 2 \
+      --out "$OUT/sparse-attention-gpu-chunks.json" 2>&1 | tee "$OUT/chunks.log"
+    timeout "${TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider tests/attention/test_estimate_kernels.py \
+      tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py 2>&1 | tee "$OUT/tests-attention.log"
     ;;
   tests)
     # the model-free ones (the rest of tests/attention loads the default model: `engine` runs those)
-    python3 -m pytest -q -p no:cacheprovider tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py \
+    python3 -m pytest -q -p no:cacheprovider tests/attention/test_estimate_kernels.py tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py \
       tests/attention/test_sparse_reference.py tests/attention/test_cpu_attention.py 2>&1 | tee "$OUT/tests-attention.log"
     ;;
   engine)

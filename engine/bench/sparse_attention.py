@@ -181,11 +181,16 @@ def _one_length(
         bs = pattern is not None and pattern.kind == "block_sparse"
         if block != args.blocks[0] and bs:
             continue  # block-sparse keeps 64-token blocks
+        by_estimator = {}
         if pattern is None:  # dense through our kernel: one range of every diagonal
             make = partial(_everything, hq, n, block, device)
         else:
-            make = partial(plan, qe, ke, 0, [pattern] * hq, block)
+            make = partial(plan, qe, ke, 0, [pattern] * hq, block, args.estimators[0])
+            for estimator in args.estimators[1:]:  # the others' time for the same plan (tested to be the same)
+                other = timer(partial(plan, qe, ke, 0, [pattern] * hq, block, estimator), repeats)
+                by_estimator[estimator] = round(other, 2)
         plan_ms = timer(make, repeats)
+        by_estimator = {args.estimators[0]: round(plan_ms, 2), **by_estimator} if pattern is not None else {}
         sparse = make()
         mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)
@@ -203,6 +208,8 @@ def _one_length(
                    "speedup": round(dense_ms / total, 2), "recall": round(mass["recall"], 4),
                    "oracle_recall": round(mass["oracle"], 4), "keys_per_row": round(mass["keys"]),
                    "pairs": round(mass["pairs"], 4), **error}  # fmt: skip
+            if len(by_estimator) > 1:
+                row["estimate_index_ms_by_estimator"] = by_estimator
             print(f"bench: {row}", file=sys.stderr)
             out.append(row)
     for chunk in (c for c in args.chunks if c < n):
@@ -250,12 +257,15 @@ def _chunked(
             continue
         patterns = [pattern] * q.shape[0]
 
-        def sparse(patterns: list[Any] = patterns, block: int = args.blocks[0]) -> list[Any]:
-            return [run(qe[c0:c1], ke[:c1], ve[:c1], plan(qe[c0:c1], ke[:c1], c0, patterns, block))
+        def sparse(patterns: list[Any] = patterns, estimator: str = args.estimators[0]) -> list[Any]:
+            block = args.blocks[0]
+            return [run(qe[c0:c1], ke[:c1], ve[:c1], plan(qe[c0:c1], ke[:c1], c0, patterns, block, estimator))
                     for c0, c1 in spans]  # fmt: skip
 
-        sparse_ms = timer(sparse, repeats)
-        plans = [(c0, c1, plan(qe[c0:c1], ke[:c1], c0, patterns, args.blocks[0])) for c0, c1 in spans]
+        by_estimator = {e: round(timer(partial(sparse, estimator=e), repeats), 2) for e in args.estimators}
+        sparse_ms = by_estimator[args.estimators[0]]
+        plans = [(c0, c1, plan(qe[c0:c1], ke[:c1], c0, patterns, args.blocks[0], args.estimators[0]))
+                 for c0, c1 in spans]  # fmt: skip
 
         def rows_mask(h: int, r: Any, plans: list[Any] = plans) -> Any:
             mask = torch.zeros((len(r), n), dtype=torch.bool, device=q.device)
@@ -271,6 +281,8 @@ def _chunked(
                "speedup": round(dense_ms / sparse_ms, 2), "recall": round(mass["recall"], 4),
                "keys_per_row": round(mass["keys"]), "pairs": round(mass["pairs"], 4)}  # fmt: skip
         row["max_abs_error"] = round(error, 5)  # of the dense chunks (the baseline), not of this sparse row
+        if len(by_estimator) > 1:
+            row["sparse_ms_by_estimator"] = by_estimator
         print(f"bench: {row}", file=sys.stderr)
         out.append(row)
     return out
@@ -352,6 +364,13 @@ def cmd_bench_sparse_attention(args: argparse.Namespace) -> int:
     unknown = [name for name in args.loops if name not in ("nested", "flat", "auto")]
     if unknown:
         print(f"bench: unknown loop {unknown[0]!r} (choose from nested, flat, auto)", file=sys.stderr)
+        return 2
+    from ..attention.sparse.gpu import ESTIMATORS
+
+    unknown = [name for name in args.estimators if name not in ESTIMATORS]
+    if unknown or not args.estimators:
+        print(f"bench: unknown estimator {unknown[0] if unknown else ''!r} (choose from {', '.join(ESTIMATORS)})",
+              file=sys.stderr)  # fmt: skip
         return 2
     at: dict[int, list[str]] = {}
     for spec in args.patterns_at:
@@ -451,6 +470,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         type=ints,
         default=[],
         help="also prefill in chunks of these many queries, as the engine does (dense and sparse per chunk)",
+    )
+    p.add_argument(
+        "--estimators",
+        type=lambda s: s.split(","),
+        default=["torch"],
+        help="vertical/slash estimate implementations to time (torch, triton); the first one's plans are the rows'",
     )
     p.add_argument("--recall-rows", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

@@ -469,8 +469,8 @@ def test_kernel_benchmark_takes_patterns_per_length_and_checks_dense_against_sdp
     out = tmp_path / "sparse.json"
     argv = ["sparse-attention", "--lengths", "192,256", "--shape", "2,1,16", "--patterns", "dense,a_shape",
             "--a-shape", "16,64", "--patterns-at", "256=vertical_slash", "--vs", "30,100", "--blocks", "64",
-            "--loops", "flat", "--chunks", "100", "--repeats", "1", "--recall-rows", "4",
-            "--out", str(out)]  # fmt: skip
+            "--loops", "flat", "--chunks", "100", "--estimators", "torch,triton", "--repeats", "1",
+            "--recall-rows", "4", "--out", str(out)]  # fmt: skip
     args = parser.parse_args(argv + (["--cpu"] if DEVICE.type == "cpu" else []))
     assert args.func(args) == 0
     report = json.loads(out.read_text())
@@ -485,6 +485,11 @@ def test_kernel_benchmark_takes_patterns_per_length_and_checks_dense_against_sdp
         assert r["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)
     # the targets' reading is about whole prompts
     assert "chunk" not in report["fastest_at_target_recall"]["256"]
+    # both estimators timed, whole prompts and chunks (the rows' plans are the first one's)
+    assert set(rows[(256, "vertical_slash")]["estimate_index_ms_by_estimator"]) == {"torch", "triton"}
+    assert set(chunked[(256, "vertical_slash")]["sparse_ms_by_estimator"]) == {"torch", "triton"}
+    wrong = parser.parse_args([*argv[:-2], "--estimators", "numpy", "--cpu"])
+    assert wrong.func(wrong) == 2
     assert rows[(192, "dense")]["recall"] == pytest.approx(1.0, abs=1e-5)
     assert rows[(192, "dense")]["max_abs_error"] < (1e-4 if DEVICE.type == "cpu" else 0.1)  # bf16 on a GPU
     assert "max_abs_error" not in rows[(192, "a_shape")]  # sparse rows differ from dense by design

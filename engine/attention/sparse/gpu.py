@@ -83,18 +83,42 @@ def _topk_with_forced(
     return torch.where(rank < counts[:, None], picked, -1)
 
 
+ESTIMATORS = ("torch", "triton")
+# The vertical/slash estimate's implementation: torch (a [H, 64, L] float32 softmax, read and written several
+# times per chunk) or triton (`estimate_kernels`: two passes, nothing of that size stored). Both give the same
+# scores (tested); triton stays opt-in (`plan(estimator=)`, `bench sparse-attention --estimators`) until a GPU run
+# times it against torch.
+ESTIMATOR = "torch"
+
+
 def _scores(
-    q: torch.Tensor, k: torch.Tensor, heads: list[int], needs: list[bool], slashes: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: list[int],
+    needs: list[bool],
+    slashes: bool = True,
+    estimator: str = ESTIMATOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertical and slash scores [len(heads), L] of the chunk's last LAST_Q queries (zeros where not `needs`; slash
     scores all zeros without `slashes`); the heads of one KV group share its keys: one estimate for those of them
-    that need it."""
+    that need it (triton: one launch for every head that needs it)."""
     n, hq, _ = q.shape
     length, hkv, _ = k.shape
     group = hq // hkv
     vertical = torch.zeros((len(heads), length), device=q.device)
     slash = torch.zeros((len(heads), length), device=q.device)
     m = min(LAST_Q, n)
+    if estimator == "triton":
+        from .estimate_kernels import vertical_slash_scores_triton
+
+        rows = [i for i in range(len(heads)) if needs[i]]
+        if rows:
+            q_last = q[n - m :, [heads[i] for i in rows]].transpose(0, 1)
+            found = vertical_slash_scores_triton(q_last, k, [heads[i] // group for i in rows])
+            vertical[rows] = found[0]
+            if slashes:
+                slash[rows] = found[1]
+        return vertical, slash
     for g in range(hkv):
         rows = [i for i, h in enumerate(heads) if h // group == g and needs[i]]
         if rows:
@@ -107,7 +131,13 @@ def _scores(
 
 
 def _vertical_slash_index(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int], block: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    patterns: Sequence[HeadPattern],
+    heads: list[int],
+    block: int,
+    estimator: str,
 ) -> VerticalSlashIndex:
     n = q.shape[0]
     length = k.shape[0]
@@ -134,7 +164,7 @@ def _vertical_slash_index(
     raw = [budget(patterns[h]) for h in heads]
     budgets = torch.tensor(raw, device=device)
     needs = [b[1] > b[0] for b in raw]
-    vertical, slash = _scores(q, k, heads, needs)
+    vertical, slash = _scores(q, k, heads, needs, estimator=estimator)
     adaptive = False  # coverage heads' counts follow the scores: known only on the device
     for i, h in enumerate(heads):
         p = patterns[h]
@@ -181,7 +211,7 @@ def _query_aware_keys(
 
 
 def _block_sparse_index(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int]
+    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], heads: list[int], estimator: str
 ) -> BlockSparseIndex:
     n, hq, d = q.shape
     length, hkv, _ = k.shape
@@ -215,17 +245,26 @@ def _block_sparse_index(
         scores = scores.masked_fill(~visible, float("-inf")).masked_fill(own, float("inf"))
         kept[i] = scores.topk(width, dim=1).indices
         counts[i] = visible.sum(dim=1).clamp(max=min(patterns[h].a, width))
-    vertical, _ = _scores(q, k, heads, [True] * len(heads), slashes=False)
+    vertical, _ = _scores(q, k, heads, [True] * len(heads), slashes=False, estimator=estimator)
     forced = torch.full((len(heads),), min(SINKS, length), device=device)
     columns = _topk_with_forced(vertical, forced, torch.full_like(forced, min(NEEDLE_VERTICALS, length)))
     return build_block_sparse_index(kept, counts, q_start, n, BLOCK, columns)
 
 
 def plan(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, patterns: Sequence[HeadPattern], block: int = BLOCK
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    patterns: Sequence[HeadPattern],
+    block: int = BLOCK,
+    estimator: str | None = None,
 ) -> SparsePlan:
     """q [n, Hq, D] (positions q_start ..), k [q_start + n, Hkv, D]: estimation and indices for every head.
-    `block`: query rows per vertical-slash program (64 as MInference; 128 trades wider ranges for larger tiles)."""
+    `block`: query rows per vertical-slash program (64 as MInference; 128 trades wider ranges for larger tiles).
+    `estimator`: the vertical/slash scores' implementation (see ESTIMATOR; default: ESTIMATOR)."""
+    estimator = ESTIMATOR if estimator is None else estimator
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r} (one of {', '.join(ESTIMATORS)})")
     n, hq, _ = q.shape
     if k.shape[0] != q_start + n:
         raise ValueError(f"keys ({k.shape[0]}) must cover the prefix ({q_start}) and the chunk ({n})")
@@ -237,8 +276,8 @@ def plan(
     vs_heads = [h for h, p in enumerate(patterns) if p.kind != "block_sparse"]
     bs_heads = [h for h, p in enumerate(patterns) if p.kind == "block_sparse"]
     with torch.no_grad():
-        vs = _vertical_slash_index(q, k, q_start, patterns, vs_heads, block) if vs_heads else None
-        bs = _block_sparse_index(q, k, q_start, patterns, bs_heads) if bs_heads else None
+        vs = _vertical_slash_index(q, k, q_start, patterns, vs_heads, block, estimator) if vs_heads else None
+        bs = _block_sparse_index(q, k, q_start, patterns, bs_heads, estimator) if bs_heads else None
 
     def ids(heads: list[int]) -> torch.Tensor | None:
         return torch.tensor(heads, dtype=torch.int32, device=q.device) if heads else None
