@@ -109,3 +109,14 @@ def test_short_requests_decode_alongside_a_long_sparse_prefill(engine: Engine, s
         if diverged is not None:  # allowed only at a float-noise tie (batched matmuls reorder sums)
             top = prompt_logits(engine.model, engine.tokenizer.encode(text) + want[:diverged]).topk(2).values
             assert float(top[0] - top[1]) < 2e-3, f"{text!r} diverged at {diverged}"
+
+
+def test_gpu_engines_are_told_when_prefill_chunks_are_too_small_for_sparse_prefill() -> None:
+    """On a GPU, sparse prefill re-planned for every 2K chunk is slower than dense: the engine says so at start,
+    naming the flag; on CPU (where it pays from a few thousand tokens) and with large chunks it says nothing."""
+    from optimist.engine.engine import SPARSE_GPU_CHUNK, sparse_chunk_advice
+
+    advice = sparse_chunk_advice("cuda", 2048)
+    assert advice is not None and "--max-batched-tokens" in advice and "2048" in advice
+    assert sparse_chunk_advice("cuda", SPARSE_GPU_CHUNK) is None
+    assert sparse_chunk_advice("cpu", 2048) is None
