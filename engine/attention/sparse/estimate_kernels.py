@@ -48,16 +48,22 @@ def _tile_scores(  # type: ignore[no-untyped-def]  # Triton tensors
 
 
 @triton.jit
+def _program(q_ptr, k_ptr, kv_ptr, stride_qh, stride_qm, m, D: tl.constexpr, ROWS: tl.constexpr):  # type: ignore[no-untyped-def]  # fmt: skip
+    """This program's (head, key split), the row indices, the head's estimate queries [ROWS, D] (zeros past m) and
+    its KV head's keys (k rows hold every KV head side by side)."""
+    h = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
+    q = tl.load(q_ptr + h * stride_qh + rows[:, None] * stride_qm + tl.arange(0, D)[None, :], mask=rows[:, None] < m,
+                other=0.0)  # fmt: skip
+    return h, tl.program_id(1), rows, q, k_ptr + tl.load(kv_ptr + h) * D
+
+
+@triton.jit
 def _row_stats_kernel(  # type: ignore[no-untyped-def]  # Triton tensors
     q_ptr, k_ptr, kv_ptr, stats_ptr, stride_qh, stride_qm, stride_k, length, m, scale, tiles_per_split, splits,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    q = tl.load(q_ptr + h * stride_qh + rows[:, None] * stride_qm + tl.arange(0, D)[None, :], mask=rows[:, None] < m,
-                other=0.0)  # fmt: skip
-    kh = k_ptr + tl.load(kv_ptr + h) * D  # k rows hold every KV head side by side
+    h, split, rows, q, kh = _program(q_ptr, k_ptr, kv_ptr, stride_qh, stride_qm, m, D, ROWS)
     p0 = length - m
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -79,12 +85,7 @@ def _scores_kernel(  # type: ignore[no-untyped-def]  # Triton tensors
     scale, tiles_per_split, splits,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    q = tl.load(q_ptr + h * stride_qh + rows[:, None] * stride_qm + tl.arange(0, D)[None, :], mask=rows[:, None] < m,
-                other=0.0)  # fmt: skip
-    kh = k_ptr + tl.load(kv_ptr + h) * D
+    h, split, rows, q, kh = _program(q_ptr, k_ptr, kv_ptr, stride_qh, stride_qm, m, D, ROWS)
     p0 = length - m
     lse = tl.load(lse_ptr + h * ROWS + rows)
     scratch = scratch_ptr + (h * splits + split).to(tl.int64) * ROWS * WIDTH
