@@ -7,6 +7,8 @@ heads, into one output. Same choices as the CPU path, per head rather than per K
 
 - vertical-slash: the chunk's last 64 queries' causal softmax against every key; the top max(k_v, 256) columns
   (the first 30 forced) and the top max(k_s, 100) diagonals (the nearest 100 forced), as MInference keeps them.
+  The softmax's column and diagonal sums come from torch (per KV group) or, opt-in, from two fused Triton passes
+  (`estimate_kernels`, `ESTIMATOR`).
 - A-shape: the first k_v columns and the nearest max(k_s, 64) diagonals, plus 256 estimated columns (as the CPU
   path adds: a passkey or a name a later question needs is a column that no static pattern holds).
 - coverage (vertical-slash with budgets from the scores): the first 30 columns and nearest 100 diagonals, then
