@@ -48,7 +48,7 @@ case "${1:-kernels}" in
     timeout "${CHUNKS_S:-120}" python3 -m optimist.engine.cli bench sparse-attention --lengths 131072 \
       --patterns vertical_slash --loops auto --blocks 64 --chunks 4096,16384 --estimators torch,triton --repeats 2 \
       --out "$OUT/sparse-attention-gpu-chunks.json" 2>&1 | tee "$OUT/chunks.log"
-    timeout "${TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider tests/attention/test_estimate_kernels.py \
+    timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/attention/test_estimate_kernels.py \
       tests/attention/test_triton_kernels.py tests/attention/test_compile_check.py 2>&1 | tee "$OUT/tests-attention.log"
     ;;
   tests)
