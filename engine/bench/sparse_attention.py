@@ -277,7 +277,8 @@ def _chunked(
         mass = mass_kept(q, k, rows_mask, rows, oracle=False)
         row = {"tokens": n, "pattern": name, "block": args.blocks[0], "loop": "auto", "chunk": chunk,
                "budget": [pattern.a, pattern.b], "dense_ms": round(dense_ms, 2), "masked_dense_ms": round(masked_ms, 2),
-               "dense_backend": "chunks: " + ("flash, bottom-right causal" if q.is_cuda else "cpu"), "sparse_ms": round(sparse_ms, 2),
+               "dense_backend": "chunks: " + ("flash, bottom-right causal" if q.is_cuda else "cpu"),
+               "sparse_ms": round(sparse_ms, 2),
                "speedup": round(dense_ms / sparse_ms, 2), "recall": round(mass["recall"], 4),
                "keys_per_row": round(mass["keys"]), "pairs": round(mass["pairs"], 4)}  # fmt: skip
         row["max_abs_error"] = round(error, 5)  # of the dense chunks (the baseline), not of this sparse row
