@@ -181,16 +181,14 @@ def _one_length(
         bs = pattern is not None and pattern.kind == "block_sparse"
         if block != args.blocks[0] and bs:
             continue  # block-sparse keeps 64-token blocks
-        by_estimator = {}
         if pattern is None:  # dense through our kernel: one range of every diagonal
             make = partial(_everything, hq, n, block, device)
-        else:
+            times = {"-": timer(make, repeats)}
+        else:  # each estimator's time for the same plan (tested to be the same); the rows use the first's
+            times = {e: timer(partial(plan, qe, ke, 0, [pattern] * hq, block, e), repeats) for e in args.estimators}
             make = partial(plan, qe, ke, 0, [pattern] * hq, block, args.estimators[0])
-            for estimator in args.estimators[1:]:  # the others' time for the same plan (tested to be the same)
-                other = timer(partial(plan, qe, ke, 0, [pattern] * hq, block, estimator), repeats)
-                by_estimator[estimator] = round(other, 2)
-        plan_ms = timer(make, repeats)
-        by_estimator = {args.estimators[0]: round(plan_ms, 2), **by_estimator} if pattern is not None else {}
+        plan_ms = next(iter(times.values()))
+        by_estimator = {e: round(t, 2) for e, t in times.items()}
         sparse = make()
         mass = mass_kept(q, k, sparse.rows_mask, rows)
         # the range loop only exists in the vertical-slash kernel (vertical-slash and A-shape heads)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import INTERPRET, LOG2E, _dot
+from .triton_kernels import LOG2E, _dot
 
 BLOCK_N = 64  # keys per tile
 ROWS = 64  # the estimate's queries (estimate.LAST_Q rows at most), padded to this
@@ -162,5 +162,3 @@ def vertical_slash_scores_triton(
                                 IEEE=ieee, num_warps=4)  # fmt: skip
     return vertical, slash
 
-
-__all__ = ["INTERPRET", "vertical_slash_scores_triton"]
