@@ -161,4 +161,3 @@ def vertical_slash_scores_triton(
                                 k.stride(0), *common, BLOCK_N=BLOCK_N, D=d, ROWS=ROWS, WIDTH=width,
                                 IEEE=ieee, num_warps=4)  # fmt: skip
     return vertical, slash
-
